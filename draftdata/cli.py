@@ -1,0 +1,70 @@
+"""The one `draftdata` command line.
+
+Each subcommand lives in the stage that owns it: the module named in COMMANDS defines
+`add_arguments(parser)` and `run(args) -> int`. Modules are imported lazily so that
+`draftdata --help` and light commands never import torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from draftdata.errors import DraftdataError
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "collect": ("draftdata.collect.cli_collect", "run a base model over conversations and store hidden states"),
+    "synthesize": ("draftdata.collect.cli_synthesize", "regenerate assistant turns with the base model"),
+    "inspect": ("draftdata.store.cli_inspect", "summarize a dataset: samples, tokens, parts, bytes, schema"),
+    "verify": ("draftdata.store.cli_verify", "check every committed part; --gc removes crashed writers' leftovers"),
+    "vocab": ("draftdata.train.cli_vocab", "build the draft vocabulary (d2t/t2d) from a dataset"),
+    "train": ("draftdata.train.cli_train", "train an EAGLE3 draft from a dataset (eagle_offline=True)"),
+    "export": ("draftdata.train.cli_export", "export a draft checkpoint for vLLM / SGLang / TRT-LLM"),
+    "eval": ("draftdata.train.cli_eval", "measure acceptance length with real speculative decoding"),
+    "demo": ("draftdata.demo", "run the whole pipeline on the embedded SmolLM2 model"),
+}
+
+
+def _available() -> dict[str, tuple[str, str]]:
+    out = {}
+    for name, (mod, help_) in COMMANDS.items():
+        if importlib.util.find_spec(mod) is not None:
+            out[name] = (mod, help_)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="draftdata", description=__doc__.splitlines()[0])
+    from draftdata import __version__
+
+    parser.add_argument("--version", action="version", version=f"draftdata {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (mod, help_) in _available().items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        module = importlib.import_module(mod)
+        module.add_arguments(p)
+        p.set_defaults(_module=mod)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    module = importlib.import_module(args._module)
+    try:
+        return int(module.run(args) or 0)
+    except DraftdataError as e:
+        print(f"draftdata {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"draftdata {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

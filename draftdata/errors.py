@@ -1,0 +1,21 @@
+"""Exceptions that the CLI prints as one line (no traceback)."""
+
+
+class DraftdataError(Exception):
+    """Base class: a problem the user can act on; the message says what and where."""
+
+
+class DatasetNotFoundError(DraftdataError):
+    """The URL holds no dataset.json."""
+
+
+class SchemaMismatchError(DraftdataError):
+    """A writer's schema, or a part's arrays, disagree with dataset.json."""
+
+
+class CorruptDataError(DraftdataError):
+    """Stored bytes fail their checksum or structure check; the message names part and array/sample."""
+
+
+class StorageAccessError(DraftdataError):
+    """The storage backend refused access (credentials, permissions, unknown scheme)."""
