@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+from draftdata.errors import DraftdataError
 
 FORMAT_NAME = "draftdata"
 FORMAT_VERSION = 1
@@ -81,3 +85,209 @@ class DatasetSchema:
             if a != b:
                 out.append(f"{name}: dataset has {a!r}, this run has {b!r}")
         return out
+
+
+# ---------------------------------------------------------------------------------------------
+# EAGLE draft configuration
+# ---------------------------------------------------------------------------------------------
+
+class ConfigError(DraftdataError):
+    """An EagleConfig (or its JSON override file) asks for something invalid or unsupported."""
+
+
+# ModelOpt 0.47 `eagle3_default_config` (modelopt/torch/speculative/eagle/default_config.py with
+# use_aux_hidden_state=True, use_last_layernorm=True), plus the fields this project adds.
+# Differences, each deliberate (docs/TRAIN.md):
+#   intermediate_size, rope_theta, rope_scaling: None = take the base model's value
+#     (ModelOpt: 14336 and theta 10000 whatever the base is);
+#   draft_vocab_size: None = the base vocabulary, or the size of the --draft-vocab file;
+#   fc_norm, norm_output: the EAGLE 3.1 switches (vLLM's config names), off by default.
+EAGLE3_ARCHITECTURE_DEFAULTS: dict[str, Any] = {
+    "hidden_act": "silu",
+    "torch_dtype": "bfloat16",
+    "position_embedding_type": "rope",
+    "rope_scaling": None,
+    "rope_theta": None,
+    "num_hidden_layers": 1,
+    "intermediate_size": None,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "initializer_range": 0.01,
+    "rms_norm_eps": 1e-05,
+    "mlp_bias": False,
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "use_input_layernorm_in_first_layer": True,
+    "use_last_layernorm": True,
+    "use_aux_hidden_state": True,
+    "eagle_aux_hidden_state_layer_ids": [],
+    "use_mtp_layernorm": False,
+    "parallel_draft_step": 1,
+    "parallel_draft_heads_num_layers": 1,
+    "has_lm_head": False,
+    "head_dim": 128,
+    "draft_vocab_size": None,
+    "fc_norm": False,
+    "norm_output": False,
+}
+# ModelOpt fills these from the base model; so do we, and setting them is an error.
+BASE_MODEL_ARCH_FIELDS = ("hidden_size", "vocab_size", "max_position_embeddings")
+# Accepted for compatibility with ModelOpt eagle_config.json files; they change nothing here.
+IGNORED_ARCH_FIELDS = ("_attn_implementation",)
+# What the trainer can build; anything else is rejected with the reason.
+_SUPPORTED_ARCH = {
+    "num_hidden_layers": (1, "the draft has one decoder layer ('midlayer', as vLLM/SGLang load it)"),
+    "use_aux_hidden_state": (True, "this trainer trains EAGLE3 drafts, which read the aux hidden states"),
+    "use_last_layernorm": (True, "EAGLE3 drafts apply the final norm before lm_head"),
+    "use_input_layernorm_in_first_layer": (True, "EAGLE3 normalizes the token embedding"),
+    "use_mtp_layernorm": (False, "MTP-style drafts are not supported"),
+    "parallel_draft_step": (1, "parallel drafting is not supported"),
+    "position_embedding_type": ("rope", "only RoPE is supported"),
+    "hidden_act": ("silu", "the draft MLP is SwiGLU (silu)"),
+}
+
+
+@dataclass
+class EagleConfig:
+    """The EAGLE draft configuration, with the fields and defaults of ModelOpt 0.47's `EagleConfig`.
+
+    Load with `EagleConfig.from_json_file(path)`: the file holds only the fields to change, and
+    `eagle_architecture_config` is merged key by key over EAGLE3_ARCHITECTURE_DEFAULTS (as
+    ModelOpt's convert does). `hidden_size`, `vocab_size` and `max_position_embeddings` come
+    from the base model and are rejected if set. Fields this offline trainer cannot honour
+    (an online base, LoRA on the base, kimik2 decoder, ...) raise ConfigError saying why.
+    `eagle_offline` defaults to True here: ModelOpt's class default is False, but its recipe
+    derives True for every offline data mode, and this trainer only reads stored hidden states.
+    """
+
+    eagle_offline: bool = True
+    eagle_hidden_state_distillation: bool = False
+    eagle_self_logit_distillation: bool = True
+    eagle_freeze_base_model: bool = True
+    eagle_report_acc: bool = True
+    eagle_reuse_base_decoder: bool = False
+    eagle_loss_decay_factor: float = 0.9
+    eagle_architecture_config: dict[str, Any] = field(default_factory=dict)
+    eagle_decoder_type: str = "llama"
+    eagle_ttt_steps: int = 3
+    eagle_mix_hidden_states: bool = False
+    eagle_use_torch_compile: bool = True
+    eagle_enable_nvtx: bool = False
+    eagle_export_rope_scaling: dict[str, Any] = field(default_factory=lambda: {
+        "rope_type": "yarn", "factor": 32.0, "original_max_position_embeddings": 2048})
+    eagle_base_lora: bool = False
+    eagle_base_lora_rank: int = 64
+    eagle_base_lora_alpha: float = 16.0
+    eagle_base_lora_target_modules: list[str] | None = None
+    eagle_base_lora_preservation_loss_weight: float = 0.1
+    eagle_base_lora_warmup_steps: int = 0
+    eagle_base_lora_start_layer: int | None = None
+    eagle_base_lora_logits_detach_prob: float = 0.5
+
+    def __post_init__(self) -> None:
+        given = dict(self.eagle_architecture_config or {})
+        self.eagle_architecture_config = {**copy.deepcopy(EAGLE3_ARCHITECTURE_DEFAULTS), **given}
+        self.validate()
+
+    @property
+    def arch(self) -> dict[str, Any]:
+        """The merged `eagle_architecture_config`."""
+        return self.eagle_architecture_config
+
+    def validate(self) -> None:
+        """Raise ConfigError for a value this project cannot train, naming the field and the fix."""
+        if self.eagle_decoder_type == "kimik2":
+            raise ConfigError("eagle_decoder_type 'kimik2' is not supported by draftdata (it needs the "
+                              "Kimi-K2/DeepSeek-V3 MLA decoder); use 'llama'")
+        if self.eagle_decoder_type != "llama":
+            raise ConfigError(f"eagle_decoder_type {self.eagle_decoder_type!r} is unknown; use 'llama'")
+        if not self.eagle_offline:
+            raise ConfigError("eagle_offline must be True: this trainer reads stored hidden states and "
+                              "never runs the base model (remove the field or set it to true)")
+        if not self.eagle_freeze_base_model:
+            raise ConfigError("eagle_freeze_base_model must be True with eagle_offline=True: the base "
+                              "model is not loaded, so it cannot be trained")
+        if self.eagle_hidden_state_distillation:
+            raise ConfigError("eagle_hidden_state_distillation is not supported (ModelOpt's HF EAGLE3 "
+                              "path does not use it either); use eagle_self_logit_distillation")
+        if self.eagle_reuse_base_decoder:
+            raise ConfigError("eagle_reuse_base_decoder needs the base decoder layers, which an "
+                              "offline (eagle_offline=True) trainer does not load")
+        if self.eagle_base_lora:
+            raise ConfigError("eagle_base_lora is incompatible with eagle_offline=True (as in ModelOpt)")
+        if not isinstance(self.eagle_ttt_steps, int) or self.eagle_ttt_steps < 1:
+            raise ConfigError(f"eagle_ttt_steps must be an integer >= 1, got {self.eagle_ttt_steps!r}")
+        if not 0.0 < float(self.eagle_loss_decay_factor) <= 1.0:
+            raise ConfigError(f"eagle_loss_decay_factor must be in (0, 1], got {self.eagle_loss_decay_factor!r}")
+        arch = self.eagle_architecture_config
+        for name in BASE_MODEL_ARCH_FIELDS:
+            if name in arch:
+                raise ConfigError(f"eagle_architecture_config.{name} comes from the base model and may "
+                                  "not be set; remove it")
+        known = set(EAGLE3_ARCHITECTURE_DEFAULTS) | set(IGNORED_ARCH_FIELDS)
+        unknown = sorted(set(arch) - known)
+        if unknown:
+            raise ConfigError(f"unknown eagle_architecture_config field(s) {unknown}; known: {sorted(known)}")
+        for name, (value, why) in _SUPPORTED_ARCH.items():
+            if arch[name] != value:
+                raise ConfigError(f"eagle_architecture_config.{name}={arch[name]!r} is not supported "
+                                  f"({why}); use {value!r}")
+        for name in ("num_attention_heads", "num_key_value_heads", "head_dim"):
+            if not isinstance(arch[name], int) or arch[name] < 1:
+                raise ConfigError(f"eagle_architecture_config.{name} must be a positive integer, got {arch[name]!r}")
+        if arch["num_attention_heads"] % arch["num_key_value_heads"]:
+            raise ConfigError("eagle_architecture_config.num_attention_heads must be a multiple of "
+                              "num_key_value_heads")
+        if arch["head_dim"] % 2:
+            raise ConfigError("eagle_architecture_config.head_dim must be even (RoPE rotates pairs)")
+        for name in ("intermediate_size", "draft_vocab_size"):
+            v = arch[name]
+            if v is not None and (not isinstance(v, int) or v < 1):
+                raise ConfigError(f"eagle_architecture_config.{name} must be a positive integer or null, got {v!r}")
+        if arch["rope_scaling"] is not None and not isinstance(arch["rope_scaling"], dict):
+            raise ConfigError("eagle_architecture_config.rope_scaling must be an object or null")
+        # ModelOpt's _check_rope_scaling_consistency: the export override only replaces 'default' RoPE.
+        rope = arch["rope_scaling"] or {}
+        rope_type = rope.get("rope_type") or rope.get("type")
+        if self.eagle_export_rope_scaling and rope_type not in (None, "default"):
+            raise ConfigError(f"eagle_export_rope_scaling is set but eagle_architecture_config has "
+                              f"rope_type={rope_type!r}; export rope overwrite is only valid when the "
+                              "training rope_type is 'default' (set eagle_export_rope_scaling to {})")
+
+    def to_dict(self) -> dict[str, Any]:
+        return copy.deepcopy(dataclasses.asdict(self))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "EagleConfig") -> EagleConfig:
+        """Build from a dict of the fields to change; unknown fields raise ConfigError naming `source`."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"{source}: expected a JSON object of EagleConfig fields, got {type(d).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            hint = ""
+            arch_keys = [k for k in unknown if k in EAGLE3_ARCHITECTURE_DEFAULTS or k in BASE_MODEL_ARCH_FIELDS]
+            if arch_keys:
+                hint = f" ({arch_keys} belong inside \"eagle_architecture_config\")"
+            raise ConfigError(f"{source}: unknown EagleConfig field(s) {unknown}{hint}")
+        try:
+            return cls(**copy.deepcopy(d))
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+
+    @classmethod
+    def from_json_file(cls, path: str | Path) -> EagleConfig:
+        """Read an override file holding only the fields to change (see class docstring)."""
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as e:
+            raise ConfigError(f"cannot read EAGLE config {path}: {e.strerror}") from None
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
+        return cls.from_dict(d, source=str(path))

@@ -1,0 +1,122 @@
+"""Arrow parts: one IPC file per part, one record batch per token-row chunk.
+
+Columns are the logical arrays (`input_ids`, `loss_mask`, the hidden arrays as fixed-size
+lists of uint16 bf16 bits, fp8 bits and scales for `fp8`). The schema metadata key
+`draftdata` holds JSON with the sample table (conversation ids, offsets), the chunk size and a
+CRC-32C per array per record batch, checked on every read. Local files are read through a
+memory map without copies; remote files by range reads or one whole-object GET.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+
+from draftdata.errors import CorruptDataError
+from draftdata.store.codecs import shuffle_rows, unshuffle_rows
+from draftdata.store.fs import is_local_fs
+from draftdata.store.layout import crc32c, rows_per_chunk
+
+FILE_NAME = "part.arrow"
+META_KEY = b"draftdata"
+
+
+def _column(a: np.ndarray, codec: str) -> pa.Array:
+    if a.ndim == 1:
+        return pa.array(a)
+    if codec == "zstd" and a.dtype == np.uint16:
+        a = shuffle_rows(a)
+    return pa.FixedSizeListArray.from_arrays(pa.array(a.reshape(-1)), a.shape[1])
+
+
+def write_part(fs: fsspec.AbstractFileSystem, directory: str, arrays: dict[str, np.ndarray],
+               attrs: dict[str, Any], codec: str) -> None:
+    """Write the logical arrays (all but `offsets`, which goes into the metadata) as one IPC file."""
+    rows = len(arrays["input_ids"])
+    cols = {k: v for k, v in arrays.items() if k != "offsets"}
+    widest = max(a.dtype.itemsize * (a.shape[1] if a.ndim == 2 else 1) for a in cols.values())
+    r = rows_per_chunk(rows, widest)
+    starts = list(range(0, rows, r)) or [0]
+    meta = dict(attrs, offsets=arrays["offsets"].tolist(), rows_per_chunk=r,
+                block_crc32c={k: [crc32c(a[s:s + r]) for s in starts] for k, a in cols.items()})
+    batches = [pa.record_batch({k: _column(a[s:s + r], codec) for k, a in cols.items()}) for s in starts]
+    schema = batches[0].schema.with_metadata({META_KEY: json.dumps(meta).encode()})
+    options = pa.ipc.IpcWriteOptions(compression="zstd" if codec == "zstd" else None)
+    path = f"{directory}/{FILE_NAME}"
+    if is_local_fs(fs):
+        fs.makedirs(directory, exist_ok=True)
+        sink: Any = pa.OSFile(path, "wb")
+    else:
+        sink = pa.BufferOutputStream()
+    with pa.ipc.new_file(sink, schema, options=options) as writer:
+        for b in batches:
+            writer.write_batch(b)
+    if is_local_fs(fs):
+        sink.close()
+    else:
+        fs.pipe_file(path, sink.getvalue().to_pybytes())
+
+
+class ArrowPartReader:
+    """Reads rows of the arrays of one Arrow part, verifying each record batch's CRC-32C."""
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, directory: str, part_id: str, *, whole: bool = False):
+        self.part_id = part_id
+        path = f"{directory}/{FILE_NAME}"
+        try:
+            if is_local_fs(fs):
+                source: Any = pa.memory_map(path, "r")
+            elif whole:
+                source = pa.py_buffer(fs.cat_file(path))
+            else:
+                source = pa.PythonFile(fs.open(path, "rb", block_size=4 << 20), mode="r")
+            self.reader = pa.ipc.open_file(source)
+            self.meta = json.loads(self.reader.schema.metadata[META_KEY])
+        except FileNotFoundError:
+            raise CorruptDataError(f"part {part_id}: {FILE_NAME} is missing") from None
+        except Exception as e:
+            raise CorruptDataError(f"part {part_id}: {FILE_NAME} is unreadable ({type(e).__name__}: {e})") from None
+        self.rows_per_chunk = int(self.meta["rows_per_chunk"])
+        self.codec = self.meta.get("codec", "bf16")
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        return self.meta
+
+    def names(self) -> list[str]:
+        return sorted([*self.reader.schema.names, "offsets"])
+
+    def _block(self, name: str, b: int) -> np.ndarray:
+        try:
+            col = self.reader.get_batch(b).column(name)
+            if isinstance(col, pa.FixedSizeListArray):
+                a = col.values.to_numpy(zero_copy_only=False).reshape(len(col), -1)
+                if self.codec == "zstd" and a.dtype == np.uint8 and name in ("aux_hidden_states", "hidden_states"):
+                    a = unshuffle_rows(a)
+            else:
+                a = col.to_numpy(zero_copy_only=False)
+        except Exception as e:
+            raise CorruptDataError(f"part {self.part_id}: array {name} block {b} is unreadable "
+                                   f"({type(e).__name__}: {e})") from None
+        expected = self.meta["block_crc32c"][name][b]
+        if crc32c(a) != expected:
+            raise CorruptDataError(f"part {self.part_id}: array {name} block {b} fails its CRC-32C check")
+        return a
+
+    def read(self, name: str, start: int | None = None, stop: int | None = None) -> np.ndarray:
+        if name == "offsets":
+            return np.asarray(self.meta["offsets"], dtype=np.int64)[start:stop]
+        rows = int(self.meta["offsets"][-1])
+        start = 0 if start is None else max(0, start)
+        stop = rows if stop is None else min(rows, stop)
+        r = self.rows_per_chunk
+        if stop <= start:
+            return self._block(name, 0)[:0]
+        blocks = [self._block(name, b) for b in range(start // r, (stop - 1) // r + 1)]
+        first = (start // r) * r
+        a = blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
+        return a[start - first: stop - first]

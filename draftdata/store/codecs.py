@@ -1,0 +1,69 @@
+"""Storage codecs for hidden states.
+
+Neither Zarr nor Arrow has a bf16 type, so hidden states are stored as their 16 raw bits
+(uint16) and viewed back as bf16 on read without a copy. Three codecs:
+
+- ``bf16``: the raw bits.
+- ``zstd``: the same bits, losslessly compressed with zstd after a byte shuffle (the high
+  byte of bf16 activations, sign + exponent, is highly repetitive; the shuffle groups those).
+- ``fp8``: lossy float8-e4m3 bits plus one float32 scale per token row and aux slot
+  (scale = amax / 448), decoded to bf16 on read.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn value
+
+
+def bf16_to_bits(x: torch.Tensor | np.ndarray) -> np.ndarray:
+    """bf16 tensor (or uint16 bits already) -> numpy uint16 array of its bits (no copy for CPU tensors)."""
+    if isinstance(x, np.ndarray):
+        if x.dtype != np.uint16:
+            raise TypeError(f"expected uint16 bf16 bits, got numpy {x.dtype}")
+        return x
+    if x.dtype != torch.bfloat16:
+        x = x.to(torch.bfloat16)
+    return x.detach().cpu().contiguous().view(torch.uint16).numpy()
+
+
+def bits_to_bf16(bits: np.ndarray) -> torch.Tensor:
+    """numpy uint16 bits -> bf16 tensor sharing the same memory."""
+    if not bits.flags.writeable:
+        bits = bits.copy()  # torch cannot wrap read-only memory; only hit for read-only maps
+    return torch.from_numpy(bits).view(torch.bfloat16)
+
+
+def fp8_encode(bits: np.ndarray, slots: int) -> tuple[np.ndarray, np.ndarray]:
+    """bf16 bits [T, slots*H] -> (fp8 bits uint8 [T, slots*H], scales float32 [T, slots])."""
+    t = bits_to_bf16(np.ascontiguousarray(bits)).float()
+    rows = t.shape[0]
+    t = t.view(rows, slots, -1)
+    amax = t.abs().amax(dim=2).clamp_min(1e-12)
+    scale = amax / FP8_MAX
+    q = (t / scale.unsqueeze(2)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q.view(torch.uint8).reshape(rows, -1).numpy(), scale.numpy().astype(np.float32)
+
+
+def fp8_decode(q: np.ndarray, scale: np.ndarray) -> torch.Tensor:
+    """(fp8 bits uint8 [T, slots*H], scales [T, slots]) -> bf16 [T, slots*H]."""
+    rows, slots = scale.shape
+    q, scale = np.array(q, copy=not q.flags.writeable), np.array(scale, copy=not scale.flags.writeable)
+    qt = torch.from_numpy(np.ascontiguousarray(q)).view(torch.float8_e4m3fn).float().view(rows, slots, -1)
+    out = qt * torch.from_numpy(np.ascontiguousarray(scale)).unsqueeze(2)
+    return out.view(rows, -1).to(torch.bfloat16)
+
+
+def shuffle_rows(bits: np.ndarray) -> np.ndarray:
+    """uint16 [R, C] -> uint8 [R, 2C]: per row, all low bytes then all high bytes (byte shuffle)."""
+    r, c = bits.shape
+    return np.ascontiguousarray(bits.view(np.uint8).reshape(r, c, 2).transpose(0, 2, 1)).reshape(r, 2 * c)
+
+
+def unshuffle_rows(planes: np.ndarray) -> np.ndarray:
+    """Inverse of shuffle_rows: uint8 [R, 2C] -> uint16 [R, C]."""
+    r, c2 = planes.shape
+    c = c2 // 2
+    return np.ascontiguousarray(planes.reshape(r, 2, c).transpose(0, 2, 1)).view(np.uint16).reshape(r, c)

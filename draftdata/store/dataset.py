@@ -1,0 +1,459 @@
+"""Create, write and read datasets: `dataset.json` + immutable parts + commit records.
+
+Layout under the dataset URL:
+
+    dataset.json            the schema, written once
+    parts/<part_id>/...     a part's data (Zarr group or Arrow IPC file), written by one writer
+    commits/<part_id>.json  the commit record, written last in one atomic step
+
+A part exists for readers only once its commit record exists; everything under parts/ without
+a commit record is a crashed or running writer's garbage (`draftdata verify --gc`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from draftdata import __version__
+from draftdata.config import CODECS, FORMAT_NAME, STORAGE_FORMATS, DatasetSchema
+from draftdata.errors import CorruptDataError, DatasetNotFoundError, DraftdataError, SchemaMismatchError
+from draftdata.store import arrow_part, zarr_part
+from draftdata.store.codecs import bf16_to_bits, bits_to_bf16, fp8_decode, fp8_encode
+from draftdata.store.fs import describe_storage_error, get_fs, normalize_url, put_atomic
+from draftdata.store.layout import HIDDEN_ARRAYS, SCALE_OF, commit_path, crc32c, part_dir
+
+SCHEMA_FILE = "dataset.json"
+
+
+@dataclass
+class PartInfo:
+    """What a commit record says about one committed part."""
+
+    id: str
+    num_samples: int
+    num_tokens: int
+    conversation_ids: list[str]
+    offsets: np.ndarray
+    work_unit: str | None
+    stored_bytes: int
+    checksums: dict[str, int] = field(default_factory=dict)
+    record: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    @classmethod
+    def from_record(cls, rec: dict[str, Any]) -> PartInfo:
+        return cls(id=rec["part_id"], num_samples=int(rec["num_samples"]), num_tokens=int(rec["num_tokens"]),
+                   conversation_ids=list(rec["conversation_ids"]),
+                   offsets=np.asarray(rec["offsets"], dtype=np.int64), work_unit=rec.get("work_unit"),
+                   stored_bytes=int(rec.get("stored_bytes", 0)),
+                   checksums={k: int(v["crc32c"]) for k, v in rec["arrays"].items()}, record=rec)
+
+
+def new_part_id() -> str:
+    """Sortable by creation time, unique across machines."""
+    return f"{time.time_ns() // 1_000_000:013d}-{uuid.uuid4().hex[:12]}"
+
+
+class _Location:
+    """A dataset URL and its storage options; opens the filesystem lazily, once per process."""
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None):
+        self.url = normalize_url(url)
+        self.storage_options = dict(storage_options or {})
+        self._fs: tuple[int, Any, str] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"url": self.url, "storage_options": self.storage_options, "_fs": None}
+
+    @property
+    def fs(self):
+        if self._fs is None or self._fs[0] != os.getpid():
+            fs, root = get_fs(self.url, self.storage_options)
+            self._fs = (os.getpid(), fs, root)
+        return self._fs[1]
+
+    @property
+    def root(self) -> str:
+        self.fs  # noqa: B018 - opens the filesystem and sets the root
+        return self._fs[2]
+
+    def read_schema(self) -> DatasetSchema | None:
+        path = f"{self.root}/{SCHEMA_FILE}"
+        try:
+            raw = self.fs.cat_file(path)
+        except FileNotFoundError:
+            return None
+        except Exception as e:
+            raise describe_storage_error(self.url, e) from None
+        try:
+            d = json.loads(raw)
+        except ValueError:
+            raise DatasetNotFoundError(f"{self.url}: {SCHEMA_FILE} is not valid JSON; not a draftdata dataset") from None
+        if d.get("format") != FORMAT_NAME:
+            raise DatasetNotFoundError(f"{self.url}: {SCHEMA_FILE} is not a draftdata dataset schema")
+        return DatasetSchema.from_dict(d)
+
+    def list_commits(self) -> list[str]:
+        try:
+            paths = self.fs.ls(f"{self.root}/commits", detail=False)
+        except FileNotFoundError:
+            return []
+        except Exception as e:
+            raise describe_storage_error(self.url, e) from None
+        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in paths]
+        return sorted(n[:-5] for n in names if n.endswith(".json") and not n.startswith("."))
+
+    def read_commits(self, part_ids: list[str]) -> list[dict[str, Any]]:
+        if not part_ids:
+            return []
+        paths = [commit_path(self.root, p) for p in part_ids]
+        try:
+            blobs = self.fs.cat(paths, on_error="raise")
+        except Exception as e:
+            raise describe_storage_error(self.url, e) from None
+        out = []
+        for pid, path in zip(part_ids, paths):
+            raw = blobs.get(path) if isinstance(blobs, dict) else blobs
+            try:
+                out.append(json.loads(raw))
+            except (TypeError, ValueError):
+                raise CorruptDataError(f"part {pid}: commit record {path} is not valid JSON") from None
+        return out
+
+    def part_url(self, part_id: str) -> str:
+        base = self.url if "://" in self.url else self.url
+        return f"{base}/parts/{part_id}"
+
+
+# ----------------------------------------------------------------------------------------- writing
+
+
+class PartWriter:
+    """Buffers the samples of one part; `commit()` writes the arrays, then the commit record.
+
+    One writer per part; any number may run at once (threads, processes, machines) because
+    they share nothing but the dataset.json they only read.
+    """
+
+    def __init__(self, loc: _Location, schema: DatasetSchema, work_unit: str | None):
+        self._loc, self.schema, self.work_unit = loc, schema, work_unit
+        self.part_id = new_part_id()
+        self._ids: list[str] = []
+        self._cols: dict[str, list[np.ndarray]] = {"input_ids": [], "loss_mask": [], **{k: [] for k in HIDDEN_ARRAYS}}
+        self.num_tokens = 0
+        self.nbytes = 0
+        self._closed = False
+
+    @property
+    def num_samples(self) -> int:
+        return len(self._ids)
+
+    def add(self, sample: dict[str, Any]) -> None:
+        """Append one sample (see CONTRACTS: conversation_id, input_ids, loss_mask, two hidden arrays)."""
+        if self._closed:
+            raise DraftdataError(f"part {self.part_id} is already committed or aborted")
+        cid = str(sample["conversation_id"])
+        ids = np.asarray(_np(sample["input_ids"]), dtype=np.int32).reshape(-1)
+        mask = np.asarray(_np(sample["loss_mask"]), dtype=np.uint8).reshape(-1)
+        n = len(ids)
+        h, k = self.schema.hidden_size, self.schema.num_aux_slots
+        expect = {"aux_hidden_states": (n, k * h), "hidden_states": (n, h)}
+        hidden = {}
+        for name in HIDDEN_ARRAYS:
+            bits = bf16_to_bits(sample[name])
+            if bits.shape != expect[name]:
+                raise SchemaMismatchError(f"sample {cid}: {name} has shape {tuple(bits.shape)}, the dataset schema "
+                                          f"needs {expect[name]} (hidden_size={h}, aux slots={k}, {n} tokens)")
+            hidden[name] = bits
+        if len(mask) != n:
+            raise SchemaMismatchError(f"sample {cid}: loss_mask has {len(mask)} entries for {n} input_ids")
+        if n == 0:
+            raise DraftdataError(f"sample {cid}: empty sample (0 tokens)")
+        self._ids.append(cid)
+        self._cols["input_ids"].append(ids)
+        self._cols["loss_mask"].append(mask)
+        for name, bits in hidden.items():
+            self._cols[name].append(np.array(bits, copy=True))  # detach from the caller's buffer
+        self.num_tokens += n
+        self.nbytes += n * (4 + 1) + sum(b.nbytes for b in hidden.values())
+
+    def _logical_arrays(self) -> dict[str, np.ndarray]:
+        arrays: dict[str, np.ndarray] = {
+            "input_ids": np.concatenate(self._cols["input_ids"]),
+            "loss_mask": np.concatenate(self._cols["loss_mask"]),
+        }
+        slots = {"aux_hidden_states": self.schema.num_aux_slots, "hidden_states": 1}
+        for name in HIDDEN_ARRAYS:
+            bits = np.concatenate(self._cols[name])
+            if self.schema.codec == "fp8":
+                arrays[name], arrays[SCALE_OF[name]] = fp8_encode(bits, slots[name])
+            else:
+                arrays[name] = bits
+        lengths = [len(x) for x in self._cols["input_ids"]]
+        arrays["offsets"] = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        return arrays
+
+    def commit(self) -> PartInfo | None:
+        """Write the part and then its commit record; returns None (and writes nothing) when empty."""
+        if self._closed:
+            raise DraftdataError(f"part {self.part_id} is already committed or aborted")
+        self._closed = True
+        if not self._ids:
+            return None
+        arrays = self._logical_arrays()
+        self._cols = {}
+        loc, schema = self._loc, self.schema
+        directory = part_dir(loc.root, self.part_id)
+        attrs = {"part_id": self.part_id, "conversation_ids": self._ids, "codec": schema.codec}
+        try:
+            if schema.storage_format == "zarr":
+                zarr_part.write_part(loc.part_url(self.part_id), arrays, attrs, schema.codec, loc.storage_options)
+            else:
+                arrow_part.write_part(loc.fs, directory, arrays, attrs, schema.codec)
+            stored = int(loc.fs.du(directory, total=True))
+        except DraftdataError:
+            raise
+        except Exception as e:
+            raise describe_storage_error(loc.url, e) from None
+        record = {
+            "part_id": self.part_id, "format": schema.storage_format, "codec": schema.codec,
+            "num_samples": len(self._ids), "num_tokens": int(arrays["offsets"][-1]),
+            "conversation_ids": self._ids, "offsets": arrays["offsets"].tolist(),
+            "work_unit": self.work_unit, "stored_bytes": stored,
+            "arrays": {k: {"dtype": str(a.dtype), "shape": list(a.shape), "crc32c": crc32c(a)} for k, a in arrays.items()},
+            "created_by": f"draftdata {__version__}", "committed_at": time.time(),
+        }
+        put_atomic(loc.fs, commit_path(loc.root, self.part_id), json.dumps(record).encode())
+        return PartInfo.from_record(record)
+
+    def abort(self) -> None:
+        """Drop the buffered samples and remove anything already written for this part."""
+        self._closed, self._cols, self._ids = True, {}, []
+        try:
+            self._loc.fs.rm(part_dir(self._loc.root, self.part_id), recursive=True)
+        except (FileNotFoundError, OSError):
+            pass
+
+
+def _writable(a: np.ndarray) -> np.ndarray:
+    """torch cannot wrap read-only memory (memory-mapped Arrow blocks): copy those."""
+    return a if a.flags.writeable else a.copy()
+
+
+def _np(x: Any) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+class DatasetWriter:
+    """Opens part writers for one dataset; made by `create_dataset`."""
+
+    def __init__(self, loc: _Location, schema: DatasetSchema):
+        self._loc, self.schema = loc, schema
+        self._lock = threading.Lock()
+
+    @property
+    def url(self) -> str:
+        return self._loc.url
+
+    def open_part(self, work_unit: str | None = None) -> PartWriter:
+        return PartWriter(self._loc, self.schema, work_unit)
+
+    def committed_parts(self) -> list[PartInfo]:
+        return [PartInfo.from_record(r) for r in self._loc.read_commits(self._loc.list_commits())]
+
+    def committed_ids(self) -> set[str]:
+        return {cid for p in self.committed_parts() for cid in p.conversation_ids}
+
+
+def create_dataset(url: str, schema: DatasetSchema, *, format: str = "zarr", codec: str = "bf16",
+                   storage_options: dict[str, Any] | None = None) -> DatasetWriter:
+    """Create a dataset (or open an existing one with the same schema) and return its writer.
+
+    Raises SchemaMismatchError naming every field that differs from an existing dataset.json.
+    """
+    if format not in STORAGE_FORMATS:
+        raise DraftdataError(f"unknown format {format!r}; choose one of {', '.join(STORAGE_FORMATS)}")
+    if codec not in CODECS:
+        raise DraftdataError(f"unknown codec {codec!r}; choose one of {', '.join(CODECS)}")
+    schema = DatasetSchema.from_dict({**schema.to_dict(), "storage_format": format, "codec": codec,
+                                      "created_by": schema.created_by or f"draftdata {__version__}"})
+    loc = _Location(url, storage_options)
+    existing = loc.read_schema()
+    if existing is not None:
+        diffs = existing.differences(schema)
+        if diffs:
+            raise SchemaMismatchError(f"{loc.url} already holds a dataset with a different schema: " + "; ".join(diffs)
+                                      + ". Write to a new URL, or rerun with the dataset's settings.")
+        return DatasetWriter(loc, existing)
+    try:
+        loc.fs.makedirs(loc.root, exist_ok=True)
+        put_atomic(loc.fs, f"{loc.root}/{SCHEMA_FILE}", schema.to_json().encode())
+    except DraftdataError:
+        raise
+    except Exception as e:
+        raise describe_storage_error(loc.url, e) from None
+    # Two creators racing: whoever lost reads the winner's schema and must agree with it.
+    stored = loc.read_schema()
+    if stored is not None and stored.differences(schema):
+        raise SchemaMismatchError(f"{loc.url}: another writer created the dataset with a different schema: "
+                                  + "; ".join(stored.differences(schema)))
+    return DatasetWriter(loc, stored or schema)
+
+
+# ----------------------------------------------------------------------------------------- reading
+
+
+class Dataset:
+    """A read-only view of the committed parts of a dataset (picklable; reopens storage per process)."""
+
+    def __init__(self, loc: _Location, schema: DatasetSchema, parts: list[PartInfo]):
+        self._loc, self.schema, self.parts = loc, schema, parts
+        self._starts = np.concatenate([[0], np.cumsum([p.num_samples for p in parts])]).astype(np.int64)
+        self._readers: dict[int, Any] = {}
+        self._reader_pid = os.getpid()
+
+    def __getstate__(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["_readers"] = {}
+        return d
+
+    @property
+    def url(self) -> str:
+        return self._loc.url
+
+    @property
+    def storage_options(self) -> dict[str, Any]:
+        return self._loc.storage_options
+
+    @property
+    def num_samples(self) -> int:
+        return int(self._starts[-1])
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(p.num_tokens for p in self.parts)
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(p.stored_bytes for p in self.parts)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def sample_lengths(self) -> np.ndarray:
+        return np.concatenate([p.lengths for p in self.parts]) if self.parts else np.zeros(0, np.int64)
+
+    def locate(self, i: int) -> tuple[int, int]:
+        """Global sample index -> (part index, index inside the part)."""
+        if not 0 <= i < self.num_samples:
+            raise IndexError(f"sample {i} out of range (dataset has {self.num_samples})")
+        p = int(np.searchsorted(self._starts, i, side="right") - 1)
+        return p, i - int(self._starts[p])
+
+    def reader(self, p: int, *, whole: bool = False):
+        """The format reader of part p (cached per process)."""
+        if self._reader_pid != os.getpid():
+            self._readers, self._reader_pid = {}, os.getpid()
+        key = (p, whole and self.schema.storage_format == "arrow")
+        if key not in self._readers:
+            info = self.parts[p]
+            try:
+                if self.schema.storage_format == "zarr":
+                    r: Any = zarr_part.ZarrPartReader(self._loc.part_url(info.id), info.id, self._loc.storage_options)
+                else:
+                    r = arrow_part.ArrowPartReader(self._loc.fs, part_dir(self._loc.root, info.id), info.id, whole=whole)
+            except DraftdataError:
+                raise
+            except Exception as e:
+                raise describe_storage_error(self.url, e) from None
+            if len(self._readers) > 64:
+                self._readers.clear()
+            self._readers[key] = r
+        return self._readers[key]
+
+    def _decode(self, r: Any, name: str, start: int | None, stop: int | None) -> torch.Tensor:
+        stored = r.read(name, start, stop)
+        if self.schema.codec == "fp8":
+            return fp8_decode(stored, r.read(SCALE_OF[name], start, stop))
+        return bits_to_bf16(stored)
+
+    def _rows(self, p: int, start: int | None, stop: int | None, whole: bool = False) -> dict[str, Any]:
+        r = self.reader(p, whole=whole)
+        out: dict[str, Any] = {
+            "input_ids": _writable(np.asarray(r.read("input_ids", start, stop), dtype=np.int32)),
+            "loss_mask": _writable(np.asarray(r.read("loss_mask", start, stop), dtype=np.uint8)),
+        }
+        for name in HIDDEN_ARRAYS:
+            out[name] = self._decode(r, name, start, stop)
+        return out
+
+    def read_sample(self, p: int, j: int) -> dict[str, Any]:
+        """Sample j of part p, read with range reads of the chunks that hold it."""
+        info = self.parts[p]
+        s, e = int(info.offsets[j]), int(info.offsets[j + 1])
+        try:
+            rows = self._rows(p, s, e)
+        except CorruptDataError as err:
+            raise CorruptDataError(f"{err} (reading sample {j}, conversation {info.conversation_ids[j]!r}); "
+                                   f"run `draftdata verify {self.url}`") from None
+        return _sample(info.conversation_ids[j], rows, 0, e - s)
+
+    def sample(self, i: int) -> dict[str, Any]:
+        return self.read_sample(*self.locate(i))
+
+    def read_part(self, p: int) -> dict[str, Any]:
+        """All arrays of part p at once (one sequential read per array): the fast path for loaders."""
+        info = self.parts[p]
+        try:
+            rows = self._rows(p, None, None, whole=True)
+        except CorruptDataError as err:
+            raise CorruptDataError(f"{err} (samples {info.conversation_ids[:3]}...); run `draftdata verify {self.url}`") from None
+        rows["offsets"] = info.offsets
+        rows["conversation_ids"] = info.conversation_ids
+        return rows
+
+    def iter_part(self, p: int) -> Iterator[dict[str, Any]]:
+        rows = self.read_part(p)
+        off = rows["offsets"]
+        for j, cid in enumerate(rows["conversation_ids"]):
+            yield _sample(cid, rows, int(off[j]), int(off[j + 1]))
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for p in range(len(self.parts)):
+            yield from self.iter_part(p)
+
+
+def _sample(cid: str, rows: dict[str, Any], s: int, e: int) -> dict[str, Any]:
+    return {
+        "conversation_id": cid,
+        "input_ids": torch.from_numpy(rows["input_ids"][s:e]),
+        "loss_mask": torch.from_numpy(rows["loss_mask"][s:e]),
+        "aux_hidden_states": rows["aux_hidden_states"][s:e],
+        "hidden_states": rows["hidden_states"][s:e],
+    }
+
+
+def open_dataset(url: str, *, storage_options: dict[str, Any] | None = None) -> Dataset:
+    """Open the committed parts of a dataset for reading."""
+    loc = _Location(url, storage_options)
+    schema = loc.read_schema()
+    if schema is None:
+        raise DatasetNotFoundError(f"{loc.url}: no dataset here ({SCHEMA_FILE} not found); "
+                                   "create one with `draftdata collect --output URL`")
+    parts = [PartInfo.from_record(r) for r in loc.read_commits(loc.list_commits())]
+    return Dataset(loc, schema, parts)

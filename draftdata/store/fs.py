@@ -1,0 +1,120 @@
+"""Dataset URLs: local paths, file://, s3://, gs://, memory:// and anything else fsspec knows.
+
+Filesystems are created per process (never inherited through fork: s3fs holds an event loop
+and connections that must not cross a fork), and one atomic `put_atomic` is the commit step.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from typing import Any
+
+import fsspec
+
+from draftdata.errors import DraftdataError, StorageAccessError
+
+LOCAL_PROTOCOLS = ("file", "local")
+
+
+def normalize_url(url: str) -> str:
+    """Strip trailing slashes; turn a bare local path into an absolute path."""
+    url = str(url).rstrip("/")
+    if "://" not in url:
+        return os.path.abspath(os.path.expanduser(url))
+    return url
+
+
+def is_local(url: str) -> bool:
+    return "://" not in url or url.startswith("file://")
+
+
+def local_path(url: str) -> str:
+    return url[len("file://"):] if url.startswith("file://") else url
+
+
+def get_fs(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path inside it) for a dataset URL, with one-line errors for unusable URLs."""
+    try:
+        fs, path = fsspec.core.url_to_fs(url, skip_instance_cache=True, **(storage_options or {}))
+    except ImportError as e:
+        scheme = url.split("://", 1)[0]
+        hint = " (pip install 'draftdata[gcs]')" if scheme in ("gs", "gcs") else ""
+        raise StorageAccessError(f"{url}: the {scheme}:// scheme needs a package that is not installed{hint}: {e}") from None
+    except ValueError as e:
+        raise StorageAccessError(f"{url}: unknown or unsupported URL scheme ({e})") from None
+    return fs, path.rstrip("/")
+
+
+def describe_storage_error(url: str, e: BaseException) -> DraftdataError:
+    """Turn a backend exception (credentials, permissions, endpoint) into a one-line error."""
+    if isinstance(e, DraftdataError):
+        return e
+    name = type(e).__name__
+    msg = str(e).splitlines()[0] if str(e) else name
+    if name in ("NoCredentialsError", "PartialCredentialsError") or "credentials" in msg.lower():
+        return StorageAccessError(f"{url}: no usable credentials ({msg}); set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
+                                  "or pass storage options (key, secret, client_kwargs.endpoint_url)")
+    if isinstance(e, PermissionError) or "AccessDenied" in msg or "Forbidden" in msg:
+        return StorageAccessError(f"{url}: access denied ({msg}); check the credentials and bucket policy")
+    return StorageAccessError(f"{url}: storage error: {name}: {msg}")
+
+
+def put_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write `data` so that readers see either nothing or all of it.
+
+    Object stores make one PUT atomic; on a file system we write a hidden temporary file in the
+    same directory and rename it over the target (atomic on POSIX).
+    """
+    if getattr(fs, "protocol", None) and set(_protocols(fs)) & set(LOCAL_PROTOCOLS):
+        directory, name = os.path.split(path)
+        os.makedirs(directory, exist_ok=True)
+        tmp = os.path.join(directory, f".{name}.tmp-{uuid.uuid4().hex}")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    else:
+        fs.pipe_file(path, data)
+
+
+def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
+    p = fs.protocol
+    return (p,) if isinstance(p, str) else tuple(p)
+
+
+def is_local_fs(fs: fsspec.AbstractFileSystem) -> bool:
+    return bool(set(_protocols(fs)) & set(LOCAL_PROTOCOLS))
+
+
+def parse_storage_options(items: list[str] | None) -> dict[str, Any]:
+    """`KEY=VALUE` strings -> fsspec storage options; dotted keys nest, values are JSON when they parse.
+
+    Example: `client_kwargs.endpoint_url=http://127.0.0.1:9000 anon=false`.
+    """
+    import json
+
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise DraftdataError(f"--storage-option {item!r}: expected KEY=VALUE")
+        key, value = item.split("=", 1)
+        try:
+            parsed: Any = json.loads(value)
+        except ValueError:
+            parsed = value
+        node = out
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = parsed
+    return out
+
+
+def add_storage_option_argument(parser: Any) -> None:
+    """The `--storage-option KEY=VALUE` flag every command that opens a dataset URL takes."""
+    parser.add_argument("--storage-option", "-S", action="append", default=[], metavar="KEY=VALUE",
+                        help="fsspec storage option, repeatable; dotted keys nest "
+                             "(e.g. client_kwargs.endpoint_url=http://127.0.0.1:9000). "
+                             "S3 credentials also come from the usual AWS environment variables.")

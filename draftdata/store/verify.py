@@ -1,0 +1,153 @@
+"""Check committed parts against their commit records and the schema; collect crashed writers' garbage."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from draftdata.errors import DraftdataError
+from draftdata.store.dataset import Dataset, _Location, open_dataset
+from draftdata.store.layout import crc32c
+
+
+def expected_arrays(ds: Dataset, num_tokens: int, num_samples: int) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """The stored dtype and shape every array of a part must have under the dataset schema."""
+    s = ds.schema
+    k, h, t = s.num_aux_slots, s.hidden_size, num_tokens
+    hidden_dtype = "uint8" if s.codec == "fp8" else "uint16"
+    out = {
+        "input_ids": ("int32", (t,)), "loss_mask": ("uint8", (t,)), "offsets": ("int64", (num_samples + 1,)),
+        "aux_hidden_states": (hidden_dtype, (t, k * h)), "hidden_states": (hidden_dtype, (t, h)),
+    }
+    if s.codec == "fp8":
+        out["aux_scale"] = ("float32", (t, k))
+        out["hidden_scale"] = ("float32", (t, 1))
+    return out
+
+
+def verify_part(ds: Dataset, p: int) -> list[str]:
+    """Problems found in part p, one line each naming the part and the array."""
+    info = ds.parts[p]
+    where = f"part {info.id}"
+    problems: list[str] = []
+    rec = info.record
+    if rec.get("format") != ds.schema.storage_format or rec.get("codec") != ds.schema.codec:
+        problems.append(f"{where}: format/codec {rec.get('format')}/{rec.get('codec')} disagree with dataset.json "
+                        f"({ds.schema.storage_format}/{ds.schema.codec})")
+    off = info.offsets
+    if len(off) != info.num_samples + 1 or off[0] != 0 or np.any(np.diff(off) <= 0) or off[-1] != info.num_tokens:
+        problems.append(f"{where}: array offsets: not a strictly increasing 0..{info.num_tokens} table "
+                        f"for {info.num_samples} samples")
+    if len(info.conversation_ids) != info.num_samples:
+        problems.append(f"{where}: commit record lists {len(info.conversation_ids)} ids for {info.num_samples} samples")
+    expected = expected_arrays(ds, info.num_tokens, info.num_samples)
+    recorded = rec.get("arrays", {})
+    for name in sorted(set(expected) | set(recorded)):
+        if name not in recorded:
+            problems.append(f"{where}: array {name}: missing from the commit record")
+            continue
+        if name not in expected:
+            problems.append(f"{where}: array {name}: not part of a {ds.schema.codec} dataset")
+            continue
+        dtype, shape = expected[name]
+        if recorded[name]["dtype"] != dtype or tuple(recorded[name]["shape"]) != shape:
+            problems.append(f"{where}: array {name}: stored as {recorded[name]['dtype']}{tuple(recorded[name]['shape'])}, "
+                            f"the schema needs {dtype}{shape} (hidden_size={ds.schema.hidden_size}, "
+                            f"aux slots={ds.schema.num_aux_slots}, codec={ds.schema.codec})")
+    if problems:
+        return problems
+    try:
+        reader = ds.reader(p, whole=True)
+    except DraftdataError as e:
+        return [f"{where}: {e}"]
+    for name in expected:
+        try:
+            a = reader.read(name)
+        except DraftdataError as e:
+            problems.append(str(e) if str(e).startswith(where) else f"{where}: array {name}: {e}")
+            continue
+        if str(a.dtype) != expected[name][0] or tuple(a.shape) != expected[name][1]:
+            problems.append(f"{where}: array {name}: data is {a.dtype}{tuple(a.shape)}, "
+                            f"commit record says {expected[name][0]}{expected[name][1]}")
+        elif crc32c(a) != info.checksums.get(name):
+            problems.append(f"{where}: array {name}: checksum mismatch (crc32c {crc32c(a)} != recorded "
+                            f"{info.checksums.get(name)})")
+    if name_ids := reader.attrs.get("conversation_ids"):
+        if list(name_ids) != info.conversation_ids:
+            problems.append(f"{where}: conversation ids in the part differ from its commit record")
+    return problems
+
+
+def verify_dataset(ds: Dataset, progress: Callable[[int], Any] | None = None) -> list[str]:
+    """All problems of all committed parts, plus conversation ids that occur in more than one place."""
+    problems = []
+    for p in range(len(ds.parts)):
+        problems += verify_part(ds, p)
+        if progress:
+            progress(1)
+    counts = Counter(cid for part in ds.parts for cid in part.conversation_ids)
+    dups = {cid: n for cid, n in counts.items() if n > 1}
+    for cid, n in sorted(dups.items())[:50]:
+        where = [p.id for p in ds.parts if cid in p.conversation_ids]
+        problems.append(f"conversation {cid!r}: stored {n} times (parts {', '.join(where)})")
+    if len(dups) > 50:
+        problems.append(f"... and {len(dups) - 50} more duplicated conversation ids")
+    return problems
+
+
+def garbage_collect(url: str, *, storage_options: dict[str, Any] | None = None,
+                    grace_seconds: float = 3600.0) -> list[str]:
+    """Delete part directories that have no commit record and are older than `grace_seconds`.
+
+    The grace period protects writers that are still running: their parts are uncommitted too.
+    Returns the deleted paths.
+    """
+    ds = open_dataset(url, storage_options=storage_options)
+    loc: _Location = ds._loc
+    committed = {p.id for p in ds.parts}
+    fs, root = loc.fs, loc.root
+    try:
+        entries = fs.ls(f"{root}/parts", detail=True)
+    except FileNotFoundError:
+        entries = []
+    deleted = []
+    now = time.time()
+    for e in entries:
+        pid = e["name"].rstrip("/").rsplit("/", 1)[-1]
+        if pid in committed:
+            continue
+        if now - _newest_mtime(fs, e["name"]) < grace_seconds:
+            continue
+        fs.rm(e["name"], recursive=True)
+        deleted.append(e["name"])
+    try:
+        for path in fs.ls(f"{root}/commits", detail=False):
+            name = path.rstrip("/").rsplit("/", 1)[-1]
+            if name.startswith(".") and ".tmp-" in name and now - _newest_mtime(fs, path) >= grace_seconds:
+                fs.rm(path)
+                deleted.append(path)
+    except FileNotFoundError:
+        pass
+    return deleted
+
+
+def _newest_mtime(fs: Any, path: str) -> float:
+    """Latest modification time below `path` (0 when the backend reports none)."""
+    newest = 0.0
+    try:
+        infos = fs.find(path, detail=True, withdirs=False).values() if fs.isdir(path) else [fs.info(path)]
+    except FileNotFoundError:
+        return 0.0
+    for info in infos:
+        m = info.get("mtime") or info.get("LastModified") or info.get("last_modified") or info.get("created")
+        if hasattr(m, "timestamp"):
+            m = m.timestamp()
+        try:
+            newest = max(newest, float(m or 0))
+        except (TypeError, ValueError):
+            continue
+    return newest
