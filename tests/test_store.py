@@ -1,0 +1,313 @@
+"""The dataset format: round trips, atomic commits, concurrent writers, corruption, CLI."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from draftdata.config import DatasetSchema
+from draftdata.errors import CorruptDataError, DatasetNotFoundError, SchemaMismatchError, StorageAccessError
+from draftdata.store import create_dataset, open_dataset
+from draftdata.store.verify import garbage_collect, verify_dataset
+
+H, K = 32, 3
+FP8_REL_ERR = 1 / 8 + 1e-3  # e4m3 has 3 mantissa bits: relative rounding error <= 2^-4, bf16 rounding on top
+
+
+def schema(**kw) -> DatasetSchema:
+    base = dict(base_model_id="tiny", hidden_size=H, aux_layer_ids=[1, 2, 3], num_hidden_layers=4,
+                vocab_size=400, max_seq_len=256)
+    base.update(kw)
+    return DatasetSchema(**base)
+
+
+def make_sample(i: int, length: int | None = None) -> dict:
+    g = torch.Generator().manual_seed(i)
+    n = length or 5 + (i * 7) % 40
+    return {
+        "conversation_id": f"conv-{i}",
+        "input_ids": torch.randint(0, 400, (n,), generator=g),
+        "loss_mask": torch.randint(0, 2, (n,), generator=g),
+        "aux_hidden_states": (torch.randn(n, K * H, generator=g) * 3).to(torch.bfloat16),
+        "hidden_states": torch.randn(n, H, generator=g).to(torch.bfloat16),
+    }
+
+
+def write(url, samples, *, fmt="zarr", codec="bf16", per_part=4, opts=None, work_unit=None):
+    w = create_dataset(url, schema(), format=fmt, codec=codec, storage_options=opts)
+    for start in range(0, len(samples), per_part):
+        pw = w.open_part(work_unit=work_unit)
+        for s in samples[start:start + per_part]:
+            pw.add(s)
+        pw.commit()
+    return w
+
+
+def assert_same(got, want, codec):
+    assert got["conversation_id"] == want["conversation_id"]
+    assert got["input_ids"].dtype == torch.int32 and torch.equal(got["input_ids"], want["input_ids"].int())
+    assert torch.equal(got["loss_mask"].long(), want["loss_mask"].long())
+    for name in ("aux_hidden_states", "hidden_states"):
+        assert got[name].dtype == torch.bfloat16 and got[name].shape == want[name].shape
+        if codec == "fp8":
+            # error bound: per row and slot, |err| <= rel * amax of that slot
+            w = want[name].float()
+            slots = K if name == "aux_hidden_states" else 1
+            amax = w.view(w.shape[0], slots, -1).abs().amax(-1, keepdim=True)
+            err = (got[name].float() - w).view(w.shape[0], slots, -1).abs()
+            assert (err <= FP8_REL_ERR * amax + 1e-6).all(), name
+        else:
+            assert torch.equal(got[name].view(torch.int16), want[name].view(torch.int16)), name
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "arrow"])
+@pytest.mark.parametrize("codec", ["bf16", "zstd", "fp8"])
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_round_trip(tmp_path, fmt, codec, where, request):
+    if where == "s3":
+        bucket, opts = request.getfixturevalue("s3_bucket")
+        url = f"{bucket}/ds"
+    else:
+        url, opts = str(tmp_path / "ds"), None
+    samples = [make_sample(i) for i in range(10)]
+    write(url, samples, fmt=fmt, codec=codec, opts=opts)
+    ds = open_dataset(url, storage_options=opts)
+    assert ds.num_samples == 10 and len(ds.parts) == 3
+    assert ds.num_tokens == sum(len(s["input_ids"]) for s in samples)
+    assert ds.schema.storage_format == fmt and ds.schema.codec == codec
+    for i, s in enumerate(samples):
+        assert_same(ds.sample(i), s, codec)  # range reads
+    for got, want in zip(ds, samples):  # whole-part reads
+        assert_same(got, want, codec)
+    assert verify_dataset(ds) == []
+
+
+def test_formats_agree_bit_exactly(tmp_path):
+    samples = [make_sample(i) for i in range(6)]
+    write(str(tmp_path / "z"), samples, fmt="zarr")
+    write(str(tmp_path / "a"), samples, fmt="arrow")
+    z, a = open_dataset(str(tmp_path / "z")), open_dataset(str(tmp_path / "a"))
+    for i in range(6):
+        sz, sa = z.sample(i), a.sample(i)
+        for k in ("input_ids", "loss_mask"):
+            assert torch.equal(sz[k], sa[k])
+        for k in ("aux_hidden_states", "hidden_states"):
+            assert torch.equal(sz[k].view(torch.int16), sa[k].view(torch.int16))
+    # both formats record the same logical checksums
+    assert [p.checksums for p in z.parts] == [p.checksums for p in a.parts]
+
+
+def test_memory_url_and_long_sample_spans_chunks():
+    url = f"memory://rt-{os.getpid()}/ds"
+    big = make_sample(99, length=3000)  # several token-row chunks
+    write(url, [make_sample(0), big, make_sample(1)], per_part=3)
+    ds = open_dataset(url)
+    assert_same(ds.sample(1), big, "bf16")
+
+
+def test_schema_mismatch_is_refused_with_differences(tmp_path):
+    url = str(tmp_path / "ds")
+    create_dataset(url, schema())
+    with pytest.raises(SchemaMismatchError) as e:
+        create_dataset(url, schema(hidden_size=64, aux_layer_ids=[1, 2]))
+    assert "hidden_size" in str(e.value) and "aux_layer_ids" in str(e.value)
+    with pytest.raises(SchemaMismatchError, match="codec"):
+        create_dataset(url, schema(), codec="fp8")
+    w = create_dataset(url, schema())  # same schema: reopens
+    pw = w.open_part()
+    bad = make_sample(0)
+    bad["hidden_states"] = torch.zeros(len(bad["input_ids"]), H + 1, dtype=torch.bfloat16)
+    with pytest.raises(SchemaMismatchError, match="conv-0: hidden_states"):
+        pw.add(bad)
+
+
+def test_uncommitted_part_is_invisible_and_abort_cleans(tmp_path):
+    url = str(tmp_path / "ds")
+    w = write(url, [make_sample(i) for i in range(4)])
+    pw = w.open_part()
+    pw.add(make_sample(10))
+    ds = open_dataset(url)
+    assert ds.num_samples == 4
+    pw.abort()
+    assert not (tmp_path / "ds" / "parts" / pw.part_id).exists()
+    assert w.committed_ids() == {f"conv-{i}" for i in range(4)}
+
+
+def _kill_target(url: str, ready: str) -> None:
+    """Writes one part's data, then hangs before the commit record (killed from outside)."""
+    from draftdata.store import dataset as dsmod
+
+    w = create_dataset(url, schema())
+    pw = w.open_part()
+    for i in range(100, 104):
+        pw.add(make_sample(i))
+    real_put = dsmod.put_atomic
+
+    def hang(fs, path, data):
+        Path(ready).write_text("data written")
+        time.sleep(600)
+        real_put(fs, path, data)
+
+    dsmod.put_atomic = hang
+    pw.commit()
+
+
+def test_sigkill_mid_part_leaves_nothing_visible_and_gc_cleans(tmp_path):
+    url = str(tmp_path / "ds")
+    write(url, [make_sample(i) for i in range(4)])
+    ready = tmp_path / "ready"
+    proc = mp.get_context("spawn").Process(target=_kill_target, args=(url, str(ready)))
+    proc.start()
+    deadline = time.time() + 120
+    while not ready.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    assert ready.exists(), "writer never reached the commit step"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.join()
+    parts_dir = tmp_path / "ds" / "parts"
+    assert len(list(parts_dir.iterdir())) == 2  # the committed part + the killed writer's garbage
+    ds = open_dataset(url)
+    assert ds.num_samples == 4 and verify_dataset(ds) == []
+    # a young leftover survives the default grace period (it could be a running writer) ...
+    assert garbage_collect(url) == []
+    # ... and the CLI removes it with --grace 0; the dataset still verifies
+    out = subprocess.run([sys.executable, "-m", "draftdata.cli", "verify", url, "--gc", "--grace", "0"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "removed 1 uncommitted part" in out.stderr
+    assert len(list(parts_dir.iterdir())) == 1
+
+
+def _concurrent_writer(url: str, worker: int) -> None:
+    w = create_dataset(url, schema(), format="arrow")
+    for part in range(3):
+        pw = w.open_part(work_unit=f"w{worker}-p{part}")
+        for i in range(5):
+            pw.add(make_sample(1000 * worker + 10 * part + i))
+        pw.commit()
+
+
+def test_four_processes_write_one_dataset(tmp_path):
+    url = str(tmp_path / "ds")
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_concurrent_writer, args=(url, w)) for w in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+        assert p.exitcode == 0
+    ds = open_dataset(url)
+    assert len(ds.parts) == 12 and ds.num_samples == 60
+    by_id = {s["conversation_id"]: s for s in ds}
+    for w in range(4):
+        for part in range(3):
+            for i in range(5):
+                n = 1000 * w + 10 * part + i
+                assert_same(by_id[f"conv-{n}"], make_sample(n), "bf16")
+    assert verify_dataset(ds) == []
+
+
+def _flip_one_byte(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "arrow"])
+def test_flipped_byte_found_by_verify_and_by_reading(tmp_path, fmt):
+    url = str(tmp_path / "ds")
+    write(url, [make_sample(i, length=50) for i in range(4)], fmt=fmt, per_part=4)
+    ds = open_dataset(url)
+    part = ds.parts[0]
+    if fmt == "zarr":
+        target = next((tmp_path / "ds" / "parts" / part.id / "aux_hidden_states" / "c").rglob("*"))
+        while target.is_dir():
+            target = next(target.iterdir())
+        _flip_one_byte(target, 1000)
+    else:
+        target = tmp_path / "ds" / "parts" / part.id / "part.arrow"
+        raw = target.read_bytes()
+        # flip a byte inside the hidden-state data of the first record batch (past the schema message)
+        _flip_one_byte(target, len(raw) // 2)
+    out = subprocess.run([sys.executable, "-m", "draftdata.cli", "verify", url], capture_output=True, text=True)
+    assert out.returncode == 1
+    assert f"part {part.id}" in out.stdout
+    with pytest.raises(CorruptDataError) as e:
+        fresh = open_dataset(url)
+        for i in range(fresh.num_samples):
+            fresh.sample(i)
+    assert part.id in str(e.value) and "conversation 'conv-" in str(e.value)
+
+
+def test_part_disagreeing_with_schema_is_named(tmp_path):
+    url = str(tmp_path / "ds")
+    write(url, [make_sample(i) for i in range(3)])
+    ds = open_dataset(url)
+    pid = ds.parts[0].id
+    schema_path = tmp_path / "ds" / "dataset.json"
+    d = json.loads(schema_path.read_text())
+    d["hidden_size"] = 48
+    schema_path.write_text(json.dumps(d))
+    out = subprocess.run([sys.executable, "-m", "draftdata.cli", "verify", url], capture_output=True, text=True)
+    assert out.returncode == 1
+    assert f"part {pid}: array hidden_states" in out.stdout and "hidden_size=48" in out.stdout
+
+
+def test_inspect_json_and_errors(tmp_path, s3_bucket):
+    url = str(tmp_path / "ds")
+    write(url, [make_sample(i, length=20) for i in range(5)], codec="zstd")
+    out = subprocess.run([sys.executable, "-m", "draftdata.cli", "inspect", url, "--json"],
+                         capture_output=True, text=True, check=True)
+    info = json.loads(out.stdout)
+    for key in ("samples", "tokens", "parts", "stored_bytes", "raw_bytes", "bytes_per_token", "schema"):
+        assert key in info
+    assert info["samples"] == 5 and info["tokens"] == 100 and info["parts"] == 2
+    assert info["raw_bytes"] == 100 * (2 * (K + 1) * H + 5)
+    assert info["schema"]["codec"] == "zstd" and info["schema"]["aux_layer_ids"] == [1, 2, 3]
+
+    def one_line_error(*args):
+        r = subprocess.run([sys.executable, "-m", "draftdata.cli", *args], capture_output=True, text=True)
+        assert r.returncode == 2, r.stdout + r.stderr
+        assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        return r.stderr
+
+    assert "no dataset here" in one_line_error("inspect", str(tmp_path / "missing"))
+    (tmp_path / "notds").mkdir()
+    (tmp_path / "notds" / "dataset.json").write_text("{\"hello\": 1}")
+    assert "not a draftdata dataset" in one_line_error("inspect", str(tmp_path / "notds"))
+    assert "unknown or unsupported URL scheme" in one_line_error("inspect", "nosuch://x/y")
+    bucket, opts = s3_bucket
+    endpoint = opts["client_kwargs"]["endpoint_url"]
+    r = subprocess.run([sys.executable, "-m", "draftdata.cli", "inspect", f"{bucket}/ds",
+                        "-S", f"client_kwargs.endpoint_url={endpoint}"], capture_output=True, text=True,
+                       env={**{k: v for k, v in os.environ.items() if not k.startswith("AWS_")},
+                            "HOME": str(tmp_path / "home")})
+    assert r.returncode == 2 and "no usable credentials" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_missing_dataset_errors():
+    with pytest.raises(DatasetNotFoundError):
+        open_dataset("memory://nothing/here")
+    with pytest.raises(StorageAccessError):
+        open_dataset("nosuch://x")
+
+
+def test_stored_over_raw_is_close_to_one_for_raw_bf16(tmp_path):
+    url = str(tmp_path / "ds")
+    samples = [make_sample(i, length=300) for i in range(20)]
+    write(url, samples, per_part=20, fmt="zarr")
+    ds = open_dataset(url)
+    raw = ds.num_tokens * (2 * (K + 1) * H + 5)
+    data_bytes = ds.stored_bytes
+    assert data_bytes / raw < 1.02  # small parts carry a few KiB of metadata; the bench measures real sizes
+    assert np.array_equal(ds.sample_lengths(), [300] * 20)
