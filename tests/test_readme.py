@@ -1,0 +1,31 @@
+"""The README's two commands stay true: CI runs exactly the README's test command."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def readme_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    block = text.split("```bash", 1)[1].split("```", 1)[0]
+    return [line.strip() for line in block.splitlines() if line.strip() and not line.strip().startswith("#")]
+
+
+def test_ci_runs_the_readme_test_command():
+    demo, test = readme_commands()[:2]
+    assert demo.endswith("draftdata demo")
+    assert "pytest" in test
+    ci = (ROOT / ".ci" / "run").read_text()
+    # .ci/run runs the same installs and pytest (pip's -q aside)
+    assert test.replace("pip install ", "pip install -q ") in ci
+
+
+def test_every_cli_command_has_a_module_and_help():
+    from draftdata.cli import COMMANDS, build_parser
+
+    parser = build_parser()
+    help_text = parser.format_help()
+    for name in COMMANDS:
+        assert name in help_text, f"`draftdata {name}` is not available"
