@@ -1,0 +1,55 @@
+"""`draftdata eval --model BASE --draft DIR --prompts FILE`: acceptance length and speedup of a draft."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, metavar="BASE",
+                   help="base model: HF directory, hub id in the local cache, .gguf file, or 'smollm2'")
+    p.add_argument("--draft", required=True, metavar="DIR", help="exported draft (`draftdata export` output)")
+    p.add_argument("--prompts", required=True, metavar="FILE",
+                   help="chat JSONL; every user turn is a prompt (later turns follow the base's answers)")
+    p.add_argument("--steps", type=int, default=5, metavar="K", help="draft tokens per verify pass (default 5)")
+    p.add_argument("--max-new-tokens", type=int, default=256, metavar="N", help="per turn (default 256)")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="evaluate the first N conversations")
+    p.add_argument("--max-turns", type=int, default=None, metavar="T", help="user turns per conversation")
+    p.add_argument("--prompt-lookup-tokens", type=int, default=10, metavar="P",
+                   help="prompt_lookup_num_tokens of the prompt-lookup baseline (default 10)")
+    p.add_argument("--no-prompt-lookup", action="store_true", help="skip the prompt-lookup baseline")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", default="auto",
+                   help="auto (bfloat16 on GPU, float32 on CPU), float32, float64, bfloat16, float16")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch CPU threads (default: torch's choice; 1 is fastest for tiny models on a busy box)")
+    p.add_argument("--json", action="store_true", help="print the full report as JSON on stdout")
+    p.add_argument("--output", metavar="FILE", help="also write the JSON report to FILE")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from draftdata.train import evaluate as ev
+
+    torch.set_grad_enabled(False)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device, dtype = ev.pick_device_dtype(args.device, args.dtype)
+    conversations = ev.read_prompts(args.prompts, limit=args.limit)
+    base, tokenizer, base_path = ev.load_base(args.model, device, dtype)
+    draft = ev.load_exported_draft(args.draft, base, device=device, dtype=dtype)
+    methods = ("greedy", "eagle") if args.no_prompt_lookup else ("greedy", "eagle", "prompt_lookup")
+    report = ev.evaluate(base, tokenizer, draft, conversations, steps=args.steps,
+                      max_new_tokens=args.max_new_tokens, prompt_lookup_num_tokens=args.prompt_lookup_tokens,
+                      methods=methods, max_turns=args.max_turns)
+    report = {"base_model": str(base_path), "draft": str(Path(args.draft)), "prompts": args.prompts, **report}
+    if args.output:
+        Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(ev.format_report(report))
+    return 0

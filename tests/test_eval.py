@@ -1,0 +1,270 @@
+"""`draftdata eval`: real chain speculative decoding against the HF base model.
+
+The output must be the base model's greedy output token for token, whatever the draft. To
+check the acceptance accounting too, drafts are *constructed* to agree with the base:
+
+- a "successor" base: every decoder layer adds nothing (o_proj = down_proj = 0), the embeddings
+  have equal norms, and lm_head = E[f], so the greedy next token is f(current token) for a
+  chosen involution f (or the identity);
+- a draft whose fc passes the first aux slot through and whose midlayer adds nothing, with
+  lm_head = E: from the pair (x_{t+1}, aux_t) it predicts x_t, and it keeps predicting x_t
+  along the chain. Under f = identity every draft is right (acceptance length K+1); under an
+  involution f(f(x)) = x only the first draft is right (acceptance length exactly 2).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import make_tiny_model  # noqa: E402
+
+from draftdata.config import DatasetSchema, EagleConfig  # noqa: E402
+from draftdata.train import evaluate as ev  # noqa: E402
+from draftdata.train.export import export_draft  # noqa: E402
+from draftdata.train.model import build_draft, draft_step, save_draft  # noqa: E402
+
+SMALL_DRAFT = {"num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16}
+K = 4
+
+
+def schema_for(base_dir: Path, aux: list[int]) -> DatasetSchema:
+    cfg = json.loads((base_dir / "config.json").read_text())
+    return DatasetSchema(base_model_id="tiny", hidden_size=cfg["hidden_size"], aux_layer_ids=aux,
+                         num_hidden_layers=cfg["num_hidden_layers"], vocab_size=cfg["vocab_size"], max_seq_len=256)
+
+
+def exported_draft(tmp: Path, base_dir: Path, *, arch: dict | None = None, aux=(0, 1, 2), draft_vocab=None,
+                   craft: torch.Tensor | None = None, dtype: str = "float32") -> Path:
+    """Build a draft with the trainer's API (optionally crafted to copy aux slot 0 and predict with
+    lm_head rows `craft`), save it as a trainer checkpoint, export it, return the export dir."""
+    eagle = EagleConfig.from_dict({"eagle_architecture_config": {**SMALL_DRAFT, **(arch or {})}})
+    draft, _ = build_draft(base_dir, eagle, schema_for(base_dir, list(aux)), draft_vocab=draft_vocab)
+    if craft is not None:
+        h = draft.config.hidden_size
+        with torch.no_grad():
+            fc = torch.zeros(h, len(aux) * h)
+            fc[:, :h] = torch.eye(h)
+            draft.fc.weight.copy_(fc)
+            draft.midlayer.self_attn.o_proj.weight.zero_()
+            draft.midlayer.mlp.down_proj.weight.zero_()
+            draft.lm_head.weight = torch.nn.Parameter(craft.clone())
+    save_draft(tmp / "ckpt", draft)
+    return export_draft(tmp / "ckpt", tmp / "export", dtype=dtype)
+
+
+def successor_base(path: Path, involution: bool) -> tuple[Path, torch.Tensor, list[int]]:
+    """A tiny Llama whose greedy next token is f(current); returns (dir, embedding, f)."""
+    from transformers import LlamaForCausalLM
+
+    make_tiny_model(path, seed=1)
+    model = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32)
+    v, h = model.config.vocab_size, model.config.hidden_size
+    g = torch.Generator().manual_seed(0)
+    emb = torch.randn(v, h, generator=g)
+    emb = emb / emb.norm(dim=1, keepdim=True) * h ** 0.5      # equal norms: RMSNorm leaves rows as they are
+    f = list(range(v))
+    if involution:
+        for i in range(3, v - 1, 2):                          # keep the special tokens 0..2 fixed
+            f[i], f[i + 1] = i + 1, i
+    with torch.no_grad():
+        model.model.embed_tokens.weight.copy_(emb)
+        model.lm_head.weight.copy_(emb[f])                     # logits_j = E[f(j)] . E[x]: argmax j = f(x)
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+    model.save_pretrained(path)
+    return path, emb, f
+
+
+def write_prompts(path: Path) -> Path:
+    rows = [
+        {"conversation_id": "a", "conversations": [
+            {"role": "system", "content": "Answer briefly."},
+            {"role": "user", "content": "What is 12 plus 30?"},
+            {"role": "user", "content": "And the quick brown fox?"}]},
+        {"conversation_id": "b", "conversations": [{"role": "user", "content": "Write a short poem about the sea."},
+                                                   {"role": "assistant", "content": "ignored"}]},
+        {"conversation_id": "c", "conversations": [{"role": "assistant", "content": "no user turn"}]},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: intra-op threads only add contention (several times slower on a busy 2-core box)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory) -> Path:
+    return write_prompts(tmp_path_factory.mktemp("prompts") / "prompts.jsonl")
+
+
+def run_eval(base_dir: Path, export_dir: Path, prompts: Path, **kw):
+    torch.manual_seed(0)
+    base, tok, _ = ev.load_base(base_dir, torch.device("cpu"), torch.float64)
+    draft = ev.load_exported_draft(export_dir, base, dtype=torch.float64)
+    convs = ev.read_prompts(str(prompts))
+    kw = {"steps": K, "max_new_tokens": 24, "methods": ("greedy", "eagle"), "warmup": False,
+          "progress": False, **kw}
+    return ev.evaluate(base, tok, draft, convs, **kw)
+
+
+def test_random_draft_output_is_greedy_output(tiny_model, prompts, tmp_path):
+    export = exported_draft(tmp_path, tiny_model)
+    r = run_eval(tiny_model, export, prompts, methods=("greedy", "eagle", "prompt_lookup"))
+    assert r["turns"] == 3 and r["conversations"] == 2          # record "c" has no user turn: skipped
+    assert r["output_matches_greedy"]["eagle"]["equal"] == 3, r["output_matches_greedy"]
+    assert r["output_matches_greedy"]["prompt_lookup"]["equal"] == 3
+    e = r["eagle"]
+    assert e["tokens"] == r["greedy"]["tokens"]
+    assert e["verify_passes"] > 0
+    assert e["acceptance_length"] == pytest.approx(1 + sum(e["acceptance_rate_per_position"]))
+    assert e["base_forwards"] == e["verify_passes"] + r["turns"]  # one prefill per turn
+    assert set(r["speedup"]) == {"eagle_vs_greedy", "eagle_vs_prompt_lookup", "prompt_lookup_vs_greedy"}
+    assert r["per_prompt"][1]["turn"] == 2 and r["per_prompt"][1]["prompt_tokens"] > r["per_prompt"][0]["prompt_tokens"]
+    text = ev.format_report(r)
+    assert "acceptance length" in text and "speedup eagle_vs_greedy" in text
+
+
+def test_agreeing_draft_accepts_every_draft(tmp_path, prompts):
+    base_dir, emb, _ = successor_base(tmp_path / "base", involution=False)
+    export = exported_draft(tmp_path, base_dir, craft=emb)
+    r = run_eval(base_dir, export, prompts)
+    e = r["eagle"]
+    assert r["output_matches_greedy"]["eagle"]["equal"] == 3
+    assert e["acceptance_length"] == pytest.approx(K + 1)
+    assert e["acceptance_rate_per_position"] == [1.0] * K
+    # 24 tokens per turn: the prefill gives 1, then ceil(23 / 5) = 5 verify passes.
+    assert e["verify_passes"] == 3 * 5 and e["tokens"] == 3 * 24
+
+
+def test_half_agreeing_draft_with_compressed_vocab_fc_norm_and_norm_output(tmp_path, prompts):
+    """Only d_1 is right under an involution: acceptance length exactly 2. The draft predicts over a
+    16-token vocabulary (d2t must map it back) and uses the EAGLE 3.1 switches."""
+    from draftdata.train.vocab import select_draft_vocab
+
+    base_dir, emb, f = successor_base(tmp_path / "base", involution=True)
+    # The tokens in play: the last token of each chat prompt (the generation prompt ends with it) and f of it.
+    tok_ids = [int(t) for t in range(emb.shape[0]) if t >= 3]
+    counts = torch.zeros(emb.shape[0], dtype=torch.int64)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    last = tok("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"][-1]
+    assert f[last] != last
+    counts[[last, f[last]]] = 1000
+    counts[tok_ids[:40]] += 1
+    vocab = select_draft_vocab(counts, 16)
+    assert vocab.t2d[last] and vocab.t2d[f[last]]
+    export = exported_draft(tmp_path, base_dir, craft=emb[vocab.target_ids()], draft_vocab=vocab,
+                            arch={"fc_norm": True, "norm_output": True})
+    cfg = json.loads((export / "config.json").read_text())
+    assert cfg["draft_vocab_size"] == 16 and cfg["fc_norm"] and cfg["norm_output"]
+    r = run_eval(base_dir, export, prompts)
+    e = r["eagle"]
+    assert r["output_matches_greedy"]["eagle"]["equal"] == 3
+    assert e["acceptance_length"] == pytest.approx(2.0)
+    assert e["acceptance_rate_per_position"] == [1.0, 0.0, 0.0, 0.0]
+    assert e["conditional_acceptance_rate_per_position"] == [1.0, 0.0, None, None]
+
+
+def test_draft_runner_kv_cache_matches_full_recompute(tiny_model, tmp_path):
+    """Catch-up in two chunks + chain proposals with the KV cache give the same drafts as
+    recomputing the whole sequence with the trainer's `draft_step` (positions 0..T-1)."""
+    export = exported_draft(tmp_path, tiny_model, dtype="float32")
+    base, _, _ = ev.load_base(tiny_model, torch.device("cpu"), torch.float64)
+    loaded = ev.load_exported_draft(export, base, dtype=torch.float64)
+    model = loaded.model
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():                      # spread the logits so argmax is far from ties
+        for p in model.parameters():
+            if p.requires_grad or p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.3)
+    m, h = 11, model.config.hidden_size
+    ctx = torch.randint(3, model.config.vocab_size, (m + 1,), generator=g).tolist()
+    aux = torch.randn(m, 3 * h, generator=g, dtype=torch.float64)
+
+    runner = ev.DraftRunner(loaded)
+    runner.catch_up(ctx[1:6], aux[:5])
+    first, state = runner.catch_up(ctx[6:m + 1], aux[5:])
+    drafts = runner.propose(first, state, K)
+    assert runner.length == m and runner.kv[0].shape[2] == m    # chain entries are not kept
+
+    ref, ids, hidden = [], torch.tensor(ctx[1:m + 1]), model.combine_aux(aux[None])[0]
+    for _ in range(K):
+        out = draft_step(model, ids, hidden, hidden_is_aux=False)
+        ref.append(int(model.to_target_ids(out.logits[0, -1].argmax())))
+        ids = torch.cat([ids, torch.tensor([ref[-1]])])
+        hidden = torch.cat([hidden, out.hidden[0, -1:]])
+    assert drafts == ref
+
+
+def test_aux_capture_is_decoder_layer_output(tiny_model):
+    """Hook on layers[k] == HF hidden_states[k+1]: the ModelOpt / TRT-LLM id k (vLLM id k+1)."""
+    base, _, _ = ev.load_base(tiny_model, torch.device("cpu"), torch.float32)
+    cap = ev.AuxCapture(base, [0, 2])
+    try:
+        out = base(input_ids=torch.tensor([[5, 6, 7, 8]]), output_hidden_states=True)
+        got = cap.take()
+    finally:
+        cap.close()
+    want = torch.cat([out.hidden_states[1][0], out.hidden_states[3][0]], dim=-1)
+    assert torch.equal(got, want)
+
+
+def test_load_accepts_layers0_names_and_vllm_only_ids(tiny_model, tmp_path):
+    """Third-party exports: `layers.0.*` names (ModelOpt) and only vLLM's top-level ids."""
+    from safetensors.torch import load_file, save_file
+
+    export = exported_draft(tmp_path, tiny_model, aux=(1, 2, 3))
+    state = load_file(str(export / "model.safetensors"))
+    save_file({k.replace("midlayer.", "layers.0."): v for k, v in state.items() if k != "t2d"},
+              str(export / "model.safetensors"))
+    cfg = json.loads((export / "config.json").read_text())
+    del cfg["eagle_config"]["eagle_aux_hidden_state_layer_ids"]
+    (export / "config.json").write_text(json.dumps(cfg))
+    base, _, _ = ev.load_base(tiny_model, torch.device("cpu"), torch.float32)
+    loaded = ev.load_exported_draft(export, base)
+    assert loaded.aux_layer_ids == [1, 2, 3]
+    assert torch.equal(loaded.model.midlayer.mlp.up_proj.weight, state["midlayer.mlp.up_proj.weight"].float())
+
+    cfg["eagle_config"]["eagle_aux_hidden_state_layer_ids"] = [0, 1, 2]   # disagrees with vLLM's [2, 3, 4]
+    (export / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ev.DraftdataError, match="disagree"):
+        ev.load_exported_draft(export, base)
+
+
+def test_eval_rejects_a_trainer_checkpoint(tiny_model, tmp_path):
+    exported_draft(tmp_path, tiny_model)
+    base, _, _ = ev.load_base(tiny_model, torch.device("cpu"), torch.float32)
+    with pytest.raises(ev.DraftdataError, match="draftdata export"):
+        ev.load_exported_draft(tmp_path / "ckpt", base)
+
+
+def test_cli_eval_json(tiny_model, prompts, tmp_path, capsys):
+    from draftdata.cli import main
+
+    export = exported_draft(tmp_path, tiny_model)
+    out_file = tmp_path / "report.json"
+    rc = main(["eval", "--model", str(tiny_model), "--draft", str(export), "--prompts", str(prompts),
+               "--steps", "3", "--max-new-tokens", "6", "--limit", "1", "--max-turns", "1", "--dtype", "float64",
+               "--json", "--output", str(out_file)])
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report == json.loads(out_file.read_text())
+    assert report["turns"] == 1 and report["steps"] == 3
+    assert {"greedy", "eagle", "prompt_lookup", "speedup", "output_matches_greedy"} <= set(report)
+    assert len(report["eagle"]["acceptance_rate_per_position"]) == 3
+    assert main(["eval", "--model", str(tiny_model), "--draft", str(tmp_path / "ckpt"),
+                 "--prompts", str(prompts)]) == 2
