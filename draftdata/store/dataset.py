@@ -17,7 +17,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -273,8 +273,11 @@ class DatasetWriter:
     def open_part(self, work_unit: str | None = None) -> PartWriter:
         return PartWriter(self._loc, self.schema, work_unit)
 
-    def committed_parts(self) -> list[PartInfo]:
-        return [PartInfo.from_record(r) for r in self._loc.read_commits(self._loc.list_commits())]
+    def committed_parts(self, known: Collection[str] = ()) -> list[PartInfo]:
+        """Committed parts; ids in `known` (parts the caller already read) are not read again,
+        so polling a dataset of many parts costs one listing plus the new commit records."""
+        new = [p for p in self._loc.list_commits() if p not in known]
+        return [PartInfo.from_record(r) for r in self._loc.read_commits(new)]
 
     def committed_ids(self) -> set[str]:
         return {cid for p in self.committed_parts() for cid in p.conversation_ids}
@@ -426,6 +429,30 @@ class Dataset:
         rows["offsets"] = info.offsets
         rows["conversation_ids"] = info.conversation_ids
         return rows
+
+    def read_samples(self, p: int, j0: int, j1: int) -> dict[str, Any]:
+        """Arrays of samples [j0, j1) of part p (token rows offsets[j0]:offsets[j1]), range reads only."""
+        info = self.parts[p]
+        if j0 == 0 and j1 == info.num_samples:
+            return self.read_part(p)
+        s, e = int(info.offsets[j0]), int(info.offsets[j1])
+        try:
+            rows = self._rows(p, s, e)
+        except CorruptDataError as err:
+            raise CorruptDataError(f"{err} (samples {j0}..{j1 - 1}: {info.conversation_ids[j0:j0 + 3]}...); "
+                                   f"run `draftdata verify {self.url}`") from None
+        rows["offsets"] = info.offsets[j0:j1 + 1] - s
+        rows["conversation_ids"] = info.conversation_ids[j0:j1]
+        return rows
+
+    def subset(self, part_ids: list[str]) -> Dataset:
+        """A view of only the named committed parts (a pinned snapshot of a growing dataset)."""
+        by_id = {p.id: p for p in self.parts}
+        missing = [pid for pid in part_ids if pid not in by_id]
+        if missing:
+            raise DraftdataError(f"{self.url}: {len(missing)} requested part(s) are not committed there, "
+                                 f"e.g. {missing[0]}")
+        return Dataset(self._loc, self.schema, [by_id[pid] for pid in sorted(set(part_ids))])
 
     def iter_part(self, p: int) -> Iterator[dict[str, Any]]:
         rows = self.read_part(p)

@@ -1,0 +1,123 @@
+"""`draftdata demo`: the whole pipeline on the embedded SmolLM2-135M-Instruct, top to bottom.
+
+Each step is the `draftdata` command a user would type (printed before it runs):
+
+  1  synthesize  the base model answers the bundled prompts (its own distribution)
+  2  collect     hidden states of those conversations into DIR/dataset
+  3  inspect     what the dataset holds
+  4  vocab       the draft vocabulary (d2t / t2d) from the stored assistant tokens
+  5  train       an EAGLE3 draft for a few minutes on the CPU (eagle_offline=True)
+  6  export      a LlamaForCausalLMEagle3 directory for vLLM / SGLang / TRT-LLM
+  7  eval        real greedy speculative decoding on held-out prompts: acceptance length
+
+The last prompts of the bundled set are held out of training and used for the evaluation.
+Rerunning resumes: synthesis and collection skip what is done; training continues from its
+newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="demo_out", metavar="DIR", help="demo directory (default ./demo_out)")
+    p.add_argument("--model", default="smollm2", help="base model (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--prompts", default=None, metavar="FILE",
+                   help="chat JSONL (default: the ~50 prompts bundled with the package)")
+    p.add_argument("--holdout", type=int, default=8, help="prompts kept out of training for eval (default 8)")
+    p.add_argument("--max-new-tokens", type=int, default=160, help="synthesized answer length (default 160)")
+    p.add_argument("--train-steps", type=int, default=300, help="draft training steps (default 300)")
+    p.add_argument("--draft-vocab-size", type=int, default=4096, help="compressed draft vocabulary (default 4096)")
+    p.add_argument("--eval-tokens", type=int, default=96, help="new tokens per eval turn (default 96)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+
+
+def bundled_prompts() -> Path:
+    """The ~50 conversations shipped with the package (draftdata/data/prompts.jsonl)."""
+    return Path(__file__).parent / "data" / "prompts.jsonl"
+
+
+def step(n: int, text: str, argv: list[str]) -> float:
+    print(f"\n== step {n}: {text}\n$ draftdata {shlex.join(argv)}", file=sys.stderr, flush=True)
+    return time.perf_counter()
+
+
+def draftdata(argv: list[str]) -> None:
+    """Run one `draftdata` command in this process; stop the demo if it fails."""
+    from draftdata.cli import main
+
+    rc = main(argv)
+    if rc != 0:
+        raise SystemExit(f"demo: `draftdata {shlex.join(argv)}` failed with exit code {rc}")
+
+
+def run(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    lines = Path(args.prompts or bundled_prompts()).read_text().splitlines()
+    lines = [x for x in lines if x.strip()]
+    train_prompts, eval_prompts = out / "train_prompts.jsonl", out / "eval_prompts.jsonl"
+    train_prompts.write_text("\n".join(lines[:-args.holdout]) + "\n")
+    eval_prompts.write_text("\n".join(lines[-args.holdout:]) + "\n")
+    dataset, conversations = str(out / "dataset"), str(out / "synthesized.jsonl")
+    vocab, train_dir, draft = str(out / "d2t.safetensors"), str(out / "train"), str(out / "draft")
+    timings: dict[str, float] = {}
+    t_all = time.perf_counter()
+
+    argv = ["synthesize", "--model", args.model, "--input", str(train_prompts), "--output", conversations,
+            "--max-new-tokens", str(args.max_new_tokens), "--batch-size", "16", "--device", args.device]
+    t = step(1, "the base model writes the assistant answers", argv)
+    draftdata(argv)
+    timings["synthesize"] = time.perf_counter() - t
+
+    argv = ["collect", "--model", args.model, "--input", conversations, "--output", dataset,
+            "--max-seq-len", "1024", "--on-long", "truncate", "--device", args.device]
+    t = step(2, "capture aux + final hidden states into a dataset", argv)
+    draftdata(argv)
+    timings["collect"] = time.perf_counter() - t
+
+    argv = ["inspect", dataset]
+    step(3, "what the dataset holds", argv)
+    draftdata(argv)
+
+    argv = ["vocab", dataset, "--draft-vocab-size", str(args.draft_vocab_size), "--out", vocab]
+    t = step(4, "draft vocabulary from the stored assistant tokens", argv)
+    draftdata(argv)
+    timings["vocab"] = time.perf_counter() - t
+
+    argv = ["train", "--data", dataset, "--model", args.model, "--output", train_dir, "--steps", str(args.train_steps),
+            "--lr", "3e-3", "--batch-tokens", "2048", "--draft-vocab", vocab, "--save-every", "100",
+            "--device", args.device, "--resume"]
+    t = step(5, "train the EAGLE3 draft (base model layers never loaded)", argv)
+    draftdata(argv)
+    timings["train"] = time.perf_counter() - t
+
+    argv = ["export", train_dir, "--out", draft]
+    t = step(6, "export for vLLM / SGLang / TRT-LLM", argv)
+    draftdata(argv)
+    timings["export"] = time.perf_counter() - t
+
+    report_file = out / "eval.json"
+    argv = ["eval", "--model", args.model, "--draft", draft, "--prompts", str(eval_prompts), "--steps", "5",
+            "--max-new-tokens", str(args.eval_tokens), "--max-turns", "1", "--device", args.device,
+            "--output", str(report_file)]
+    t = step(7, "speculative decoding on held-out prompts", argv)
+    draftdata(argv)
+    timings["eval"] = time.perf_counter() - t
+
+    report = json.loads(report_file.read_text())
+    eagle, lookup = report["eagle"], report.get("prompt_lookup") or {}
+    total = time.perf_counter() - t_all
+    print("\n== demo finished in " + f"{total / 60:.1f} min ("
+          + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()) + ")", file=sys.stderr)
+    print(f"acceptance length (tokens per base forward, K=5, greedy): {eagle['acceptance_length']:.2f}")
+    if lookup.get("tokens_per_base_forward"):
+        print(f"prompt-lookup decoding, same prompts: {lookup['tokens_per_base_forward']:.2f} tokens per base forward")
+    print(f"outputs: dataset {dataset}, draft {draft}, eval report {report_file}")
+    return 0

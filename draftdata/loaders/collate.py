@@ -1,0 +1,107 @@
+"""Right-padded batches in the Loader-batch layout of CONTRACTS.md.
+
+```
+input_ids int64 [B, T], attention_mask int64 [B, T] (1 = real token), loss_mask float32 [B, T],
+hidden_states bf16 [B, T, H], aux_hidden_states bf16 [B, T, k*H], lengths int64 [B], conversation_id list[str]
+```
+`loss_mask[b, t]` is the stored mask (1 = token t is a training target, e.g. an assistant token)
+and 0 on padding; any shift for next-token targets is the trainer's business.
+
+Each output tensor is allocated once and every sample is copied into it exactly once (large
+outputs in the main process on transparent huge pages, where page faults are several times cheaper). Inside a
+DataLoader worker the tensors are allocated in shared memory, so handing the batch to the main
+process costs no further copy; with `pin=True` (main process only) they are allocated pinned.
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+from typing import Any
+
+import torch
+from torch.utils.data import get_worker_info
+
+_PIN_WARNED = False
+HUGE_PAGE = 2 << 20
+
+
+def empty(shape: tuple[int, ...], dtype: torch.dtype, *, shared: bool = False, pin: bool = False) -> torch.Tensor:
+    """Uninitialized tensor, allocated in shared memory (DataLoader worker) or pinned memory."""
+    if shared:
+        numel = math.prod(shape)
+        storage = torch.UntypedStorage._new_shared(numel * torch.empty((), dtype=dtype).element_size())
+        return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+    if pin and _can_pin():
+        return torch.empty(shape, dtype=dtype, pin_memory=True)
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if nbytes >= HUGE_PAGE and hasattr(mmap, "MADV_HUGEPAGE"):
+        # Anonymous mapping advised for transparent huge pages: first-touch page faults are the
+        # main cost of filling a fresh batch, and 2 MiB pages cut them several-fold.
+        m = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        try:
+            m.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:
+            pass
+        return torch.frombuffer(m, dtype=dtype).view(shape)
+    return torch.empty(shape, dtype=dtype)
+
+
+def _can_pin() -> bool:
+    global _PIN_WARNED
+    if torch.cuda.is_available():
+        return True
+    if not _PIN_WARNED:
+        import warnings
+
+        warnings.warn("pin_memory=True but no CUDA device is available; batches are not pinned", stacklevel=3)
+        _PIN_WARNED = True
+    return False
+
+
+def collate_samples(samples: list[dict[str, Any]], *, pad_to_multiple_of: int | None = None,
+                    pin_memory: bool = False) -> dict[str, Any]:
+    """Right-pad sample dicts (store layout) into one Loader batch. Usable as a DataLoader collate_fn."""
+    if not samples:
+        raise ValueError("cannot collate an empty list of samples")
+    lengths = [int(s["input_ids"].shape[0]) for s in samples]
+    b, t = len(samples), max(lengths)
+    if pad_to_multiple_of:
+        t = -(-t // pad_to_multiple_of) * pad_to_multiple_of
+    h = int(samples[0]["hidden_states"].shape[-1])
+    kh = int(samples[0]["aux_hidden_states"].shape[-1])
+    shared = get_worker_info() is not None
+    pin = pin_memory and not shared
+    out = {
+        "input_ids": empty((b, t), torch.int64, shared=shared, pin=pin),
+        "attention_mask": empty((b, t), torch.int64, shared=shared, pin=pin),
+        "loss_mask": empty((b, t), torch.float32, shared=shared, pin=pin),
+        "hidden_states": empty((b, t, h), torch.bfloat16, shared=shared, pin=pin),
+        "aux_hidden_states": empty((b, t, kh), torch.bfloat16, shared=shared, pin=pin),
+    }
+    # Copies go through numpy (bf16 as its int16 bits): single-threaded memcpy, which stays fast
+    # when the trainer's intra-op threads already occupy every core (torch's parallel copy does not).
+    dst = {k: _np(v) for k, v in out.items()}
+    for i, (s, n) in enumerate(zip(samples, lengths)):
+        dst["input_ids"][i, :n] = _np(s["input_ids"])
+        dst["loss_mask"][i, :n] = _np(s["loss_mask"])
+        dst["attention_mask"][i, :n] = 1
+        dst["hidden_states"][i, :n] = _np(s["hidden_states"])
+        dst["aux_hidden_states"][i, :n] = _np(s["aux_hidden_states"])
+        if n < t:
+            for a in dst.values():
+                a[i, n:] = 0
+    out["lengths"] = torch.tensor(lengths, dtype=torch.int64)
+    out["conversation_id"] = [str(s["conversation_id"]) for s in samples]
+    return out
+
+
+def _np(t: torch.Tensor):
+    """numpy view of a CPU tensor (bf16 as int16 bits; no copy)."""
+    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
+
+
+def padding_efficiency(batch: dict[str, Any]) -> float:
+    """Real tokens / padded tokens of one collated batch (1.0 = no padding)."""
+    b, t = batch["input_ids"].shape
+    return float(batch["lengths"].sum()) / max(1, b * t)

@@ -1,0 +1,323 @@
+"""`HiddenStateDataset` (streaming, exactly-once, resumable) and `HiddenStateMapDataset` (random access).
+
+See docs/LOADER.md for usage, the partition rules and resume; draftdata/loaders/plan.py for the
+plan itself.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
+
+from draftdata.errors import DraftdataError
+from draftdata.loaders import plan as planning
+from draftdata.loaders.collate import collate_samples
+from draftdata.loaders.reader import Prefetcher, load_window, read_segment, sample_view
+
+STATE_FORMAT = "draftdata.loader/1"
+DEFAULT_PREFETCH_BYTES = 2 << 30
+
+
+def _distributed(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    if rank is None or world_size is None:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            rank = dist.get_rank() if rank is None else rank
+            world_size = dist.get_world_size() if world_size is None else world_size
+    rank, world_size = (0 if rank is None else int(rank)), (1 if world_size is None else int(world_size))
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise DraftdataError(f"rank {rank} is not in range for world_size {world_size}")
+    return rank, world_size
+
+
+def _open(url: str, storage_options: dict[str, Any] | None, parts: list[str] | None):
+    from draftdata.store import open_dataset
+
+    store = open_dataset(url, storage_options=storage_options)
+    if parts is not None:
+        store = store.subset(parts)
+    if store.num_samples == 0:
+        raise DraftdataError(f"{store.url}: the dataset has no committed samples yet "
+                             "(is `draftdata collect` still running, or did every part fail?)")
+    return store
+
+
+class HiddenStateDataset(IterableDataset):
+    """Streams a hidden-state dataset (local or object storage) into a training loop.
+
+    Every sample is yielded exactly once per epoch across all ranks and DataLoader workers; the
+    order is a deterministic function of (seed, epoch, world_size, DataLoader num_workers).
+    Yields sample dicts (store layout), or collated Loader batches when `batch_size` or
+    `max_tokens_per_batch` is given (use `DataLoader(ds, batch_size=None)` then).
+
+    Args:
+        url: dataset URL (path, file://, s3://, gs://, ...).
+        shuffle: permute the part order, samples inside each window and the window order.
+        seed: shuffle seed; the same on every rank.
+        rank, world_size: this process's data-parallel slot; default from torch.distributed.
+        max_seq_len: truncate longer samples to their first `max_seq_len` tokens.
+        storage_options: fsspec options (e.g. S3 key/secret/endpoint).
+        batch_size: fixed batch size; with `max_tokens_per_batch`, the cap on samples per batch.
+        max_tokens_per_batch: token budget per batch, counted padded (samples x longest sample);
+            samples are bucketed by length inside each window. A sample longer than the budget
+            forms a batch of its own (set `max_seq_len` <= the budget to rule that out).
+        shuffle_window: at most this many samples per shuffle window (the window is also
+            bounded to prefetch_bytes / 2 decoded bytes).
+        prefetch_bytes: decoded bytes each reading process (main, or each DataLoader worker)
+            holds: the window being consumed plus the windows read ahead.
+        pin_memory: allocate batches in pinned memory (main process only; in DataLoader workers
+            use `DataLoader(pin_memory=True)`).
+        io_threads: threads reading a window's ~64 MiB pieces in parallel (reads and CRCs release the GIL).
+        parts: restrict to these committed part ids (pin a snapshot of a growing dataset).
+        on_corrupt: "raise" (default) names the part and sample; "skip" warns and leaves it out.
+        pad_to_multiple_of: round each batch's padded length up to a multiple of this.
+    """
+
+    def __init__(self, url: str, *, shuffle: bool = True, seed: int = 0, rank: int | None = None,
+                 world_size: int | None = None, max_seq_len: int | None = None,
+                 storage_options: dict[str, Any] | None = None, batch_size: int | None = None,
+                 max_tokens_per_batch: int | None = None, shuffle_window: int | None = None,
+                 prefetch_bytes: int = DEFAULT_PREFETCH_BYTES, pin_memory: bool = False, io_threads: int = 4,
+                 parts: list[str] | None = None, on_corrupt: str = "raise", pad_to_multiple_of: int | None = None):
+        super().__init__()
+        for name, v in (("batch_size", batch_size), ("max_tokens_per_batch", max_tokens_per_batch),
+                        ("max_seq_len", max_seq_len), ("shuffle_window", shuffle_window),
+                        ("pad_to_multiple_of", pad_to_multiple_of)):
+            if v is not None and int(v) < 1:
+                raise DraftdataError(f"{name} must be a positive integer, got {v}")
+        if on_corrupt not in ("raise", "skip"):
+            raise DraftdataError(f"on_corrupt must be 'raise' or 'skip', got {on_corrupt!r}")
+        if prefetch_bytes < 1:
+            raise DraftdataError(f"prefetch_bytes must be positive, got {prefetch_bytes}")
+        self.rank, self.world_size = _distributed(rank, world_size)
+        self.store = _open(url, storage_options, parts)
+        self.schema = self.store.schema
+        self.shuffle, self.seed, self.max_seq_len = bool(shuffle), int(seed), max_seq_len
+        self.batch_size, self.max_tokens_per_batch = batch_size, max_tokens_per_batch
+        self.shuffle_window, self.prefetch_bytes = shuffle_window, int(prefetch_bytes)
+        self.pin_memory, self.io_threads, self.on_corrupt = pin_memory, max(1, int(io_threads)), on_corrupt
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.token_bytes = planning.bytes_per_token(self.schema.hidden_size, self.schema.num_aux_slots)
+        self.epoch = 0
+        self._counts = [p.num_samples for p in self.store.parts]
+        self._lengths = [p.lengths for p in self.store.parts]
+        self._resume: dict[str, Any] | None = None
+        self._yielded = 0
+        self._iter_worker = (0, 0, 1)
+        self.stats: dict[str, int] = {}
+        if max_tokens_per_batch:
+            longest = max(int(x.max()) for x in self._lengths)
+            if max_seq_len:
+                longest = min(longest, max_seq_len)
+            if longest > max_tokens_per_batch:
+                warnings.warn(f"{self.store.url}: samples of up to {longest} tokens exceed max_tokens_per_batch="
+                              f"{max_tokens_per_batch}; each forms a batch of its own. Set max_seq_len to cap them.",
+                              stacklevel=2)
+
+    # ------------------------------------------------------------------ plan and metadata
+    @property
+    def part_ids(self) -> list[str]:
+        return [p.id for p in self.store.parts]
+
+    @property
+    def num_samples(self) -> int:
+        """Samples in the whole dataset (all ranks)."""
+        return self.store.num_samples
+
+    def _settings(self) -> dict[str, Any]:
+        return {"shuffle": self.shuffle, "seed": self.seed, "max_seq_len": self.max_seq_len,
+                "batch_size": self.batch_size, "max_tokens_per_batch": self.max_tokens_per_batch,
+                "shuffle_window": self.shuffle_window, "prefetch_bytes": self.prefetch_bytes}
+
+    def fingerprint(self) -> str:
+        return planning.fingerprint(self.part_ids, self._counts, self._settings())
+
+    def plan(self, epoch: int | None = None, rank: int | None = None) -> planning.RankPlan:
+        """The epoch plan of a rank (default: this rank, the current epoch). Pure metadata, no I/O."""
+        return planning.rank_plan(
+            self._counts, self._lengths, seed=self.seed, epoch=self.epoch if epoch is None else epoch,
+            shuffle=self.shuffle, rank=self.rank if rank is None else rank, world_size=self.world_size,
+            token_bytes=self.token_bytes, window_bytes=max(1, self.prefetch_bytes // 2),
+            window_samples=self.shuffle_window, batch_size=self.batch_size,
+            max_tokens_per_batch=self.max_tokens_per_batch, max_seq_len=self.max_seq_len)
+
+    def __len__(self) -> int:
+        """Items (samples, or batches when batching) this rank yields in the current epoch."""
+        return self.plan().num_items
+
+    def items_per_rank(self, epoch: int | None = None) -> list[int]:
+        """Items every rank yields in an epoch; ranks may differ (see docs/LOADER.md, remainder)."""
+        return [self.plan(epoch, r).num_items for r in range(self.world_size)]
+
+    def padding_efficiency(self, epoch: int | None = None) -> float:
+        """Real tokens / padded tokens over this rank's batches of an epoch (from the plan, no I/O)."""
+        real, padded = self.plan(epoch).padded_tokens()
+        return real / max(1, padded)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch to iterate next (call before creating the DataLoader iterator)."""
+        self.epoch = int(epoch)
+        if self._resume is not None and self._resume["epoch"] != self.epoch:
+            self._resume = None
+
+    # ------------------------------------------------------------------ resume
+    def state_dict(self) -> dict[str, Any]:
+        """Position of this process's iterator (a DataLoader worker's, under StatefulDataLoader)."""
+        wid, logical, nw = self._iter_worker
+        return {"format": STATE_FORMAT, "epoch": self.epoch, "rank": self.rank, "world_size": self.world_size,
+                "worker_id": wid, "logical_worker": logical, "num_workers": nw, "items_yielded": self._yielded,
+                "fingerprint": self.fingerprint()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume exactly where a state left off (the next iteration of that epoch skips what was seen).
+
+        Accepts `state_dict()` output (also what StatefulDataLoader saves per worker), or a global
+        cursor `{"epoch": e, "items_consumed": n}`: the number of items this rank's DataLoader
+        had yielded in epoch e (count them in your training loop; needs the same num_workers).
+        """
+        if "items_consumed" not in state and state.get("format") != STATE_FORMAT:
+            raise DraftdataError(f"not a HiddenStateDataset state (format {state.get('format')!r})")
+        for key in ("rank", "world_size"):
+            if key in state and state[key] != getattr(self, key):
+                raise DraftdataError(f"cannot resume: the state was saved with {key}={state[key]}, this dataset "
+                                     f"has {key}={getattr(self, key)}; exact resume needs the same world size")
+        if "fingerprint" in state and state["fingerprint"] != self.fingerprint():
+            raise DraftdataError("cannot resume: the dataset's committed parts or the loader settings differ from "
+                                 "when the state was saved; open the same parts (parts=...) with the same settings")
+        self.epoch = int(state["epoch"])
+        self._resume = dict(state)
+
+    def _resume_point(self, plan: planning.RankPlan, wid: int, nw: int) -> tuple[int, int]:
+        """(items to skip, logical worker) for DataLoader worker `wid` of `nw` starting this iteration.
+
+        Worker w normally reads the plan's worker-w windows. After a global-cursor resume the
+        DataLoader restarts its round-robin at worker 0 while the interrupted run would have
+        continued at some worker w*, so worker ids are rotated by w* (the round-robin order of
+        the remaining items is then the same).
+        """
+        state = self._resume
+        if get_worker_info() is None:
+            self._resume = None  # in the main process a resume applies to one iteration only
+        if state is None or state["epoch"] != self.epoch:
+            return 0, wid
+        if "items_consumed" in state:
+            counts = plan.worker_item_counts(nw)
+            consumed = int(state["items_consumed"])
+            order = planning.interleave(counts)
+            rotation = order[consumed][0] if consumed < len(order) else 0
+            logical = (wid + rotation) % nw
+            return planning.worker_positions(counts, consumed)[logical], logical
+        if state["num_workers"] != nw or state["worker_id"] != wid:
+            raise DraftdataError(f"cannot resume: the state is worker {state['worker_id']} of {state['num_workers']}, "
+                                 f"this iterator is worker {wid} of {nw}; use the same DataLoader num_workers")
+        return int(state["items_yielded"]), int(state.get("logical_worker", wid))
+
+    # ------------------------------------------------------------------ iteration
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        plan = self.plan()
+        skip, logical = self._resume_point(plan, wid, nw)
+        self._iter_worker, self._yielded = (wid, logical, nw), skip
+        windows = plan.worker_windows(logical, nw)
+        # Windows whose items were all yielded before the resume point are not read at all.
+        while windows and skip >= len(windows[0].items):
+            skip -= len(windows[0].items)
+            windows = windows[1:]
+        self.stats = {"samples": 0, "tokens": 0, "padded_tokens": 0, "items": 0, "skipped_samples": 0,
+                      "peak_prefetch_bytes": 0}
+        if not windows:
+            return
+        pool = ThreadPoolExecutor(self.io_threads, thread_name_prefix="draftdata-io") if self.io_threads > 1 else None
+
+        def load(w: planning.Window):
+            return load_window(self.store, plan, w, token_bytes=self.token_bytes, on_corrupt=self.on_corrupt,
+                               pool=pool)
+
+        sizes = [plan.window_bytes(w, self.token_bytes) for w in windows]
+        prefetch = Prefetcher(load, windows, sizes, self.prefetch_bytes)
+        try:
+            for lw, size in zip(prefetch, sizes):
+                for item in lw.window.items[skip:]:
+                    samples = [sample_view(self.store, plan, lw, int(i)) for i in item if int(i) in lw.where]
+                    self.stats["skipped_samples"] += len(item) - len(samples)
+                    self._yielded += 1
+                    if not samples:
+                        continue
+                    out = self._emit(samples)
+                    self.stats["peak_prefetch_bytes"] = prefetch.peak_held
+                    yield out
+                skip = 0
+                prefetch.release(size)
+        finally:
+            prefetch.close()
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
+
+    def _emit(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        n = sum(int(s["input_ids"].shape[0]) for s in samples)
+        self.stats["samples"] += len(samples)
+        self.stats["tokens"] += n
+        self.stats["items"] += 1
+        if self.batch_size is None and self.max_tokens_per_batch is None:
+            self.stats["padded_tokens"] += n
+            return samples[0]
+        batch = collate_samples(samples, pad_to_multiple_of=self.pad_to_multiple_of, pin_memory=self.pin_memory)
+        self.stats["padded_tokens"] += int(batch["input_ids"].numel())
+        return batch
+
+
+class HiddenStateMapDataset(Dataset):
+    """Random access to samples by global index (`len`, `[i]`): for HF Trainer and DistributedSampler.
+
+    Each `[i]` is a few range reads of the chunks holding sample i (no whole-part reads); order,
+    sharding and epochs are the sampler's job. Items are sample dicts in the store layout;
+    `collate_samples` turns a list of them into a Loader batch.
+    """
+
+    def __init__(self, url: str, *, max_seq_len: int | None = None, storage_options: dict[str, Any] | None = None,
+                 parts: list[str] | None = None):
+        if max_seq_len is not None and max_seq_len < 1:
+            raise DraftdataError(f"max_seq_len must be a positive integer, got {max_seq_len}")
+        self.store = _open(url, storage_options, parts)
+        self.schema = self.store.schema
+        self.max_seq_len = max_seq_len
+        self._starts = np.concatenate([[0], np.cumsum([p.num_samples for p in self.store.parts])]).astype(np.int64)
+
+    def __len__(self) -> int:
+        return self.store.num_samples
+
+    def lengths(self) -> np.ndarray:
+        """Token length of every sample (after truncation), e.g. for a length-grouped sampler."""
+        lengths = self.store.sample_lengths()
+        return np.minimum(lengths, self.max_seq_len) if self.max_seq_len else lengths
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(f"sample {i} out of range (dataset has {len(self)})")
+        p = int(np.searchsorted(self._starts, i, side="right") - 1)
+        j = i - int(self._starts[p])
+        rows, _ = read_segment(self.store, p, j, j + 1, "raise")
+        rows = rows["samples"][j] if "samples" in rows else rows
+        info = self.store.parts[p]
+        n = int(info.offsets[j + 1] - info.offsets[j])
+        e = min(n, self.max_seq_len) if self.max_seq_len else n
+        return {
+            "conversation_id": info.conversation_ids[j],
+            "input_ids": torch.from_numpy(rows["input_ids"][:e]),
+            "loss_mask": torch.from_numpy(rows["loss_mask"][:e]),
+            "aux_hidden_states": rows["aux_hidden_states"][:e],
+            "hidden_states": rows["hidden_states"][:e],
+        }
+
+
+__all__ = ["HiddenStateDataset", "HiddenStateMapDataset"]
