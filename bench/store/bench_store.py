@@ -123,9 +123,9 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench_store_"))
     rows = []
 
-    from moto.server import ThreadedMotoServer
     import boto3
     import fsspec
+    from moto.server import ThreadedMotoServer
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
@@ -148,7 +148,7 @@ def main() -> None:
             srt = read_all(s3url, opts)
             fs = fsspec.filesystem("s3", **opts)
             objs = [p for p in fs.find(f"bench/{fmt}-{codec}/parts")]
-            get_t = _timed(lambda: fs.cat(objs))
+            get_t = _timed(lambda fs=fs, objs=objs: fs.cat(objs))
             gb = raw / 1e9
             rows.append({
                 "format": fmt, "codec": codec, "stored/raw": stored / raw,
