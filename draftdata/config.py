@@ -269,8 +269,11 @@ class EagleConfig:
         unknown = sorted(set(d) - names)
         if unknown:
             hint = ""
-            arch_keys = [k for k in unknown if k in EAGLE3_ARCHITECTURE_DEFAULTS or k in BASE_MODEL_ARCH_FIELDS]
-            if arch_keys:
+            base_keys = [k for k in unknown if k in BASE_MODEL_ARCH_FIELDS]
+            arch_keys = [k for k in unknown if k in EAGLE3_ARCHITECTURE_DEFAULTS]
+            if base_keys:
+                hint = f" ({base_keys} come from the base model and may not be set)"
+            elif arch_keys:
                 hint = f" ({arch_keys} belong inside \"eagle_architecture_config\")"
             raise ConfigError(f"{source}: unknown EagleConfig field(s) {unknown}{hint}")
         try:

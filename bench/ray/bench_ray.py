@@ -1,0 +1,170 @@
+"""Ray overhead: `collect --ray` with 1 and 2 workers vs single-process `collect`, same input.
+
+    python bench/ray/bench_ray.py [--sizes 100 300] [--batch-tokens 512] [--repeats 1] [--out bench/ray/results.md]
+
+For each input size (the first N conversations of ../shared/data/train.jsonl) the same command
+runs three ways, as a user would run it (a fresh `python -m draftdata.cli collect` process each):
+
+  single   draftdata collect --model smollm2 ...
+  ray1     ... --ray --ray-address <head> --num-workers 1   (the actor gets both CPUs)
+  ray2     ... --ray --ray-address <head> --num-workers 2   (one CPU, one torch thread each)
+
+The Ray head (`ray start --head --num-cpus 2`, token auth off) is started once before the runs,
+as a cluster is long-lived; its start time is reported separately. Reported:
+
+- end-to-end wall time of each run and ray / single ratios;
+- steady-state throughput from two sizes: (tokens_big - tokens_small) / (wall_big - wall_small),
+  which cancels every fixed cost (process start, model load, actor start), and the fixed cost
+  itself (wall - tokens / steady throughput);
+- peak RSS of the CLI process (the driver, for Ray runs; /usr/bin/time) and of each Ray worker
+  (VmHWM reported by the actor, from the run's summary.json).
+
+Runs are interleaved (single, ray1, ray2, single, ...) and the best of `--repeats` is kept, so
+load from other processes on the machine hits all three alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "train.jsonl"
+MODES = ("single", "ray1", "ray2")
+ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def start_head(temp: str, cpus: int) -> tuple[str, int, float]:
+    """`ray start --head` on free ports in its own process group; returns (address, pgid, seconds)."""
+    gcs, dash, client, agent, agent_grpc, env_agent, metrics = free_ports(7)
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        ["ray", "start", "--head", "--port", str(gcs), "--dashboard-port", str(dash), "--ray-client-server-port",
+         str(client), "--dashboard-agent-listen-port", str(agent), "--dashboard-agent-grpc-port", str(agent_grpc),
+         "--runtime-env-agent-port", str(env_agent), "--metrics-export-port", str(metrics), "--num-cpus", str(cpus),
+         "--temp-dir", temp, "--disable-usage-stats"],
+        env=ENV, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out, _ = proc.communicate(timeout=180)
+    if proc.returncode:
+        sys.exit(f"ray start failed:\n{out[-3000:]}")
+    return f"127.0.0.1:{gcs}", proc.pid, time.perf_counter() - t0
+
+
+def stop_head(pgid: int) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return
+        time.sleep(3)
+
+
+def first_conversations(n: int, path: Path) -> Path:
+    with open(DATA) as f, open(path, "w") as g:
+        for i, line in enumerate(f):
+            if i >= n:
+                break
+            g.write(line)
+    return path
+
+
+def run(mode: str, inp: Path, out: Path, batch_tokens: int, address: str) -> dict:
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = ["/usr/bin/time", "-f", "TIME %M %e", sys.executable, "-m", "draftdata.cli", "collect", "--model", "smollm2",
+           "--input", str(inp), "--output", str(out), "--batch-tokens", str(batch_tokens), "--part-size", "64"]
+    if mode != "single":
+        cmd += ["--ray", "--ray-address", address, "--num-workers", mode[-1]]
+    load = os.getloadavg()[0]
+    done = subprocess.run(cmd, env=ENV, capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"{mode} failed:\n{done.stderr[-4000:]}")
+    rss_kb, wall = done.stderr.strip().splitlines()[-1].split()[1:]
+    (summary_path,) = sorted(out.glob("_reports/*/summary.json"))
+    summary = json.loads(summary_path.read_text())
+    ray = summary["settings"].get("ray") or {}
+    return {"mode": mode, "wall_s": float(wall), "tokens": summary["stats"]["tokens"],
+            "conversations": summary["stats"]["written"], "cli_peak_rss_mib": int(rss_kb) / 1024,
+            "worker_peak_rss_mib": [r / 2**20 for r in ray.get("worker_peak_rss", [])],
+            "worker_setup_s": [w.get("setup_s") for w in ray.get("worker_info", [])],
+            "units": ray.get("units_done"), "load_avg_1m_at_start": load}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", type=int, nargs=2, default=[100, 300], metavar=("SMALL", "BIG"))
+    ap.add_argument("--batch-tokens", type=int, default=512,
+                    help="also sets the work unit: 32 x this many tokens (default 512: units of 16k tokens)")
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--cpus", type=int, default=2, help="CPUs of the Ray head (default 2, this machine)")
+    ap.add_argument("--out", type=Path, default=None, help="append a markdown report here")
+    args = ap.parse_args()
+
+    from draftdata.models import resolve_model
+
+    resolve_model("smollm2")  # convert the GGUF once, outside the timings
+    work = Path(tempfile.mkdtemp(prefix="bench_ray_"))
+    temp = tempfile.mkdtemp(prefix="bray", dir="/tmp")
+    address, pgid, head_s = start_head(temp, args.cpus)
+    results: dict[tuple[int, str], dict] = {}
+    try:
+        for n in args.sizes:
+            inp = first_conversations(n, work / f"in{n}.jsonl")
+            for _ in range(args.repeats):
+                for mode in MODES:
+                    r = run(mode, inp, work / f"out-{mode}", args.batch_tokens, address)
+                    print(json.dumps({"n": n, **r}), flush=True)
+                    best = results.get((n, mode))
+                    if best is None or r["wall_s"] < best["wall_s"]:
+                        results[(n, mode)] = r
+    finally:
+        stop_head(pgid)
+        shutil.rmtree(temp, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
+
+    small, big = args.sizes
+    steady = {}
+    for mode in MODES:
+        a, b = results[(small, mode)], results[(big, mode)]
+        steady[mode] = (b["tokens"] - a["tokens"]) / (b["wall_s"] - a["wall_s"])
+    report = {
+        "ray_head_start_s": round(head_s, 1), "batch_tokens": args.batch_tokens, "cpus": args.cpus,
+        "runs": [{"n": n, **r} for (n, _), r in sorted(results.items(), key=lambda kv: (kv[0][0], MODES.index(kv[0][1])))],
+        "steady_tokens_per_s": {m: round(v, 1) for m, v in steady.items()},
+        "fixed_cost_s": {m: round(results[(big, m)]["wall_s"] - results[(big, m)]["tokens"] / steady[m], 1)
+                         for m in MODES},
+        "ratios": {
+            **{f"ray1/single wall, n={n}": round(results[(n, "ray1")]["wall_s"] / results[(n, "single")]["wall_s"], 3)
+               for n in args.sizes},
+            **{f"ray2/ray1 wall, n={n}": round(results[(n, "ray2")]["wall_s"] / results[(n, "ray1")]["wall_s"], 3)
+               for n in args.sizes},
+            "single/ray1 steady throughput": round(steady["single"] / steady["ray1"], 3),
+            "ray2/ray1 steady throughput": round(steady["ray2"] / steady["ray1"], 3),
+        },
+    }
+    print(json.dumps(report, indent=2))
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(f"\n### Run {time.strftime('%Y-%m-%d %H:%M')} (`{' '.join(sys.argv[1:])}`)\n\n```json\n"
+                    f"{json.dumps(report, indent=2)}\n```\n")
+
+
+if __name__ == "__main__":
+    main()

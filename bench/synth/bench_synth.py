@@ -1,0 +1,138 @@
+"""Synthesize benchmark: generated tokens/s of batched generation ÷ one-at-a-time generation.
+
+Same run, same prompts, same model, greedy: the first user turn of N conversations from
+../shared/data/train.jsonl, answered by SmolLM2-135M-Instruct (`resolve_model("smollm2")`) with
+--max-new-tokens tokens at most. Measured:
+
+- one at a time, ours: `HFGenerator.generate` on one prompt per call (what --batch-size 1 does);
+- one at a time, transformers: `model.generate(do_sample=False)` on one prompt per call (the
+  usual baseline);
+- batched, ours: `HFGenerator.generate` on --batch-sizes prompts per call (left padding, KV cache,
+  finished rows leave the batch).
+
+tokens/s counts every generated token (answers incl. their end-of-turn token). The configurations
+run in rounds (every configuration once per round, order rotated) and the best round counts, so a
+noisy neighbour on a shared machine hurts all of them alike. Answers of every configuration are
+compared with one-at-a-time generation (greedy: they should be identical).
+
+    python bench/synth/bench_synth.py --prompts 32 --max-new-tokens 64 --out bench/synth/results.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from draftdata.collect.synthesize import HFGenerator, Prompt
+from draftdata.models import resolve_model
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def load_prompts(path: Path, n: int) -> list[Prompt]:
+    prompts = []
+    for line in path.read_text().splitlines()[:n]:
+        record = json.loads(line)
+        first_user = next(m for m in record["conversations"] if m["role"] == "user")
+        prompts.append(Prompt([first_user], seed=0, source=record["conversation_id"]))
+    return prompts
+
+
+def ours(generator: HFGenerator, prompts: list[Prompt], batch_size: int) -> tuple[float, int, list[list[int]]]:
+    """(seconds, generated tokens, token lists) generating `batch_size` prompts per call."""
+    ids = [generator.encode(p) for p in prompts]
+    out: list[list[int]] = []
+    t0 = time.perf_counter()
+    for i in range(0, len(ids), batch_size):
+        out += [tokens for tokens, _ in generator.generate_ids(ids[i:i + batch_size], [0] * len(ids[i:i + batch_size]))]
+    seconds = time.perf_counter() - t0
+    return seconds, sum(map(len, out)), out
+
+
+def transformers_generate(generator: HFGenerator, prompts: list[Prompt]) -> tuple[float, int, list[list[int]]]:
+    """`model.generate` one prompt at a time (greedy), stopping at the same end-of-turn tokens."""
+    ids = [generator.encode(p) for p in prompts]
+    out = []
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for seq in ids:
+            x = torch.tensor([seq], device=generator.input_device)
+            y = generator.model.generate(x, attention_mask=torch.ones_like(x), do_sample=False,
+                                         max_new_tokens=generator.max_new_tokens,
+                                         eos_token_id=sorted(generator.stop_ids), pad_token_id=generator.pad_id)
+            out.append(y[0, len(seq):].tolist())
+    seconds = time.perf_counter() - t0
+    return seconds, sum(map(len, out)), out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--data", default=str(ROOT.parent / "shared/data/train.jsonl"))
+    ap.add_argument("--prompts", type=int, default=32)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--batch-sizes", default="8,32")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (default torch's); 1 gives stable numbers on a busy shared machine")
+    ap.add_argument("--out", default=None, help="append a markdown section to this file")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    generator = HFGenerator(resolve_model(args.model), max_new_tokens=args.max_new_tokens, device=args.device,
+                            dtype=args.dtype)
+    prompts = load_prompts(Path(args.data), args.prompts)
+    ours(generator, prompts[:2], 2)  # warm-up (first calls pay one-time initialisation)
+    sizes = [int(b) for b in args.batch_sizes.split(",")]
+    configs = {"one at a time (ours, batch 1)": lambda: ours(generator, prompts, 1),
+               "one at a time (transformers generate)": lambda: transformers_generate(generator, prompts)}
+    for b in sizes:
+        configs[f"batched (ours, batch {b})"] = lambda b=b: ours(generator, prompts, b)
+    best: dict[str, tuple[float, int, list[list[int]]]] = {}
+    names = list(configs)
+    for r in range(args.rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            seconds, tokens, out = configs[name]()
+            print(f"round {r + 1}: {name}: {tokens} tokens in {seconds:.2f} s = {tokens / seconds:.1f} tok/s",
+                  flush=True)
+            if name not in best or seconds < best[name][0]:
+                best[name] = (seconds, tokens, out)
+
+    base_name = "one at a time (ours, batch 1)"
+    base = best[base_name]
+    base_rate = base[1] / base[0]
+    load = os.getloadavg()
+    lines = [
+        f"## {args.model}, {args.prompts} prompts, max {args.max_new_tokens} new tokens, greedy, {args.device} "
+        f"({generator.model.dtype}), {time.strftime('%Y-%m-%d')}",
+        "",
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
+        f"{torch.__version__}, {torch.get_num_threads()} threads; load average at the end {load[0]:.1f} "
+        f"(shared machine). Best of {args.rounds} rounds per configuration.",
+        "",
+        "| configuration | generated tokens | seconds | tokens/s | ÷ one at a time (ours) | same answers as one at a time |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name in names:
+        seconds, tokens, out = best[name]
+        same = sum(a == b for a, b in zip(out, base[2]))
+        lines.append(f"| {name} | {tokens:,} | {seconds:.2f} | {tokens / seconds:,.1f} | "
+                     f"{tokens / seconds / base_rate:.2f}x | {same}/{len(out)} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write("\n" + text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""The interface every collect backend implements (HF transformers, TensorRT-LLM)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from draftdata.errors import DraftdataError
+
+
+@dataclass(frozen=True)
+class BaseModelInfo:
+    """What the dataset schema records about the base model a backend runs."""
+
+    model_id: str
+    revision: str | None
+    model_hash: str
+    tokenizer_hash: str
+    num_hidden_layers: int
+    hidden_size: int
+    vocab_size: int
+    final_hidden_prenorm: bool = False
+
+    @classmethod
+    def from_model_dir(cls, model_dir: str | os.PathLike, *, final_hidden_prenorm: bool = False) -> BaseModelInfo:
+        """Read it from an HF directory's files without loading weights (cheap; used to check a
+        dataset's schema before spending minutes loading the model)."""
+        from draftdata.models import model_hash, model_identity, tokenizer_hash
+
+        d = Path(model_dir)
+        try:
+            config = json.loads((d / "config.json").read_text())
+        except (OSError, ValueError) as e:
+            raise DraftdataError(f"{d / 'config.json'}: cannot read the model config ({e})") from None
+        text = config.get("text_config") or config  # multimodal configs nest the language model's
+        missing = [k for k in ("num_hidden_layers", "hidden_size", "vocab_size") if k not in text]
+        if missing:
+            raise DraftdataError(f"{d / 'config.json'}: missing {missing}; not a decoder-only language model?")
+        model_id, revision = model_identity(d)
+        return cls(model_id=model_id, revision=revision, model_hash=model_hash(d), tokenizer_hash=tokenizer_hash(d),
+                   num_hidden_layers=int(text["num_hidden_layers"]), hidden_size=int(text["hidden_size"]),
+                   vocab_size=int(text["vocab_size"]), final_hidden_prenorm=final_hidden_prenorm)
+
+
+class Backend:
+    """Runs the frozen base model over token sequences and returns the hidden states to store.
+
+    Aux layer id k is the output of decoder layer k (0-based), i.e. HF `hidden_states[k + 1]`.
+    """
+
+    info: BaseModelInfo
+
+    def forward(self, batch: list[list[int]], aux_layer_ids: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """For each sequence: (aux [L, k*H] bf16 cpu, final [L, H] bf16 cpu); no padding in outputs.
+
+        The k aux slots are concatenated in ascending layer order.
+        """
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release the model (GPU memory, worker processes)."""
+
+    def __enter__(self) -> Backend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

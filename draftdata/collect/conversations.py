@@ -1,0 +1,391 @@
+"""Read conversations from JSONL, validate them, and tokenize them with a loss mask.
+
+Accepted records (one JSON object per line):
+- `{"conversations" | "messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}`
+- ShareGPT: `{"conversations": [{"from": "system"|"human"|"gpt", "value": str}, ...]}`, with an
+  optional top-level `"system"` string used as the system prompt.
+The id is `conversation_id`, `id` or `uuid` (first present), else a stable hash of the
+normalized messages, so the same conversation gets the same id in either format.
+
+Bad records never stop a job: each becomes a `Reject` naming file:line and a reason code
+(REASONS below) that the runner counts and writes to the rejects file.
+
+Loss mask "assistant": the chat template is rendered for growing prefixes of the conversation;
+assistant turn i covers the characters between the prompt for turn i (messages[:i] with the
+generation prompt) and the render of messages[:i+1], minus trailing whitespace. So the mask
+holds each assistant reply plus its end-of-turn token, never the role header, and it works for
+templates without `{% generation %}` tags. Tokens are mapped to those character spans with
+the fast tokenizer's offsets.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from draftdata.errors import DraftdataError
+
+ROLES = {"system": "system", "user": "user", "assistant": "assistant", "human": "user", "gpt": "assistant"}
+ID_KEYS = ("conversation_id", "id", "uuid")
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.bz2", ".jsonl.xz", ".jsonl.zst")
+
+# Reject reason codes (stable: they appear in summaries and rejects files).
+REASONS = {
+    "malformed_json": "the line is not valid JSON (or not UTF-8)",
+    "not_an_object": "the line is JSON but not an object",
+    "missing_conversations": "no `conversations` or `messages` list",
+    "empty_conversations": "the conversation has no messages",
+    "bad_message": "a message is not an object with role/content (or from/value)",
+    "unknown_role": "a role other than system/user/assistant (human/gpt)",
+    "non_string_content": "a message's content is not a string",
+    "bad_id": "the id is empty or not a string/number",
+    "duplicate_id": "an earlier record in the input has the same id (the first one is kept)",
+    "no_assistant_turn": "no assistant message, so --loss-mask assistant would train on nothing",
+    "template_error": "the chat template failed on this conversation",
+    "too_long": "longer than --max-seq-len tokens (--on-long skip, or nothing left to train after truncation)",
+}
+
+
+@dataclass(frozen=True)
+class Conversation:
+    conversation_id: str
+    messages: list[dict[str, str]]  # normalized: role in system/user/assistant, content str
+    source: str  # "file:line"
+
+
+@dataclass(frozen=True)
+class Reject:
+    source: str
+    reason: str  # a key of REASONS
+    detail: str
+    conversation_id: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"source": self.source, "conversation_id": self.conversation_id,
+                "reason": self.reason, "detail": self.detail}
+
+    def __str__(self) -> str:
+        cid = f" (conversation {self.conversation_id})" if self.conversation_id else ""
+        return f"{self.source}{cid}: {self.reason}: {self.detail}"
+
+
+@dataclass
+class TokenizedSample:
+    conversation_id: str
+    input_ids: np.ndarray  # int32 [L]
+    loss_mask: np.ndarray  # uint8 [L]
+    source: str
+    truncated: bool = False
+
+    @property
+    def length(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+class RecordError(Exception):
+    def __init__(self, reason: str, detail: str, conversation_id: str | None = None):
+        super().__init__(detail)
+        self.reason, self.detail, self.conversation_id = reason, detail, conversation_id
+
+
+# ---------------------------------------------------------------- input files
+
+def input_files(input: str, storage_options: dict | None = None) -> list[tuple[Any, str, str]]:
+    """(filesystem, path, display name) for each input file: a file, a directory of *.jsonl
+    (sorted by name), a glob, or any fsspec URL of those. Raises if nothing is there."""
+    import fsspec
+
+    remote = "://" in input and not input.startswith("file://")
+    fs, path = fsspec.core.url_to_fs(input, **((storage_options or {}) if remote else {}))
+    if any(c in path for c in "*?["):
+        paths, folder = sorted(fs.glob(path)), os.path.dirname(input)
+    elif fs.isdir(path):
+        paths, folder = sorted(p for p in fs.ls(path, detail=False) if p.endswith(JSONL_SUFFIXES)), input
+        if not paths:
+            raise DraftdataError(f"--input {input}: directory holds no *.jsonl files")
+    elif fs.exists(path):
+        paths, folder = [path], None
+    else:
+        raise DraftdataError(f"--input {input}: no such file or directory")
+    if not paths:
+        raise DraftdataError(f"--input {input}: the pattern matches no files")
+
+    def display(p: str) -> str:  # as the user wrote it: "in/", "s3://b/in/*.jsonl" -> that folder + name
+        return input if folder is None else f"{folder.rstrip('/')}/{os.path.basename(p)}"
+
+    return [(fs, p, display(p)) for p in paths]
+
+
+def _lines(fs: Any, path: str) -> Iterator[tuple[int, bytes]]:
+    with fs.open(path, "rb", compression="infer") as f:
+        for lineno, raw in enumerate(f, 1):
+            if raw.strip():
+                yield lineno, raw
+
+
+def count_records(input: str, storage_options: dict | None = None, limit: int | None = None) -> int:
+    """Non-blank lines in the input (what read_conversations will yield), for progress bars."""
+    n = 0
+    for fs, path, _ in input_files(input, storage_options):
+        for _ in _lines(fs, path):
+            n += 1
+            if limit is not None and n >= limit:
+                return n
+    return n
+
+
+# ---------------------------------------------------------------- records
+
+def read_conversations(input: str, storage_options: dict | None = None, *, limit: int | None = None,
+                       require_assistant: bool = True) -> Iterator[Conversation | Reject]:
+    """Yield a Conversation or a Reject for each non-blank line of the input, in order.
+
+    `limit` stops after that many records. Duplicate ids are rejected after the first.
+    `require_assistant` rejects conversations without an assistant message.
+    """
+    seen: set[str] = set()
+    n = 0
+    for fs, path, name in input_files(input, storage_options):
+        for lineno, raw in _lines(fs, path):
+            if limit is not None and n >= limit:
+                return
+            n += 1
+            source = f"{name}:{lineno}"
+            try:
+                obj = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                yield Reject(source, "malformed_json", str(e))
+                continue
+            try:
+                conv = parse_record(obj, source)
+            except RecordError as e:
+                yield Reject(source, e.reason, e.detail, e.conversation_id)
+                continue
+            if conv.conversation_id in seen:
+                yield Reject(source, "duplicate_id", f"id {conv.conversation_id!r} already seen earlier "
+                             f"in the input", conv.conversation_id)
+                continue
+            seen.add(conv.conversation_id)
+            if require_assistant and not any(m["role"] == "assistant" for m in conv.messages):
+                yield Reject(source, "no_assistant_turn", "no assistant message; use --loss-mask all "
+                             "to keep prompt-only conversations", conv.conversation_id)
+                continue
+            yield conv
+
+
+def parse_record(obj: Any, source: str = "") -> Conversation:
+    """Normalize one JSON record to a Conversation; raises RecordError(reason, detail)."""
+    if not isinstance(obj, dict):
+        raise RecordError("not_an_object", f"expected a JSON object, got {type(obj).__name__}")
+    cid = _explicit_id(obj)
+    key = "conversations" if "conversations" in obj else "messages" if "messages" in obj else None
+    if key is None:
+        raise RecordError("missing_conversations", "no 'conversations' or 'messages' field "
+                          f"(keys: {sorted(obj)[:8]})", cid)
+    raw = obj[key]
+    if not isinstance(raw, list):
+        raise RecordError("missing_conversations", f"'{key}' is {type(raw).__name__}, expected a list", cid)
+    if not raw:
+        raise RecordError("empty_conversations", f"'{key}' is an empty list", cid)
+    messages = []
+    system = obj.get("system")
+    if isinstance(system, str) and system and not _is_system(raw[0]):
+        messages.append({"role": "system", "content": system})
+    for i, m in enumerate(raw):
+        if not isinstance(m, dict):
+            raise RecordError("bad_message", f"{key}[{i}] is {type(m).__name__}, expected an object", cid)
+        role = m.get("role", m.get("from"))
+        content = m.get("content", m.get("value"))
+        if role is None:
+            raise RecordError("bad_message", f"{key}[{i}] has no 'role' (or 'from')", cid)
+        if role not in ROLES:
+            raise RecordError("unknown_role", f"{key}[{i}] role {role!r}; expected one of "
+                              f"system/user/assistant (ShareGPT: system/human/gpt)", cid)
+        if not isinstance(content, str):
+            raise RecordError("non_string_content", f"{key}[{i}] content is "
+                              f"{type(content).__name__}, expected a string", cid)
+        messages.append({"role": ROLES[role], "content": content})
+    return Conversation(cid if cid is not None else content_id(messages), messages, source)
+
+
+def _is_system(m: Any) -> bool:
+    return isinstance(m, dict) and m.get("role", m.get("from")) == "system"
+
+
+def _explicit_id(obj: dict) -> str | None:
+    for k in ID_KEYS:
+        if obj.get(k) is not None:
+            v = obj[k]
+            if isinstance(v, bool) or not isinstance(v, (str, int)) or v == "":
+                raise RecordError("bad_id", f"'{k}' is {v!r}; expected a non-empty string or integer")
+            return str(v)
+    return None
+
+
+def content_id(messages: list[dict[str, str]]) -> str:
+    """Stable id for a conversation without one: hash of its normalized messages."""
+    blob = json.dumps([[m["role"], m["content"]] for m in messages], ensure_ascii=False, separators=(",", ":"))
+    return "sha256-" + hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+# ---------------------------------------------------------------- tokenization
+
+def load_chat_template(path: str | os.PathLike) -> str:
+    """A Jinja chat template from a file: raw Jinja, or JSON with a "chat_template" string."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise DraftdataError(f"--chat-template {path}: {e.strerror}") from None
+    if p.suffix == ".json":
+        try:
+            text = json.loads(text)["chat_template"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise DraftdataError(f"--chat-template {path}: a .json template file must be an object with "
+                                 f"a 'chat_template' string") from None
+    return text
+
+
+class ChatTokenizer:
+    """Renders conversations with a chat template and tokenizes them with a loss mask."""
+
+    def __init__(self, tokenizer: Any, *, chat_template: str | None = None, loss_mask: str = "assistant",
+                 max_seq_len: int = 3072, on_long: str = "skip"):
+        if loss_mask not in ("assistant", "all"):
+            raise DraftdataError(f"--loss-mask {loss_mask!r}: expected 'assistant' or 'all'")
+        if on_long not in ("skip", "truncate"):
+            raise DraftdataError(f"--on-long {on_long!r}: expected 'skip' or 'truncate'")
+        self.template = chat_template or getattr(tokenizer, "chat_template", None)
+        if not self.template:
+            raise DraftdataError("the model's tokenizer has no chat template; pass --chat-template FILE")
+        self.tokenizer = tokenizer
+        self.loss_mask = loss_mask
+        self.max_seq_len = max_seq_len
+        self.on_long = on_long
+        self._fast = bool(getattr(tokenizer, "is_fast", False))
+        self._specials = sorted({t for t in getattr(tokenizer, "all_special_tokens", []) if t}, key=len,
+                                reverse=True)
+
+    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, chat_template=self.template,
+                                                  add_generation_prompt=add_generation_prompt)
+
+    def assistant_spans(self, messages: list[dict[str, str]], text: str) -> list[tuple[int, int]]:
+        """Character spans of the assistant turns in `text` (the full render of `messages`)."""
+        spans: list[tuple[int, int]] = []
+        cursor = 0
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            prompt = self.render(messages[:i], add_generation_prompt=True)
+            turn = self.render(messages[: i + 1])
+            if turn.startswith(prompt) and text.startswith(turn) and len(prompt) >= cursor:
+                start, end = len(prompt), len(turn)
+            else:  # the template rewrites earlier turns: find the reply's text itself
+                start = text.find(m["content"], cursor)
+                if start < 0:
+                    raise RecordError("template_error", f"cannot locate assistant turn {i} in the rendered "
+                                      "conversation (the template rewrites its content)")
+                end = start + len(m["content"])
+                end += next((len(s) for s in self._specials if text.startswith(s, end)), 0)
+            while end > start and text[end - 1].isspace():
+                end -= 1
+            spans.append((start, end))
+            cursor = max(cursor, end)
+        return spans
+
+    def tokenize(self, conversations: list[Conversation]) -> list[TokenizedSample | Reject]:
+        """Tokenize a chunk of conversations (one batched tokenizer call); same order as the input."""
+        rendered: list[tuple[Conversation, str, list[tuple[int, int]]] | Reject] = []
+        for c in conversations:
+            try:
+                text = self.render(c.messages)
+                spans = self.assistant_spans(c.messages, text) if self.loss_mask == "assistant" else []
+                rendered.append((c, text, spans))
+            except RecordError as e:
+                rendered.append(Reject(c.source, e.reason, e.detail, c.conversation_id))
+            except Exception as e:  # jinja raises TemplateError, or anything the template calls
+                rendered.append(Reject(c.source, "template_error", f"{type(e).__name__}: {e}",
+                                       c.conversation_id))
+        ok = [r for r in rendered if not isinstance(r, Reject)]
+        want_offsets = self.loss_mask == "assistant" and self._fast
+        enc = self.tokenizer([t for _, t, _ in ok], add_special_tokens=False,
+                             return_offsets_mapping=want_offsets) if ok else {"input_ids": []}
+        out: list[TokenizedSample | Reject] = []
+        j = 0
+        for r in rendered:
+            if isinstance(r, Reject):
+                out.append(r)
+                continue
+            conv, text, spans = r
+            ids = np.asarray(enc["input_ids"][j], dtype=np.int32)
+            if self.loss_mask == "all":
+                mask = np.ones(len(ids), dtype=np.uint8)
+            elif want_offsets:
+                mask = _mask_from_offsets(np.asarray(enc["offset_mapping"][j], dtype=np.int64).reshape(-1, 2),
+                                          spans)
+            else:
+                mask = self._mask_by_prefix_lengths(text, spans, len(ids))
+            j += 1
+            out.append(self._fit(conv, ids, mask))
+        return out
+
+    def _mask_by_prefix_lengths(self, text: str, spans: list[tuple[int, int]], n: int) -> np.ndarray:
+        """Slow tokenizers have no offsets: count the tokens of the text before each span edge."""
+        mask = np.zeros(n, dtype=np.uint8)
+        for s, e in spans:
+            a = len(self.tokenizer(text[:s], add_special_tokens=False)["input_ids"])
+            b = len(self.tokenizer(text[:e], add_special_tokens=False)["input_ids"])
+            mask[a:b] = 1
+        return mask
+
+    def _fit(self, conv: Conversation, ids: np.ndarray, mask: np.ndarray) -> TokenizedSample | Reject:
+        if self.loss_mask == "assistant" and not mask.any():
+            return Reject(conv.source, "no_assistant_turn", "the chat template renders no assistant tokens",
+                          conv.conversation_id)
+        if len(ids) <= self.max_seq_len:
+            return TokenizedSample(conv.conversation_id, ids, mask, conv.source)
+        if self.on_long == "skip":
+            return Reject(conv.source, "too_long", f"{len(ids)} tokens > --max-seq-len {self.max_seq_len} "
+                          "(use --on-long truncate to keep the first --max-seq-len tokens)", conv.conversation_id)
+        ids, mask = ids[: self.max_seq_len], mask[: self.max_seq_len]
+        if self.loss_mask == "assistant" and not mask.any():
+            return Reject(conv.source, "too_long", f"truncated to --max-seq-len {self.max_seq_len} tokens, no "
+                          "assistant tokens are left", conv.conversation_id)
+        return TokenizedSample(conv.conversation_id, ids, mask, conv.source, truncated=True)
+
+
+def _mask_from_offsets(offsets: np.ndarray, spans: list[tuple[int, int]]) -> np.ndarray:
+    """1 for every token whose characters overlap an assistant span."""
+    mask = np.zeros(len(offsets), dtype=bool)
+    starts, ends = offsets[:, 0], offsets[:, 1]
+    for s, e in spans:
+        mask |= (starts < e) & (ends > s)
+    return mask.astype(np.uint8)
+
+
+def tokenize_stream(items: Iterable[Conversation | Reject], chat: ChatTokenizer,
+                    chunk: int = 256) -> Iterator[TokenizedSample | Reject]:
+    """Tokenize a stream of read results in chunks (one batched tokenizer call per chunk),
+    passing Rejects through in order."""
+    pending: list[Conversation | Reject] = []
+
+    def flush() -> Iterator[TokenizedSample | Reject]:
+        convs = [x for x in pending if isinstance(x, Conversation)]
+        done = iter(chat.tokenize(convs))
+        for x in pending:
+            yield x if isinstance(x, Reject) else next(done)
+        pending.clear()
+
+    for item in items:
+        pending.append(item)
+        if len(pending) >= chunk:
+            yield from flush()
+    yield from flush()

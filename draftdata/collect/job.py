@@ -1,0 +1,244 @@
+"""One `draftdata collect` run: settings, schema, output checks, and the single-process pipeline.
+
+The Ray job reuses the pieces: `settings_from_args`, `make_schema`, `open_output`,
+`chat_tokenizer`, `backend_options` on the driver and in actors, then `runner.collect_records`
+per work unit and `runner.write_reports` for the merged stats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from draftdata.collect.backends.base import BaseModelInfo
+from draftdata.collect.conversations import ChatTokenizer, Reject, read_conversations, tokenize_stream
+from draftdata.config import DatasetSchema
+from draftdata.errors import DatasetNotFoundError, DraftdataError, SchemaMismatchError
+
+DEFAULT_FORMAT, DEFAULT_CODEC = "zarr", "bf16"
+
+# Which flag controls each schema field, for mismatch messages.
+FIELD_FLAGS = {
+    "base_model_id": "--model", "base_model_revision": "--model", "base_model_hash": "--model",
+    "hidden_size": "--model", "num_hidden_layers": "--model", "vocab_size": "--model",
+    "tokenizer_hash": "--model / --chat-template", "aux_layer_ids": "--aux-layers", "loss_mask": "--loss-mask",
+    "storage_format": "--format", "codec": "--codec", "final_hidden_prenorm": "--backend",
+}
+
+
+@dataclass
+class CollectSettings:
+    """Everything a collect run needs, resolved and picklable (the Ray job ships it to actors)."""
+
+    model: str  # the --model spec as given
+    model_path: str  # the resolved local HF directory
+    input: str
+    output: str
+    aux_layer_ids: list[int]
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    format: str | None = None  # None: the existing dataset's, else zarr
+    codec: str | None = None  # None: the existing dataset's, else bf16
+    max_seq_len: int = 3072
+    on_long: str = "skip"
+    loss_mask: str = "assistant"
+    chat_template: str | None = None  # template text from --chat-template
+    dtype: str = "auto"
+    device: str = "cpu"
+    backend: str = "hf"
+    batch_tokens: int = 8192
+    part_bytes: int = 512 * 2**20
+    limit: int | None = None
+    strict: bool = False
+    rejects: str | None = None  # --rejects PATH, else <output>/_reports/...
+
+    def report_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["storage_options"] = sorted(self.storage_options)  # keys only: values may be secrets
+        d["chat_template"] = self.chat_template is not None
+        return d
+
+
+def settings_from_args(args: argparse.Namespace) -> CollectSettings:
+    """Validate the collect flags and resolve the model (converting a GGUF once)."""
+    from draftdata.collect.conversations import load_chat_template
+    from draftdata.models import parse_aux_layers, resolve_model
+    from draftdata.store.fs import parse_storage_options
+
+    for name in ("max_seq_len", "batch_tokens"):
+        if getattr(args, name) < 1:
+            raise DraftdataError(f"--{name.replace('_', '-')} must be a positive integer")
+    if args.part_size <= 0:
+        raise DraftdataError("--part-size must be a positive number of MiB")
+    if args.limit is not None and args.limit < 0:
+        raise DraftdataError("--limit must be >= 0")
+    model_path = resolve_model(args.model)
+    info = BaseModelInfo.from_model_dir(model_path)
+    return CollectSettings(
+        model=args.model, model_path=str(model_path), input=args.input, output=args.output,
+        aux_layer_ids=parse_aux_layers(args.aux_layers, info.num_hidden_layers),
+        storage_options=parse_storage_options(args.storage_option), format=args.format, codec=args.codec,
+        max_seq_len=args.max_seq_len, on_long=args.on_long, loss_mask=args.loss_mask,
+        chat_template=load_chat_template(args.chat_template) if args.chat_template else None,
+        dtype=args.dtype, device=args.device, backend=args.backend, batch_tokens=args.batch_tokens,
+        part_bytes=int(args.part_size * 2**20), limit=args.limit, strict=args.strict, rejects=args.rejects,
+    )
+
+
+def make_schema(settings: CollectSettings, info: BaseModelInfo) -> DatasetSchema:
+    """The dataset schema this run writes (format/codec filled in by `open_output`)."""
+    from draftdata import __version__
+    from draftdata.models import tokenizer_hash
+
+    tok_hash = tokenizer_hash(settings.model_path, settings.chat_template) if settings.chat_template \
+        else info.tokenizer_hash
+    return DatasetSchema(
+        base_model_id=info.model_id, base_model_revision=info.revision, base_model_hash=info.model_hash,
+        tokenizer_hash=tok_hash, hidden_size=info.hidden_size, num_hidden_layers=info.num_hidden_layers,
+        vocab_size=info.vocab_size, aux_layer_ids=list(settings.aux_layer_ids), max_seq_len=settings.max_seq_len,
+        final_hidden_prenorm=info.final_hidden_prenorm, loss_mask=settings.loss_mask,
+        storage_format=settings.format or DEFAULT_FORMAT, codec=settings.codec or DEFAULT_CODEC,
+        created_by=f"draftdata {__version__} collect --backend {settings.backend}",
+    )
+
+
+def check_output(settings: CollectSettings, schema: DatasetSchema) -> DatasetSchema:
+    """Compare with a dataset already at the output URL (before any model work).
+
+    Unset --format/--codec adopt the existing dataset's; any other difference is refused with
+    a message naming each field, both values and the flag that controls it.
+    """
+    from draftdata.store import open_dataset
+
+    try:
+        existing = open_dataset(settings.output, storage_options=settings.storage_options).schema
+    except DatasetNotFoundError:
+        return schema
+    if settings.format is None:
+        schema.storage_format = existing.storage_format
+    if settings.codec is None:
+        schema.codec = existing.codec
+    diffs = [name for name in DatasetSchema.IDENTITY_FIELDS if getattr(existing, name) != getattr(schema, name)]
+    if diffs:
+        lines = [f"{name}: dataset has {getattr(existing, name)!r}, this run has {getattr(schema, name)!r}"
+                 + (f" (set by {FIELD_FLAGS[name]})" if name in FIELD_FLAGS else "") for name in diffs]
+        raise SchemaMismatchError(
+            f"{settings.output} already holds a dataset written with different settings, so this run would "
+            f"mix incompatible samples; refusing. Differences: " + "; ".join(lines)
+            + ". Rerun with the dataset's settings, or write to a new --output.")
+    return schema
+
+
+def open_output(settings: CollectSettings, schema: DatasetSchema) -> Any:
+    """Create the dataset (or open the compatible existing one) and return its writer."""
+    from draftdata.store import create_dataset
+
+    schema = check_output(settings, schema)
+    return create_dataset(settings.output, schema, format=schema.storage_format, codec=schema.codec,
+                          storage_options=settings.storage_options)
+
+
+def chat_tokenizer(settings: CollectSettings) -> ChatTokenizer:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(settings.model_path)
+    except (OSError, ValueError) as e:
+        raise DraftdataError(f"--model {settings.model}: cannot load its tokenizer: {e}") from None
+    return ChatTokenizer(tokenizer, chat_template=settings.chat_template, loss_mask=settings.loss_mask,
+                         max_seq_len=settings.max_seq_len, on_long=settings.on_long)
+
+
+def backend_options(settings: CollectSettings) -> dict[str, Any]:
+    """Constructor options of the chosen backend."""
+    if settings.backend == "hf":
+        return {"dtype": settings.dtype, "device": settings.device}
+    return {"aux_layer_ids": list(settings.aux_layer_ids), "max_seq_len": settings.max_seq_len,
+            "max_num_tokens": max(settings.batch_tokens, settings.max_seq_len)}
+
+
+def read_input(settings: CollectSettings):
+    return read_conversations(settings.input, settings.storage_options, limit=settings.limit,
+                              require_assistant=settings.loss_mask == "assistant")
+
+
+def validate_input(settings: CollectSettings, chat: ChatTokenizer) -> int:
+    """--strict: read and tokenize the whole input, fail on the first bad record; returns the count."""
+    n = 0
+    for item in tokenize_stream(read_input(settings), chat):
+        if isinstance(item, Reject):
+            raise DraftdataError(f"{item} (--strict stops at the first bad record, before any model work)")
+        n += 1
+    return n
+
+
+def run_local(settings: CollectSettings) -> int:
+    """The single-process collect: returns the exit status (0, also when records were rejected)."""
+    from tqdm import tqdm
+
+    from draftdata.collect.backends import get_backend
+    from draftdata.collect.conversations import count_records, input_files
+    from draftdata.collect.runner import (
+        CollectOptions,
+        CollectStats,
+        RejectLog,
+        collect_records,
+        prepare_samples,
+        write_reports,
+    )
+
+    t_start = time.perf_counter()
+    info = BaseModelInfo.from_model_dir(settings.model_path)
+    schema = check_output(settings, make_schema(settings, info))
+    input_files(settings.input, settings.storage_options)  # fail on a missing input before creating anything
+    chat = chat_tokenizer(settings)
+    total = validate_input(settings, chat) if settings.strict else None
+    backend = get_backend(settings.backend, settings.model_path, **backend_options(settings))
+    for name in ("hidden_size", "num_hidden_layers", "final_hidden_prenorm"):
+        if getattr(backend.info, name) != getattr(info, name):  # the schema was made from the files
+            raise DraftdataError(f"--backend {settings.backend} reports {name}={getattr(backend.info, name)!r}, "
+                                 f"the model files say {getattr(info, name)!r}")
+    writer = open_output(settings, schema)  # after the model loaded: a failed load leaves nothing behind
+    committed = writer.committed_ids()
+    if committed:
+        print(f"draftdata collect: {writer.url} already holds {len(committed):,} conversations; they are "
+              "skipped", file=sys.stderr)
+    options = CollectOptions(aux_layer_ids=list(settings.aux_layer_ids), batch_tokens=settings.batch_tokens,
+                             part_bytes=settings.part_bytes)
+    stats = CollectStats()
+    rejects = RejectLog(stats)
+    if total is None:
+        total = count_records(settings.input, settings.storage_options, settings.limit)
+    bar = tqdm(total=total, unit="conv", desc="collect", file=sys.stderr, disable=None, dynamic_ncols=True)
+    t0 = time.perf_counter()
+    tokens = 0
+    lock = threading.Lock()  # called from the reader thread (skips, rejects) and the main thread
+
+    def progress(n: int, t: int) -> None:
+        nonlocal tokens
+        with lock:
+            tokens += t
+            if t:
+                bar.set_postfix_str(f"{tokens / (time.perf_counter() - t0):,.0f} tok/s", refresh=False)
+            bar.update(n)
+
+    interrupted = True
+    try:
+        samples = prepare_samples(read_input(settings), chat, skip_ids=committed, stats=stats,
+                                  on_reject=rejects, progress=progress)
+        collect_records(samples, backend, writer, options, progress=progress, stats=stats)
+        interrupted = False
+    finally:
+        bar.close()
+        backend.close()
+        stats.seconds = time.perf_counter() - t_start
+        where = write_reports(writer.url, settings.storage_options, stats, rejects, settings.report_dict(),
+                              settings.rejects)
+        print(stats.format(writer.url, settings.input, where))
+        if interrupted:
+            print("draftdata collect: stopped early; committed parts are kept, rerun the same command to "
+                  "resume", file=sys.stderr)
+    return 0

@@ -1,0 +1,501 @@
+"""`draftdata collect --ray`: collection on a Ray cluster (user guide: docs/RAY.md).
+
+The driver (this process; under `ray job submit`, the job's entrypoint) does what single-process
+collect does up to the model, then hands the model work to a pool of Ray actors:
+
+1. check the flags, the model and the output exactly like `draftdata collect` (same schema,
+   same refusal of an incompatible dataset);
+2. read, validate and tokenize the input once, on the driver, skipping conversations the
+   dataset already holds (rejects are counted and written as in single-process collect), and
+   cut the stream of samples into the length-sorting windows `collect_records` uses (32 x
+   --batch-tokens tokens). Each window is one work unit, named `w<index>-<hash of its ids>`;
+3. run the units on `ray_pool.ActorPool`: one `CollectWorker` actor per G GPUs
+   (--gpus-per-worker), or CPU actors. Each actor loads the model once, opens the dataset
+   itself and runs `collect_records` on a unit, committing its own parts (tagged with the unit
+   id) straight to the dataset URL. Only token ids travel from the driver to the actors; no
+   hidden state passes through the driver.
+
+Same content as a single-process run: a unit is exactly one window of the single-process run,
+so every batch (and therefore every tensor, bit for bit) is the same; only the grouping of
+samples into parts differs.
+
+Exactly once, also under SIGKILL:
+- a part becomes visible only through its commit record, written last in one atomic step, so a
+  killed actor leaves no half-written part (its leftovers are removed by `verify --gc`);
+- before a unit is retried the driver re-reads the commit records (only new ones) and tells the
+  retry which of the unit's conversations an earlier attempt already committed; these are batched
+  as before but not written again. A failed attempt can no longer write: Ray reports an actor's
+  death once its process is gone, and a unit that raised has already waited for its commits;
+- a driver restart (same command, same output) skips every committed conversation, like
+  single-process resume. A lock (a named Ray actor per output URL) keeps two drivers from writing
+  one dataset at once, and a new driver waits for a killed driver's actors to be reaped before it
+  reads what is committed;
+- at the end the driver checks that no conversation id was committed twice and says so loudly
+  (it could only happen if two jobs wrote the same output from different Ray clusters).
+
+Exit status: 0 when every valid conversation is in the dataset (rejected records are not
+failures); 1 when some work units failed `--max-retries` + 1 times (the rest is written; their
+conversations are listed in the rejects file with reason `unit_failed`, and rerunning the same
+command retries them); 2 for a usage or setup error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import os
+import socket
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from draftdata.collect.job import CollectSettings
+from draftdata.collect.runner import CollectOptions, CollectStats
+from draftdata.config import DatasetSchema
+from draftdata.errors import DraftdataError, SchemaMismatchError
+
+NAMESPACE = "draftdata"
+MAX_RETRIES = 2  # attempts per unit = MAX_RETRIES + 1
+IN_FLIGHT = 2  # units queued per actor: the next unit computes while the last one's parts commit
+LOCK_WAIT_S = 60.0  # how long a new driver waits for a killed driver's actors to go away
+
+
+# ------------------------------------------------------------------------------------------- actor
+
+
+class _LockedBackend:
+    """Serializes forward calls of one backend shared by the actor's concurrent units."""
+
+    def __init__(self, backend: Any):
+        self._backend, self._lock = backend, threading.Lock()
+        self.info = backend.info
+
+    def forward(self, batch: list[list[int]], aux_layer_ids: list[int]) -> Any:
+        with self._lock:
+            return self._backend.forward(batch, aux_layer_ids)
+
+    def close(self) -> None:
+        self._backend.close()
+
+
+class CollectWorker:
+    """One Ray actor: loads the base model once and writes its own parts into the dataset.
+
+    Runs on any node: it resolves `--model` on its own node (a local directory must be visible
+    there at the same path, e.g. a shared file system; a hub id must be in that node's HF cache;
+    `smollm2`/.gguf are converted once per node) and refuses to start if that model or its
+    tokenizer differ from the driver's (the dataset schema records both).
+    """
+
+    def __init__(self, settings: CollectSettings, schema: DatasetSchema, options: CollectOptions,
+                 gpus: float = 0):
+        t0 = time.perf_counter()
+        import ray
+        import torch
+        from transformers.utils import logging as hf_logging
+
+        from draftdata.collect.backends import get_backend
+        from draftdata.collect.backends.base import BaseModelInfo
+        from draftdata.collect.job import backend_options, make_schema
+        from draftdata.errors import DatasetNotFoundError
+        from draftdata.models import resolve_model
+        from draftdata.store import create_dataset, open_dataset
+
+        hf_logging.disable_progress_bar()  # one "Loading weights" bar per actor would flood the driver's log
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 0)
+        if settings.device == "cpu" and cpus >= 1:
+            torch.set_num_threads(int(cpus))  # Ray sets OMP_NUM_THREADS=1 for workers
+        self.node = ray.util.get_node_ip_address()
+        model_path = resolve_model(settings.model)
+        local = dataclasses.replace(settings, model_path=str(model_path))
+        mine = make_schema(local, BaseModelInfo.from_model_dir(model_path))
+        mine.storage_format, mine.codec = schema.storage_format, schema.codec
+        diffs = schema.differences(mine)
+        if diffs:
+            raise SchemaMismatchError(f"worker on {self.node} ({socket.gethostname()}): --model {settings.model} "
+                                      f"resolves to {model_path}, which differs from the driver's model: "
+                                      + "; ".join(diffs) + ". Make the same model available on every node "
+                                      "(a shared directory, or the same hub snapshot in each node's cache).")
+        try:  # the driver created it: a worker that cannot see it would write a dataset of its own
+            open_dataset(settings.output, storage_options=settings.storage_options)
+        except DatasetNotFoundError:
+            raise DraftdataError(f"worker on {self.node} ({socket.gethostname()}) cannot see the dataset the driver "
+                                 f"created at {settings.output}; with several nodes the output must be shared "
+                                 "storage (s3://, gs://, or a file system mounted on every node)") from None
+        self.writer = create_dataset(settings.output, schema, format=schema.storage_format, codec=schema.codec,
+                                     storage_options=settings.storage_options)
+        opts = backend_options(local)
+        if settings.backend == "trtllm" and gpus >= 1:
+            opts["tensor_parallel_size"] = int(gpus)  # one TRT-LLM engine over all of this actor's GPUs
+        self.backend = _LockedBackend(get_backend(settings.backend, model_path, **opts))
+        self.options = options
+        self.device = settings.device
+        self.setup_seconds = time.perf_counter() - t0
+
+    def ready(self) -> dict[str, Any]:
+        import ray
+        import torch
+
+        from draftdata.collect.ray_pool import process_memory
+
+        mem = process_memory()
+        gpus = [str(g) for g in ray.get_gpu_ids()]
+        return {
+            "pid": os.getpid(), "node": self.node, "host": socket.gethostname(), "device": self.device,
+            "gpus": gpus, "threads": torch.get_num_threads(), "setup_s": round(self.setup_seconds, 2),
+            "rss": mem["rss"],
+            "summary": f"{self.device}{' GPUs ' + ','.join(gpus) if gpus else ''}, {torch.get_num_threads()} "
+                       f"threads, model loaded in {self.setup_seconds:.1f} s, RSS {mem['rss'] / 2**20:,.0f} MiB",
+        }
+
+    def run_unit(self, unit_id: str, samples: list, skip_ids: frozenset[str]) -> dict[str, Any]:
+        """Collect one unit; returns its stats and this process's peak memory."""
+        from draftdata.collect.ray_pool import process_memory
+        from draftdata.collect.runner import collect_records
+
+        for s in samples:  # Ray hands numpy arrays over read-only (zero copy); torch wants writable ones
+            if not s.input_ids.flags.writeable:
+                s.input_ids, s.loss_mask = s.input_ids.copy(), s.loss_mask.copy()
+        stats = collect_records(samples, self.backend, self.writer, self.options, work_unit=unit_id,
+                                stats=CollectStats(), skip_ids=skip_ids)
+        return {"stats": stats, "peak_rss": process_memory()["peak_rss"], "pid": os.getpid()}
+
+
+class _OutputLock:
+    """A named, resource-free actor: holding its name means "this driver writes this output"."""
+
+    def ping(self) -> int:
+        return os.getpid()
+
+
+# ------------------------------------------------------------------------------------------- driver
+
+
+class CommitLedger:
+    """The dataset's committed parts and conversation ids, re-read incrementally.
+
+    `refresh()` lists the commit records and reads only those it has not seen, so the driver can
+    poll before every retry without rereading a large dataset.
+    """
+
+    def __init__(self, writer: Any):
+        self._writer = writer
+        self.parts: dict[str, Any] = {}
+        self.where: dict[str, str] = {}  # conversation id -> first part holding it
+        self.duplicates: dict[str, list[str]] = {}  # conversation id -> every part holding it
+        self.refresh()
+
+    def refresh(self) -> list[Any]:
+        new = self._writer.committed_parts(known=self.parts.keys())
+        for info in sorted(new, key=lambda p: p.id):
+            self.parts[info.id] = info
+            for cid in info.conversation_ids:
+                if cid in self.where:
+                    self.duplicates.setdefault(cid, [self.where[cid]]).append(info.id)
+                else:
+                    self.where[cid] = info.id
+        return new
+
+
+@dataclasses.dataclass
+class RayPlan:
+    """How many actors, with what resources, and why (printed at the start)."""
+
+    num_workers: int
+    num_cpus: float
+    num_gpus: float
+    device: str
+    nodes: int
+    note: str = ""
+
+    def describe(self) -> str:
+        each = f"{self.num_gpus:g} GPU{'s' if self.num_gpus != 1 else ''}" if self.num_gpus else \
+            f"{self.num_cpus:g} CPU{'s' if self.num_cpus != 1 else ''}"
+        return (f"{self.num_workers} worker{'s' if self.num_workers != 1 else ''} x {each} ({self.device}) on a "
+                f"cluster of {self.nodes} node{'s' if self.nodes != 1 else ''}" + (f"; {self.note}" if self.note else ""))
+
+
+def plan_workers(num_workers: int | None, gpus_per_worker: float | None, device: str) -> RayPlan:
+    """Actor count and resources from the flags and the cluster (ray must be initialized).
+
+    GPUs: --gpus-per-worker G (default 1 when the cluster has GPUs), one actor per G GPUs
+    (default: all GPUs), each with 1 CPU, device cuda. No GPUs (or G=0): CPU actors (default 1),
+    each given an equal share of the CPUs of the largest node, and torch uses that many threads.
+    """
+    import ray
+
+    if num_workers is not None and num_workers < 1:
+        raise DraftdataError(f"--num-workers {num_workers}: must be at least 1")
+    if gpus_per_worker is not None and gpus_per_worker < 0:
+        raise DraftdataError(f"--gpus-per-worker {gpus_per_worker}: must be >= 0")
+    if gpus_per_worker is not None and gpus_per_worker > 1 and gpus_per_worker != int(gpus_per_worker):
+        raise DraftdataError(f"--gpus-per-worker {gpus_per_worker}: use a whole number of GPUs, or a fraction "
+                             "below 1 to share a GPU between actors")
+    total = ray.cluster_resources()
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    total_gpus = float(total.get("GPU", 0))
+    g = gpus_per_worker if gpus_per_worker is not None else (1.0 if total_gpus >= 1 else 0.0)
+    if g > 0:
+        if total_gpus < g:
+            note = (f"the cluster has {total_gpus:g} GPUs now; actors wait for the autoscaler to add "
+                    f"nodes with GPUs")
+        else:
+            note = ""
+        n = num_workers or max(1, int(total_gpus // g))
+        if device == "cpu" or device.startswith("cuda:"):
+            device = "cuda"  # Ray sets CUDA_VISIBLE_DEVICES to the actor's own GPUs
+        return RayPlan(n, 1, g, device, len(nodes), note)
+    if device != "cpu":
+        raise DraftdataError(f"--device {device} with --ray needs GPU actors; the cluster has {total_gpus:g} GPUs "
+                             f"(--gpus-per-worker {g:g}). Use --device cpu, or --gpus-per-worker 1 on a GPU cluster")
+    n = num_workers or 1
+    biggest = max((float(node.get("Resources", {}).get("CPU", 0)) for node in nodes), default=1.0)
+    cpus = max(1.0, min(biggest, float(int(total.get("CPU", 1) // n))))
+    fit = int(total.get("CPU", 0) // cpus)
+    note = f"only {fit} fit the cluster's {total.get('CPU', 0):g} CPUs now, the rest wait" if fit < n else ""
+    return RayPlan(n, cpus, 0, "cpu", len(nodes), note)
+
+
+def connect(address: str | None) -> bool:
+    """`ray.init` unless this process is already connected; returns True when it connected."""
+    import logging
+
+    import ray
+
+    if ray.is_initialized():
+        return False
+    kwargs: dict[str, Any] = {"logging_level": logging.WARNING}
+    if address:
+        kwargs["address"] = address
+    try:
+        ray.init(**kwargs)
+    except ray.exceptions.AuthenticationError as e:
+        raise DraftdataError(
+            f"Ray at {address or 'the default address'} refused the connection: {str(e).splitlines()[0]}. The "
+            "cluster uses token authentication: set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or "
+            "RAY_AUTH_TOKEN_PATH) to its token, see docs/RAY.md") from None
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise DraftdataError(f"cannot connect to Ray at {address or 'the default address'}: "
+                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__} (start a cluster with "
+                             "`ray start --head`, or pass --ray-address)") from None
+    return True
+
+
+def acquire_output_lock(url: str, timeout: float = LOCK_WAIT_S) -> tuple[Any, str]:
+    """Take the per-output lock actor and wait for a previous driver's workers to be gone.
+
+    Returns (lock handle, worker name prefix). Raises when another live driver holds the lock.
+    """
+    import ray
+
+    from draftdata.collect.ray_pool import wait_named_actors_gone
+
+    key = hashlib.sha256(url.encode()).hexdigest()[:16]
+    lock_name, worker_prefix = f"draftdata-collect-{key}-lock", f"draftdata-collect-{key}-w"
+    lock_cls = ray.remote(num_cpus=0)(_OutputLock)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            lock = lock_cls.options(name=lock_name, namespace=NAMESPACE, max_restarts=0).remote()
+            break
+        except ValueError:  # the name is taken: another driver, alive or just killed
+            if time.monotonic() >= deadline:
+                raise DraftdataError(
+                    f"another draftdata collect job is writing to {url} (Ray actor {NAMESPACE}/{lock_name} is "
+                    f"alive); wait for it to finish or stop it (`ray job stop ...`), then rerun") from None
+            time.sleep(0.5)
+    left = wait_named_actors_gone(worker_prefix, max(5.0, deadline - time.monotonic()))
+    if left:
+        ray.kill(lock)
+        raise DraftdataError(f"workers of an earlier collect job on {url} are still alive ({', '.join(left)}); "
+                             "they may still commit parts. Wait for them to exit, then rerun")
+    return lock, worker_prefix
+
+
+def _worker_settings(settings: CollectSettings, plan: RayPlan, output_url: str) -> CollectSettings:
+    """Settings as the actors see them: absolute paths (their working directory is not ours), the
+    planned device."""
+    model = settings.model
+    if os.path.exists(os.path.expanduser(model)):
+        model = os.path.abspath(os.path.expanduser(model))
+    return dataclasses.replace(settings, model=model, output=output_url, device=plan.device, rejects=None)
+
+
+def _units(settings: CollectSettings, chat: Any, options: CollectOptions, skip_ids: frozenset[str],
+           stats: CollectStats, rejects: Any, progress: Any) -> Iterator[Any]:
+    """The work units: windows of tokenized samples, exactly as `collect_records` would form them."""
+    from draftdata.collect.job import read_input
+    from draftdata.collect.ray_pool import WorkUnit
+    from draftdata.collect.runner import _windows, prepare_samples
+
+    samples = prepare_samples(read_input(settings), chat, skip_ids=skip_ids, stats=stats, on_reject=rejects,
+                              progress=lambda n, t: progress.advance(n))
+    for i, window in enumerate(_windows(samples, options.window_tokens)):
+        ids = [s.conversation_id for s in window]
+        digest = hashlib.sha256("\n".join(ids).encode()).hexdigest()[:12]
+        yield WorkUnit(id=f"w{i:05d}-{digest}", args=(window, frozenset()), item_ids=ids,
+                       size=sum(s.length for s in window))
+
+
+def run_ray_collect(args: argparse.Namespace) -> int:
+    """`draftdata collect ... --ray`: returns the exit status (see the module docstring)."""
+    from draftdata.collect.job import (
+        chat_tokenizer,
+        check_output,
+        make_schema,
+        open_output,
+        settings_from_args,
+    )
+
+    settings = settings_from_args(args)
+    from draftdata.collect.backends.base import BaseModelInfo
+    from draftdata.collect.conversations import count_records, input_files
+
+    t_start = time.perf_counter()
+    info = BaseModelInfo.from_model_dir(settings.model_path)
+    schema = check_output(settings, make_schema(settings, info))
+    input_files(settings.input, settings.storage_options)  # fail on a missing input before anything else
+    chat = chat_tokenizer(settings)
+    total = None
+    if settings.strict:
+        from draftdata.collect.job import validate_input
+
+        total = validate_input(settings, chat)
+    max_retries = getattr(args, "max_retries", None)
+    max_retries = MAX_RETRIES if max_retries is None else max_retries
+    if max_retries < 0:
+        raise DraftdataError(f"--max-retries {max_retries}: must be >= 0")
+
+    import ray
+
+    connected = connect(args.ray_address)
+    lock = None
+    try:
+        plan = plan_workers(args.num_workers, args.gpus_per_worker, settings.device)
+        writer = open_output(settings, schema)
+        lock, worker_prefix = acquire_output_lock(writer.url)
+        if total is None:
+            total = count_records(settings.input, settings.storage_options, settings.limit)
+        return _drive(settings, writer, chat, plan, worker_prefix, total, max_retries, t_start)
+    finally:
+        if lock is not None:
+            ray.kill(lock)
+        if connected:
+            ray.shutdown()
+
+
+def _drive(settings: CollectSettings, writer: Any, chat: Any, plan: RayPlan, worker_prefix: str, total: int,
+           max_retries: int, t_start: float) -> int:
+    import ray
+
+    from draftdata.collect.conversations import Reject
+    from draftdata.collect.ray_pool import ActorPool, PoolProgress, UnitFailure, WorkUnit
+    from draftdata.collect.runner import RejectLog, write_reports
+
+    ledger = CommitLedger(writer)
+    parts_before = set(ledger.parts)
+    if ledger.where:
+        print(f"draftdata collect: {writer.url} already holds {len(ledger.where):,} conversations; they are "
+              "skipped", file=sys.stderr)
+    options = CollectOptions(aux_layer_ids=list(settings.aux_layer_ids), batch_tokens=settings.batch_tokens,
+                             part_bytes=settings.part_bytes)
+    print(f"draftdata collect --ray: {plan.describe()}; work units of {options.window_tokens:,} tokens",
+          file=sys.stderr)
+    stats = CollectStats()  # reading/tokenizing (producer thread)
+    rejects = RejectLog(stats)
+    progress = PoolProgress(total_items=total, desc="collect", unit="conv")
+    forward_seconds = 0.0
+    reported_written = 0  # conversations the workers say they committed (successful attempts)
+    peak_rss: dict[int, int] = {}
+
+    def on_done(unit: WorkUnit, result: dict[str, Any]) -> None:
+        nonlocal forward_seconds, reported_written
+        forward_seconds += result["stats"].forward_seconds
+        reported_written += result["stats"].written
+        peak_rss[result["pid"]] = max(peak_rss.get(result["pid"], 0), result["peak_rss"])
+
+    def before_retry(unit: WorkUnit) -> WorkUnit | None:
+        ledger.refresh()
+        done = frozenset(cid for cid in unit.item_ids if cid in ledger.where)
+        if len(done) == len(unit.item_ids):
+            return None
+        if done:
+            progress.write(f"unit {unit.id}: {len(done)} of its {len(unit.item_ids)} conversations were committed "
+                           "by the failed attempt; the retry writes the rest")
+        unit.args = (unit.args[0], done)
+        return unit
+
+    pool = ActorPool(CollectWorker, args=(_worker_settings(settings, plan, writer.url), writer.schema, options,
+                                          plan.num_gpus),
+                     num_workers=plan.num_workers, num_cpus=plan.num_cpus, num_gpus=plan.num_gpus,
+                     max_retries=max_retries, in_flight=IN_FLIGHT, max_concurrency=IN_FLIGHT,
+                     name_prefix=f"{worker_prefix}{ray.get_runtime_context().get_job_id()}",
+                     namespace=NAMESPACE)
+    units = _units(settings, chat, options, frozenset(ledger.where), stats, rejects, progress)
+    report = None
+    interrupted = True
+    try:
+        report = pool.run(units, on_done=on_done, before_retry=before_retry, progress=progress)
+        interrupted = False
+    finally:
+        progress.close()
+        ledger.refresh()
+        failed: list[UnitFailure] = report.failed if report else []
+        not_written = 0
+        for failure in failed:
+            for s in failure.unit.args[0]:
+                if s.conversation_id not in ledger.where:
+                    not_written += 1
+                    rejects(Reject(s.source, "unit_failed", f"work unit {failure.unit_id} failed "
+                                   f"{failure.attempts} times; last error: {failure.errors[-1]}", s.conversation_id))
+        new_parts = [ledger.parts[p] for p in ledger.parts if p not in parts_before]
+        row_bytes = 2 * (writer.schema.num_aux_slots + 1) * writer.schema.hidden_size + 5
+        stats.written = sum(p.num_samples for p in new_parts)
+        stats.tokens = sum(p.num_tokens for p in new_parts)
+        stats.parts = len(new_parts)
+        stats.stored_bytes = sum(p.stored_bytes for p in new_parts)
+        stats.raw_bytes = stats.tokens * row_bytes
+        stats.forward_seconds = forward_seconds
+        stats.seconds = time.perf_counter() - t_start
+        ray_info = {"workers": plan.num_workers, "cpus_per_worker": plan.num_cpus, "gpus_per_worker": plan.num_gpus,
+                    "device": plan.device, "nodes": plan.nodes, "window_tokens": options.window_tokens,
+                    "max_retries": max_retries,
+                    "units_done": report.units_done if report else None,
+                    "units_failed": [{"unit": f.unit_id, "attempts": f.attempts, "errors": f.errors} for f in failed],
+                    "workers_started": report.workers_started if report else None,
+                    "workers_lost": report.workers_lost if report else None,
+                    "worker_peak_rss": sorted(peak_rss.values()),
+                    "worker_info": [{k: v for k, v in w.items() if k != "summary"}
+                                    for w in (report.worker_info if report else [])],
+                    "duplicates": sorted(ledger.duplicates)[:100]}
+        where = write_reports(writer.url, settings.storage_options, stats, rejects,
+                              {**settings.report_dict(), "ray": ray_info}, settings.rejects)
+        print(stats.format(writer.url, settings.input, where))
+        if report is not None:
+            mem = f", peak RSS per worker {max(peak_rss.values()) / 2**20:,.0f} MiB" if peak_rss else ""
+            print(f"  ray        {plan.describe()}; {report.units_done} units done, {report.workers_started} "
+                  f"workers started, {report.workers_lost} lost{mem}")
+        if failed:
+            print(f"  FAILED     {len(failed)} work unit(s) after {max_retries + 1} attempts each; {not_written:,} "
+                  f"conversations not written (reason unit_failed in the rejects file). Rerun the same command "
+                  f"to retry them.")
+            for f in failed:
+                ids = [cid for cid in f.item_ids if cid not in ledger.where]
+                shown = ", ".join(ids[:10]) + (f", ... ({len(ids)} in all)" if len(ids) > 10 else "")
+                print(f"    unit {f.unit_id}: {f.errors[-1]}\n      conversations: {shown}")
+        invisible = reported_written > stats.written
+        if invisible:
+            print(f"  MISSING    the workers committed {reported_written:,} conversations but the driver sees only "
+                  f"{stats.written:,} new ones in {writer.url}: is --output a local path that is not shared by "
+                  "every node? Use s3://, gs:// or a shared file system", file=sys.stderr)
+        if ledger.duplicates:
+            dup = sorted(ledger.duplicates)
+            print(f"  DUPLICATES {len(dup)} conversation ids are committed more than once (e.g. {dup[:5]}); was "
+                  f"another job writing to {writer.url}? See docs/RAY.md", file=sys.stderr)
+        if interrupted:
+            print("draftdata collect: stopped early; committed parts are kept, rerun the same command to resume",
+                  file=sys.stderr)
+    return 1 if failed or ledger.duplicates or invisible else 0

@@ -1,0 +1,607 @@
+"""A pool of Ray actors that works through a stream of work units and survives actor deaths.
+
+Generic and reusable (`collect --ray` and `synthesize --ray` use it). The caller supplies:
+
+- a worker class (a plain Python class; the pool makes it a Ray actor) with two methods:
+  `ready() -> dict` (called once after construction; returns what to log about the worker,
+  e.g. pid, node, seconds spent loading the model) and `run_unit(unit_id, *args) -> Any`;
+- an iterable of `WorkUnit`s: a stable id, the arguments for `run_unit`, the ids of the items
+  inside (conversation ids, for failure reports), an item count and a size (tokens) for
+  progress. Units are pulled lazily on a background thread (`prefetch` ahead), so a long input
+  is never held in memory and producing units overlaps with the work.
+
+How work is scheduled and what happens on faults:
+
+- Placement: one actor per `num_gpus` GPUs (`num_gpus=G`, e.g. G=8 for a tensor-parallel
+  model) or, with `num_gpus=0`, CPU actors with `num_cpus` CPUs each.
+- Dynamic assignment: an actor that is ready and has fewer than `in_flight` units gets the
+  next unit (retries first). Units go only to actors whose `ready()` returned, so a worker that
+  fails while loading never consumes a unit's retries.
+- An actor that dies (SIGKILL, OOM killer, node loss: `RayActorError`) is replaced by a new
+  actor, and each of its unfinished units is retried. A unit whose `run_unit` raises is retried
+  too, on another actor when there is one. Before a retry `before_retry(unit)` may rewrite the
+  unit (collect tells the retry which items an earlier attempt already committed) or return
+  None when nothing is left to do.
+- A unit that failed `max_retries + 1` times is given up: it is reported in
+  `PoolReport.failed` with its id, item ids and every attempt's error, and the rest goes on.
+- `PoolError` stops the whole run when continuing cannot help: `max_start_failures` actor
+  starts failed in a row (a model that does not load, a missing package on the workers), or
+  `max_consecutive_failures` unit attempts failed in a row with no success in between (a
+  storage outage, a systematic bug). All actors are killed when `run` returns or raises.
+
+Progress (`PoolProgress`): items done/total with ETA, units done/total, tokens/s, live workers
+and failures, as a tqdm bar on a terminal or one plain line every `interval` seconds otherwise
+(e.g. in `ray job logs`). Worker errors are printed with their unit id, attempt and worker.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import queue
+import re
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from draftdata.errors import DraftdataError
+
+
+class PoolError(DraftdataError):
+    """The pool cannot make progress (workers do not start, or every unit fails)."""
+
+
+@dataclass
+class WorkUnit:
+    """One piece of work: `run_unit(id, *args)` on some actor."""
+
+    id: str
+    args: tuple
+    item_ids: list[str]
+    items: int = 0  # items for the progress bar (defaults to len(item_ids))
+    size: int = 0  # work size for throughput, e.g. tokens
+    attempts: int = 0  # attempts started so far (set by the pool)
+    errors: list[str] = field(default_factory=list)  # one line per failed attempt (set by the pool)
+    avoid: set[int] = field(default_factory=set)  # workers that failed it while staying alive
+    isolate: bool = False  # its worker died under it: run it alone from now on (set by the pool)
+
+    def __post_init__(self) -> None:
+        if not self.items:
+            self.items = len(self.item_ids)
+
+
+@dataclass
+class UnitFailure:
+    """A unit given up after its retries: which unit, which items, and why (each attempt)."""
+
+    unit_id: str
+    item_ids: list[str]
+    attempts: int
+    errors: list[str]
+    unit: WorkUnit | None = field(default=None, repr=False)
+
+    def __str__(self) -> str:
+        return f"unit {self.unit_id} failed {self.attempts} times, last error: {self.errors[-1] if self.errors else '?'}"
+
+
+@dataclass
+class PoolReport:
+    units_done: int = 0
+    units_skipped: int = 0  # retries that `before_retry` found already complete
+    failed: list[UnitFailure] = field(default_factory=list)
+    workers_started: int = 0
+    workers_lost: int = 0  # actors that died while running units
+    worker_info: list[dict[str, Any]] = field(default_factory=list)  # what each `ready()` returned
+    seconds: float = 0.0
+
+
+class PoolProgress:
+    """Aggregated progress: items (with ETA), units, tokens/s, workers, failures.
+
+    Thread-safe: the unit producer thread calls `advance` for items that need no work
+    (already committed, rejected), the pool thread for finished units.
+    """
+
+    def __init__(self, *, total_items: int | None = None, desc: str = "ray", unit: str = "item",
+                 size_unit: str = "tok", interval: float = 30.0, file: Any = None):
+        from tqdm import tqdm
+
+        self._file = file or sys.stderr
+        self._lock = threading.Lock()
+        self._t0 = time.perf_counter()
+        self._last_line = self._t0
+        self._interval = interval
+        self._tty = bool(getattr(self._file, "isatty", lambda: False)())
+        self.desc, self.unit, self.size_unit = desc, unit, size_unit
+        self.total_items = total_items
+        self.items = 0
+        self.size = 0
+        self.units_done = 0
+        self.units_failed = 0
+        self.units_total: int | None = None
+        self.units_seen = 0
+        self.workers = 0
+        self._bar = tqdm(total=total_items, desc=desc, unit=unit, file=self._file, dynamic_ncols=True,
+                         disable=not self._tty)
+
+    def start(self) -> None:
+        """Restart the clock (call when work begins, after workers are requested)."""
+        self._t0 = self._last_line = time.perf_counter()
+
+    def advance(self, items: int, size: int = 0) -> None:
+        with self._lock:
+            self.items += items
+            self.size += size
+            self._bar.update(items)
+            self._refresh()
+
+    def unit_finished(self, unit: WorkUnit, ok: bool) -> None:
+        with self._lock:
+            if ok:
+                self.units_done += 1
+            else:
+                self.units_failed += 1
+            self.items += unit.items
+            self.size += unit.size if ok else 0
+            self._bar.update(unit.items)
+            self._refresh()
+
+    def set_units(self, seen: int, total: int | None) -> None:
+        with self._lock:
+            self.units_seen, self.units_total = seen, total
+
+    def set_workers(self, n: int) -> None:
+        with self._lock:
+            self.workers = n
+
+    def rate(self) -> float:
+        dt = time.perf_counter() - self._t0
+        return self.size / dt if dt > 0 else 0.0
+
+    def summary(self) -> str:
+        total = self.units_total if self.units_total is not None else f"{self.units_seen}+"
+        s = (f"units {self.units_done}/{total}, {self.rate():,.0f} {self.size_unit}/s, "
+             f"{self.workers} worker{'s' if self.workers != 1 else ''}")
+        if self.units_failed:
+            s += f", {self.units_failed} FAILED"
+        return s
+
+    def _refresh(self) -> None:
+        if self._tty:
+            self._bar.set_postfix_str(self.summary(), refresh=False)
+            return
+        now = time.perf_counter()
+        if now - self._last_line >= self._interval:
+            self._last_line = now
+            self._print_line()
+
+    def _print_line(self) -> None:
+        elapsed = time.perf_counter() - self._t0
+        done = f"{self.items:,}"
+        eta = ""
+        if self.total_items:
+            done += f"/{self.total_items:,} {self.unit}s ({100 * self.items / self.total_items:.0f}%)"
+            if self.items and self.items < self.total_items:
+                eta = f", ETA {_duration(elapsed * (self.total_items - self.items) / self.items)}"
+        else:
+            done += f" {self.unit}s"
+        print(f"{self.desc}: {done}, {self.summary()}, elapsed {_duration(elapsed)}{eta}", file=self._file,
+              flush=True)
+
+    def write(self, message: str) -> None:
+        """A message line that does not break the bar."""
+        with self._lock:
+            if self._tty:
+                self._bar.write(message, file=self._file)
+            else:
+                print(message, file=self._file, flush=True)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._tty:
+                self._bar.set_postfix_str(self.summary(), refresh=True)
+            else:
+                self._print_line()
+            self._bar.close()
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+class _Prefetch:
+    """Pulls units from an iterator on a daemon thread into a bounded queue."""
+
+    _END = object()
+
+    def __init__(self, units: Iterable[WorkUnit], depth: int):
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+        self.produced = 0
+        self.exhausted = False
+        self._thread = threading.Thread(target=self._run, args=(iter(units),), name="draftdata-units",
+                                         daemon=True)
+        self._thread.start()
+
+    def _run(self, it: Iterator[WorkUnit]) -> None:
+        try:
+            for unit in it:
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(unit, timeout=0.2)
+                        break
+                    except queue.Full:
+                        continue
+                if self._stop.is_set():
+                    return
+            self._put_final(self._END)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the pool thread
+            self._put_final(e)
+
+    def _put_final(self, item: object) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    def get(self, timeout: float) -> WorkUnit | None:
+        """The next unit, or None when none is ready yet or the source is exhausted."""
+        if self.exhausted:
+            return None
+        try:
+            item = self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait()
+        except queue.Empty:
+            return None
+        if item is self._END:
+            self.exhausted = True
+            return None
+        if isinstance(item, BaseException):
+            self.exhausted = True
+            raise item
+        self.produced += 1
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+@dataclass
+class _Worker:
+    index: int
+    handle: Any
+    name: str | None
+    ready: bool = False
+    alive: bool = True
+    info: dict[str, Any] = field(default_factory=dict)
+    load: int = 0
+    isolated: bool = False  # running an isolated unit: takes no other unit meanwhile
+
+    def label(self) -> str:
+        where = ""
+        if self.info:
+            where = f" (pid {self.info.get('pid', '?')} on {self.info.get('node', '?')})"
+        return f"worker {self.index}{where}"
+
+
+def _error_text(err: BaseException) -> str:
+    """One line for a failed attempt: the worker's exception, not Ray's wrapping."""
+    import ray.exceptions as rex
+
+    if isinstance(err, rex.RayTaskError):
+        cause = getattr(err, "cause", None)
+        if isinstance(cause, BaseException):
+            return f"{type(cause).__name__}: {cause}".strip()
+        lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
+        return lines[-1] if lines else type(err).__name__
+    if isinstance(err, rex.RayActorError):
+        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip() and not ln.startswith("\t")]
+        if getattr(err, "actor_init_failed", False):  # the last line is the constructor's exception
+            return f"worker failed while starting: {lines[-1] if lines else type(err).__name__}"
+        detail = [ln for ln in lines if ln != rex.ActorDiedError.BASE_ERROR_MSG]
+        if not detail:
+            return "worker process died"
+        exit_type = re.search(r"Worker exit type: (\w+)", detail[-1])
+        first = detail[-1].split(". ")[0].rstrip(".")  # Ray appends a page of troubleshooting advice
+        return f"worker process died ({exit_type.group(1)}): {first}" if exit_type else f"worker process died: {first}"
+    return f"{type(err).__name__}: {err}"
+
+
+class ActorPool:
+    """Runs `WorkUnit`s on a pool of Ray actors of `worker_cls` (see the module docstring).
+
+    `ray` must be initialized (`ray.init`) by the caller. `name_prefix` gives actors the names
+    `<prefix>-<i>` in `namespace` so other drivers can see them (`named_actors_alive`).
+    `max_concurrency` > 1 makes the actor threaded so that `in_flight` > 1 units can overlap
+    (e.g. one unit's last commit with the next unit's compute); the worker must then be
+    thread-safe where it matters.
+    """
+
+    def __init__(self, worker_cls: type, *, args: tuple = (), kwargs: dict[str, Any] | None = None,
+                 num_workers: int = 1, num_cpus: float = 1, num_gpus: float = 0,
+                 resources: dict[str, float] | None = None, max_retries: int = 2, in_flight: int = 1,
+                 max_concurrency: int | None = None, name_prefix: str | None = None,
+                 namespace: str | None = None, max_start_failures: int = 3,
+                 max_consecutive_failures: int | None = None, runtime_env: dict[str, Any] | None = None):
+        import ray
+
+        missing = [m for m in ("ready", "run_unit") if not callable(getattr(worker_cls, m, None))]
+        if missing:
+            raise TypeError(f"{worker_cls.__name__} cannot be a pool worker: it lacks {', '.join(missing)}()")
+        if num_workers < 1:
+            raise DraftdataError(f"the pool needs at least one worker, got {num_workers}")
+        if max_retries < 0:
+            raise DraftdataError(f"max_retries must be >= 0, got {max_retries}")
+        self.num_workers = num_workers
+        self.max_retries = max_retries
+        self.in_flight = max(1, in_flight)
+        self.max_start_failures = max_start_failures
+        self.max_consecutive_failures = max_consecutive_failures or max(6, 3 * num_workers)
+        self._args, self._kwargs = args, dict(kwargs or {})
+        self._name_prefix, self._namespace = name_prefix, namespace
+        options: dict[str, Any] = {"num_cpus": num_cpus, "num_gpus": num_gpus, "max_restarts": 0,
+                                   "max_task_retries": 0}
+        if resources:
+            options["resources"] = resources
+        if max_concurrency and max_concurrency > 1:
+            options["max_concurrency"] = max_concurrency
+        if runtime_env:
+            options["runtime_env"] = runtime_env
+        self._actor_cls, self._options = ray.remote(worker_cls), options
+        self._workers: dict[int, _Worker] = {}
+        self._next_index = 0
+
+    # ------------------------------------------------------------------ actors
+
+    def _start_worker(self) -> tuple[_Worker, Any]:
+        index = self._next_index
+        self._next_index += 1
+        name = f"{self._name_prefix}-{index}" if self._name_prefix else None
+        options = dict(self._options)
+        if name:
+            options["name"] = name
+            if self._namespace:
+                options["namespace"] = self._namespace
+        handle = self._actor_cls.options(**options).remote(*self._args, **self._kwargs)
+        worker = _Worker(index, handle, name)
+        self._workers[index] = worker
+        return worker, handle.ready.remote()
+
+    def _kill(self, worker: _Worker) -> None:
+        import ray
+
+        worker.alive = False
+        try:
+            ray.kill(worker.handle, no_restart=True)
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+
+    def live_workers(self) -> list[_Worker]:
+        return [w for w in self._workers.values() if w.alive]
+
+    # ------------------------------------------------------------------ main loop
+
+    def run(self, units: Iterable[WorkUnit], *, on_done: Callable[[WorkUnit, Any], None],
+            before_retry: Callable[[WorkUnit], WorkUnit | None] | None = None,
+            progress: PoolProgress | None = None, prefetch: int | None = None,
+            total_units: int | None = None) -> PoolReport:
+        """Run every unit; `on_done(unit, result)` is called in this thread for each success.
+
+        Returns the report (failed units included); raises PoolError when no progress is
+        possible. Actors are killed before returning.
+        """
+        import ray
+
+        report = PoolReport()
+        t0 = time.perf_counter()
+        source = _Prefetch(units, prefetch or 2 * self.num_workers * self.in_flight)
+        retries: collections.deque[WorkUnit] = collections.deque()
+        running: dict[Any, tuple[WorkUnit, _Worker]] = {}
+        starting: dict[Any, _Worker] = {}
+        start_failures = 0
+        consecutive_failures = 0
+        last_wait_note = time.perf_counter()
+
+        def note(msg: str) -> None:
+            (progress.write if progress else lambda m: print(m, file=sys.stderr, flush=True))(msg)
+
+        def start_one() -> None:
+            worker, ref = self._start_worker()
+            starting[ref] = worker
+
+        def update_units() -> None:
+            if progress:
+                seen = source.produced
+                progress.set_units(seen, seen if source.exhausted else total_units)
+                progress.set_workers(sum(1 for w in self.live_workers() if w.ready))
+
+        def give_up(unit: WorkUnit) -> None:
+            report.failed.append(UnitFailure(unit.id, list(unit.item_ids), unit.attempts, list(unit.errors), unit))
+            if progress:
+                progress.unit_finished(unit, ok=False)
+            note(f"unit {unit.id}: giving up after {unit.attempts} attempts ({len(unit.item_ids)} items "
+                 f"not done); the rest of the run continues")
+
+        def failed_attempt(unit: WorkUnit, worker: _Worker, err: BaseException, died: bool) -> None:
+            nonlocal consecutive_failures
+            consecutive_failures += 1
+            text = _error_text(err)
+            unit.errors.append(f"attempt {unit.attempts} on {worker.label()}: {text}")
+            if died:
+                unit.isolate = True  # it may be what kills workers: never again next to another unit
+            else:
+                unit.avoid.add(worker.index)
+            left = self.max_retries + 1 - unit.attempts
+            note(f"unit {unit.id}: attempt {unit.attempts}/{self.max_retries + 1} failed on {worker.label()}: "
+                 f"{text}" + (f"; retrying{' elsewhere' if len(self.live_workers()) > 1 or died else ''}"
+                              if left > 0 else ""))
+            if consecutive_failures >= self.max_consecutive_failures:
+                raise PoolError(f"{consecutive_failures} work unit attempts failed in a row without a single "
+                                f"success; stopping (last: unit {unit.id}: {text})")
+            if left <= 0:
+                give_up(unit)
+                return
+            if before_retry is not None:
+                again = before_retry(unit)
+                if again is None:
+                    report.units_skipped += 1
+                    report.units_done += 1
+                    if progress:
+                        progress.unit_finished(unit, ok=True)
+                    return
+                unit = again
+            retries.append(unit)
+
+        def next_unit(worker: _Worker, wait: float) -> WorkUnit | None:
+            if worker.isolated:
+                return None
+            others = [w.index for w in self.live_workers() if w.index != worker.index]
+            for i, unit in enumerate(retries):
+                if unit.isolate and worker.load > 0:
+                    continue
+                # prefer a worker that has not failed this unit; when all have, any will do
+                if worker.index not in unit.avoid or all(o in unit.avoid for o in others):
+                    del retries[i]
+                    return unit
+            return source.get(wait)
+
+        try:
+            for _ in range(self.num_workers):
+                start_one()
+            if progress:
+                progress.start()
+            while True:
+                # Hand out work: idle slots first, then up to `in_flight` per worker.
+                for depth in range(1, self.in_flight + 1):
+                    for worker in sorted(self.live_workers(), key=lambda w: w.load):
+                        if not worker.ready or worker.load >= depth:
+                            continue
+                        unit = next_unit(worker, 0.05 if not running else 0.0)
+                        if unit is None:
+                            continue
+                        unit.attempts += 1
+                        ref = worker.handle.run_unit.remote(unit.id, *unit.args)
+                        running[ref] = (unit, worker)
+                        worker.load += 1
+                        worker.isolated = unit.isolate
+                update_units()
+                if not running and not retries and source.exhausted:
+                    break  # workers still waiting for resources are not needed any more
+                if not running and not starting and retries and not self.live_workers():
+                    raise PoolError("no worker is alive to run the remaining units")
+                waiting = list(running) + list(starting)
+                if not waiting:  # units are being produced; poll the source again
+                    time.sleep(0.01)
+                    continue
+                done, _ = ray.wait(waiting, num_returns=1, timeout=0.5)
+                if not done:
+                    if starting and not running and time.perf_counter() - last_wait_note > 120:
+                        last_wait_note = time.perf_counter()
+                        note(f"waiting for {len(starting)} worker(s) to start (model loading, or the cluster "
+                             "lacks the requested resources; see `ray status`)")
+                    continue
+                ref = done[0]
+                if ref in starting:
+                    worker = starting.pop(ref)
+                    try:
+                        worker.info = dict(ray.get(ref) or {})
+                    except Exception as e:  # noqa: BLE001 - any start failure is handled alike
+                        start_failures += 1
+                        self._kill(worker)
+                        note(f"{worker.label()} failed to start ({start_failures}/{self.max_start_failures}): "
+                             f"{_error_text(e)}")
+                        if start_failures >= self.max_start_failures:
+                            raise PoolError(f"{start_failures} workers in a row failed to start; last error: "
+                                            f"{_error_text(e)}") from None
+                        start_one()
+                        continue
+                    start_failures = 0
+                    worker.ready = True
+                    report.workers_started += 1
+                    report.worker_info.append({"worker": worker.index, **worker.info})
+                    note(f"{worker.label()} ready" + (f": {worker.info['summary']}" if worker.info.get("summary")
+                                                      else ""))
+                    continue
+                unit, worker = running.pop(ref)
+                worker.load -= 1
+                if unit.isolate:
+                    worker.isolated = False
+                try:
+                    result = ray.get(ref)
+                except ray.exceptions.RayActorError as e:
+                    if worker.alive:
+                        report.workers_lost += 1
+                        self._kill(worker)
+                        note(f"{worker.label()} died; starting a replacement")
+                        start_one()
+                    failed_attempt(unit, worker, e, died=True)
+                    continue
+                except ray.exceptions.RayError as e:
+                    failed_attempt(unit, worker, e, died=False)
+                    continue
+                consecutive_failures = 0
+                on_done(unit, result)
+                report.units_done += 1
+                if progress:
+                    progress.unit_finished(unit, ok=True)
+        finally:
+            source.close()
+            for worker in list(self._workers.values()):
+                if worker.alive:
+                    self._kill(worker)
+            report.seconds = time.perf_counter() - t0
+            if progress:
+                progress.set_units(source.produced, source.produced if source.exhausted else total_units)
+        return report
+
+
+def named_actors_alive(prefix: str) -> list[str]:
+    """Names (namespace/name) of live named actors whose name starts with `prefix`, any namespace."""
+    import ray
+
+    return sorted(f"{a['namespace']}/{a['name']}" for a in ray.util.list_named_actors(all_namespaces=True)
+                  if a["name"].startswith(prefix))
+
+
+def wait_named_actors_gone(prefix: str, timeout: float = 60.0) -> list[str]:
+    """Wait until no live named actor starts with `prefix`; returns those still alive at the timeout.
+
+    Used for exclusion: a driver that was just killed leaves its actors alive for a moment
+    (Ray reaps them once it notices the owner died); a second driver must not start while they
+    may still commit parts.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = named_actors_alive(prefix)
+        if not alive or time.monotonic() >= deadline:
+            return alive
+        time.sleep(0.5)
+
+
+def process_memory() -> dict[str, int]:
+    """Resident and peak resident memory of this process in bytes (Linux /proc; zeros elsewhere)."""
+    out = {"rss": 0, "peak_rss": 0}
+    try:
+        with open(f"/proc/{os.getpid()}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    out["rss"] = int(line.split()[1]) * 1024
+                elif line.startswith("VmHWM:"):
+                    out["peak_rss"] = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return out
+
+
+def format_traceback(err: BaseException) -> str:
+    return "".join(traceback.format_exception(type(err), err, err.__traceback__))

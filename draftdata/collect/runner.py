@@ -1,0 +1,445 @@
+"""The collection loop: tokenized conversations -> token-budget batches -> backend -> parts.
+
+Pipeline (one process; a Ray actor runs the same `collect_records` on its share):
+
+    reader thread: read + validate ─► skip committed ids ─► tokenize (chunks)
+        ─► window of samples, sorted by length
+        ─► batches filled to --batch-tokens (padded size) ─► backend.forward
+        ─► bounded queue ─► writer thread: PartWriter.add, roll over at --part-size
+        ─► commit thread: PartWriter.commit (arrays, then the commit record), one at a time
+
+Sorting a window by length keeps padding small; padding never reaches storage (backends return
+unpadded tensors). The reader thread (input parsing, tokenization) and the writer and commit
+threads (storage I/O) overlap the forward passes; bounded queues keep host memory to the
+read-ahead token ids, a few batches of states and two parts. A crash loses at most the
+uncommitted parts; a rerun skips every committed conversation id, so nothing is duplicated.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Collection, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import torch
+
+from draftdata.collect.backends.base import Backend
+from draftdata.collect.conversations import (
+    ChatTokenizer,
+    Conversation,
+    Reject,
+    TokenizedSample,
+    tokenize_stream,
+)
+from draftdata.errors import DraftdataError
+
+Progress = Callable[[int, int], None]  # (conversations done, tokens done) since the last call
+
+
+@dataclass
+class CollectOptions:
+    """How `collect_records` batches and writes."""
+
+    aux_layer_ids: list[int]
+    batch_tokens: int = 8192  # budget per forward batch, counted with padding (B * longest)
+    part_bytes: int = 512 * 2**20  # roll a part over once it buffers this many raw bytes
+    window_tokens: int | None = None  # samples sorted by length together; default 32 batches
+    queue_batches: int = 4  # finished batches waiting for the writer thread
+    max_padding: float = 0.125  # largest share of padding in a batch (see token_batches)
+    prefetch_samples: int = 8192  # tokenized samples read ahead on a thread while the model runs
+
+    def __post_init__(self) -> None:
+        if self.batch_tokens < 1:
+            raise DraftdataError(f"--batch-tokens {self.batch_tokens}: must be positive")
+        if self.part_bytes < 1:
+            raise DraftdataError(f"--part-size must be positive (got {self.part_bytes} bytes)")
+        if self.window_tokens is None:
+            self.window_tokens = 32 * self.batch_tokens
+
+
+@dataclass
+class CollectStats:
+    """Counts for the run summary; `merge` adds up the stats of several workers."""
+
+    read: int = 0  # records read from the input (valid or not)
+    written: int = 0  # conversations committed by this run
+    tokens: int = 0  # tokens committed by this run
+    stored_bytes: int = 0  # bytes of the committed parts
+    raw_bytes: int = 0  # raw bytes (bf16 + ids + mask) of the committed parts
+    parts: int = 0
+    truncated: int = 0  # written after cutting to --max-seq-len (--on-long truncate)
+    skipped: Counter = field(default_factory=Counter)  # reason -> count (already_committed + reject reasons)
+    seconds: float = 0.0
+    forward_seconds: float = 0.0
+
+    def merge(self, other: CollectStats) -> None:
+        for name in ("read", "written", "tokens", "stored_bytes", "raw_bytes", "parts", "truncated",
+                     "forward_seconds"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.skipped.update(other.skipped)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["skipped"] = dict(sorted(self.skipped.items()))
+        return d
+
+    def format(self, output: str, input: str | None = None, rejects: str | None = None) -> str:
+        """The human-readable summary printed at the end of a run."""
+        rate = self.tokens / self.seconds if self.seconds > 0 else 0.0
+        skipped = sum(self.skipped.values())
+        reasons = ", ".join(f"{k} {v:,}" for k, v in sorted(self.skipped.items(), key=lambda kv: (-kv[1], kv[0])))
+        lines = [
+            f"collect summary ({self.seconds:,.1f} s)",
+            f"  read       {self.read:,} records" + (f" from {input}" if input else ""),
+            f"  written    {self.written:,} conversations, {self.tokens:,} tokens in {self.parts:,} "
+            f"part{'' if self.parts == 1 else 's'} "
+            f"({rate:,.0f} tokens/s)",
+            f"  bytes      {_size(self.stored_bytes)} stored, {_size(self.raw_bytes)} raw",
+            f"  skipped    {skipped:,}" + (f": {reasons}" if reasons else ""),
+        ]
+        if self.truncated:
+            lines.append(f"  truncated  {self.truncated:,} (cut to --max-seq-len, kept)")
+        lines.append(f"  output     {output}")
+        if rejects:
+            lines.append(f"  rejects    {rejects}")
+        return "\n".join(lines)
+
+
+def _size(n: float) -> str:
+    if n < 1024:
+        return f"{int(n):,} B"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        n /= 1024
+        if n < 1024 or unit == "TiB":
+            break
+    return f"{n:,.1f} {unit}"
+
+
+class RejectLog:
+    """Collects rejects during a run; counted in the stats and written as JSONL at the end."""
+
+    def __init__(self, stats: CollectStats, strict: bool = False):
+        self.stats, self.strict = stats, strict
+        self.rejects: list[Reject] = []
+
+    def __call__(self, reject: Reject) -> None:
+        if self.strict:
+            raise DraftdataError(f"{reject} (--strict stops at the first bad record; see docs/COLLECT.md)")
+        self.stats.skipped[reject.reason] += 1
+        self.rejects.append(reject)
+
+    def to_jsonl(self) -> bytes:
+        return "".join(json.dumps(r.to_dict(), ensure_ascii=False) + "\n" for r in self.rejects).encode()
+
+
+def prepare_samples(items: Iterable[Conversation | Reject], chat: ChatTokenizer, *, skip_ids: set[str],
+                    stats: CollectStats, on_reject: Callable[[Reject], None],
+                    progress: Progress | None = None, chunk: int = 256) -> Iterator[TokenizedSample]:
+    """Read results -> tokenized samples still to collect.
+
+    Conversations whose id is in `skip_ids` (already committed) are counted as skipped and
+    never tokenized; rejects go to `on_reject`. Every record advances `progress` exactly once:
+    here when it is skipped or rejected, in `collect_records` when it is written.
+    """
+
+    def fresh() -> Iterator[Conversation | Reject]:
+        for item in items:
+            stats.read += 1
+            if isinstance(item, Conversation) and item.conversation_id in skip_ids:
+                stats.skipped["already_committed"] += 1
+                if progress:
+                    progress(1, 0)
+                continue
+            yield item
+
+    for item in tokenize_stream(fresh(), chat, chunk=chunk):
+        if isinstance(item, Reject):
+            on_reject(item)
+            if progress:
+                progress(1, 0)
+            continue
+        if item.truncated:
+            stats.truncated += 1
+        yield item
+
+
+def token_batches(samples: list[TokenizedSample], batch_tokens: int,
+                  max_padding: float = 0.125) -> Iterator[list[TokenizedSample]]:
+    """Longest first; a batch grows while it fits `batch_tokens` padded to its longest sample and
+    its padding stays within `max_padding` of it or 16 tokens a row (a sample longer than the
+    budget runs alone).
+
+    The padding cap matters where lengths are spread (small inputs, the tails of a window): a
+    padded token costs as much compute as a real one and is thrown away.
+    """
+    ordered = sorted(samples, key=lambda s: s.length, reverse=True)
+    i = 0
+    while i < len(ordered):
+        longest = ordered[i].length
+        n, real = 1, longest
+        while i + n < len(ordered) and (n + 1) * longest <= batch_tokens:
+            nxt = ordered[i + n].length
+            padding = (n + 1) * longest - (real + nxt)
+            if padding > max(max_padding * (n + 1) * longest, 16 * (n + 1)):
+                break
+            n, real = n + 1, real + nxt
+        yield ordered[i:i + n]
+        i += n
+
+
+def _windows(samples: Iterable[TokenizedSample], window_tokens: int) -> Iterator[list[TokenizedSample]]:
+    window: list[TokenizedSample] = []
+    tokens = 0
+    for s in samples:
+        window.append(s)
+        tokens += s.length
+        if tokens >= window_tokens:
+            yield window
+            window, tokens = [], 0
+    if window:
+        yield window
+
+
+def _forward(backend: Backend, batch: list[TokenizedSample], aux_layer_ids: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """backend.forward, splitting the batch in halves on GPU out-of-memory."""
+    try:
+        return backend.forward([s.input_ids.tolist() for s in batch], aux_layer_ids)
+    except torch.OutOfMemoryError:
+        if len(batch) == 1:
+            raise DraftdataError(f"out of GPU memory on one sequence of {batch[0].length} tokens "
+                                 f"({batch[0].source}); lower --max-seq-len or use a bigger GPU") from None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        print(f"draftdata collect: out of memory on a batch of {len(batch)} sequences; splitting it "
+              "(lower --batch-tokens to avoid this)", file=sys.stderr)
+        half = len(batch) // 2
+        return _forward(backend, batch[:half], aux_layer_ids) + _forward(backend, batch[half:], aux_layer_ids)
+
+
+class _Failure:
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+def _prefetched(items: Iterable[Any], depth: int) -> Iterator[Any]:
+    """Iterate `items` on a thread, up to `depth` ahead: reading and tokenizing the input overlap
+    the forward passes. The producer's exceptions are re-raised here; closing stops it."""
+    q: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+    end = object()
+
+    def put(x: Any) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(x, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for x in items:
+                if not put(x):
+                    return
+            put(end)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            put(_Failure(e))
+
+    thread = threading.Thread(target=produce, name="draftdata-reader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            x = q.get()
+            if x is end:
+                return
+            if isinstance(x, _Failure):
+                raise x.error
+            yield x
+    finally:
+        stop.set()
+        thread.join()
+
+
+class BackgroundWriter:
+    """Adds finished samples to parts on a writer thread and commits full parts on a commit thread.
+
+    `put` blocks while `queue_batches` batches wait (bounding memory) and re-raises a writer
+    failure in the caller. One commit runs at a time, while the next part fills.
+    """
+
+    def __init__(self, writer: Any, *, part_bytes: int, work_unit: str | None, queue_batches: int,
+                 stats: CollectStats):
+        self._writer, self._part_bytes, self._work_unit, self._stats = writer, part_bytes, work_unit, stats
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, queue_batches))
+        self._commits = ThreadPoolExecutor(max_workers=1, thread_name_prefix="draftdata-commit")
+        self._pending: Future | None = None
+        self._error: BaseException | None = None
+        self._stop = threading.Event()
+        self._row_bytes = 2 * (writer.schema.num_aux_slots + 1) * writer.schema.hidden_size + 5
+        self._thread = threading.Thread(target=self._run, name="draftdata-writer", daemon=True)
+        self._thread.start()
+
+    def put(self, samples: list[dict[str, Any]]) -> None:
+        while True:
+            self._raise_if_failed()
+            try:
+                self._queue.put(samples, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def close(self) -> None:
+        """Commit what is buffered, wait for all commits, re-raise any writer failure."""
+        self.put(None)  # type: ignore[arg-type]
+        self._thread.join()
+        self._commits.shutdown(wait=True)
+        self._raise_if_failed()
+
+    def abort(self) -> None:
+        """Stop without committing the part being filled (parts already committing finish)."""
+        self._stop.set()
+        try:
+            self._queue.put_nowait(None)
+        except queue.Full:
+            pass
+        self._thread.join()
+        self._commits.shutdown(wait=True)
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _run(self) -> None:
+        part = None
+        try:
+            while True:
+                item = self._queue.get()
+                if item is None or self._stop.is_set():
+                    break
+                for sample in item:
+                    if part is None:
+                        part = self._writer.open_part(self._work_unit)
+                    part.add(sample)
+                    if part.nbytes >= self._part_bytes:
+                        self._commit(part)
+                        part = None
+            if part is not None and not self._stop.is_set():
+                self._commit(part)
+                part = None
+            self._wait_commit()
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread
+            self._error = e
+        finally:
+            if part is not None:
+                part.abort()
+            if self._error is not None:  # unblock a producer waiting on a full queue
+                while not self._queue.empty():
+                    self._queue.get_nowait()
+
+    def _commit(self, part: Any) -> None:
+        self._wait_commit()
+        self._pending = self._commits.submit(self._do_commit, part)
+
+    def _wait_commit(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    def _do_commit(self, part: Any) -> None:
+        info = part.commit()
+        if info is not None:
+            s = self._stats
+            s.written += info.num_samples
+            s.tokens += info.num_tokens
+            s.stored_bytes += info.stored_bytes
+            s.raw_bytes += info.num_tokens * self._row_bytes
+            s.parts += 1
+
+
+def collect_records(samples: Iterable[TokenizedSample], backend: Backend, writer: Any, options: CollectOptions, *,
+                    work_unit: str | None = None, progress: Progress | None = None,
+                    stats: CollectStats | None = None, skip_ids: Collection[str] = ()) -> CollectStats:
+    """Run `backend` over `samples` and write them into parts of the open dataset `writer`.
+
+    Returns (and updates) `stats`; `written`/`tokens`/`parts` count committed data only. On any
+    error the part being filled is dropped (nothing half-written becomes visible) and the error
+    propagates; parts committed before it stay and a rerun skips them.
+
+    `skip_ids` (used by a retried Ray work unit: ids an earlier attempt committed) are batched
+    as usual but not written, so the other samples see exactly the batches, and thus the
+    tensors, of the first attempt; a batch of skipped ids only is not run. They count in
+    `progress` but not in `stats` (the caller accounts for them).
+    """
+    stats = stats if stats is not None else CollectStats()
+    t0 = time.perf_counter()
+    out = BackgroundWriter(writer, part_bytes=options.part_bytes, work_unit=work_unit,
+                           queue_batches=options.queue_batches, stats=stats)
+    try:
+        for window in _windows(_prefetched(samples, options.prefetch_samples), options.window_tokens):
+            for batch in token_batches(window, options.batch_tokens, options.max_padding):
+                keep = [s.conversation_id not in skip_ids for s in batch]
+                if not any(keep):
+                    if progress:
+                        progress(len(batch), 0)
+                    continue
+                f0 = time.perf_counter()
+                results = _forward(backend, batch, options.aux_layer_ids)
+                stats.forward_seconds += time.perf_counter() - f0
+                out.put([_store_sample(s, aux, final) for s, k, (aux, final) in zip(batch, keep, results) if k])
+                if progress:
+                    progress(len(batch), sum(s.length for s in batch))
+        out.close()
+    except BaseException:
+        out.abort()
+        raise
+    finally:
+        stats.seconds += time.perf_counter() - t0
+    return stats
+
+
+def _store_sample(s: TokenizedSample, aux: torch.Tensor, final: torch.Tensor) -> dict[str, Any]:
+    if aux.shape[0] != s.length or final.shape[0] != s.length:
+        raise DraftdataError(f"{s.source}: the backend returned {aux.shape[0]} rows for {s.length} tokens")
+    return {"conversation_id": s.conversation_id, "input_ids": torch.from_numpy(s.input_ids),
+            "loss_mask": torch.from_numpy(s.loss_mask), "aux_hidden_states": aux, "hidden_states": final}
+
+
+def write_reports(output_url: str, storage_options: dict | None, stats: CollectStats, rejects: RejectLog,
+                  settings: dict[str, Any], rejects_path: str | None = None) -> str | None:
+    """Write summary.json (always) and rejects.jsonl (when there are rejects) for this run.
+
+    They go to `<output>/_reports/collect-<UTC time>-<pid>/` so they travel with the dataset
+    (also on object storage); readers and `verify` ignore `_reports/`. `rejects_path` writes the
+    rejects to that file instead. Returns where the rejects are, if any.
+    """
+    import fsspec
+
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    folder = f"{output_url.rstrip('/')}/_reports/collect-{stamp}-{os.getpid()}"
+
+    def opts(url: str) -> dict:
+        return dict(storage_options or {}) if "://" in url and not url.startswith("file://") else {}
+
+    summary: dict[str, Any] = {"stats": stats.to_dict(), "settings": settings, "finished_at": stamp}
+    where = None
+    try:
+        if rejects.rejects:
+            where = rejects_path or f"{folder}/rejects.jsonl"
+            with fsspec.open(where, "wb", auto_mkdir=True, **opts(where)) as f:
+                f.write(rejects.to_jsonl())
+            summary["rejects"] = where
+        with fsspec.open(f"{folder}/summary.json", "wb", auto_mkdir=True, **opts(folder)) as f:
+            f.write((json.dumps(summary, indent=2) + "\n").encode())
+    except Exception as e:  # noqa: BLE001 - a report failure must not fail a finished run
+        print(f"draftdata collect: warning: could not write the run report to {folder}: {e}", file=sys.stderr)
+    return where

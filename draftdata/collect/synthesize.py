@@ -1,0 +1,1166 @@
+"""`draftdata synthesize`: rewrite every assistant turn of a conversation file with the base model.
+
+A draft trained on the base model's own answers accepts more tokens than one trained on
+human or other-model answers, because it learns the distribution it will be asked to guess.
+
+What a conversation becomes: its assistant messages are dropped, `--system-prompt` is
+injected where it has no system message (or replaces them all with `--replace-system-prompt`),
+and every user message is answered in order, each answer generated after the model's own
+earlier answers (so a two-question conversation is a real multi-turn chat with the model).
+System messages stay where they were.
+
+Two ways to generate:
+- local (`HFGenerator`): batched decoding with transformers on CPU/CUDA. Prompts are left
+  padded, decoded with the KV cache, and finished rows leave the batch. Each (conversation,
+  turn) draws its random numbers from its own generator seeded from (--seed, id, turn), so an
+  answer does not depend on which other conversations share its batch, on the batch size, on
+  resuming, or on how a Ray job split the input (up to float rounding of batched matmuls);
+  temperature 0 is greedy.
+- `--endpoint URL` (`EndpointClient`): any OpenAI-compatible chat-completions server (vLLM,
+  SGLang, TRT-LLM serve); conversations run concurrently on a small thread pool, each turn one
+  POST {URL}/v1/chat/completions carrying the same per-turn seed.
+
+Output (`JsonlOutput`): JSONL in the format `collect` reads, ids kept, appended in whole lines
+(one write + fsync per batch) while an exclusive lock keeps a second run off the file. A rerun
+skips the ids already written; a line torn by a kill is cut off (with a message) before
+anything is appended, so a kill loses at most the conversations in flight and never breaks the
+file. `<OUT>.synth/` holds the settings the file was written with (a rerun with other
+generation settings is refused: it would mix two distributions), the run summaries and the
+rejects.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from draftdata.collect.conversations import Conversation, RecordError, Reject, read_conversations
+from draftdata.errors import DraftdataError
+
+# Reject reasons of synthesize (reading the input rejects with collect's REASONS as well).
+SYNTH_REASONS = {
+    "no_user_turn": "the conversation has no user message, so there is nothing to answer",
+    "template_error": "the chat template failed on this conversation",
+    "too_long": "a prompt is longer than --max-seq-len tokens, so its turn cannot be answered",
+    "endpoint_rejected": "the endpoint refused the request (HTTP 4xx) or returned no answer",
+}
+SIDECAR_SUFFIX = ".synth"  # <OUT>.synth/: settings.json, summary-*.json, rejects-*.jsonl
+# Settings that change what the model writes: a rerun into the same output must keep them.
+IDENTITY_KEYS = ("model_id", "model_hash", "endpoint", "max_new_tokens", "temperature", "top_p", "seed",
+                 "system_prompt", "replace_system_prompt", "chat_template_hash")
+
+Progress = Callable[[int, int], None]  # (conversations finished, tokens generated) since the last call
+Sink = Callable[[list[dict[str, Any]]], None]  # takes finished output records, one batch at a time
+
+
+# ---------------------------------------------------------------- settings and stats
+
+@dataclass
+class SynthSettings:
+    """Everything a synthesize run needs, resolved and picklable (Ray ships it to actors)."""
+
+    input: str
+    output: str
+    model: str | None = None  # --model as given (the served model name with --endpoint)
+    model_path: str | None = None  # resolved local HF directory (local generation only)
+    endpoint: str | None = None
+    api_key: str | None = None
+    max_new_tokens: int = 1024
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    system_prompt: str | None = None
+    replace_system_prompt: bool = False
+    chat_template: str | None = None  # template text from --chat-template
+    max_seq_len: int | None = None  # None: the model's max_position_embeddings
+    batch_size: int = 16
+    concurrency: int = 8
+    request_timeout: float = 600.0
+    retries: int = 5
+    dtype: str = "auto"
+    device: str = "cpu"
+    limit: int | None = None
+    strict: bool = False
+    rejects: str | None = None
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise DraftdataError("--max-new-tokens must be a positive integer")
+        if self.temperature < 0:
+            raise DraftdataError("--temperature must be >= 0 (0 = greedy)")
+        if not 0 < self.top_p <= 1:
+            raise DraftdataError("--top-p must be in (0, 1]")
+        for name in ("batch_size", "concurrency"):
+            if getattr(self, name) < 1:
+                raise DraftdataError(f"--{name.replace('_', '-')} must be a positive integer")
+        if self.max_seq_len is not None and self.max_seq_len < 2:
+            raise DraftdataError("--max-seq-len must be at least 2")
+        if self.limit is not None and self.limit < 0:
+            raise DraftdataError("--limit must be >= 0")
+        if self.endpoint is None and self.model_path is None:
+            raise DraftdataError("give --model (a local model to generate with) or --endpoint URL")
+
+    def identity(self) -> dict[str, Any]:
+        """The settings that decide what gets written (compared when a run resumes an output)."""
+        from draftdata.models import model_hash, model_identity
+
+        if self.endpoint:
+            model_id, weights = self.model, None
+        else:
+            model_id, weights = model_identity(self.model_path)[0], model_hash(self.model_path)
+        template = hashlib.sha256(self.chat_template.encode()).hexdigest()[:16] if self.chat_template else None
+        return {"model_id": model_id, "model_hash": weights, "endpoint": self.endpoint,
+                "max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "top_p": self.top_p,
+                "seed": self.seed, "system_prompt": self.system_prompt,
+                "replace_system_prompt": self.replace_system_prompt, "chat_template_hash": template}
+
+    def report_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["api_key"] = self.api_key is not None  # never write secrets
+        d["storage_options"] = sorted(self.storage_options)
+        d["chat_template"] = self.chat_template is not None
+        return d
+
+
+@dataclass
+class SynthStats:
+    """Counts for the run summary; `merge` adds up those of several Ray workers."""
+
+    read: int = 0  # input records read (valid or not)
+    written: int = 0  # conversations appended by this run
+    answers: int = 0  # assistant turns generated
+    tokens: int = 0  # tokens generated (answers incl. their end-of-turn token)
+    truncated: int = 0  # answers cut at --max-new-tokens (or --max-seq-len)
+    skipped: Counter = field(default_factory=Counter)  # reason -> count (already_written + rejects)
+    seconds: float = 0.0
+    generate_seconds: float = 0.0
+
+    def merge(self, other: SynthStats) -> None:
+        for name in ("read", "written", "answers", "tokens", "truncated", "generate_seconds"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.skipped.update(other.skipped)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["skipped"] = dict(sorted(self.skipped.items()))
+        return d
+
+    def format(self, output: str, input: str | None = None, rejects: str | None = None) -> str:
+        rate = self.tokens / self.generate_seconds if self.generate_seconds > 0 else 0.0
+        skipped = sum(self.skipped.values())
+        reasons = ", ".join(f"{k} {v:,}" for k, v in sorted(self.skipped.items(), key=lambda kv: (-kv[1], kv[0])))
+        lines = [
+            f"synthesize summary ({self.seconds:,.1f} s)",
+            f"  read       {self.read:,} records" + (f" from {input}" if input else ""),
+            f"  written    {self.written:,} conversations, {self.answers:,} answers, {self.tokens:,} tokens "
+            f"generated ({rate:,.0f} tokens/s)",
+            f"  skipped    {skipped:,}" + (f": {reasons}" if reasons else ""),
+        ]
+        if self.truncated:
+            lines.append(f"  truncated  {self.truncated:,} answers hit --max-new-tokens (kept as generated)")
+        lines.append(f"  output     {output}")
+        if rejects:
+            lines.append(f"  rejects    {rejects}")
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- conversations turn by turn
+
+@dataclass
+class Prompt:
+    """One turn to answer: the messages so far (ending with a user message) and its seed."""
+
+    messages: list[dict[str, str]]
+    seed: int
+    source: str = ""
+
+
+@dataclass
+class Answer:
+    text: str = ""
+    tokens: int = 0  # generated tokens, incl. the end-of-turn token when there is one
+    truncated: bool = False  # stopped by the token limit, not by the model
+    reject: tuple[str, str] | None = None  # (reason, detail): this conversation cannot be finished
+
+
+def turn_seed(seed: int, conversation_id: str, turn: int) -> int:
+    """The seed of one answer: a hash of (--seed, conversation id, turn), 31 bits (fits every
+    server's `seed` field). It is what makes sampling independent of batching and ordering."""
+    digest = hashlib.sha256(f"{seed}\x00{conversation_id}\x00{turn}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+class TurnState:
+    """A conversation being rewritten: the messages it keeps, answered one user turn at a time."""
+
+    def __init__(self, conv: Conversation, *, seed: int = 0, system_prompt: str | None = None,
+                 replace_system_prompt: bool = False):
+        kept = [m for m in conv.messages if m["role"] != "assistant"]
+        if system_prompt is not None:
+            if replace_system_prompt:
+                kept = [m for m in kept if m["role"] != "system"]
+            if not any(m["role"] == "system" for m in kept):
+                kept.insert(0, {"role": "system", "content": system_prompt})
+        if not any(m["role"] == "user" for m in kept):
+            raise RecordError("no_user_turn", "no user message to answer", conv.conversation_id)
+        self.conv, self.seed = conv, seed
+        self.todo = kept
+        self.messages: list[dict[str, str]] = []
+        self.turn = 0  # answers given so far
+        self.tokens = 0
+        self.truncated = 0
+        self.waiting = False  # the last message is a user message waiting for its answer
+        self._advance()
+
+    @property
+    def finished(self) -> bool:
+        return not self.waiting
+
+    def _advance(self) -> None:
+        """Move kept messages into `messages` up to and including the next user message; with no
+        user message left, move the rest (trailing system messages stay in place) and finish."""
+        if not any(m["role"] == "user" for m in self.todo):
+            self.messages.extend(dict(m) for m in self.todo)
+            self.todo = []
+            return
+        while True:
+            m = self.todo.pop(0)
+            self.messages.append(dict(m))
+            if m["role"] == "user":
+                self.waiting = True
+                return
+
+    def prompt(self) -> Prompt:
+        return Prompt(list(self.messages), turn_seed(self.seed, self.conv.conversation_id, self.turn),
+                      self.conv.source)
+
+    def add_answer(self, answer: Answer) -> None:
+        self.messages.append({"role": "assistant", "content": answer.text})
+        self.waiting = False
+        self.turn += 1
+        self.tokens += answer.tokens
+        self.truncated += int(answer.truncated)
+        self._advance()
+
+    def record(self) -> dict[str, Any]:
+        return {"conversation_id": self.conv.conversation_id, "conversations": self.messages}
+
+
+def start_turns(conv: Conversation, settings: SynthSettings) -> TurnState:
+    return TurnState(conv, seed=settings.seed, system_prompt=settings.system_prompt,
+                     replace_system_prompt=settings.replace_system_prompt)
+
+
+# ---------------------------------------------------------------- local generation (transformers)
+
+def pick_tokens(logits: Any, temperature: float, top_p: float, uniforms: Any | None) -> Any:
+    """Next token per row: argmax at temperature 0, else inverse-CDF sampling with one uniform
+    draw per row (from that row's own generator), after temperature and nucleus (top-p) cuts.
+    Every operation is row-wise, so a row's token never depends on the other rows."""
+    import torch
+
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    order = None
+    if top_p < 1.0:
+        probs, order = probs.sort(dim=-1, descending=True, stable=True)
+        # keep the most likely tokens until their mass reaches top_p (the first is always kept)
+        probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p, 0.0)
+    cdf = probs.cumsum(-1, dtype=torch.float64)
+    target = (uniforms.to(cdf.device, torch.float64) * cdf[:, -1]).unsqueeze(1)
+    j = torch.searchsorted(cdf, target, right=True)
+    # rounding can put the target at the very top: take the last token that has probability
+    last = (probs > 0).long().cumsum(-1).argmax(-1, keepdim=True)
+    j = torch.minimum(j, last)
+    return (order.gather(1, j) if order is not None else j).squeeze(1)
+
+
+def _stop_token_ids(model: Any, tokenizer: Any, render: Callable[..., str]) -> set[int]:
+    """End-of-generation ids: the generation config's and tokenizer's eos, plus the token the
+    chat template puts after an assistant reply (e.g. <|im_end|>, <|eot_id|>) when special."""
+    ids: set[int] = set()
+    for value in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    marker = "Zq7xW"
+    try:
+        text = render([{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}])
+        after = text[text.index(marker) + len(marker):]
+        first = tokenizer(after, add_special_tokens=False)["input_ids"][:1]
+        if first and first[0] in set(tokenizer.all_special_ids):
+            ids.add(int(first[0]))
+    except Exception:  # noqa: BLE001 - templates that reject this probe still have eos
+        pass
+    if not ids:
+        raise DraftdataError("the model has no end-of-sequence token (generation_config.eos_token_id, "
+                             "tokenizer.eos_token); answers would never end")
+    return ids
+
+
+class HFGenerator:
+    """Batched generation with transformers: left-padded prefill, KV-cache decoding, finished rows
+    dropped from the batch, per-row seeded sampling."""
+
+    def __init__(self, model_path: str | os.PathLike, *, max_new_tokens: int = 1024, temperature: float = 0.0,
+                 top_p: float = 1.0, dtype: str = "auto", device: str = "cpu", chat_template: str | None = None,
+                 max_seq_len: int | None = None):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        from draftdata.collect.conversations import ChatTokenizer
+
+        self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
+        self.device = _check_device(device)
+        dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+        if dtype == "auto":
+            dtype = "fp32" if self.device.type == "cpu" else "bf16"
+        if dtype not in dtypes:
+            raise DraftdataError(f"--dtype {dtype!r}: expected auto, bf16, fp16 or fp32")
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+        except (OSError, ValueError) as e:
+            raise DraftdataError(f"--model {model_path}: cannot load its tokenizer: {e}") from None
+        self.chat = ChatTokenizer(self.tokenizer, chat_template=chat_template)
+        if self.device.type == "cuda" and device == "cuda" and torch.cuda.device_count() > 1:
+            device_map: Any = "auto"  # spread a model too big for one GPU over all visible GPUs
+        else:
+            device_map = None if self.device.type == "cpu" else str(self.device)
+        verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        try:
+            self.model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=dtypes[dtype],
+                                                              device_map=device_map).eval()
+        except (OSError, ValueError) as e:
+            raise DraftdataError(f"--model {model_path}: cannot load with transformers: {e}") from None
+        finally:
+            hf_logging.set_verbosity(verbosity)
+            if bars:
+                hf_logging.enable_progress_bar()
+        self.model.requires_grad_(False)
+        self.input_device = self.model.get_input_embeddings().weight.device
+        config = self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") \
+            else self.model.config
+        self.max_seq_len = max_seq_len or getattr(config, "max_position_embeddings", None) or 1 << 30
+        self.stop_ids = _stop_token_ids(self.model, self.tokenizer, self.chat.render)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None \
+            else min(self.stop_ids)
+
+    def encode(self, prompt: Prompt) -> list[int] | Answer:
+        """Token ids of the prompt with the generation header, or a rejecting Answer."""
+        try:
+            text = self.chat.render(prompt.messages, add_generation_prompt=True)
+        except Exception as e:  # noqa: BLE001 - jinja raises TemplateError, or anything the template calls
+            return Answer(reject=("template_error", f"{type(e).__name__}: {e}"))
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) >= self.max_seq_len:
+            return Answer(reject=("too_long", f"turn {_user_turns(prompt.messages)}: the prompt has {len(ids)} "
+                                  f"tokens, no room to answer within --max-seq-len {self.max_seq_len}"))
+        return ids
+
+    def generate(self, prompts: list[Prompt]) -> list[Answer]:
+        """One answer per prompt, in order."""
+        answers: list[Answer | None] = [None] * len(prompts)
+        todo: list[tuple[int, list[int], int]] = []
+        for i, p in enumerate(prompts):
+            enc = self.encode(p)
+            if isinstance(enc, Answer):
+                answers[i] = enc
+            else:
+                todo.append((i, enc, p.seed))
+        if todo:
+            for (i, _, _), (tokens, stopped) in zip(todo, self._generate_split([t for _, t, _ in todo],
+                                                                            [s for _, _, s in todo])):
+                body = tokens[:-1] if stopped else tokens
+                answers[i] = Answer(self.tokenizer.decode(body, skip_special_tokens=True), len(tokens),
+                                    truncated=not stopped)
+        return answers  # type: ignore[return-value]
+
+    def _generate_split(self, batch: list[list[int]], seeds: list[int]) -> list[tuple[list[int], bool]]:
+        """`generate_ids`, halving the batch on GPU out-of-memory."""
+        import torch
+
+        try:
+            return self.generate_ids(batch, seeds)
+        except torch.OutOfMemoryError:
+            if len(batch) == 1:
+                raise DraftdataError(f"out of GPU memory generating for one prompt of {len(batch[0])} tokens; "
+                                     "lower --max-new-tokens / --max-seq-len or use a bigger GPU") from None
+            torch.cuda.empty_cache()
+            print(f"draftdata synthesize: out of memory on a batch of {len(batch)}; splitting it (lower "
+                  "--batch-size to avoid this)", file=sys.stderr)
+            half = len(batch) // 2
+            return self._generate_split(batch[:half], seeds[:half]) + self._generate_split(batch[half:], seeds[half:])
+
+    def generate_ids(self, batch: list[list[int]], seeds: list[int]) -> list[tuple[list[int], bool]]:
+        """Generate for token-id prompts: (new tokens incl. the stop token, stopped by the model)."""
+        import torch
+
+        with torch.inference_mode():
+            return self._decode(batch, seeds)
+
+    def _decode(self, batch: list[list[int]], seeds: list[int]) -> list[tuple[list[int], bool]]:
+        import torch
+
+        dev, b = self.input_device, len(batch)
+        longest = max(len(s) for s in batch)
+        ids = torch.full((b, longest), self.pad_id, dtype=torch.long)
+        mask = torch.zeros(b, longest, dtype=torch.long)
+        for i, s in enumerate(batch):  # left padding: every row's next token goes in the last column
+            ids[i, longest - len(s):] = torch.as_tensor(s, dtype=torch.long)
+            mask[i, longest - len(s):] = 1
+        positions = (mask.cumsum(-1) - 1).clamp_(min=0)
+        budget = [min(self.max_new_tokens, self.max_seq_len - len(s)) for s in batch]
+        rngs = [torch.Generator().manual_seed(s) for s in seeds]
+        out = self.model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=positions.to(dev),
+                         use_cache=True, logits_to_keep=1)
+        cache, logits = out.past_key_values, out.logits[:, -1]
+        mask, last_pos = mask.to(dev), positions[:, -1].to(dev)
+        rows = list(range(b))  # batch row -> prompt index
+        tokens: list[list[int]] = [[] for _ in range(b)]
+        stopped = [False] * b
+        while True:
+            uniforms = None
+            if self.temperature > 0:
+                uniforms = torch.stack([torch.rand((), generator=rngs[i], dtype=torch.float64) for i in rows])
+            chosen = pick_tokens(logits, self.temperature, self.top_p, uniforms)
+            keep = []
+            for j, (i, t) in enumerate(zip(rows, chosen.tolist())):
+                tokens[i].append(t)
+                if t in self.stop_ids:
+                    stopped[i] = True
+                elif len(tokens[i]) < budget[i]:
+                    keep.append(j)
+            if not keep:
+                break
+            if len(keep) < len(rows):  # finished rows leave the batch (and the KV cache)
+                sel = torch.tensor(keep, device=dev)
+                cache.batch_select_indices(sel)
+                chosen, mask, last_pos = chosen[sel], mask[sel], last_pos[sel]
+                rows = [rows[j] for j in keep]
+            mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
+            last_pos = last_pos + 1
+            out = self.model(input_ids=chosen.view(-1, 1).to(dev), attention_mask=mask,
+                             position_ids=last_pos.view(-1, 1), past_key_values=cache, use_cache=True)
+            cache, logits = out.past_key_values, out.logits[:, -1]
+        return list(zip(tokens, stopped))
+
+    def close(self) -> None:
+        import torch
+
+        self.model = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _check_device(device: str) -> Any:
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise DraftdataError(f"--device {device!r}: expected cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DraftdataError(f"--device {device}: no CUDA device is available (torch {torch.__version__}); "
+                             "use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise DraftdataError(f"--device {device!r}: expected cpu, cuda or cuda:N")
+    return dev
+
+
+def _user_turns(messages: list[dict[str, str]]) -> int:
+    return sum(m["role"] == "user" for m in messages)
+
+
+# ---------------------------------------------------------------- OpenAI-compatible endpoint
+
+class EndpointError(DraftdataError):
+    """The endpoint is unreachable or keeps failing (after retries): the run stops, resumable."""
+
+
+def endpoint_base(url: str) -> str:
+    """`http://host:8000`, `.../v1` or `.../v1/chat/completions` -> `http://host:8000/v1`."""
+    base = url.rstrip("/")
+    if not base.startswith(("http://", "https://")):
+        raise DraftdataError(f"--endpoint {url!r}: expected an http:// or https:// URL")
+    for tail in ("/chat/completions", "/v1"):
+        if base.endswith(tail):
+            base = base[: -len(tail)]
+    return base + "/v1"
+
+
+class EndpointClient:
+    """Answers prompts through POST {base}/chat/completions, one request per turn, with retries
+    (connection errors, 408/429/5xx: exponential backoff) and the per-turn seed."""
+
+    def __init__(self, url: str, *, model: str | None = None, max_new_tokens: int = 1024,
+                 temperature: float = 0.0, top_p: float = 1.0, api_key: str | None = None,
+                 timeout: float = 600.0, retries: int = 5, backoff: float = 1.0):
+        self.base = endpoint_base(url)
+        self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
+        self.api_key, self.timeout, self.retries, self.backoff = api_key, timeout, retries, backoff
+        self.model = model or self._only_model()
+
+    def _headers(self) -> dict[str, str]:
+        h = {"Content-Type": "application/json"}
+        if self.api_key:
+            h["Authorization"] = f"Bearer {self.api_key}"
+        return h
+
+    def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
+        """(status, parsed JSON or text); retries transient failures, raises EndpointError when they persist."""
+        url = self.base + path
+        data = json.dumps(body).encode() if body is not None else None
+        last = ""
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(min(60.0, self.backoff * 2 ** (attempt - 1)))
+            req = urllib.request.Request(url, data=data, method=method, headers=self._headers())
+            try:
+                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                    return resp.status, _json_or_text(resp.read())
+            except urllib.error.HTTPError as e:
+                payload = _json_or_text(e.read())
+                if e.code in (408, 429) or e.code >= 500:
+                    last = f"HTTP {e.code}: {_error_text(payload)}"
+                    continue
+                return e.code, payload
+            except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError) as e:
+                last = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
+        raise EndpointError(f"--endpoint {self.base}: {method} {path} failed {self.retries + 1} times, last: "
+                            f"{last}. Check that the server is up; rerun the same command to resume")
+
+    def _only_model(self) -> str:
+        status, payload = self._request("GET", "/models")
+        names = [m.get("id") for m in payload.get("data", [])] if status == 200 and isinstance(payload, dict) else []
+        if len(names) != 1 or not isinstance(names[0], str):
+            raise DraftdataError(f"--endpoint {self.base}: pass --model NAME, the served model name "
+                                 f"(GET /v1/models answered {status}: {names or _error_text(payload)})")
+        return names[0]
+
+    def answer(self, prompt: Prompt) -> Answer:
+        body = {"model": self.model, "messages": prompt.messages, "max_tokens": self.max_new_tokens,
+                "temperature": self.temperature, "seed": prompt.seed}
+        if self.top_p < 1.0:
+            body["top_p"] = self.top_p
+        status, payload = self._request("POST", "/chat/completions", body)
+        if status in (401, 403, 404):  # about the server or the flags, not this conversation: stop
+            raise EndpointError(f"--endpoint {self.base}: POST /chat/completions answered HTTP {status}: "
+                                f"{_error_text(payload)}" + (" (check --api-key / $DRAFTDATA_API_KEY)"
+                                                             if status != 404 else " (check --model and the URL)"))
+        where = f"turn {_user_turns(prompt.messages)}"
+        if status != 200:
+            return Answer(reject=("endpoint_rejected", f"{where}: HTTP {status}: {_error_text(payload)}"))
+        try:
+            choice = payload["choices"][0]
+            text = choice["message"]["content"]
+        except (KeyError, IndexError, TypeError):
+            return Answer(reject=("endpoint_rejected", f"{where}: the response has no choices[0].message.content: "
+                                  f"{str(payload)[:200]}"))
+        if not isinstance(text, str):
+            return Answer(reject=("endpoint_rejected", f"{where}: message.content is {text!r} (a reasoning "
+                                  "parser or tool call on the server? serve the model without them)"))
+        usage = payload.get("usage") or {}
+        return Answer(text, int(usage.get("completion_tokens") or 0), truncated=choice.get("finish_reason") == "length")
+
+    def close(self) -> None:
+        pass
+
+
+def _json_or_text(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return raw[:500].decode("utf-8", "replace")
+
+
+def _error_text(payload: Any) -> str:
+    if isinstance(payload, dict):
+        err = payload.get("error", payload)
+        if isinstance(err, dict):
+            return str(err.get("message", err))[:300]
+        return str(err)[:300]
+    return str(payload)[:300]
+
+
+# ---------------------------------------------------------------- the generation loops
+
+Generator = HFGenerator | EndpointClient
+
+
+def make_generator(settings: SynthSettings) -> Generator:
+    """The local HF generator, or the endpoint client with --endpoint."""
+    if settings.endpoint:
+        return EndpointClient(settings.endpoint, model=settings.model, max_new_tokens=settings.max_new_tokens,
+                              temperature=settings.temperature, top_p=settings.top_p, api_key=settings.api_key,
+                              timeout=settings.request_timeout, retries=settings.retries)
+    assert settings.model_path is not None
+    return HFGenerator(settings.model_path, max_new_tokens=settings.max_new_tokens,
+                       temperature=settings.temperature, top_p=settings.top_p, dtype=settings.dtype,
+                       device=settings.device, chat_template=settings.chat_template,
+                       max_seq_len=settings.max_seq_len)
+
+
+def synthesize_conversations(conversations: Iterable[Conversation], generator: Generator, settings: SynthSettings,
+                             *, sink: Sink, on_reject: Callable[[Reject], None],
+                             stats: SynthStats | None = None, progress: Progress | None = None) -> SynthStats:
+    """Answer every user turn of `conversations` and hand finished records to `sink`.
+
+    Local generation runs rounds of up to --batch-size conversations, one turn each, refilling
+    the batch from the input as conversations finish; an endpoint runs --concurrency
+    conversations at once, each turn by turn. `sink` gets each round's (or each wake-up's)
+    finished records in one call, so the caller writes them in one write. Every conversation
+    advances `progress` once: when it is finished or rejected.
+    """
+    stats = stats if stats is not None else SynthStats()
+    progress = progress or (lambda n, t: None)
+    if isinstance(generator, EndpointClient):
+        _run_concurrent(conversations, generator, settings, sink, on_reject, stats, progress)
+    else:
+        _run_batched(conversations, generator, settings, sink, on_reject, stats, progress)
+    return stats
+
+
+def _start(conv: Conversation, settings: SynthSettings, on_reject: Callable[[Reject], None],
+           progress: Progress) -> TurnState | None:
+    try:
+        return start_turns(conv, settings)
+    except RecordError as e:
+        on_reject(Reject(conv.source, e.reason, e.detail, conv.conversation_id))
+        progress(1, 0)
+        return None
+
+
+def _finish(state: TurnState, stats: SynthStats) -> dict[str, Any]:
+    stats.answers += state.turn
+    stats.tokens += state.tokens
+    stats.truncated += state.truncated
+    return state.record()
+
+
+def _run_batched(conversations: Iterable[Conversation], generator: HFGenerator, settings: SynthSettings,
+                 sink: Sink, on_reject: Callable[[Reject], None], stats: SynthStats, progress: Progress) -> None:
+    source = iter(conversations)
+    active: list[TurnState] = []
+    more = True
+    while True:
+        while more and len(active) < settings.batch_size:
+            conv = next(source, None)
+            if conv is None:
+                more = False
+            elif (state := _start(conv, settings, on_reject, progress)) is not None:
+                active.append(state)
+        if not active:
+            return
+        t0 = time.perf_counter()
+        answers = generator.generate([s.prompt() for s in active])
+        stats.generate_seconds += time.perf_counter() - t0
+        finished: list[TurnState] = []
+        still: list[TurnState] = []
+        tokens = 0
+        for state, answer in zip(active, answers):
+            tokens += answer.tokens
+            if answer.reject is not None:
+                on_reject(Reject(state.conv.source, *answer.reject, state.conv.conversation_id))
+                progress(1, 0)
+                continue
+            state.add_answer(answer)
+            (finished if state.finished else still).append(state)
+        if finished:
+            sink([_finish(s, stats) for s in finished])
+            stats.written += len(finished)
+        progress(len(finished), tokens)
+        active = still
+
+
+def _run_concurrent(conversations: Iterable[Conversation], client: EndpointClient, settings: SynthSettings,
+                    sink: Sink, on_reject: Callable[[Reject], None], stats: SynthStats, progress: Progress) -> None:
+    stop = threading.Event()
+
+    def converse(state: TurnState) -> tuple[TurnState, tuple[str, str] | None]:
+        while not state.finished and not stop.is_set():
+            answer = client.answer(state.prompt())
+            if answer.reject is not None:
+                return state, answer.reject
+            state.add_answer(answer)
+        return state, None
+
+    source = iter(conversations)
+    more = True
+    t0 = time.perf_counter()
+    pool = ThreadPoolExecutor(max_workers=settings.concurrency, thread_name_prefix="draftdata-endpoint")
+    pending: set[Future] = set()
+    try:
+        while True:
+            while more and len(pending) < 2 * settings.concurrency:  # a few queued: no thread waits for work
+                conv = next(source, None)
+                if conv is None:
+                    more = False
+                elif (state := _start(conv, settings, on_reject, progress)) is not None:
+                    pending.add(pool.submit(converse, state))
+            if not pending:
+                return
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            records: list[dict[str, Any]] = []
+            failure: BaseException | None = None
+            tokens = 0
+            for future in done:
+                try:
+                    state, reject = future.result()
+                except BaseException as e:  # noqa: BLE001 - raised below, after the finished ones are kept
+                    failure = failure or e
+                    continue
+                tokens += state.tokens
+                if reject is not None:
+                    on_reject(Reject(state.conv.source, *reject, state.conv.conversation_id))
+                    progress(1, 0)
+                else:
+                    records.append(_finish(state, stats))
+            if records:
+                sink(records)
+                stats.written += len(records)
+            progress(len(records), tokens)
+            if failure is not None:
+                raise failure
+    finally:
+        stop.set()
+        for future in pending:
+            future.cancel()
+        pool.shutdown(wait=True)
+        stats.generate_seconds += time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------- append-only output
+
+def encode_records(records: Iterable[dict[str, Any]]) -> bytes:
+    """Whole JSONL lines; UTF-8 as is, ASCII escapes for text UTF-8 cannot hold (lone surrogates)."""
+    lines = []
+    for r in records:
+        line = json.dumps(r, ensure_ascii=False)
+        try:
+            lines.append(line.encode("utf-8"))
+        except UnicodeEncodeError:
+            lines.append(json.dumps(r).encode("ascii"))
+    return b"".join(line + b"\n" for line in lines)
+
+
+class JsonlOutput:
+    """The output JSONL, held under an exclusive lock for the whole run.
+
+    Opening it reads the ids already written and cuts off a torn last line (a line without its
+    newline: a kill during a write); `append` writes whole lines with one write and an fsync,
+    so after a crash the file holds whole records plus at most one torn tail.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        import fcntl
+
+        self.path = Path(path)
+        if self.path.is_dir():
+            raise DraftdataError(f"--output {path}: is a directory; give a .jsonl file path")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            raise DraftdataError(f"--output {path}: another synthesize run is writing this file; wait for it "
+                                 f"or write to another --output") from None
+        try:
+            self.ids, self.duplicates = self._scan()
+        except BaseException:
+            self.close()
+            raise
+
+    def _scan(self) -> tuple[set[str], int]:
+        ids: set[str] = set()
+        duplicates = 0
+        good_end = 0  # byte offset just after the last whole line
+        with open(self.path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                if not raw.endswith(b"\n"):
+                    break  # the torn tail, handled below
+                good_end += len(raw)
+                if not raw.strip():
+                    continue
+                try:
+                    cid = json.loads(raw)["conversation_id"]
+                    if not isinstance(cid, str):
+                        raise TypeError
+                except (ValueError, UnicodeDecodeError, KeyError, TypeError):
+                    raise DraftdataError(
+                        f"{self.path}:{lineno}: not a record written by synthesize (a JSON object with a "
+                        f"string conversation_id); the file was changed by something else. Remove or fix that "
+                        f"line, or write to a new --output") from None
+                if cid in ids:
+                    duplicates += 1
+                ids.add(cid)
+        size = os.fstat(self.fd).st_size
+        if size > good_end:
+            os.ftruncate(self.fd, good_end)
+            os.fsync(self.fd)
+            print(f"draftdata synthesize: {self.path}: removed a torn last line ({size - good_end:,} bytes) left by "
+                  f"an interrupted run; that conversation is generated again", file=sys.stderr)
+        return ids, duplicates
+
+    def append(self, records: list[dict[str, Any]]) -> None:
+        """Append whole lines (one write, then fsync) and remember their ids."""
+        if not records:
+            return
+        data = memoryview(encode_records(records))
+        while data:  # a regular file takes it in one write; loop in case the kernel writes less
+            n = os.write(self.fd, data)
+            data = data[n:]
+        os.fsync(self.fd)
+        self.ids.update(r["conversation_id"] for r in records)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)  # releases the lock
+            self.fd = -1
+
+    def __enter__(self) -> JsonlOutput:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def sidecar_dir(output: str | os.PathLike) -> Path:
+    return Path(f"{output}{SIDECAR_SUFFIX}")
+
+
+def check_settings(output: JsonlOutput, settings: SynthSettings) -> None:
+    """Refuse to append with generation settings other than those the file was written with."""
+    path = sidecar_dir(output.path) / "settings.json"
+    current = settings.identity()
+    if output.ids and path.is_file():
+        try:
+            recorded = json.loads(path.read_text()).get("identity", {})
+        except (OSError, ValueError, AttributeError):
+            recorded = None
+        if recorded is not None:
+            diffs = [f"{k}: file has {recorded.get(k)!r}, this run has {current.get(k)!r}"
+                     for k in IDENTITY_KEYS if recorded.get(k) != current.get(k)]
+            if diffs:
+                raise DraftdataError(
+                    f"--output {output.path} already holds {len(output.ids):,} conversations written with other "
+                    f"settings, so appending would mix two generation setups; refusing. Differences: "
+                    + "; ".join(diffs) + ". Rerun with the same flags, or write to a new --output.")
+            return
+    if output.ids and not path.is_file():
+        print(f"draftdata synthesize: {output.path} has no {path.name} in {path.parent.name}/ (written by something "
+              f"else?); cannot check that its records used the same settings", file=sys.stderr)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps({"identity": current, "settings": settings.report_dict()}, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def write_reports(output: str | os.PathLike, stats: SynthStats, rejects: Any, settings: SynthSettings) -> str | None:
+    """summary-<time>-<pid>.json (always) and the rejects (when any) in <OUT>.synth/ (or --rejects);
+    returns where the rejects are."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    folder = sidecar_dir(output)
+    where = None
+    summary: dict[str, Any] = {"stats": stats.to_dict(), "settings": settings.report_dict(), "finished_at": stamp}
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if rejects.rejects:
+            where = settings.rejects or str(folder / f"rejects-{stamp}-{os.getpid()}.jsonl")
+            Path(where).parent.mkdir(parents=True, exist_ok=True)
+            Path(where).write_bytes(rejects.to_jsonl())
+            summary["rejects"] = where
+        (folder / f"summary-{stamp}-{os.getpid()}.json").write_text(json.dumps(summary, indent=2) + "\n")
+    except OSError as e:
+        print(f"draftdata synthesize: warning: could not write the run report to {folder}: {e}", file=sys.stderr)
+    return where
+
+
+# ---------------------------------------------------------------- one run
+
+def pending_conversations(settings: SynthSettings, *, skip_ids: set[str], stats: SynthStats,
+                          on_reject: Callable[[Reject], None], progress: Progress | None = None) -> Iterator[Conversation]:
+    """Input conversations still to synthesize: bad records go to `on_reject`, ids already in the
+    output are counted as skipped (both advance `progress`)."""
+    for item in read_conversations(settings.input, settings.storage_options, limit=settings.limit,
+                                   require_assistant=False):
+        stats.read += 1
+        if isinstance(item, Reject):
+            on_reject(item)
+        elif item.conversation_id in skip_ids:
+            stats.skipped["already_written"] += 1
+        else:
+            yield item
+            continue
+        if progress:
+            progress(1, 0)
+
+
+def validate_input(settings: SynthSettings) -> int:
+    """--strict: read the whole input and fail on the first bad record, before any model work."""
+    n = 0
+    for item in read_conversations(settings.input, settings.storage_options, limit=settings.limit,
+                                   require_assistant=False):
+        if isinstance(item, Reject):
+            raise DraftdataError(f"{item} (--strict stops at the first bad record, before any model work)")
+        try:
+            start_turns(item, settings)
+        except RecordError as e:
+            raise DraftdataError(f"{Reject(item.source, e.reason, e.detail, item.conversation_id)} (--strict stops "
+                                 f"at the first bad record, before any model work)") from None
+        n += 1
+    return n
+
+
+def check_paths(settings: SynthSettings) -> None:
+    """The output is a local file that is none of the input files (fails before anything is created)."""
+    from draftdata.collect.conversations import input_files
+
+    out = settings.output
+    if "://" in out and not out.startswith("file://"):
+        raise DraftdataError(f"--output {out}: synthesize appends to a local (or mounted) file; write it locally "
+                             f"and copy it to object storage afterwards")
+    out = out[len("file://"):] if out.startswith("file://") else out
+    settings.output = out
+    files = input_files(settings.input, settings.storage_options)
+    target = os.path.realpath(out)
+    for fs, path, name in files:
+        if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)) \
+                and os.path.realpath(path) == target:
+            raise DraftdataError(f"--output {out} is also an input file ({name}); write to another path")
+
+
+def resolve_endpoint_model(settings: SynthSettings) -> None:
+    """With --endpoint and no --model: ask the server for its (only) model name."""
+    if settings.endpoint and not settings.model:
+        settings.model = make_generator(settings).model  # type: ignore[union-attr]
+
+
+def run_local(settings: SynthSettings) -> int:
+    """The single-process synthesize: returns the exit status (0, also when records were rejected)."""
+    from tqdm import tqdm
+
+    from draftdata.collect.conversations import count_records
+    from draftdata.collect.runner import RejectLog
+
+    t_start = time.perf_counter()
+    check_paths(settings)
+    resolve_endpoint_model(settings)
+    with JsonlOutput(settings.output) as out:
+        check_settings(out, settings)
+        total = validate_input(settings) if settings.strict else count_records(
+            settings.input, settings.storage_options, settings.limit)
+        if out.ids:
+            print(f"draftdata synthesize: {out.path} already holds {len(out.ids):,} conversations; they are "
+                  "skipped", file=sys.stderr)
+        stats = SynthStats()
+        rejects = RejectLog(stats, strict=settings.strict)  # type: ignore[arg-type]
+        generator = make_generator(settings)
+        bar = tqdm(total=total, unit="conv", desc="synthesize", file=sys.stderr, disable=None, dynamic_ncols=True)
+        t0 = time.perf_counter()
+        tokens = 0
+
+        def progress(n: int, t: int) -> None:
+            nonlocal tokens
+            tokens += t
+            if t:
+                bar.set_postfix_str(f"{tokens / (time.perf_counter() - t0):,.0f} tok/s", refresh=False)
+            bar.update(n)
+
+        interrupted = True
+        try:
+            items = pending_conversations(settings, skip_ids=set(out.ids), stats=stats, on_reject=rejects,
+                                          progress=progress)
+            synthesize_conversations(items, generator, settings, sink=out.append, on_reject=rejects, stats=stats,
+                                     progress=progress)
+            interrupted = False
+        finally:
+            bar.close()
+            generator.close()
+            stats.seconds = time.perf_counter() - t_start
+            where = write_reports(out.path, stats, rejects, settings)
+            print(stats.format(str(out.path), settings.input, where))
+            if interrupted:
+                print("draftdata synthesize: stopped early; every conversation written so far is kept, rerun the "
+                      "same command to resume", file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------- --ray
+
+class SynthWorker:
+    """One Ray actor: loads the generator once and answers whole work units, returning the
+    finished records to the driver (which alone appends to the output, so lines from several
+    processes can never interleave or repeat)."""
+
+    def __init__(self, settings: SynthSettings, model_hash: str | None):
+        t0 = time.perf_counter()
+        import dataclasses
+
+        import ray
+        import torch
+
+        from draftdata.models import model_hash as hash_of
+        from draftdata.models import resolve_model
+
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 0)
+        if settings.device == "cpu" and cpus >= 1:
+            torch.set_num_threads(int(cpus))  # Ray sets OMP_NUM_THREADS=1 for workers
+        self.node = ray.util.get_node_ip_address()
+        if not settings.endpoint:
+            path = resolve_model(settings.model)  # type: ignore[arg-type]
+            if hash_of(path) != model_hash:
+                raise DraftdataError(f"worker on {self.node}: --model {settings.model} resolves to {path}, whose "
+                                     f"weights differ from the driver's; make the same model available on every "
+                                     f"node (a shared directory, or the same hub snapshot in each node's cache)")
+            settings = dataclasses.replace(settings, model_path=str(path))
+        self.settings = settings
+        self.generator = make_generator(settings)
+        self.setup_seconds = time.perf_counter() - t0
+
+    def ready(self) -> dict[str, Any]:
+        import torch
+
+        return {"pid": os.getpid(), "node": self.node, "device": self.settings.device,
+                "summary": f"{self.settings.device}, {torch.get_num_threads()} threads, generator ready in "
+                           f"{self.setup_seconds:.1f} s"}
+
+    def run_unit(self, unit_id: str, conversations: list[Conversation]) -> dict[str, Any]:
+        records: list[dict[str, Any]] = []
+        rejects: list[Reject] = []
+        stats = synthesize_conversations(conversations, self.generator, self.settings, sink=records.extend,
+                                         on_reject=rejects.append)
+        return {"records": records, "rejects": rejects, "stats": stats}
+
+
+def run_ray(settings: SynthSettings, *, address: str | None = None, num_workers: int | None = None,
+            gpus_per_worker: float | None = None, work_unit_size: int | None = None) -> int:
+    """`synthesize --ray`: the driver reads the input, cuts it into work units of pending
+    conversations, runs them on `ray_pool.ActorPool` (retries on actor death), and appends each
+    finished unit's records (one write + fsync). Returns 1 when some units failed all retries
+    (their conversations are listed as `unit_failed` rejects; a rerun retries them), else 0."""
+    import dataclasses
+
+    from draftdata.collect.conversations import count_records
+    from draftdata.collect.ray_job import MAX_RETRIES, connect, plan_workers
+    from draftdata.collect.ray_pool import ActorPool, PoolProgress, WorkUnit
+    from draftdata.collect.runner import RejectLog
+
+    t_start = time.perf_counter()
+    unit_size = work_unit_size or 4 * settings.batch_size
+    if unit_size < 1:
+        raise DraftdataError("--work-unit-size must be a positive integer")
+    check_paths(settings)
+    resolve_endpoint_model(settings)
+    with JsonlOutput(settings.output) as out:
+        check_settings(out, settings)
+        total = validate_input(settings) if settings.strict else count_records(
+            settings.input, settings.storage_options, settings.limit)
+        if out.ids:
+            print(f"draftdata synthesize: {out.path} already holds {len(out.ids):,} conversations; they are "
+                  "skipped", file=sys.stderr)
+        connected = connect(address)
+        try:
+            plan = plan_workers(num_workers, gpus_per_worker, settings.device)
+            model = settings.model
+            if model and not settings.endpoint and os.path.exists(os.path.expanduser(model)):
+                model = os.path.abspath(os.path.expanduser(model))
+            worker_settings = dataclasses.replace(settings, model=model, device=plan.device)  # resolved per node
+            weights = settings.identity()["model_hash"]
+            print(f"draftdata synthesize --ray: {plan.describe()}; work units of {unit_size} conversations",
+                  file=sys.stderr)
+            stats = SynthStats()
+            rejects = RejectLog(stats, strict=settings.strict)  # type: ignore[arg-type]
+            progress = PoolProgress(total_items=total, desc="synthesize", unit="conv")
+
+            skip = set(out.ids)  # a copy: the units are produced on another thread while `out` grows
+
+            def units() -> Iterator[WorkUnit]:
+                items = pending_conversations(settings, skip_ids=skip, stats=stats, on_reject=rejects,
+                                              progress=lambda n, t: progress.advance(n))
+                chunk: list[Conversation] = []
+                index = 0
+                for conv in items:
+                    chunk.append(conv)
+                    if len(chunk) == unit_size:
+                        yield _work_unit(index, chunk)
+                        index, chunk = index + 1, []
+                if chunk:
+                    yield _work_unit(index, chunk)
+
+            def on_done(unit: WorkUnit, result: dict[str, Any]) -> None:
+                records = [r for r in result["records"] if r["conversation_id"] not in out.ids]
+                out.append(records)
+                for r in result["rejects"]:
+                    rejects(r)
+                unit_stats: SynthStats = result["stats"]
+                unit_stats.written = len(records)
+                unit_stats.read = 0
+                stats.merge(unit_stats)
+                unit.size = unit_stats.tokens
+
+            pool = ActorPool(SynthWorker, args=(worker_settings, weights), num_workers=plan.num_workers,
+                             num_cpus=plan.num_cpus, num_gpus=plan.num_gpus, max_retries=MAX_RETRIES, in_flight=2)
+            report = None
+            interrupted = True
+            t_pool = time.perf_counter()
+            try:
+                report = pool.run(units(), on_done=on_done, progress=progress)
+                interrupted = False
+            finally:
+                progress.close()
+                stats.generate_seconds = time.perf_counter() - t_pool  # all actors together: the job's rate
+                failed = report.failed if report else []
+                for f in failed:
+                    for conv in f.unit.args[0] if f.unit else []:
+                        if conv.conversation_id not in out.ids:  # listed, not raised, also under --strict
+                            stats.skipped["unit_failed"] += 1
+                            rejects.rejects.append(Reject(
+                                conv.source, "unit_failed", f"work unit {f.unit_id} failed {f.attempts} times; "
+                                f"last error: {f.errors[-1] if f.errors else '?'}", conv.conversation_id))
+                stats.seconds = time.perf_counter() - t_start
+                where = write_reports(out.path, stats, rejects, settings)
+                print(stats.format(str(out.path), settings.input, where))
+                if report is not None:
+                    print(f"  ray        {plan.describe()}; {report.units_done} units done, "
+                          f"{report.workers_started} workers started, {report.workers_lost} lost")
+                if failed:
+                    print(f"  FAILED     {len(failed)} work unit(s) after {MAX_RETRIES + 1} attempts each (reason "
+                          f"unit_failed in the rejects file); rerun the same command to retry them")
+                if interrupted:
+                    print("draftdata synthesize: stopped early; every conversation written so far is kept, rerun "
+                          "the same command to resume", file=sys.stderr)
+        finally:
+            if connected:
+                import ray
+
+                ray.shutdown()
+    return 1 if failed else 0
+
+
+def _work_unit(index: int, conversations: list[Conversation]) -> Any:
+    from draftdata.collect.ray_pool import WorkUnit
+
+    ids = [c.conversation_id for c in conversations]
+    digest = hashlib.sha256("\n".join(ids).encode()).hexdigest()[:12]
+    return WorkUnit(id=f"u{index:05d}-{digest}", args=(conversations,), item_ids=ids)

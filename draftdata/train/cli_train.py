@@ -1,0 +1,94 @@
+"""`draftdata train`: train an EAGLE3 / EAGLE 3.1 draft from a hidden-state dataset (eagle_offline=True).
+
+Single process:   draftdata train --data URL --model BASE --output DIR --steps 1000
+Data parallel:    torchrun --nproc-per-node 8 -m draftdata.cli train --data URL ...
+Ray cluster:      draftdata train ... --ray-workers 8     (Ray Train TorchTrainer)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="dataset URL (local path, file://, s3://, gs://)")
+    p.add_argument("--model", required=True,
+                   help="base model: HF directory, hub id in the local cache, .gguf, or 'smollm2'; only "
+                        "embed_tokens, lm_head and the final norm are read")
+    p.add_argument("--output", required=True, help="output directory (checkpoints, metrics, final draft)")
+    p.add_argument("--eagle-config", metavar="FILE",
+                   help="JSON file with the EagleConfig fields to change (ModelOpt names), e.g. "
+                        '{"eagle_architecture_config": {"fc_norm": true, "norm_output": true}}')
+    length = p.add_mutually_exclusive_group(required=True)
+    length.add_argument("--steps", type=int, help="optimizer steps to train")
+    length.add_argument("--epochs", type=int, help="passes over the dataset")
+    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
+    p.add_argument("--batch-tokens", type=int, default=8192,
+                   help="token budget per micro-batch and rank, counted padded (default 8192); longer "
+                        "samples are truncated to --max-seq-len")
+    p.add_argument("--max-seq-len", type=int, help="truncate samples to this many tokens (default --batch-tokens)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
+    p.add_argument("--draft-vocab", metavar="FILE", help="d2t/t2d file from `draftdata vocab` (compressed vocab)")
+    p.add_argument("--ttt-steps", type=int, help="training-time-test steps (default: eagle_ttt_steps = 3)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output")
+    p.add_argument("--warmup-steps", type=int, help="linear warmup steps (default 2%% of the steps)")
+    p.add_argument("--schedule", choices=("cosine", "linear", "constant"), default="cosine",
+                   help="decay after warmup (default cosine)")
+    p.add_argument("--min-lr-ratio", type=float, default=0.0, help="final lr as a fraction of --lr (default 0)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm (default 1.0)")
+    p.add_argument("--save-every", type=int, default=1000, help="checkpoint every N steps (default 1000)")
+    p.add_argument("--keep-checkpoints", type=int, default=2, help="checkpoints to keep (default 2; 0 = all)")
+    p.add_argument("--log-every", type=int, default=10, help="print metrics every N steps (default 10)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initialization and data order (default 0)")
+    p.add_argument("--no-shuffle", action="store_true", help="read the dataset in stored order")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    p.add_argument("--num-workers", type=int, default=0,
+                   help="DataLoader worker processes per rank (default 0: read in the main process, which "
+                        "already prefetches with threads)")
+    p.add_argument("--no-plot", action="store_true", help="skip training_curves.png")
+    p.add_argument("--ray-workers", type=int, help="run on a Ray cluster with this many Ray Train workers")
+    p.add_argument("--ray-gpus", action=argparse.BooleanOptionalAction, default=None,
+                   help="one GPU per Ray worker (default: if the cluster has GPUs)")
+    # Same flag as every dataset command (draftdata.store.fs.add_storage_option_argument), spelled
+    # out here so that building the parser does not import the store (and torch).
+    p.add_argument("--storage-option", "-S", action="append", default=[], metavar="KEY=VALUE",
+                   help="fsspec storage option for the dataset URL, repeatable; dotted keys nest "
+                        "(e.g. client_kwargs.endpoint_url=http://127.0.0.1:9000)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from draftdata.config import ConfigError
+    from draftdata.store.fs import parse_storage_options
+    from draftdata.train.trainer import TrainConfig, train, train_with_ray
+
+    eagle: dict = {}
+    if args.eagle_config:
+        from pathlib import Path
+
+        from draftdata.config import EagleConfig
+
+        EagleConfig.from_json_file(args.eagle_config)          # validates, names file and line
+        eagle = json.loads(Path(args.eagle_config).read_text())
+        if not isinstance(eagle, dict):
+            raise ConfigError(f"{args.eagle_config}: expected a JSON object")
+    cfg = TrainConfig(
+        data=args.data, model=args.model, output=args.output, eagle_config=eagle, steps=args.steps,
+        epochs=args.epochs, lr=args.lr, warmup_steps=args.warmup_steps, schedule=args.schedule,
+        min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
+        grad_accum=args.grad_accum, batch_tokens=args.batch_tokens, max_seq_len=args.max_seq_len,
+        draft_vocab=args.draft_vocab, ttt_steps=args.ttt_steps, resume=args.resume, save_every=args.save_every,
+        keep_checkpoints=args.keep_checkpoints, log_every=args.log_every, seed=args.seed,
+        shuffle=not args.no_shuffle, device=args.device, num_workers=args.num_workers,
+        storage_options=parse_storage_options(args.storage_option), plot=not args.no_plot,
+    )
+    if args.ray_workers:
+        result = train_with_ray(cfg, args.ray_workers, use_gpu=args.ray_gpus)
+        if getattr(result, "error", None):
+            print(f"draftdata train: Ray Train failed: {result.error}", file=sys.stderr)
+            return 1
+        return 0
+    train(cfg)
+    return 0

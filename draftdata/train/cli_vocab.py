@@ -1,0 +1,35 @@
+"""`draftdata vocab URL --draft-vocab-size N --out FILE`: build the draft vocabulary (d2t / t2d)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("url", help="dataset URL (file://, s3://, gs://, or a local path)")
+    p.add_argument("--draft-vocab-size", "-n", type=int, required=True,
+                   help="number of draft tokens N (e.g. 32000)")
+    p.add_argument("--out", "-o", required=True, help="output file (safetensors: d2t, t2d, token_counts)")
+    p.add_argument("--all-tokens", action="store_true",
+                   help="count every stored token, not only loss_mask == 1 (assistant) tokens")
+    p.add_argument("--workers", type=int, default=8, help="parts read in parallel (default 8)")
+    # Same flag as every dataset command (draftdata.store.fs.add_storage_option_argument), spelled
+    # out here so that building the parser does not import the store (and torch).
+    p.add_argument("--storage-option", "-S", action="append", default=[], metavar="KEY=VALUE",
+                   help="fsspec storage option for the dataset URL, repeatable; dotted keys nest "
+                        "(e.g. client_kwargs.endpoint_url=http://127.0.0.1:9000)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from draftdata.store.fs import parse_storage_options
+    from draftdata.train.vocab import build_draft_vocab, save_draft_vocab
+
+    vocab = build_draft_vocab(args.url, args.draft_vocab_size, parse_storage_options(args.storage_option),
+                              all_tokens=args.all_tokens, workers=args.workers)
+    path = save_draft_vocab(args.out, vocab)
+    m = vocab.metadata
+    print(f"draft vocabulary: {m['draft_vocab_size']} of {m['vocab_size']} tokens; counted {m['tokens_counted']} "
+          f"tokens ({m['counted']}), {m['distinct_tokens']} distinct; coverage {float(m['coverage']):.2%} "
+          f"-> {path}", file=sys.stderr)
+    return 0

@@ -1,0 +1,603 @@
+"""The draft training loop (eagle_offline=True), written as one readable recipe.
+
+    train(TrainConfig) -> TrainResult
+
+1. set up: device, torch.distributed (torchrun or Ray Train), seeds
+2. data: HiddenStateDataset with a token budget per micro-batch, split over ranks
+3. model: the draft + frozen target head (only embed / lm_head / final norm of the base)
+4. optimizer AdamW, scheduler warmup + cosine/linear/constant decay
+5. resume: draft weights, optimizer, scheduler, RNG and loader cursor from the last checkpoint
+6. loop: gradient-accumulation micro-batches -> TTT loss -> backward -> clip -> step;
+   metrics to stdout + metrics.jsonl (+ TensorBoard); checkpoint every `save_every` steps
+7. end: final/ checkpoint and training_curves.png
+
+Output directory:
+    train_config.json                 the run's settings (checked on --resume)
+    metrics.jsonl                     one JSON object per optimizer step
+    checkpoints/step-XXXXXXXX/        draft.safetensors, draft_config.json, trainer_state.pt
+    final/                            draft.safetensors, draft_config.json (what export reads)
+    training_curves.png               loss and per-TTT-step accuracy
+
+Loss normalization: each TTT step's cross-entropy is summed over every loss position of the
+optimizer step (all micro-batches, all ranks) and divided by that global count, so token-budget
+batches of different sizes weigh every token equally. For a single batch this is exactly
+ModelOpt's per-batch loss.
+
+Epochs: ranks can hold different numbers of batches; each epoch runs min over ranks of
+(batches // grad_accum) optimizer steps so no rank waits on another, dropping the remainder
+(fewer than world_size * grad_accum batches per epoch).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from draftdata.config import EagleConfig
+from draftdata.errors import DraftdataError
+
+CHECKPOINTS = "checkpoints"
+FINAL = "final"
+METRICS = "metrics.jsonl"
+TRAIN_CONFIG = "train_config.json"
+TRAINER_STATE = "trainer_state.pt"
+PLOT = "training_curves.png"
+
+# Settings that must not change across --resume, or the resumed run is not the same run.
+RESUME_FIXED = ("data", "model", "eagle_config", "draft_vocab", "batch_tokens", "max_seq_len", "grad_accum",
+                "seed", "shuffle", "num_workers", "world_size")
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one training run (the CLI flags of `draftdata train`)."""
+
+    data: str
+    model: str
+    output: str
+    eagle_config: dict[str, Any] = field(default_factory=dict)   # EagleConfig overrides
+    steps: int | None = None
+    epochs: int | None = None
+    lr: float = 1e-4
+    warmup_steps: int | None = None          # None: 2% of the steps
+    schedule: str = "cosine"                 # cosine | linear | constant
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    max_grad_norm: float = 1.0
+    grad_accum: int = 1
+    batch_tokens: int = 8192
+    max_seq_len: int | None = None           # None: batch_tokens
+    draft_vocab: str | None = None
+    ttt_steps: int | None = None             # overrides eagle_ttt_steps
+    resume: bool = False
+    save_every: int = 1000
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    seed: int = 0
+    shuffle: bool = True
+    device: str = "auto"
+    num_workers: int = 0
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    plot: bool = True
+    progress: bool = True
+
+    def eagle(self) -> EagleConfig:
+        cfg = dict(self.eagle_config)
+        if self.ttt_steps is not None:
+            cfg["eagle_ttt_steps"] = self.ttt_steps
+        return EagleConfig.from_dict(cfg, source="--eagle-config")
+
+    def validate(self) -> None:
+        if (self.steps is None) == (self.epochs is None):
+            raise DraftdataError("give exactly one of --steps and --epochs")
+        for name in ("steps", "epochs", "grad_accum", "batch_tokens", "save_every", "log_every", "max_seq_len"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v < 1):
+                raise DraftdataError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
+        if self.schedule not in ("cosine", "linear", "constant"):
+            raise DraftdataError(f"--schedule must be cosine, linear or constant, got {self.schedule!r}")
+        if not self.lr > 0:
+            raise DraftdataError(f"--lr must be positive, got {self.lr}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise DraftdataError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
+        self.eagle()
+
+
+@dataclass
+class TrainResult:
+    output: Path
+    steps: int
+    final_checkpoint: Path
+    losses: list[float]                      # total loss of every step run by this process
+    draft: Any = None                        # the trained Eagle3Draft (this rank's copy)
+
+
+# ---------------------------------------------------------------------------------------------
+# Set-up helpers
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    owns_group: bool = False                 # we called init_process_group (so we destroy it)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device_spec: str) -> tuple[Dist, torch.device]:
+    """Join torch.distributed when launched by torchrun (or already joined under Ray Train)."""
+    info = Dist()
+    if dist.is_available() and dist.is_initialized():
+        info = Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        use_cuda = torch.cuda.is_available() and device_spec != "cpu"
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+        info = Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)), True)
+    if device_spec == "auto":
+        device = torch.device(f"cuda:{_visible_cuda_index(info)}" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(device_spec)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device(f"cuda:{_visible_cuda_index(info)}")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return info, device
+
+
+def _visible_cuda_index(info: Dist) -> int:
+    # Under Ray Train each worker sees only its own GPU(s); under torchrun all of the node's.
+    return info.local_rank % max(1, torch.cuda.device_count())
+
+
+def lr_lambda(warmup: int, total: int, schedule: str, min_ratio: float):
+    """LR multiplier of step s: linear warmup from 0, then cosine / linear decay to min_ratio."""
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        decay = 0.5 * (1.0 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
+        return min_ratio + (1.0 - min_ratio) * decay
+
+    return f
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                      "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+            "python": random.getstate()}
+
+
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+
+
+def _peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # Linux: KiB
+
+
+def _all_reduce(t: torch.Tensor, info: Dist) -> torch.Tensor:
+    if info.world_size > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def _log(msg: str, info: Dist) -> None:
+    if info.main:
+        print(msg, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------
+
+def _checkpoint_dir(output: Path, step: int) -> Path:
+    return output / CHECKPOINTS / f"step-{step:08d}"
+
+
+def latest_checkpoint(output: str | Path) -> Path | None:
+    """The newest complete checkpoint under output/checkpoints (complete = trainer_state.pt exists)."""
+    root = Path(output) / CHECKPOINTS
+    done = sorted(p for p in root.glob("step-*") if (p / TRAINER_STATE).exists() and not p.name.endswith(".tmp"))
+    return done[-1] if done else None
+
+
+def save_checkpoint(output: Path, step: int, draft, state: dict[str, Any], rng_states: list[Any],
+                    keep: int) -> Path:
+    """Write a checkpoint into a temporary dir and rename it into place (rank 0 only)."""
+    from draftdata.train.model import save_draft
+
+    final = _checkpoint_dir(output, step)
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_draft(tmp, draft)
+    torch.save({**state, "rng": rng_states}, tmp / TRAINER_STATE)
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    old = sorted(p for p in (output / CHECKPOINTS).glob("step-*") if not p.name.endswith(".tmp"))
+    for p in old[:-keep] if keep > 0 else []:
+        shutil.rmtree(p, ignore_errors=True)
+    return final
+
+
+def _check_resume_config(saved: dict[str, Any], now: dict[str, Any], path: Path) -> list[str]:
+    diffs = [f"{k}: checkpoint run had {saved.get(k)!r}, now {now.get(k)!r}"
+             for k in RESUME_FIXED if saved.get(k) != now.get(k)]
+    if diffs:
+        raise DraftdataError(f"cannot --resume from {path}: settings differ from the interrupted run ("
+                             + "; ".join(diffs) + "); use the same settings or a new --output")
+    return [k for k in now if k not in RESUME_FIXED and saved.get(k) != now.get(k)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+# ---------------------------------------------------------------------------------------------
+
+class MetricsLog:
+    """metrics.jsonl (+ TensorBoard when installed), written by rank 0."""
+
+    def __init__(self, output: Path, enabled: bool, resume_step: int):
+        self.path = output / METRICS
+        self.enabled = enabled
+        self.tb = None
+        if not enabled:
+            return
+        if self.path.exists():
+            # A killed run may have logged steps after its last checkpoint: drop them (no duplicates).
+            keep = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in keep))
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(output / "tensorboard"), purge_step=resume_step + 1)
+        except ImportError:
+            self.tb = None
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            step = record["step"]
+            for key in ("loss", "lr", "grad_norm", "tokens_per_s"):
+                self.tb.add_scalar(f"train/{key}", record[key], step)
+            for k, (loss, acc) in enumerate(zip(record["step_loss"], record["step_acc"])):
+                self.tb.add_scalar(f"train/loss_ttt{k}", loss, step)
+                self.tb.add_scalar(f"train/acc_ttt{k}", acc, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def plot_metrics(metrics_path: str | Path, out_png: str | Path) -> Path | None:
+    """PNG of the total loss and the per-TTT-step loss and accuracy against the optimizer step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    if not rows:
+        return None
+    steps = [r["step"] for r in rows]
+    fig, (ax_total, ax_loss, ax_acc) = plt.subplots(1, 3, figsize=(16, 4.5))
+    ax_total.plot(steps, [r["loss"] for r in rows], color="black")
+    for k in range(len(rows[0]["step_loss"])):
+        ax_loss.plot(steps, [r["step_loss"][k] for r in rows], label=f"TTT step {k}")
+        ax_acc.plot(steps, [r["step_acc"][k] for r in rows], label=f"TTT step {k}")
+    ax_total.set(xlabel="optimizer step", ylabel="loss", title="training loss (sum of decay^k x step loss)")
+    ax_loss.set(xlabel="optimizer step", ylabel="soft cross-entropy", title="loss per TTT step")
+    ax_acc.set(xlabel="optimizer step", ylabel="top-1 agreement with the base", title="accuracy per TTT step",
+               ylim=(0, 1))
+    for ax in (ax_total, ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+    ax_loss.legend()
+    ax_acc.legend()
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return Path(out_png)
+
+
+# ---------------------------------------------------------------------------------------------
+# The recipe
+# ---------------------------------------------------------------------------------------------
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Train a draft as described in the module docstring; returns where the result is."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from draftdata.loaders import HiddenStateDataset
+    from draftdata.models import resolve_model
+    from draftdata.train.losses import EagleTTT, step_token_counts
+    from draftdata.train.model import build_draft, count_parameters, save_draft
+
+    cfg.validate()
+    eagle = cfg.eagle()
+    info, device = setup_distributed(cfg.device)
+    output = Path(cfg.output)
+    try:
+        # -- 1. run settings and resume point ---------------------------------------------------
+        run_settings = {**dataclasses.asdict(cfg), "world_size": info.world_size,
+                        "eagle_config": eagle.to_dict(), "max_seq_len": cfg.max_seq_len or cfg.batch_tokens}
+        for k in ("resume", "progress", "plot", "device", "output", "storage_options"):  # no secrets on disk
+            run_settings.pop(k)
+        ckpt = latest_checkpoint(output) if cfg.resume else None
+        if not cfg.resume and latest_checkpoint(output) is not None:
+            raise DraftdataError(f"{output} already holds checkpoints; pass --resume to continue that run, "
+                                 "or choose another --output")
+        if ckpt is not None and (output / TRAIN_CONFIG).exists():
+            saved = json.loads((output / TRAIN_CONFIG).read_text())
+            changed = _check_resume_config(saved, json.loads(json.dumps(run_settings)), ckpt)
+            if changed:
+                _log(f"resume: settings changed since the checkpoint: {changed}", info)
+        elif ckpt is not None:
+            _log(f"resume: {output / TRAIN_CONFIG} is missing; cannot check the settings match", info)
+        elif cfg.resume:
+            _log(f"resume: no checkpoint in {output / CHECKPOINTS}; starting from scratch", info)
+        if info.main:
+            output.mkdir(parents=True, exist_ok=True)
+            (output / TRAIN_CONFIG).write_text(json.dumps(run_settings, indent=2, sort_keys=True) + "\n")
+
+        # -- 2. data -----------------------------------------------------------------------------
+        dataset = HiddenStateDataset(
+            cfg.data, shuffle=cfg.shuffle, seed=cfg.seed, rank=info.rank, world_size=info.world_size,
+            max_seq_len=cfg.max_seq_len or cfg.batch_tokens, storage_options=cfg.storage_options or None,
+            max_tokens_per_batch=cfg.batch_tokens, pin_memory=False)
+        schema = dataset.schema
+
+        def steps_in_epoch(epoch: int) -> int:
+            return min(dataset.items_per_rank(epoch)) // cfg.grad_accum
+
+        if cfg.steps is not None:
+            total_steps = cfg.steps
+        else:
+            total_steps = sum(steps_in_epoch(e) for e in range(cfg.epochs))
+        if total_steps < 1 or steps_in_epoch(0) < 1:
+            raise DraftdataError(f"{cfg.data}: {dataset.num_samples} samples make fewer than grad_accum="
+                                 f"{cfg.grad_accum} batches of {cfg.batch_tokens} tokens per rank "
+                                 f"({info.world_size} ranks); lower --batch-tokens or --grad-accum")
+
+        # -- 3. model ----------------------------------------------------------------------------
+        torch.manual_seed(cfg.seed)                      # identical initial draft on every rank
+        base_dir = resolve_model(cfg.model)
+        frozen_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        draft, head = build_draft(base_dir, eagle, schema, cfg.draft_vocab, frozen_dtype, device)
+        module = EagleTTT(draft, head, ttt_steps=eagle.eagle_ttt_steps, decay=eagle.eagle_loss_decay_factor,
+                          mix_hidden_states=eagle.eagle_mix_hidden_states,
+                          self_logit_distillation=eagle.eagle_self_logit_distillation)
+        # Buffers (d2t, t2d, RoPE frequencies) never change: no need to re-broadcast them every step.
+        model = DDP(module, device_ids=[device.index] if device.type == "cuda" else None,
+                    broadcast_buffers=False) if info.world_size > 1 else module
+        n = count_parameters(draft)
+        _log(f"draft: {n['trainable'] / 1e6:.1f}M trainable parameters ({n['saved'] / 1e6:.1f}M saved), "
+             f"draft vocab {draft.config.draft_vocab_size}/{draft.config.vocab_size}, aux layers "
+             f"{draft.config.aux_layer_ids}, rope_theta {draft.config.rope_theta:g}, {info.world_size} rank(s) "
+             f"on {device}; {total_steps} steps", info)
+
+        # -- 4. optimizer and schedule -----------------------------------------------------------
+        params = draft.trainable_parameters()
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+        warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(0.02 * total_steps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_lambda(warmup, total_steps, cfg.schedule, cfg.min_lr_ratio))
+
+        # -- 5. resume ---------------------------------------------------------------------------
+        step, epoch, consumed, tokens_seen, elapsed_before = 0, 0, 0, 0, 0.0
+        if ckpt is not None:
+            from safetensors.torch import load_file
+
+            state = torch.load(ckpt / TRAINER_STATE, map_location="cpu", weights_only=True)
+            weights = load_file(str(ckpt / "draft.safetensors"), device=str(device))
+            missing, unexpected = draft.load_state_dict(weights, strict=False)
+            if [k for k in missing if not k.startswith("embed_tokens.")] or unexpected:
+                raise DraftdataError(f"{ckpt}: checkpoint does not match the draft (missing {missing}, "
+                                     f"unexpected {unexpected})")
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            step, epoch, consumed = state["step"], state["epoch"], state["items_consumed"]
+            tokens_seen, elapsed_before = state["tokens_seen"], state["elapsed_s"]
+            _set_rng_state(state["rng"][info.rank], device)
+            _log(f"resumed from {ckpt} at step {step} (epoch {epoch}, {consumed} batches into it)", info)
+        else:
+            torch.manual_seed(cfg.seed + info.rank)     # per-rank stream (mix_hidden_states, dropout)
+
+        # -- 6. loop -----------------------------------------------------------------------------
+        metrics = MetricsLog(output, info.main, step)
+        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                    else contextlib.nullcontext())
+        nvtx = eagle.eagle_enable_nvtx and device.type == "cuda"
+        losses: list[float] = []
+        started = time.perf_counter()
+        from tqdm import tqdm
+
+        bar = tqdm(total=total_steps, initial=step, desc="train", unit="step",
+                   disable=not (cfg.progress and info.main), file=sys.stderr)
+        while step < total_steps:
+            dataset.set_epoch(epoch)
+            if consumed:
+                dataset.load_state_dict({"epoch": epoch, "items_consumed": consumed})
+            loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers,
+                                                 pin_memory=device.type == "cuda")
+            batches = iter(loader)
+            epoch_steps = steps_in_epoch(epoch)
+            while step < total_steps and consumed // cfg.grad_accum < epoch_steps:
+                t0 = time.perf_counter()
+                try:
+                    raw = [next(batches) for _ in range(cfg.grad_accum)]
+                except StopIteration:
+                    raise DraftdataError(f"{cfg.data}: the loader ended epoch {epoch} after {consumed} batches, "
+                                         f"before the {epoch_steps * cfg.grad_accum} its plan promised (did "
+                                         "the dataset change while training?)") from None
+                micro = [{k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in b.items()}
+                         for b in raw]
+                counts = _all_reduce(sum(step_token_counts(b, module.ttt_steps, module.draft_id_table())
+                                         for b in micro).to(device), info)
+                loss_sum = torch.zeros(module.ttt_steps, device=device)
+                correct = torch.zeros(module.ttt_steps, device=device)
+                total = torch.zeros((), device=device)
+                for i, batch in enumerate(micro):
+                    sync = model.no_sync() if info.world_size > 1 and i < len(micro) - 1 \
+                        else contextlib.nullcontext()
+                    with sync:
+                        if nvtx:
+                            torch.cuda.nvtx.range_push("eagle_forward")
+                        with autocast:
+                            out = model(batch, counts)
+                        if nvtx:
+                            torch.cuda.nvtx.range_pop()
+                        # DDP averages gradients over ranks; the loss is already over the global count.
+                        (out.loss * info.world_size).backward()
+                    loss_sum += out.loss_sum
+                    correct += out.correct
+                    total += out.loss.detach()
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                consumed += cfg.grad_accum
+
+                tokens = _all_reduce(torch.tensor(float(sum(int(b["lengths"].sum()) for b in micro)),
+                                                  device=device), info)
+                _all_reduce(loss_sum, info)
+                _all_reduce(correct, info)
+                _all_reduce(total, info)
+                dt = time.perf_counter() - t0
+                tokens_seen += int(tokens.item())
+                denom = counts.clamp_min(1)
+                record = {
+                    "step": step, "epoch": epoch, "loss": total.item(),
+                    "step_loss": (loss_sum / denom).tolist(), "step_acc": (correct / denom).tolist(),
+                    "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "tokens": int(tokens.item()),
+                    "loss_tokens": int(counts[0].item()), "tokens_per_s": tokens.item() / max(dt, 1e-9),
+                    "tokens_seen": tokens_seen,
+                    "elapsed_s": elapsed_before + time.perf_counter() - started,
+                    "peak_mem_gb": _peak_memory_gb(device),
+                }
+                if not eagle.eagle_report_acc:
+                    record["step_acc"] = [float("nan")] * module.ttt_steps
+                losses.append(record["loss"])
+                metrics.write(record)
+                bar.update(1)
+                if info.main and (step % cfg.log_every == 0 or step == 1 or step == total_steps):
+                    accs = " ".join(f"{a:.3f}" for a in record["step_acc"])
+                    print(f"step {step}/{total_steps} epoch {epoch} loss {record['loss']:.4f} acc [{accs}] "
+                          f"lr {record['lr']:.2e} gnorm {record['grad_norm']:.3f} "
+                          f"{record['tokens_per_s']:.0f} tok/s mem {record['peak_mem_gb']:.2f} GiB", flush=True)
+                if step % cfg.save_every == 0 or step == total_steps:
+                    end_of_epoch = consumed // cfg.grad_accum >= epoch_steps
+                    state = {"step": step, "epoch": epoch + 1 if end_of_epoch else epoch,
+                             "items_consumed": 0 if end_of_epoch else consumed,
+                             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                             "tokens_seen": tokens_seen,
+                             "elapsed_s": elapsed_before + time.perf_counter() - started}
+                    rng = [None] * info.world_size
+                    if info.world_size > 1:
+                        dist.all_gather_object(rng, _rng_state(device))
+                    else:
+                        rng = [_rng_state(device)]
+                    if info.main:
+                        path = save_checkpoint(output, step, draft, state, rng, cfg.keep_checkpoints)
+                        bar.write(f"saved checkpoint {path}", file=sys.stderr)
+                    if info.world_size > 1:
+                        dist.barrier()
+            del batches, loader
+            if consumed // cfg.grad_accum >= epoch_steps:
+                epoch, consumed = epoch + 1, 0
+        bar.close()
+        metrics.close()
+
+        # -- 7. final artifacts ------------------------------------------------------------------
+        final = output / FINAL
+        if info.main:
+            save_draft(final, draft)
+            if cfg.plot and (output / METRICS).exists():
+                png = plot_metrics(output / METRICS, output / PLOT)
+                if png:
+                    print(f"wrote {png}", file=sys.stderr)
+            print(f"final draft: {final} ({step} steps)", file=sys.stderr)
+        if info.world_size > 1:
+            dist.barrier()
+        return TrainResult(output=output, steps=step, final_checkpoint=final, losses=losses, draft=draft)
+    finally:
+        if info.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray Train
+# ---------------------------------------------------------------------------------------------
+
+def ray_train_loop(config: dict[str, Any]) -> None:
+    """`train_loop_per_worker` for Ray Train's TorchTrainer: the same `train`, one per worker.
+
+    Ray has already joined the workers into a torch.distributed group; `train` uses it.
+    """
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = TrainConfig(**{k: v for k, v in config.items() if k in fields})
+    result = train(cfg)
+    try:
+        import ray.train
+
+        ray.train.report({"steps": result.steps, "final_loss": result.losses[-1] if result.losses else None})
+    except Exception:  # noqa: BLE001 - reporting is best effort (older/newer Ray Train APIs)
+        pass
+
+
+def train_with_ray(cfg: TrainConfig, num_workers: int, *, use_gpu: bool | None = None,
+                   storage_path: str | None = None) -> Any:
+    """Run `train` on `num_workers` Ray Train workers (joins the Ray cluster `ray.init` finds)."""
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    cfg.validate()
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"))
+    if use_gpu is None:
+        use_gpu = bool(ray.cluster_resources().get("GPU", 0))
+    storage = storage_path or str(Path(cfg.output).resolve() / "ray")
+    trainer = TorchTrainer(
+        ray_train_loop, train_loop_config=dataclasses.asdict(cfg),
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
+        run_config=RunConfig(name="draftdata-train", storage_path=storage),
+    )
+    return trainer.fit()

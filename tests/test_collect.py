@@ -1,0 +1,388 @@
+"""The HF backend and `draftdata collect`: capture convention, batching, resume, rejects, SIGKILL, S3."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from draftdata.cli import main
+from draftdata.collect.backends import get_backend
+from draftdata.collect.backends.hf import HFBackend
+from draftdata.collect.conversations import ChatTokenizer, TokenizedSample, parse_record
+from draftdata.collect.runner import CollectOptions, collect_records, token_batches
+from draftdata.config import DatasetSchema
+from draftdata.errors import DraftdataError, SchemaMismatchError
+from draftdata.store import create_dataset, open_dataset
+
+BF16 = {"rtol": 2**-7, "atol": 1e-5}  # one bf16 rounding step
+
+
+@pytest.fixture(scope="module")
+def backend32(tiny_model):
+    b = HFBackend(tiny_model, dtype="fp32")
+    yield b
+    b.close()
+
+
+def reference_states(model_dir, seq, dtype=torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    model = reference_states.cache.get((str(model_dir), dtype))
+    if model is None:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+        reference_states.cache[(str(model_dir), dtype)] = model
+    with torch.inference_mode():
+        return model(torch.tensor([seq]), output_hidden_states=True).hidden_states
+
+
+reference_states.cache = {}
+
+
+def random_seqs(lengths, seed=0, vocab=400):
+    g = random.Random(seed)
+    return [[g.randrange(3, vocab) for _ in range(n)] for n in lengths]
+
+
+# ---------------------------------------------------------------- backend
+
+
+def test_capture_equals_hf_output_hidden_states(tiny_model, backend32):
+    """aux id k = output of decoder layer k = HF hidden_states[k+1]; final = hidden_states[-1] (post-norm)."""
+    seqs = random_seqs([9, 3, 17])
+    aux_ids = [0, 2]
+    outs = backend32.forward(seqs, aux_ids)
+    assert backend32.info.final_hidden_prenorm is False
+    for seq, (aux, final) in zip(seqs, outs):
+        hs = reference_states(tiny_model, seq)
+        assert len(hs) == 5  # embeddings + 4 layers (the last replaced by the final norm's output)
+        assert aux.dtype == final.dtype == torch.bfloat16 and aux.device.type == "cpu"
+        assert aux.shape == (len(seq), 2 * 64) and final.shape == (len(seq), 64)
+        expected = torch.cat([hs[k + 1][0] for k in aux_ids], dim=-1)
+        torch.testing.assert_close(aux.float(), expected.bfloat16().float(), **BF16)
+        torch.testing.assert_close(final.float(), hs[-1][0].bfloat16().float(), **BF16)
+        # the convention is not HF's index k (the embeddings for k = 0)
+        assert not torch.allclose(aux[:, :64].float(), hs[0][0], atol=1e-2)
+
+
+def test_earlier_layer_outputs_are_not_kept_during_the_forward(backend32):
+    """Memory holds the packed aux buffer, not every layer's [B, T, H] output: when the last
+    decoder layer starts, only its input is still alive (with output_hidden_states=True, all are)."""
+    import weakref
+
+    refs: list = []
+    alive: list[int] = []
+    layers = backend32.layers
+    hooks = [layer.register_forward_hook(lambda m, a, o: refs.append(weakref.ref(o[0] if isinstance(o, tuple) else o)))
+             for layer in layers[:-1]]
+    hooks.append(layers[-1].register_forward_pre_hook(lambda m, a: alive.append(sum(r() is not None for r in refs))))
+    try:
+        backend32.forward(random_seqs([20, 7]), [0, 1])
+        refs.clear()
+        with torch.inference_mode():
+            backend32.model(input_ids=torch.tensor(random_seqs([20])), output_hidden_states=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert alive == [1, 3]
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_batched_equals_alone(tiny_model, backend32, dtype):
+    backend = backend32 if dtype == "fp32" else HFBackend(tiny_model, dtype="bf16")
+    seqs = random_seqs([31, 5, 18, 1, 24], seed=1)
+    batched = backend.forward(seqs, [0, 1, 3])
+    for seq, (aux, final) in zip(seqs, batched):
+        (aux1, final1), = backend.forward([seq], [0, 1, 3])
+        assert aux.shape == aux1.shape == (len(seq), 3 * 64)  # no padding rows
+        if dtype == "fp32":  # computed in fp32: at most one bf16 rounding step apart
+            torch.testing.assert_close(aux, aux1, **BF16)
+            torch.testing.assert_close(final, final1, **BF16)
+        else:  # computed in bf16: kernel order differs by batch shape, a few rounding steps
+            torch.testing.assert_close(aux.float(), aux1.float(), rtol=2**-5, atol=2**-6)
+            torch.testing.assert_close(final.float(), final1.float(), rtol=2**-5, atol=2**-5)
+
+
+def test_backend_errors(tiny_model, backend32):
+    with pytest.raises(DraftdataError, match="0..3"):
+        backend32.forward([[5, 6]], [4])
+    with pytest.raises(DraftdataError, match="vocabulary"):
+        backend32.forward([[5, 4000]], [1])
+    with pytest.raises(DraftdataError, match="--backend 'nope'"):
+        get_backend("nope", tiny_model)
+    with pytest.raises(DraftdataError, match="no CUDA|cpu"):
+        if not torch.cuda.is_available():
+            HFBackend(tiny_model, device="cuda")
+        else:
+            raise DraftdataError("cpu")
+
+
+def sample(n, cid=None):
+    return TokenizedSample(cid or f"s{n}", np.arange(n, dtype=np.int32), np.ones(n, np.uint8), "f:1")
+
+
+def test_token_batches_fill_the_budget_longest_first():
+    samples = [sample(n, f"c{i}") for i, n in enumerate([5, 100, 40, 41, 39, 7, 300, 38, 6, 40])]
+    batches = list(token_batches(samples, batch_tokens=160))
+    assert sorted(s.conversation_id for b in batches for s in b) == sorted(s.conversation_id for s in samples)
+    assert [s.length for s in batches[0]] == [300]  # longer than the budget: alone
+    for b in batches:
+        longest = max(s.length for s in b)
+        assert b[0].length == longest
+        assert len(b) == 1 or len(b) * longest <= 160
+        padding = len(b) * longest - sum(s.length for s in b)
+        assert len(b) == 1 or padding <= max(0.125 * len(b) * longest, 16 * len(b))
+    # 39 would overflow the budget (4 x 41 > 160); 6 would pad 7 and 38 by more than 16 a row
+    assert [[s.length for s in b] for b in batches[1:]] == [[100], [41, 40, 40], [39, 38, 7], [6, 5]]
+
+
+def test_writer_failure_reaches_the_caller_and_commits_nothing(tiny_model, backend32, tmp_path):
+    """A sample the store refuses (hidden size 64 into a hidden-size-32 dataset) fails in the writer
+    thread; collect_records must raise it and leave no visible part."""
+    schema = DatasetSchema(base_model_id="x", hidden_size=32, aux_layer_ids=[0], num_hidden_layers=4,
+                           vocab_size=400, max_seq_len=64)
+    writer = create_dataset(str(tmp_path / "ds"), schema)
+    with pytest.raises(SchemaMismatchError, match="hidden_size=32"):
+        collect_records([sample(8, f"c{i}") for i in range(20)], backend32, writer,
+                        CollectOptions(aux_layer_ids=[0], batch_tokens=16, queue_batches=1))
+    assert open_dataset(str(tmp_path / "ds")).parts == []
+
+
+def test_input_errors_on_the_reader_thread_reach_the_caller(tiny_model, backend32, tmp_path):
+    from transformers import AutoTokenizer
+
+    from draftdata.collect.conversations import read_conversations
+    from draftdata.collect.runner import CollectStats, RejectLog, prepare_samples
+
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(json.dumps(conv("a", ("user", "q"), ("assistant", "a"))) + "\n{bad\n")
+    schema = DatasetSchema(base_model_id="x", hidden_size=64, aux_layer_ids=[0], num_hidden_layers=4,
+                           vocab_size=400, max_seq_len=64)
+    writer = create_dataset(str(tmp_path / "ds"), schema)
+    stats = CollectStats()
+    samples = prepare_samples(read_conversations(str(inp)), ChatTokenizer(AutoTokenizer.from_pretrained(tiny_model)),
+                              skip_ids=set(), stats=stats, on_reject=RejectLog(stats, strict=True))
+    with pytest.raises(DraftdataError, match=f"{inp}:2: malformed_json"):
+        collect_records(samples, backend32, writer, CollectOptions(aux_layer_ids=[0]))
+    assert open_dataset(str(tmp_path / "ds")).parts == []
+
+
+# ---------------------------------------------------------------- the CLI
+
+
+def conv(cid, *turns):
+    return {"conversation_id": cid, "conversations": [{"role": r, "content": c} for r, c in turns]}
+
+
+WORDS = "the quick brown fox jumps over the lazy dog what is 12 plus 30 answer 42 hello world".split()
+
+
+def valid_conversations(n, seed=0):
+    g = random.Random(seed)
+    out = []
+    for i in range(n):
+        turns = [("user", " ".join(g.choices(WORDS, k=g.randint(2, 12)))),
+                 ("assistant", " ".join(g.choices(WORDS, k=g.randint(1, 16))))]
+        if i % 5 == 0:
+            turns = [("system", "Be short.")] + turns + [("user", "and?"), ("assistant", "numbers 1 2 3")]
+        out.append(conv(f"c{i:04d}", *turns))
+    return out
+
+
+def write_input(path, records):
+    path.write_text("".join(r if isinstance(r, str) else json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+def collect_args(model, inp, out, *extra):
+    return ["collect", "--model", str(model), "--input", inp, "--output", out, "--dtype", "fp32",
+            "--max-seq-len", "128", *extra]
+
+
+def stored_ids(url, **kw):
+    return [cid for p in open_dataset(url, **kw).parts for cid in p.conversation_ids]
+
+
+def test_collect_end_to_end_rejects_and_resume(tiny_model, backend32, tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    good = valid_conversations(12)
+    sharegpt = {"id": "sg", "conversations": [{"from": "human", "value": "hello"}, {"from": "gpt", "value": "world"}]}
+    records = good[:6] + ["{broken json\n", conv("bad-role", ("user", "q"), ("bot", "a")), sharegpt,
+                          conv("c0003", ("user", "dup"), ("assistant", "dup")),
+                          conv("long", ("user", "numbers 1 2 3 " * 60), ("assistant", "ok")),
+                          conv("prompt-only", ("user", "just asking"))] + good[6:]
+    inp = write_input(tmp_path / "in.jsonl", records)
+    out = str(tmp_path / "ds")
+    args = collect_args(tiny_model, inp, out, "--batch-tokens", "96", "--part-size", "0.05")
+    assert main(args) == 0
+    summary = capsys.readouterr().out
+    want = sorted([c["conversation_id"] for c in good] + ["sg"])
+    ids = stored_ids(out)
+    assert sorted(ids) == want and len(ids) == len(set(ids))
+    ds = open_dataset(out)
+    assert len(ds.parts) > 1  # rolled over at --part-size
+    assert ds.schema.aux_layer_ids == [0, 1] and ds.schema.final_hidden_prenorm is False
+    assert ds.schema.loss_mask == "assistant" and ds.schema.base_model_hash
+    assert "written    13 conversations" in summary and "skipped    5:" in summary
+    for reason in ("malformed_json 1", "unknown_role 1", "duplicate_id 1", "too_long 1", "no_assistant_turn 1"):
+        assert reason in summary
+
+    # rejects: one line each, with file:line and reason
+    (rejects_file,) = glob.glob(f"{out}/_reports/*/rejects.jsonl")
+    assert f"rejects    {rejects_file}" in summary
+    rejects = [json.loads(line) for line in open(rejects_file)]
+    assert [(r["source"], r["reason"]) for r in rejects] == [
+        (f"{inp}:7", "malformed_json"), (f"{inp}:8", "unknown_role"), (f"{inp}:10", "duplicate_id"),
+        (f"{inp}:11", "too_long"), (f"{inp}:12", "no_assistant_turn")]
+
+    # every stored sample is its tokenization + the states of running it alone
+    chat = ChatTokenizer(AutoTokenizer.from_pretrained(tiny_model), max_seq_len=128)
+    by_id = {c.conversation_id: c for c in (parse_record(r) for r in good + [sharegpt])}
+    for s in ds:
+        (tok,) = chat.tokenize([by_id[s["conversation_id"]]])
+        assert s["input_ids"].tolist() == tok.input_ids.tolist()
+        assert s["loss_mask"].tolist() == tok.loss_mask.tolist()
+        (aux, final), = backend32.forward([tok.input_ids.tolist()], [0, 1])
+        torch.testing.assert_close(s["aux_hidden_states"], aux, **BF16)
+        torch.testing.assert_close(s["hidden_states"], final, **BF16)
+
+    # resume: the same command again writes nothing new
+    parts_before = [p.id for p in ds.parts]
+    assert main(args) == 0
+    summary = capsys.readouterr().out
+    assert "written    0 conversations" in summary and "already_committed 13" in summary
+    assert [p.id for p in open_dataset(out).parts] == parts_before
+
+    # more input later: only the new conversations are collected
+    extra = valid_conversations(15)[12:]
+    write_input(tmp_path / "in.jsonl", records + extra)
+    assert main(args) == 0
+    assert "written    3 conversations" in capsys.readouterr().out
+    ids = stored_ids(out)
+    assert sorted(ids) == sorted(want + [c["conversation_id"] for c in extra]) and len(ids) == len(set(ids))
+
+
+def test_strict_fails_before_any_model_work(tiny_model, tmp_path, capsys):
+    inp = write_input(tmp_path / "in.jsonl", valid_conversations(3) + [conv("x", ("user", "q"), ("ghost", "a"))])
+    out = tmp_path / "ds"
+    assert main(collect_args(tiny_model, inp, str(out), "--strict")) == 2
+    err = capsys.readouterr().err
+    assert f"{inp}:4" in err and "unknown_role" in err and "--strict" in err
+    assert not out.exists()  # nothing created, no model loaded
+    inp = write_input(tmp_path / "ok.jsonl", valid_conversations(3))
+    assert main(collect_args(tiny_model, inp, str(out), "--strict", "--limit", "2")) == 0
+    assert len(stored_ids(str(out))) == 2
+
+
+def test_schema_mismatch_is_refused_with_what_differs(tiny_model, tmp_path, capsys):
+    inp = write_input(tmp_path / "in.jsonl", valid_conversations(2))
+    out = str(tmp_path / "ds")
+    assert main(collect_args(tiny_model, inp, out, "--aux-layers", "0,1", "--codec", "zstd")) == 0
+    capsys.readouterr()
+    assert main(collect_args(tiny_model, inp, out, "--aux-layers", "1,2")) == 2
+    err = capsys.readouterr().err
+    assert "aux_layer_ids: dataset has [0, 1], this run has [1, 2] (set by --aux-layers)" in err
+    assert "codec" not in err  # unset --codec adopts the dataset's
+    assert main(collect_args(tiny_model, inp, out, "--aux-layers", "0,1", "--codec", "fp8",
+                             "--loss-mask", "all")) == 2
+    err = capsys.readouterr().err
+    assert "codec: dataset has 'zstd', this run has 'fp8' (set by --codec)" in err
+    assert "loss_mask: dataset has 'assistant', this run has 'all'" in err
+    assert main(collect_args(tiny_model, inp, out, "--aux-layers", "0,1")) == 0  # same settings: resumes
+    assert "already_committed 2" in capsys.readouterr().out
+
+
+def test_collect_to_s3_with_input_on_s3(tiny_model, s3_bucket, capsys):
+    import fsspec
+
+    bucket, opts = s3_bucket
+    with fsspec.open(f"{bucket}/input/convs.jsonl", "w", **opts) as f:
+        f.write("".join(json.dumps(r) + "\n" for r in valid_conversations(6)) + "not json\n")
+    endpoint = opts["client_kwargs"]["endpoint_url"]
+    flags = ["-S", "key=testing", "-S", "secret=testing", "-S", f"client_kwargs.endpoint_url={endpoint}",
+             "-S", "client_kwargs.region_name=us-east-1"]
+    url = f"{bucket}/ds"
+    assert main(collect_args(tiny_model, f"{bucket}/input/", url, *flags)) == 0
+    summary = capsys.readouterr().out
+    assert sorted(stored_ids(url, storage_options=opts)) == [f"c{i:04d}" for i in range(6)]
+    assert f"rejects    {url}/_reports/" in summary
+    fs = fsspec.filesystem("s3", **opts)
+    (rejects,) = fs.glob(f"{bucket[5:]}/ds/_reports/*/rejects.jsonl")
+    assert json.loads(fs.cat(rejects))["source"] == f"{bucket}/input/convs.jsonl:7"
+    assert main(["verify", url, *flags]) == 0
+
+
+# ---------------------------------------------------------------- SIGKILL at several points
+
+
+def commits(out: Path) -> int:
+    d = out / "commits"
+    return len([p for p in d.iterdir() if p.suffix == ".json"]) if d.exists() else 0
+
+
+def uncommitted_part(out: Path) -> bool:
+    parts = {p.name for p in (out / "parts").iterdir()} if (out / "parts").exists() else set()
+    done = {p.stem for p in (out / "commits").iterdir()} if (out / "commits").exists() else set()
+    return bool(parts - done)
+
+
+def test_sigkill_at_several_points_then_rerun_gives_exactly_one_copy(tiny_model, tmp_path):
+    good = valid_conversations(90, seed=3)
+    bad = ["{oops\n", conv("r", ("user", "q"), ("robot", "a"))]
+    inp = write_input(tmp_path / "in.jsonl", good[:40] + bad + good[40:])
+    out = tmp_path / "ds"
+    cmd = [sys.executable, "-m", "draftdata.cli", *collect_args(tiny_model, inp, str(out), "--part-size", "0.02",
+                                                                "--batch-tokens", "256")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def kill_when(condition, what):
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 120
+        while not condition():
+            assert proc.poll() is None, f"run finished before {what}: {proc.stderr.read().decode()[-2000:]}"
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        return commits(out)
+
+    # 1: after the first commit; 2: while a part's arrays are being written (before its commit
+    # record); 3: further on, mid-stream
+    n1 = kill_when(lambda: commits(out) >= 1, "first commit")
+    n2 = kill_when(lambda: commits(out) > n1 and uncommitted_part(out), "a part being written")
+    kill_when(lambda: commits(out) >= n2 + 5, "five more commits")
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "already_committed" in done.stdout
+    ids = stored_ids(str(out))
+    assert len(ids) == len(set(ids)), "a conversation was stored twice"
+    assert sorted(ids) == sorted(c["conversation_id"] for c in good)
+    assert main(["verify", str(out)]) == 0
+    assert main(["verify", str(out), "--gc", "--grace", "0"]) == 0
+    assert not uncommitted_part(out)
+
+
+# ---------------------------------------------------------------- the demo (real SmolLM2)
+
+
+@pytest.mark.integration
+def test_demo_collects_the_bundled_prompts_and_inspects(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "demo")]) == 0
+    out = capsys.readouterr().out
+    assert "samples        50" in out and "aux layers     [1, 14, 26]" in out
+    ds = open_dataset(str(tmp_path / "demo" / "dataset"))
+    assert ds.num_samples == 50 and ds.schema.hidden_size == 576
+    s = ds.sample(0)
+    assert s["aux_hidden_states"].shape[1] == 3 * 576 and torch.isfinite(s["hidden_states"].float()).all()
+    assert 0 < int(s["loss_mask"].sum()) < len(s["loss_mask"])

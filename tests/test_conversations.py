@@ -1,0 +1,240 @@
+"""Reading, validating and tokenizing conversations: record formats, rejects with file:line, loss masks."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import numpy as np
+import pytest
+
+from draftdata.collect.conversations import (
+    ChatTokenizer,
+    Conversation,
+    Reject,
+    content_id,
+    count_records,
+    load_chat_template,
+    parse_record,
+    read_conversations,
+    tokenize_stream,
+)
+from draftdata.errors import DraftdataError
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model)
+
+
+def write_jsonl(path, lines):
+    path.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines))
+    return path
+
+
+def conv(*turns, **extra):
+    return {**extra, "conversations": [{"role": r, "content": c} for r, c in turns]}
+
+
+# ---------------------------------------------------------------- record formats
+
+
+def test_record_formats_normalize_to_the_same_messages():
+    expected = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "hello"}]
+    chat = parse_record(conv(("system", "Be brief."), ("user", "hi"), ("assistant", "hello")))
+    messages = parse_record({"messages": expected})
+    sharegpt = parse_record({"conversations": [{"from": "system", "value": "Be brief."},
+                                               {"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]})
+    sharegpt_top_system = parse_record({"system": "Be brief.", "conversations": [
+        {"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]})
+    for c in (chat, messages, sharegpt, sharegpt_top_system):
+        assert c.messages == expected
+    # no explicit id: a stable content hash, equal across formats
+    assert chat.conversation_id == sharegpt.conversation_id == content_id(expected)
+    assert chat.conversation_id.startswith("sha256-")
+    other = parse_record(conv(("user", "hi"), ("assistant", "hello!")))
+    assert other.conversation_id != chat.conversation_id
+
+
+def test_ids_come_from_conversation_id_id_or_uuid():
+    base = conv(("user", "a"), ("assistant", "b"))
+    assert parse_record({**base, "conversation_id": "c1", "id": "x"}).conversation_id == "c1"
+    assert parse_record({**base, "id": 17}).conversation_id == "17"
+    assert parse_record({**base, "uuid": "u-9"}).conversation_id == "u-9"
+
+
+def test_rejects_name_file_line_and_reason(tmp_path):
+    good = conv(("user", "q"), ("assistant", "a"), conversation_id="good")
+    path = write_jsonl(tmp_path / "in.jsonl", [
+        good,                                                         # 1
+        "{not json",                                                  # 2
+        "",                                                           # 3 blank: ignored, no reject
+        "[1, 2]",                                                     # 4
+        {"id": "m", "text": "no conversation here"},                  # 5
+        {"id": "e", "conversations": []},                             # 6
+        conv(("user", "q"), ("robot", "a"), id="r"),                  # 7
+        {"id": "n", "messages": [{"role": "user", "content": ["list"]}]},  # 8
+        conv(("user", "q"), ("assistant", "a"), conversation_id="good"),   # 9 duplicate
+        conv(("user", "only a question"), id="noasst"),                # 10
+        {"id": "bm", "messages": ["just a string"]},                  # 11
+        conv(("user", "q"), ("assistant", "a"), id=""),                # 12
+        conv(("user", "q2"), ("assistant", "a2"), id="good2"),         # 13
+    ])
+    got = list(read_conversations(str(path)))
+    rejects = [(r.source, r.reason) for r in got if isinstance(r, Reject)]
+    f = str(path)
+    assert rejects == [
+        (f"{f}:2", "malformed_json"), (f"{f}:4", "not_an_object"), (f"{f}:5", "missing_conversations"),
+        (f"{f}:6", "empty_conversations"), (f"{f}:7", "unknown_role"), (f"{f}:8", "non_string_content"),
+        (f"{f}:9", "duplicate_id"), (f"{f}:10", "no_assistant_turn"), (f"{f}:11", "bad_message"),
+        (f"{f}:12", "bad_id"),
+    ]
+    assert [c.conversation_id for c in got if isinstance(c, Conversation)] == ["good", "good2"]
+    assert [c.source for c in got if isinstance(c, Conversation)] == [f"{f}:1", f"{f}:13"]
+    dup = next(r for r in got if isinstance(r, Reject) and r.reason == "duplicate_id")
+    assert dup.conversation_id == "good" and "good" in str(dup) and f"{f}:9" in str(dup)
+    # prompt-only conversations are fine when every token is trained on
+    kept = [c.conversation_id for c in read_conversations(str(path), require_assistant=False)
+            if isinstance(c, Conversation)]
+    assert kept == ["good", "noasst", "good2"]
+    assert count_records(str(path)) == 12 and count_records(str(path), limit=5) == 5
+
+
+def test_directory_glob_gzip_and_fsspec_inputs(tmp_path):
+    import fsspec
+
+    d = tmp_path / "in"
+    d.mkdir()
+    write_jsonl(d / "b.jsonl", [conv(("user", "b"), ("assistant", "B"), id="b")])
+    write_jsonl(d / "a.jsonl", [conv(("user", "a"), ("assistant", "A"), id="a"), "oops"])
+    with gzip.open(d / "c.jsonl.gz", "wt") as f:
+        f.write(json.dumps(conv(("user", "c"), ("assistant", "C"), id="c")) + "\n")
+    (d / "notes.txt").write_text("ignored")
+    got = list(read_conversations(str(d)))
+    assert [getattr(x, "conversation_id", None) for x in got] == ["a", None, "b", "c"]
+    assert got[1].source == f"{d}/a.jsonl:2"
+    assert [x.conversation_id for x in read_conversations(str(d / "*.jsonl")) if isinstance(x, Conversation)] == ["a", "b"]
+    assert [x.conversation_id for x in read_conversations(str(d), limit=2) if isinstance(x, Conversation)] == ["a"]
+    with fsspec.open("memory://draftdata-test/input.jsonl", "w") as f:
+        f.write(json.dumps(conv(("user", "m"), ("assistant", "M"), id="m")) + "\n")
+    got = list(read_conversations("memory://draftdata-test/input.jsonl"))
+    assert got[0].conversation_id == "m" and got[0].source == "memory://draftdata-test/input.jsonl:1"
+    with pytest.raises(DraftdataError, match="no such file"):
+        list(read_conversations(str(tmp_path / "missing.jsonl")))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DraftdataError, match="no \\*.jsonl"):
+        list(read_conversations(str(empty)))
+
+
+# ---------------------------------------------------------------- loss masks
+
+
+def masked_text(tokenizer, sample) -> list[str]:
+    """The decoded runs of tokens with loss_mask 1."""
+    ids, mask = sample.input_ids, sample.loss_mask
+    runs, start = [], None
+    for i, m in enumerate(list(mask) + [0]):
+        if m and start is None:
+            start = i
+        elif not m and start is not None:
+            runs.append(tokenizer.decode(ids[start:i].tolist()))
+            start = None
+    return runs
+
+
+def test_assistant_mask_covers_replies_and_end_of_turn_only(tokenizer):
+    chat = ChatTokenizer(tokenizer, max_seq_len=512)
+    c = parse_record(conv(("system", "You are terse."), ("user", "What is 12 plus 30?"), ("assistant", "42"),
+                          ("user", "And the fox?"), ("assistant", "The quick brown fox jumps.")))
+    (s,) = chat.tokenize([c])
+    text = tokenizer.apply_chat_template(c.messages, tokenize=False)
+    assert tokenizer.decode(s.input_ids.tolist()) == text
+    assert s.input_ids.dtype == np.int32 and s.loss_mask.dtype == np.uint8
+    assert masked_text(tokenizer, s) == ["42<|im_end|>", "The quick brown fox jumps.<|im_end|>"]
+    # the same ids as tokenizing the rendered template directly
+    assert s.input_ids.tolist() == tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_loss_mask_all_and_prompt_only(tokenizer):
+    chat = ChatTokenizer(tokenizer, loss_mask="all")
+    (s,) = chat.tokenize([parse_record(conv(("user", "hello world")))])
+    assert s.loss_mask.all() and len(s.loss_mask) == len(s.input_ids)
+
+
+def test_mask_for_template_that_rewrites_the_conversation_end(tokenizer):
+    # Appends an end-of-text marker once after the last message, so a rendered prefix is not a
+    # prefix of the full conversation: the mask must fall back to locating each reply.
+    template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>assistant\n{% else %}<|endoftext|>{% endif %}")
+    chat = ChatTokenizer(tokenizer, chat_template=template)
+    (s,) = chat.tokenize([parse_record(conv(("user", "hi"), ("assistant", "hello world"), ("user", "and"),
+                                            ("assistant", "numbers 1 2")))])
+    first, last = masked_text(tokenizer, s)
+    assert first == "hello world<|im_end|>"
+    # the last turn's render ends the conversation, so its end marker belongs to the turn
+    assert last == "numbers 1 2<|im_end|>\n<|endoftext|>"
+
+
+def test_mask_for_template_with_a_different_layout(tokenizer):
+    template = ("{% for m in messages %}{% if m['role'] == 'user' %}User: {{ m['content'] }}\n"
+                "{% elif m['role'] == 'assistant' %}Assistant: {{ m['content'] }}<|endoftext|>\n{% endif %}{% endfor %}"
+                "{% if add_generation_prompt %}Assistant: {% endif %}")
+    chat = ChatTokenizer(tokenizer, chat_template=template)
+    (s,) = chat.tokenize([parse_record(conv(("user", "what is 4"), ("assistant", "four")))])
+    assert masked_text(tokenizer, s) == ["four<|endoftext|>"]
+
+
+def test_template_errors_and_missing_template_are_reported(tokenizer):
+    template = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('must start with user') }}{% endif %}" \
+               "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    chat = ChatTokenizer(tokenizer, chat_template=template)
+    c = Conversation("x", [{"role": "assistant", "content": "a"}], "f.jsonl:3")
+    (r,) = chat.tokenize([c])
+    assert isinstance(r, Reject) and r.reason == "template_error" and "must start with user" in r.detail
+    assert r.source == "f.jsonl:3"
+
+    class NoTemplate:
+        chat_template = None
+
+    with pytest.raises(DraftdataError, match="--chat-template"):
+        ChatTokenizer(NoTemplate())
+
+
+def test_chat_template_file(tmp_path, tokenizer):
+    jinja = tmp_path / "t.jinja"
+    jinja.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    as_json = tmp_path / "t.json"
+    as_json.write_text(json.dumps({"chat_template": jinja.read_text()}))
+    assert load_chat_template(jinja) == load_chat_template(as_json) == jinja.read_text()
+    with pytest.raises(DraftdataError, match="t.txt"):
+        load_chat_template(tmp_path / "t.txt")
+
+
+def test_too_long_skip_and_truncate(tokenizer):
+    long_reply = " ".join(["numbers 0 1 2 3 4 5 6 7 8 9"] * 20)
+    c = parse_record(conv(("user", "count"), ("assistant", long_reply)), "f.jsonl:1")
+    n = len(ChatTokenizer(tokenizer, max_seq_len=10_000).tokenize([c])[0].input_ids)
+    (r,) = ChatTokenizer(tokenizer, max_seq_len=40).tokenize([c])
+    assert isinstance(r, Reject) and r.reason == "too_long" and f"{n} tokens > --max-seq-len 40" in r.detail
+    (s,) = ChatTokenizer(tokenizer, max_seq_len=40, on_long="truncate").tokenize([c])
+    assert s.truncated and s.length == 40 and s.loss_mask.any()
+    # truncation that leaves nothing to train on is a reject, not an empty sample
+    c2 = parse_record(conv(("user", long_reply), ("assistant", "ok")), "f.jsonl:2")
+    (r2,) = ChatTokenizer(tokenizer, max_seq_len=40, on_long="truncate").tokenize([c2])
+    assert isinstance(r2, Reject) and r2.reason == "too_long" and "no assistant tokens" in r2.detail
+
+
+def test_tokenize_stream_keeps_order_across_chunks(tokenizer):
+    chat = ChatTokenizer(tokenizer)
+    items = []
+    for i in range(7):
+        items.append(parse_record(conv(("user", f"q{i}"), ("assistant", f"a{i}"), id=f"c{i}")))
+        if i % 3 == 0:
+            items.append(Reject(f"f:{i}", "malformed_json", "x"))
+    out = list(tokenize_stream(items, chat, chunk=2))
+    assert [getattr(x, "conversation_id", None) or x.source for x in out] == \
+        [getattr(x, "conversation_id", None) or x.source for x in items]

@@ -1,0 +1,131 @@
+"""Model specs: local dirs, the local HF cache (never downloading), GGUF conversion, fingerprints."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from draftdata.collect.backends.base import BaseModelInfo
+from draftdata.errors import DraftdataError
+from draftdata.models import (
+    default_aux_layers,
+    model_hash,
+    model_identity,
+    parse_aux_layers,
+    resolve_model,
+    tokenizer_hash,
+)
+
+
+def test_default_aux_layers_follow_eagle3():
+    assert default_aux_layers(30) == [1, 14, 26]  # SmolLM2-135M
+    assert default_aux_layers(32) == [1, 15, 28]  # Llama-3-8B
+    assert default_aux_layers(80) == [1, 39, 76]  # Llama-3-70B
+    assert default_aux_layers(4) == [0, 1]  # tiny test model: {1, 1, 0}
+
+
+def test_parse_aux_layers():
+    assert parse_aux_layers("eagle", 30) == [1, 14, 26]
+    assert parse_aux_layers("12, 1,7,7", 30) == [1, 7, 12]
+    with pytest.raises(DraftdataError, match="out of range.*0..3"):
+        parse_aux_layers("1,4", 4)
+    with pytest.raises(DraftdataError, match="comma-separated"):
+        parse_aux_layers("first,last", 4)
+
+
+def test_local_directory(tiny_model, tmp_path):
+    assert resolve_model(str(tiny_model)) == Path(tiny_model).resolve()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DraftdataError, match="no config.json"):
+        resolve_model(tmp_path / "empty")
+    with pytest.raises(DraftdataError, match="GGUF file not found"):
+        resolve_model(tmp_path / "missing.gguf")
+    model_id, revision = model_identity(tiny_model)
+    assert model_id == str(Path(tiny_model).resolve()) and revision is None
+
+
+def fake_hub_cache(root: Path, repo: str, model_dir: Path, commit: str = "a" * 40) -> Path:
+    """Lay out `model_dir` the way huggingface_hub caches a download of `repo`."""
+    repo_dir = root / f"models--{repo.replace('/', '--')}"
+    (repo_dir / "refs").mkdir(parents=True)
+    (repo_dir / "refs" / "main").write_text(commit)
+    snapshot = repo_dir / "snapshots" / commit
+    shutil.copytree(model_dir, snapshot)
+    return snapshot
+
+
+def test_hub_id_from_the_local_cache_only(tiny_model, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hub"
+    snapshot = fake_hub_cache(cache, "acme/tiny-llama", Path(tiny_model))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    assert resolve_model("acme/tiny-llama") == snapshot
+    assert resolve_model("acme/tiny-llama@" + "a" * 40) == snapshot
+    assert model_identity(snapshot) == ("acme/tiny-llama", "a" * 40)
+    info = BaseModelInfo.from_model_dir(snapshot)
+    assert (info.model_id, info.num_hidden_layers, info.hidden_size) == ("acme/tiny-llama", 4, 64)
+    with pytest.raises(DraftdataError, match="never downloads.*hf download acme/not-here"):
+        resolve_model("acme/not-here")
+
+
+def test_fingerprints_change_with_what_matters(tiny_model, tmp_path):
+    copy = Path(shutil.copytree(tiny_model, tmp_path / "copy"))
+    assert model_hash(copy) == model_hash(tiny_model)
+    assert tokenizer_hash(copy) == tokenizer_hash(tiny_model)
+    assert tokenizer_hash(copy, "{{ messages }}") != tokenizer_hash(copy)
+    with open(copy / "model.safetensors", "ab") as f:
+        f.write(b"\0" * 8)
+    assert model_hash(copy) != model_hash(tiny_model)
+    config = json.loads((copy / "config.json").read_text())
+    config["rms_norm_eps"] = 1e-5
+    (copy / "config.json").write_text(json.dumps(config))
+    tok = json.loads((copy / "tokenizer_config.json").read_text())
+    tok["chat_template"] = "{{ x }}"
+    (copy / "tokenizer_config.json").write_text(json.dumps(tok))
+    assert tokenizer_hash(copy) != tokenizer_hash(tiny_model)
+
+
+CONVERT = """
+from draftdata.models import resolve_model
+print(resolve_model("smollm2"))
+"""
+
+
+@pytest.mark.integration
+def test_smollm2_is_converted_once_even_by_concurrent_processes(tmp_path, monkeypatch, capfd):
+    """Two processes ask for the embedded model in a fresh cache at once: one converts, both get the
+    same complete HF directory (bf16 safetensors, ChatML template, eos = <|im_end|>)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    env = {**os.environ, "DRAFTDATA_CACHE": str(tmp_path / "cache")}
+    procs = [subprocess.Popen([sys.executable, "-c", CONVERT], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    paths = {o[0].strip() for o in outs}
+    assert len(paths) == 1
+    path = Path(paths.pop())
+    assert path.parent == tmp_path / "cache" / "models"
+    assert sum("converting" in o[1] for o in outs) == 1  # the other waited on the lock and reused it
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".tmp-")]
+    config = AutoConfig.from_pretrained(path)
+    assert (config.num_hidden_layers, config.hidden_size, config.vocab_size) == (30, 576, 49152)
+    assert "quantization_config" not in json.loads((path / "config.json").read_text())
+    assert json.loads((path / "config.json").read_text())["dtype"] == "bfloat16"
+    tok = AutoTokenizer.from_pretrained(path)
+    assert tok.eos_token == "<|im_end|>" and "<|im_start|>" in tok.chat_template
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert text.endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+    assert model_identity(path) == ("HuggingFaceTB/SmolLM2-135M-Instruct", "gguf:SmolLM2-135M-Instruct.Q4_1.gguf")
+    # a later resolve is a cache hit
+    capfd.readouterr()
+    monkeypatch.setenv("DRAFTDATA_CACHE", str(tmp_path / "cache"))
+    assert resolve_model("smollm2") == path
+    assert "converting" not in capfd.readouterr().err

@@ -1,0 +1,415 @@
+"""`collect --ray` and the actor pool on a real local Ray cluster (`ray start --head` in the test).
+
+Faults are real: worker and driver processes are killed with SIGKILL, and a poisoned record
+kills its worker every time it is run. The cluster gets its own ports and temp dir, runs with
+RAY_AUTH_MODE=disabled, and is torn down by killing the process group it was started in (never
+`ray stop`, which would stop every Ray cluster on the machine).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from draftdata.cli import main
+from draftdata.store import open_dataset
+
+ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.timeout(300)
+
+
+def setup_module(module):
+    import ray.cloudpickle
+
+    # Ray workers cannot import this test module: ship its toy workers and hooks by value.
+    ray.cloudpickle.register_pickle_by_value(module)
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+@dataclass
+class Head:
+    address: str  # GCS address for ray.init / --ray-address
+    dashboard: str  # job submission URL
+    temp_dir: str
+    pgid: int
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """A one-node cluster with 2 CPUs and a small object store, on free ports."""
+    temp = tempfile.mkdtemp(prefix="ddray", dir="/tmp")  # short: Ray puts unix sockets under it
+    gcs, dash, client, agent, agent_grpc, env_agent, metrics = _free_ports(7)
+    cmd = ["ray", "start", "--head", "--port", str(gcs), "--dashboard-port", str(dash),
+           "--ray-client-server-port", str(client), "--dashboard-agent-listen-port", str(agent),
+           "--dashboard-agent-grpc-port", str(agent_grpc), "--runtime-env-agent-port", str(env_agent),
+           "--metrics-export-port", str(metrics), "--num-cpus", "2", "--object-store-memory", str(100 * 2**20),
+           "--temp-dir", temp, "--disable-usage-stats"]
+    proc = subprocess.Popen(cmd, env=ENV, start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    out, _ = proc.communicate(timeout=120)
+    head = Head(f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}", temp, proc.pid)
+    try:
+        assert proc.returncode == 0, out[-3000:]
+        yield head
+    finally:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+        _kill_group(head.pgid)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _kill_group(pgid: int) -> None:
+    """Stop the head's daemons (they share the process group `ray start` ran in)."""
+    for sig, wait in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(pgid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.2)
+
+
+@pytest.fixture()
+def ray_driver(ray_head):
+    """Connects this process to the cluster (again, with a runtime env if given); disconnects after."""
+    import ray
+
+    def connect(runtime_env=None):
+        if ray.is_initialized():
+            ray.shutdown()
+        ray.init(address=ray_head.address, runtime_env=runtime_env, logging_level="ERROR")
+
+    connect()
+    yield connect
+    ray.shutdown()
+
+
+# ---------------------------------------------------------------- data and helpers
+
+WORDS = "the quick brown fox jumps over the lazy dog what is 12 plus 30 answer 42 hello world sea".split()
+
+
+def conversations(n: int, seed: int = 0, prefix: str = "c", words: int = 30) -> list[dict]:
+    g = random.Random(seed)
+    out = []
+    for i in range(n):
+        turns = [("user", " ".join(g.choices(WORDS, k=g.randint(1, max(1, words // 2))))),
+                 ("assistant", " ".join(g.choices(WORDS, k=g.randint(1, words))))]
+        out.append({"conversation_id": f"{prefix}{i:04d}",
+                    "conversations": [{"role": r, "content": c} for r, c in turns]})
+    return out
+
+
+def write_input(path: Path, records: list) -> str:
+    path.write_text("".join(r if isinstance(r, str) else json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+def collect_args(model, inp, out, *extra) -> list[str]:
+    return ["collect", "--model", str(model), "--input", str(inp), "--output", str(out), "--dtype", "fp32",
+            "--max-seq-len", "256", *extra]
+
+
+def ray_args(head: Head, workers: int = 2) -> list[str]:
+    return ["--ray", "--ray-address", head.address, "--num-workers", str(workers)]
+
+
+def stored(url, **kw) -> dict[str, dict]:
+    ds = open_dataset(str(url), **kw)
+    out: dict[str, dict] = {}
+    for p in range(len(ds.parts)):
+        for s in ds.iter_part(p):
+            assert s["conversation_id"] not in out, f"{s['conversation_id']} stored twice"
+            out[s["conversation_id"]] = s
+    return out
+
+
+def stored_ids(url, **kw) -> list[str]:
+    return [cid for p in open_dataset(str(url), **kw).parts for cid in p.conversation_ids]
+
+
+def commits(out: Path) -> int:
+    d = out / "commits"
+    return len([p for p in d.iterdir() if p.suffix == ".json"]) if d.exists() else 0
+
+
+def summary_json(out: Path) -> dict:
+    (path,) = sorted(out.glob("_reports/*/summary.json"))[-1:]
+    return json.loads(path.read_text())
+
+
+def worker_pids(method: bytes = b"") -> list[int]:
+    """Processes of CollectWorker actors: Ray titles them `ray::[<actor name>:]CollectWorker`,
+    with `.run_unit` appended while they run a unit."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                title = (d / "cmdline").read_bytes()
+                if title.startswith(b"ray::") and b"CollectWorker" + method in title.split(b"\0")[0]:
+                    pids.append(int(d.name))
+            except OSError:
+                continue
+    return pids
+
+
+def wait_for(condition, what: str, timeout: float = 120.0, proc=None) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"run ended before {what}: {proc.stdout.read()[-3000:] if proc.stdout else ''}")
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+# ---------------------------------------------------------------- the pool on its own
+
+
+class ToyWorker:
+    """A pool worker without a model: squares numbers, fails on request."""
+
+    def ready(self):
+        return {"pid": os.getpid(), "summary": "toy"}
+
+    def run_unit(self, unit_id, numbers, fail_on):
+        if set(numbers) & set(fail_on):
+            raise ValueError(f"bad number in {unit_id}")
+        return [n * n for n in numbers]
+
+
+class BrokenWorker(ToyWorker):
+    def __init__(self):
+        raise RuntimeError("cannot load the model")
+
+
+def test_pool_retries_elsewhere_and_reports_failed_units_with_their_items(ray_driver, capsys):
+    from draftdata.collect.ray_pool import ActorPool, PoolError, PoolProgress, WorkUnit
+
+    units = [WorkUnit(f"u{i}", args=(list(range(4 * i, 4 * i + 4)), [13]), item_ids=[str(n) for n in range(4 * i, 4 * i + 4)],
+                      size=4) for i in range(6)]
+    results = {}
+    seen_retry = []
+
+    def before_retry(unit):
+        seen_retry.append(unit.id)
+        return unit
+
+    pool = ActorPool(ToyWorker, num_workers=2, num_cpus=0.5, max_retries=2, in_flight=2, max_concurrency=2)
+    progress = PoolProgress(total_items=24, desc="toy", unit="n", interval=0)
+    report = pool.run(units, on_done=lambda u, r: results.__setitem__(u.id, r), before_retry=before_retry,
+                      progress=progress)
+    progress.close()
+    err = capsys.readouterr().err
+    assert sorted(results) == ["u0", "u1", "u2", "u4", "u5"]
+    assert results["u1"] == [16, 25, 36, 49]
+    (failure,) = report.failed
+    assert failure.unit_id == "u3" and failure.item_ids == ["12", "13", "14", "15"] and failure.attempts == 3
+    assert all("ValueError: bad number in u3" in e for e in failure.errors)
+    # the retry went to the other worker (the one that raised stays alive but is avoided)
+    workers = [e.split(" on worker ")[1].split(" ")[0] for e in failure.errors]
+    assert workers[0] != workers[1]
+    assert seen_retry == ["u3", "u3"]
+    assert "unit u3: attempt 1/3 failed" in err and "giving up after 3 attempts" in err
+    assert "units 5/6" in err and "1 FAILED" in err
+    assert not pool.live_workers()
+
+    broken = ActorPool(BrokenWorker, num_workers=1, num_cpus=0.5, max_start_failures=2)
+    with pytest.raises(PoolError, match="failed to start.*cannot load the model"):
+        broken.run(units[:1], on_done=lambda u, r: None)
+
+
+# ---------------------------------------------------------------- same content as single-process collect
+
+
+def test_ray_collect_equals_single_process_and_writes_to_s3(tiny_model, ray_head, ray_driver, s3_bucket, tmp_path,
+                                                           capsys):
+    bucket, opts = s3_bucket
+    good = conversations(240, seed=1, words=6)  # short: several sequences per batch
+    inp = write_input(tmp_path / "in.jsonl", good[:50] + ["{not json\n"] + good[50:])
+    endpoint = opts["client_kwargs"]["endpoint_url"]
+    s3 = ["-S", "key=testing", "-S", "secret=testing", "-S", f"client_kwargs.endpoint_url={endpoint}",
+          "-S", "client_kwargs.region_name=us-east-1"]
+    # --batch-tokens 48: batches of 2-4 sequences, windows (= work units) of 1,536 tokens
+    common = ["--batch-tokens", "48", "--part-size", "0.5"]
+    local = tmp_path / "single"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as fast as 2 on a busy 2-core machine (the actors use 1 each); same numbers
+    try:
+        assert main(collect_args(tiny_model, inp, local, *common)) == 0
+    finally:
+        torch.set_num_threads(threads)
+    url = f"{bucket}/ray-ds"
+    assert main(collect_args(tiny_model, inp, url, *common, *s3, *ray_args(ray_head))) == 0
+    out = capsys.readouterr()
+    assert "written    240 conversations" in out.out and "malformed_json 1" in out.out
+    assert "2 workers x 1 CPU" in out.err and re.search(r"units (\d+)/\1,", out.err)
+
+    a, b = stored(local), stored(url, storage_options=opts)
+    assert sorted(a) == sorted(b) == sorted(c["conversation_id"] for c in good)
+    for cid in a:
+        for name in ("input_ids", "loss_mask", "aux_hidden_states", "hidden_states"):
+            assert torch.equal(a[cid][name], b[cid][name]), f"{cid} {name} differs"
+    parts = open_dataset(url, storage_options=opts).parts
+    units = {p.work_unit for p in parts}
+    assert len(units) >= 3 and all(u.startswith("w0000") for u in units)
+    assert main(["verify", url, *s3]) == 0
+
+
+# ---------------------------------------------------------------- faults
+
+
+def test_worker_sigkilled_mid_unit_is_replaced_and_the_unit_retried(tiny_model, ray_head, ray_driver, tmp_path,
+                                                                    capsys):
+    good = conversations(120, seed=2)
+    inp = write_input(tmp_path / "in.jsonl", good)
+    out = tmp_path / "ds"
+    # parts of ~3 samples, so a worker commits many parts inside each unit (of ~40 conversations)
+    argv = collect_args(tiny_model, inp, out, "--batch-tokens", "64", "--part-size", "0.05", *ray_args(ray_head))
+    rc: list[int] = []
+    driver = threading.Thread(target=lambda: rc.append(main(argv)))
+    driver.start()
+    try:
+        wait_for(lambda: commits(out) >= 3 and worker_pids(b".run_unit"), "a worker mid-unit")
+        victim = worker_pids(b".run_unit")[0]
+        os.kill(victim, signal.SIGKILL)
+    finally:
+        driver.join(timeout=240)
+    assert rc == [0]
+    err = capsys.readouterr().err
+    assert f"(pid {victim} on" in err and "died; starting a replacement" in err
+    ids = stored_ids(out)
+    assert len(ids) == len(set(ids)), "a conversation was stored twice"
+    assert sorted(ids) == sorted(c["conversation_id"] for c in good)
+    ray_info = summary_json(out)["settings"]["ray"]
+    # the replacement may still be loading when the survivor finishes the last unit
+    assert ray_info["workers_lost"] == 1 and ray_info["workers_started"] in (2, 3) and not ray_info["units_failed"]
+    assert main(["verify", str(out)]) == 0
+
+
+def _poison_hook():
+    """Runs in every worker process of the poison test: a batch holding a `poison*` conversation
+    crashes the process (as a segfaulting kernel would)."""
+    import os
+    import signal
+
+    from draftdata.collect import runner
+
+    forward = runner._forward
+
+    def crashing_forward(backend, batch, aux_layer_ids):
+        if any(s.conversation_id.startswith("poison") for s in batch):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return forward(backend, batch, aux_layer_ids)
+
+    runner._forward = crashing_forward
+
+
+def test_poisoned_record_fails_its_unit_after_bounded_retries_and_the_rest_completes(
+        tiny_model, ray_head, ray_driver, tmp_path, capsys):
+    ray_driver(runtime_env={"worker_process_setup_hook": _poison_hook})
+    good = conversations(60, seed=4)
+    poison = conversations(1, seed=5, prefix="poison")[0]
+    inp = write_input(tmp_path / "in.jsonl", good[:30] + [poison] + good[30:])
+    out = tmp_path / "ds"
+    argv = collect_args(tiny_model, inp, out, "--batch-tokens", "64", "--part-size", "0.01", "--max-retries", "1",
+                        *ray_args(ray_head))
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    assert "FAILED     1 work unit(s) after 2 attempts each" in captured.out
+    (failed,) = summary_json(out)["settings"]["ray"]["units_failed"]
+    assert re.search(rf"unit {failed['unit']}: attempt 2 on worker \d+ \(pid \d+ on [\d.]+\): worker process died",
+                     captured.out)
+    assert failed["attempts"] == 2 and all("worker process died" in e for e in failed["errors"])
+    rejects = [json.loads(line) for line in (out / "_reports").glob("*/rejects.jsonl").__next__().open()]
+    not_written = {r["conversation_id"] for r in rejects if r["reason"] == "unit_failed"}
+    assert all(failed["unit"] in r["detail"] for r in rejects)
+    ids = stored_ids(out)
+    assert len(ids) == len(set(ids))
+    # every valid conversation is either stored or reported, never both
+    assert "poison0000" in not_written and not not_written & set(ids)
+    assert set(ids) | not_written == {c["conversation_id"] for c in good} | {"poison0000"}
+    assert main(["verify", str(out)]) == 0
+
+
+def test_driver_sigkilled_then_rerun_resumes_with_exactly_one_copy(tiny_model, ray_head, tmp_path):
+    good = conversations(100, seed=6)
+    inp = write_input(tmp_path / "in.jsonl", good[:50] + ["[1, 2]\n"] + good[50:])
+    out = tmp_path / "ds"
+    cmd = [sys.executable, "-m", "draftdata.cli",
+           *collect_args(tiny_model, inp, out, "--batch-tokens", "64", "--part-size", "0.05", *ray_args(ray_head))]
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: commits(out) >= 4, "four commits", proc=proc)
+    finally:
+        proc.kill()
+        proc.wait()
+    first = stored_ids(out)
+    assert 4 <= len(first) < len(good)
+    done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    held = re.search(r"already holds ([\d,]+) conversations", done.stderr)
+    assert held and int(held.group(1).replace(",", "")) >= len(set(first))  # + parts of dying workers
+    ids = stored_ids(out)
+    assert len(ids) == len(set(ids)), "a conversation was stored twice"
+    assert sorted(ids) == sorted(c["conversation_id"] for c in good)
+    assert main(["verify", str(out)]) == 0
+
+
+# ---------------------------------------------------------------- ray job submit
+
+
+def test_ray_job_submit_from_a_clone_succeeds_and_the_dataset_verifies(tiny_model, ray_head, tmp_path):
+    clone = tmp_path / "clone"  # what a user's checkout holds: the files git tracks or would track
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
+                           text=True, check=True).stdout.split()
+    for name in files:
+        if (REPO / name).is_file():
+            (clone / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, clone / name)
+    (clone / "runs").mkdir()
+    (clone / "runs" / "big.bin").write_bytes(os.urandom(30 * 2**20))  # ignored by .gitignore: never uploaded
+    inp = write_input(tmp_path / "in.jsonl", conversations(40, seed=7))
+    out = tmp_path / "ds"
+    collect = " ".join(["draftdata", *collect_args(tiny_model, inp, out, "--batch-tokens", "64"),
+                        "--ray", "--ray-address", "auto", "--num-workers", "2"])
+    done = subprocess.run(["ray", "job", "submit", "--address", ray_head.dashboard, "--working-dir", str(clone),
+                           "--", "sh", "-c", f"test ! -e runs/big.bin && {collect}"],
+                          env=ENV, capture_output=True, text=True, timeout=300)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-4000:]
+    assert "succeeded" in log and "written    40 conversations" in log
+    assert sorted(stored_ids(out)) == [f"c{i:04d}" for i in range(40)]
+    assert main(["verify", str(out)]) == 0

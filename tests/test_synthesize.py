@@ -1,0 +1,480 @@
+"""`draftdata synthesize`: base-model-written answers, on the tiny real Llama (no mocks).
+
+Covers turn-by-turn regeneration against independent `model.generate` runs, system prompts,
+user-only conversations, determinism across batch sizes (greedy and sampled), resume, SIGKILL
+of the real CLI at several moments, torn-line repair, bad input, an OpenAI-compatible server on
+127.0.0.1 with the real HF model behind it, collect reading the output, and --ray on a local
+Ray cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import torch
+
+from draftdata.cli import main
+from draftdata.collect.conversations import parse_record, read_conversations
+from draftdata.collect.synthesize import (
+    HFGenerator,
+    JsonlOutput,
+    Prompt,
+    SynthSettings,
+    TurnState,
+    synthesize_conversations,
+    turn_seed,
+)
+from draftdata.errors import DraftdataError
+
+MAX_NEW = 10
+
+
+def conversations() -> list[dict]:
+    """A small input covering the record shapes synthesize must handle."""
+    return [
+        {"conversation_id": "single", "conversations": [
+            {"role": "user", "content": "What is 12 plus 30?"}, {"role": "assistant", "content": "42"}]},
+        {"conversation_id": "multi", "conversations": [
+            {"role": "user", "content": "hello world"}, {"role": "assistant", "content": "hi"},
+            {"role": "user", "content": "Write a short poem about the sea."},
+            {"role": "assistant", "content": "Waves roll in."}]},
+        {"conversation_id": "system", "conversations": [
+            {"role": "system", "content": "You answer with numbers."},
+            {"role": "user", "content": "numbers 0 1 2"}, {"role": "assistant", "content": "3"}]},
+        {"conversation_id": "user-only", "conversations": [
+            {"role": "user", "content": "The quick brown fox"}, {"role": "user", "content": "jumps over"}]},
+        {"id": 7, "conversations": [{"from": "human", "value": "Speculative decoding drafts tokens"},
+                                    {"from": "gpt", "value": "yes"}], "system": "Be brief."},
+        {"conversations": [{"role": "user", "content": "no id here"}]},
+    ] + [{"conversation_id": f"q{i:02d}", "conversations": [{"role": "user", "content": f"What is {i} plus {i}?"}]}
+         for i in range(6)]
+
+
+def write_jsonl(path: Path, records: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return path
+
+
+def read_output(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def by_id(records: list[dict]) -> dict[str, list[dict]]:
+    return {r["conversation_id"]: r["conversations"] for r in records}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """A 64-wide model gains nothing from threads, and on a busy 2-core machine thread hand-offs
+    cost more than the matmuls; restored afterwards for the other test modules."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def generator(tiny_model) -> HFGenerator:
+    return HFGenerator(tiny_model, max_new_tokens=MAX_NEW)
+
+
+def synth(convs: list[dict], generator: HFGenerator, *, batch_size: int = 4, temperature: float = 0.0,
+          seed: int = 0, **kwargs) -> dict[str, list[dict]]:
+    """Run the batched loop in-process; returns id -> messages."""
+    settings = SynthSettings(input="-", output="-", model_path="-", batch_size=batch_size, seed=seed,
+                             temperature=temperature, max_new_tokens=generator.max_new_tokens, **kwargs)
+    generator.temperature = temperature
+    records, rejects = [], []
+    try:
+        synthesize_conversations([parse_record(c, f"in:{i + 1}") for i, c in enumerate(convs)], generator, settings,
+                                 sink=records.extend, on_reject=rejects.append)
+    finally:
+        generator.temperature = 0.0
+    assert not rejects, rejects
+    return by_id(records)
+
+
+def reference_answer(generator: HFGenerator, messages: list[dict]) -> str:
+    """Greedy answer from transformers' own `model.generate` (independent of our decode loop)."""
+    text = generator.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = generator.tokenizer(text, add_special_tokens=False)["input_ids"]
+    out = generator.model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                   max_new_tokens=MAX_NEW, do_sample=False, eos_token_id=sorted(generator.stop_ids),
+                                   pad_token_id=generator.pad_id)
+    return generator.tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
+
+
+# ------------------------------------------------------------------ what gets generated
+
+def test_turn_by_turn_each_answer_follows_the_models_own_earlier_answers(generator):
+    out = synth(conversations(), generator)
+    multi = out["multi"]
+    assert [m["role"] for m in multi] == ["user", "assistant", "user", "assistant"]
+    assert [multi[0]["content"], multi[2]["content"]] == ["hello world", "Write a short poem about the sea."]
+    assert multi[1]["content"] != "hi" and multi[3]["content"] != "Waves roll in."
+    # turn 1 from the user message alone; turn 2 given turn 1's *synthesized* answer
+    assert multi[1]["content"] == reference_answer(generator, multi[:1])
+    assert multi[3]["content"] == reference_answer(generator, multi[:3])
+    # the original answer in the context would give another turn-2 answer: the context matters
+    original = [multi[0], {"role": "assistant", "content": "hi"}, multi[2]]
+    assert reference_answer(generator, original) != multi[3]["content"]
+
+
+def test_system_prompts_kept_injected_replaced_and_user_only_answered(generator):
+    out = synth(conversations(), generator)
+    assert out["system"][0] == {"role": "system", "content": "You answer with numbers."}
+    assert out["system"][2]["content"] == reference_answer(generator, out["system"][:2])
+    assert out["7"][0] == {"role": "system", "content": "Be brief."}  # ShareGPT top-level system
+    assert [m["role"] for m in out["user-only"]] == ["user", "assistant", "user", "assistant"]
+    assert [m["role"] for m in out["q03"]] == ["user", "assistant"]
+    assert len(out) == len(conversations())
+
+    injected = synth(conversations()[:3], generator, system_prompt="Answer in English.")
+    assert injected["single"][0] == {"role": "system", "content": "Answer in English."}
+    assert injected["single"][2]["content"] == reference_answer(generator, injected["single"][:2])
+    assert injected["system"][0]["content"] == "You answer with numbers."  # its own prompt wins
+    replaced = synth(conversations()[2:3], generator, system_prompt="Answer in English.", replace_system_prompt=True)
+    assert [m for m in replaced["system"] if m["role"] == "system"] == [
+        {"role": "system", "content": "Answer in English."}]
+
+
+def test_turn_state_structure():
+    conv = parse_record({"conversation_id": "x", "conversations": [
+        {"role": "assistant", "content": "greeting"}, {"role": "user", "content": "a"},
+        {"role": "user", "content": "b"}, {"role": "assistant", "content": "old"},
+        {"role": "system", "content": "late system"}]})
+    state = TurnState(conv, seed=3)
+    assert state.prompt().messages == [{"role": "user", "content": "a"}]
+    assert state.prompt().seed == turn_seed(3, "x", 0) != turn_seed(3, "x", 1)
+    from draftdata.collect.synthesize import Answer
+
+    state.add_answer(Answer("A1"))
+    assert state.prompt().messages[-1] == {"role": "user", "content": "b"} and not state.finished
+    state.add_answer(Answer("A2"))
+    assert state.finished
+    assert [m["content"] for m in state.record()["conversations"]] == ["a", "A1", "b", "A2", "late system"]
+    with pytest.raises(Exception, match="no user message"):
+        TurnState(parse_record({"conversations": [{"role": "assistant", "content": "only"}]}))
+
+
+def test_deterministic_for_a_seed_regardless_of_batch_size(generator):
+    convs = conversations()[:8]
+    greedy1, greedy4 = synth(convs, generator, batch_size=1), synth(convs, generator, batch_size=4)
+    assert greedy1 == greedy4
+    sampled = [synth(convs, generator, batch_size=b, temperature=1.0, seed=5) for b in (1, 4)]
+    assert sampled[0] == sampled[1]
+    assert sampled[0] != greedy4
+    assert synth(convs, generator, batch_size=4, temperature=1.0, seed=6) != sampled[0]
+    # order of the input does not matter either (seeds come from ids, not positions)
+    assert synth(list(reversed(convs)), generator, batch_size=3, temperature=1.0, seed=5) == sampled[0]
+
+
+def test_answers_stop_at_end_of_turn_or_are_counted_truncated(generator):
+    ids = generator.encode(Prompt([{"role": "user", "content": "hello"}], 0))
+    (tokens, stopped), = generator.generate_ids([ids], [0])
+    assert len(tokens) <= MAX_NEW
+    assert stopped == (tokens[-1] in generator.stop_ids)
+    assert generator.tokenizer.convert_tokens_to_ids("<|im_end|>") in generator.stop_ids
+
+
+# ------------------------------------------------------------------ the CLI, output file, resume
+
+def run_cli(*args: object) -> int:
+    """`draftdata synthesize ARGS` in this process, raising its DraftdataError (main() prints it, exits 2)."""
+    from draftdata.cli import build_parser
+    from draftdata.collect import cli_synthesize
+
+    return cli_synthesize.run(build_parser().parse_args(["synthesize", *map(str, args)]))
+
+
+def test_cli_resume_skips_written_ids_and_collect_reads_the_output(tiny_model, tmp_path, capsys):
+    inp = write_jsonl(tmp_path / "in.jsonl", conversations())
+    out = tmp_path / "out.jsonl"
+    common = ["--model", tiny_model, "--input", inp, "--output", out, "--max-new-tokens", MAX_NEW]
+    assert run_cli(*common, "--limit", 4, "--batch-size", 3) == 0
+    first = out.read_text()
+    assert len(first.splitlines()) == 4
+    assert run_cli(*common, "--batch-size", 2) == 0
+    text = out.read_text()
+    assert text.startswith(first)  # append-only
+    records = read_output(out)
+    ids = [r["conversation_id"] for r in records]
+    assert sorted(ids) == sorted(c.conversation_id for c in read_conversations(str(inp)))
+    assert len(ids) == len(set(ids))
+    assert "already_written 4" in capsys.readouterr().out
+    assert run_cli(*common) == 0 and out.read_text() == text  # nothing left to do
+    # same content as one uninterrupted run with another batch size (greedy)
+    fresh = tmp_path / "fresh.jsonl"
+    assert run_cli("--model", tiny_model, "--input", inp, "--output", fresh, "--max-new-tokens", MAX_NEW) == 0
+    assert by_id(read_output(fresh)) == by_id(records)
+
+    # the output is collect input: every record valid, with assistant turns, and collect runs on it
+    items = list(read_conversations(str(out), require_assistant=True))
+    assert len(items) == len(records) and all(hasattr(c, "messages") for c in items)
+    assert main(["collect", "--model", str(tiny_model), "--input", str(out), "--output",
+                 str(tmp_path / "ds"), "--part-size", "1"]) == 0
+    from draftdata.store import open_dataset
+
+    assert open_dataset(str(tmp_path / "ds")).num_samples == len(records)
+
+
+def test_resume_with_other_settings_is_refused(tiny_model, tmp_path):
+    inp = write_jsonl(tmp_path / "in.jsonl", conversations()[:2])
+    out = tmp_path / "out.jsonl"
+    assert run_cli("--model", tiny_model, "--input", inp, "--output", out, "--max-new-tokens", MAX_NEW) == 0
+    with pytest.raises(DraftdataError, match="temperature: file has 0.0, this run has 0.7"):
+        run_cli("--model", tiny_model, "--input", inp, "--output", out, "--max-new-tokens", MAX_NEW,
+                "--temperature", 0.7)
+    assert main(["synthesize", "--model", str(tiny_model), "--input", str(inp), "--output", str(out),
+                 "--max-new-tokens", "5"]) == 2  # the CLI prints it as one line, exit 2
+
+
+def test_bad_input_rejected_with_file_line_and_strict(tiny_model, tmp_path, capsys):
+    good = conversations()[:2]
+    inp = write_jsonl(tmp_path / "in.jsonl", [good[0], "{not json", {"conversation_id": "none", "conversations": [
+        {"role": "assistant", "content": "no question"}]}, {"messages": [{"role": "robot", "content": "x"}]},
+        good[1], good[0]])
+    out = tmp_path / "out.jsonl"
+    rejects = tmp_path / "rejects.jsonl"
+    assert run_cli("--model", tiny_model, "--input", inp, "--output", out, "--max-new-tokens", 4,
+                   "--rejects", rejects) == 0
+    assert sorted(by_id(read_output(out))) == ["multi", "single"]
+    rej = [json.loads(line) for line in rejects.read_text().splitlines()]
+    assert [(r["source"], r["reason"]) for r in rej] == [
+        (f"{inp}:2", "malformed_json"), (f"{inp}:3", "no_user_turn"), (f"{inp}:4", "unknown_role"),
+        (f"{inp}:6", "duplicate_id")]
+    summary = capsys.readouterr().out
+    assert "duplicate_id 1" in summary and "malformed_json 1" in summary
+    reports = list((tmp_path / "out.jsonl.synth").glob("summary-*.json"))
+    assert reports and json.loads(reports[0].read_text())["stats"]["written"] == 2
+
+    strict_out = tmp_path / "strict.jsonl"
+    with pytest.raises(DraftdataError, match=rf"{inp}:2: malformed_json"):
+        run_cli("--model", tiny_model, "--input", inp, "--output", strict_out, "--strict")
+    assert strict_out.read_text() == ""
+
+
+def test_torn_last_line_is_cut_and_foreign_lines_refused(tmp_path, capsys):
+    path = tmp_path / "out.jsonl"
+    whole = json.dumps({"conversation_id": "a", "conversations": []}) + "\n"
+    path.write_text(whole + whole.replace('"a"', '"b"') + '{"conversation_id": "c", "conv')
+    with JsonlOutput(path) as out:
+        assert out.ids == {"a", "b"}
+        assert "removed a torn last line" in capsys.readouterr().err
+        out.append([{"conversation_id": "c", "conversations": [{"role": "user", "content": "\ud800 lone"}]}])
+    assert [r["conversation_id"] for r in read_output(path)] == ["a", "b", "c"]
+    with JsonlOutput(path) as out:  # a second open: nothing to repair
+        assert out.ids == {"a", "b", "c"}
+        with pytest.raises(DraftdataError, match="another synthesize run is writing"):
+            JsonlOutput(path)
+    path.write_text(whole + "garbage\n" + whole.replace('"a"', '"b"'))
+    with pytest.raises(DraftdataError, match=r"out.jsonl:2: not a record written by synthesize"):
+        JsonlOutput(path)
+
+
+def test_output_that_is_an_input_file_is_refused(tiny_model, tmp_path):
+    inp = write_jsonl(tmp_path / "in.jsonl", conversations()[:1])
+    with pytest.raises(DraftdataError, match="is also an input file"):
+        run_cli("--model", tiny_model, "--input", tmp_path, "--output", inp)
+    with pytest.raises(DraftdataError, match="local"):
+        run_cli("--model", tiny_model, "--input", inp, "--output", "s3://bucket/out.jsonl")
+
+
+def test_sigkill_at_several_moments_then_rerun_gives_each_id_once(tiny_model, tmp_path):
+    convs = [{"conversation_id": f"k{i:02d}", "conversations": [
+        {"role": "user", "content": f"What is {i} plus 30?"}, {"role": "assistant", "content": "x"},
+        {"role": "user", "content": "And the lazy dog?"}]} for i in range(8)]
+    inp = write_jsonl(tmp_path / "in.jsonl", convs)
+    out = tmp_path / "out.jsonl"
+    cmd = [sys.executable, "-m", "draftdata.cli", "synthesize", "--model", str(tiny_model), "--input", str(inp),
+           "--output", str(out), "--max-new-tokens", "12", "--batch-size", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def lines() -> int:
+        return len(out.read_bytes().split(b"\n")) - 1 if out.exists() else 0
+
+    def kill_when(condition) -> None:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and not condition() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+    kill_when(lambda: False if not out.exists() else True)  # while loading (output just opened)
+    kill_when(lambda: lines() >= 2)  # right after the first batch was written
+    start = lines()
+    kill_when(lambda: lines() >= start + 2)  # mid-run, right after a later write
+    killed_at = lines()
+    assert 0 < killed_at < len(convs)
+    for line in out.read_bytes().splitlines():  # every line so far is whole, valid JSON
+        json.loads(line)
+    assert run_cli(*cmd[4:]) == 0
+    records = read_output(out)
+    ids = [r["conversation_id"] for r in records]
+    assert sorted(ids) == [c["conversation_id"] for c in convs]  # each exactly once
+    assert all(len(r["conversations"]) == 4 for r in records)
+    reference = tmp_path / "reference.jsonl"
+    assert run_cli(*cmd[4:9], reference, *cmd[10:]) == 0
+    assert by_id(read_output(reference)) == by_id(records)  # same answers as an uninterrupted run
+
+
+# ------------------------------------------------------------------ OpenAI-compatible endpoint
+
+class ChatServer:
+    """A minimal OpenAI-compatible server on 127.0.0.1 with the real HF model behind it.
+
+    POST /v1/chat/completions honours messages, max_tokens, temperature, top_p and seed; GET
+    /v1/models lists one model. For the tests: a user message "FORBIDDEN" gets HTTP 400, and the
+    first request whose text contains "FLAKY" gets HTTP 503 (the client must retry it).
+    """
+
+    def __init__(self, model_path: Path, name: str = "tiny-llama"):
+        self.generator = HFGenerator(model_path, max_new_tokens=MAX_NEW)
+        self.name, self.lock, self.requests, self.flaky_failed = name, threading.Lock(), [], False
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def reply(self, status: int, payload: dict) -> None:
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                if self.path == "/v1/models":
+                    self.reply(200, {"object": "list", "data": [{"id": server.name, "object": "model"}]})
+                else:
+                    self.reply(404, {"error": {"message": f"no route {self.path}"}})
+
+            def do_POST(self):
+                if self.path != "/v1/chat/completions":
+                    return self.reply(404, {"error": {"message": f"no route {self.path}"}})
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                status, payload = server.complete(body, self.headers.get("Authorization"))
+                self.reply(status, payload)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def complete(self, body: dict, auth: str | None) -> tuple[int, dict]:
+        with self.lock:
+            self.requests.append({**body, "auth": auth})
+            text = json.dumps(body["messages"])
+            if body.get("model") != self.name:
+                return 404, {"error": {"message": f"model {body.get('model')!r} does not exist"}}
+            if "FORBIDDEN" in text:
+                return 400, {"error": {"message": "prompt is too long (test)"}}
+            if "FLAKY" in text and not self.flaky_failed:
+                self.flaky_failed = True
+                return 503, {"error": {"message": "overloaded (test)"}}
+            g = self.generator
+            g.max_new_tokens, g.temperature = body["max_tokens"], body.get("temperature", 1.0)
+            g.top_p = body.get("top_p", 1.0)
+            answer = g.generate([Prompt(body["messages"], body.get("seed", 0))])[0]
+        return 200, {"object": "chat.completion", "model": self.name, "choices": [{
+            "index": 0, "message": {"role": "assistant", "content": answer.text},
+            "finish_reason": "length" if answer.truncated else "stop"}],
+            "usage": {"completion_tokens": answer.tokens}}
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture(scope="module")
+def chat_server(tiny_model):
+    server = ChatServer(tiny_model)
+    yield server
+    server.close()
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_endpoint_mode_matches_local_generation(chat_server, tiny_model, tmp_path, temperature):
+    inp = write_jsonl(tmp_path / "in.jsonl", conversations())
+    local, remote = tmp_path / "local.jsonl", tmp_path / "remote.jsonl"
+    flags = ["--input", inp, "--max-new-tokens", MAX_NEW, "--temperature", temperature, "--seed", 11]
+    assert run_cli("--model", tiny_model, "--output", local, *flags) == 0
+    chat_server.requests.clear()
+    assert run_cli("--endpoint", chat_server.url, "--concurrency", 3, "--output", remote, *flags) == 0
+    assert by_id(read_output(remote)) == by_id(read_output(local))
+    sent = chat_server.requests
+    assert len(sent) == sum(sum(m["role"] == "user" for m in msgs) for msgs in by_id(read_output(local)).values())
+    assert {r["model"] for r in sent} == {"tiny-llama"} and {r["max_tokens"] for r in sent} == {MAX_NEW}
+    second_turn = next(r for r in sent if r["messages"][0]["content"] == "hello world" and len(r["messages"]) == 3)
+    assert second_turn["messages"][1] == by_id(read_output(local))["multi"][1]  # its own earlier answer
+    assert second_turn["seed"] == turn_seed(11, "multi", 1)
+
+
+def test_endpoint_errors_retries_and_api_key(chat_server, tmp_path, monkeypatch):
+    inp = write_jsonl(tmp_path / "in.jsonl", [
+        {"conversation_id": "ok", "conversations": [{"role": "user", "content": "hello"}]},
+        {"conversation_id": "flaky", "conversations": [{"role": "user", "content": "FLAKY hello"}]},
+        {"conversation_id": "refused", "conversations": [{"role": "user", "content": "hi"},
+                                                         {"role": "user", "content": "FORBIDDEN"}]}])
+    out, rejects = tmp_path / "out.jsonl", tmp_path / "rejects.jsonl"
+    monkeypatch.setenv("DRAFTDATA_API_KEY", "sekret")
+    chat_server.requests.clear()
+    assert run_cli("--endpoint", chat_server.url + "/v1", "--model", "tiny-llama", "--input", inp, "--output", out,
+                   "--max-new-tokens", 4, "--rejects", rejects) == 0
+    assert sorted(by_id(read_output(out))) == ["flaky", "ok"]
+    rej = [json.loads(line) for line in rejects.read_text().splitlines()]
+    assert [(r["conversation_id"], r["reason"]) for r in rej] == [("refused", "endpoint_rejected")]
+    assert "HTTP 400" in rej[0]["detail"] and "turn 2" in rej[0]["detail"]
+    assert {r["auth"] for r in chat_server.requests} == {"Bearer sekret"}
+    assert "sekret" not in "".join(p.read_text() for p in (tmp_path / "out.jsonl.synth").iterdir())
+    with pytest.raises(DraftdataError, match="HTTP 404: model 'nope' does not exist"):  # a flag error: stop
+        run_cli("--endpoint", chat_server.url, "--model", "nope", "--input", inp, "--output", tmp_path / "o2.jsonl")
+    with pytest.raises(DraftdataError, match="failed 2 times"):  # nothing listening: retries, then stops
+        run_cli("--endpoint", "http://127.0.0.1:9", "--model", "m", "--input", inp, "--output",
+                tmp_path / "o3.jsonl", "--retries", 1)
+
+
+# ------------------------------------------------------------------ --ray
+
+def test_ray_matches_local_output(tiny_model, tmp_path):
+    ray = pytest.importorskip("ray")
+    inp = write_jsonl(tmp_path / "in.jsonl", conversations())
+    local, distributed = tmp_path / "local.jsonl", tmp_path / "ray.jsonl"
+    flags = ["--model", tiny_model, "--input", inp, "--max-new-tokens", MAX_NEW, "--temperature", 1.0]
+    assert run_cli(*flags, "--output", local) == 0
+    assert run_cli(*flags, "--output", distributed, "--limit", 3) == 0  # --ray resumes a partial output
+    ray.init(num_cpus=2, object_store_memory=80 * 2**20, include_dashboard=False, logging_level="ERROR")
+    try:
+        assert run_cli(*flags, "--output", distributed, "--ray", "--num-workers", 2, "--work-unit-size", 2,
+                       "--batch-size", 2) == 0
+    finally:
+        ray.shutdown()
+    records = read_output(distributed)
+    assert len(records) == len({r["conversation_id"] for r in records}) == len(conversations())
+    assert by_id(records) == by_id(read_output(local))  # same answers, however the work was split
+
+
+def test_pick_tokens_samples_the_distribution_row_by_row():
+    from draftdata.collect.synthesize import pick_tokens
+
+    logits = torch.tensor([[0.0, 1.0, 2.0, -float("inf")]]).repeat(20000, 1)
+    u = torch.rand(20000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    freq = torch.bincount(pick_tokens(logits, 1.0, 1.0, u), minlength=4) / 20000
+    assert torch.allclose(freq, torch.softmax(logits[0], -1), atol=0.015) and freq[3] == 0
+    nucleus = torch.bincount(pick_tokens(logits, 1.0, 0.7, u), minlength=4) / 20000  # keeps the top two
+    assert freq[0] > 0 and nucleus[0] == 0 and abs(nucleus[2] - 0.731) < 0.015
+    edge = pick_tokens(logits[:2], 1.0, 1.0, torch.tensor([0.0, 1 - 2**-60], dtype=torch.float64))
+    assert edge.tolist() == [0, 2]  # never a zero-probability token, even at the top of the CDF
+    assert pick_tokens(logits[:1], 0.0, 1.0, None).tolist() == [2]

@@ -1,0 +1,192 @@
+"""The training loop: CLI run and outputs, exact resume after SIGKILL, DDP (torchrun, gloo), Ray Train."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_train_support import TINY_ARCH, train_data  # noqa: F401 (fixture)
+
+from draftdata.cli import main
+from draftdata.train.model import load_draft
+from draftdata.train.trainer import TrainConfig, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def eagle_file(tmp_path: Path, **extra) -> Path:
+    f = tmp_path / "eagle.json"
+    f.write_text(json.dumps({"eagle_architecture_config": TINY_ARCH, **extra}))
+    return f
+
+
+def read_metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ)
+    e["PYTHONPATH"] = os.pathsep.join([str(REPO), e.get("PYTHONPATH", "")])
+    e.setdefault("OMP_NUM_THREADS", "1")
+    return e
+
+
+def test_cli_train_end_to_end(tmp_path, tiny_model, train_data):  # noqa: F811
+    out = tmp_path / "run"
+    rc = main(["train", "--data", train_data, "--model", str(tiny_model), "--output", str(out),
+               "--eagle-config", str(eagle_file(tmp_path)), "--steps", "10", "--lr", "3e-3", "--batch-tokens",
+               "512", "--save-every", "4", "--log-every", "4", "--ttt-steps", "2", "--seed", "3"])
+    assert rc == 0
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, 11))
+    for key in ("loss", "step_loss", "step_acc", "lr", "grad_norm", "tokens", "tokens_per_s", "peak_mem_gb"):
+        assert key in rows[0], key
+    assert len(rows[0]["step_loss"]) == 2 and len(rows[0]["step_acc"]) == 2
+    first = sum(r["step_loss"][0] for r in rows[:3]) / 3
+    last = sum(r["step_loss"][0] for r in rows[-3:]) / 3
+    assert last < first, (first, last)
+    assert rows[0]["lr"] < 3e-3 and rows[-1]["lr"] == pytest.approx(0.0, abs=1e-9)     # warmup + cosine
+    assert (out / "training_curves.png").stat().st_size > 10_000
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000008", "step-00000010"]
+    draft = load_draft(out / "final")
+    assert draft.config.eagle.eagle_ttt_steps == 2
+    saved = json.loads((out / "train_config.json").read_text())
+    assert saved["batch_tokens"] == 512 and "storage_options" not in saved
+
+    # The output holds a run: refuse to overwrite it without --resume ...
+    assert main(["train", "--data", train_data, "--model", str(tiny_model), "--output", str(out),
+                 "--eagle-config", str(eagle_file(tmp_path)), "--steps", "16", "--batch-tokens", "512"]) == 2
+    # ... and refuse to resume it with settings that would change the run.
+    assert main(["train", "--data", train_data, "--model", str(tiny_model), "--output", str(out), "--resume",
+                 "--eagle-config", str(eagle_file(tmp_path)), "--steps", "20", "--batch-tokens", "256",
+                 "--ttt-steps", "2", "--seed", "3"]) == 2
+
+
+def test_sigkill_and_resume_gives_the_same_losses(tmp_path, tiny_model, train_data):  # noqa: F811
+    common = dict(data=train_data, model=str(tiny_model), eagle_config={"eagle_architecture_config": TINY_ARCH},
+                  steps=10, batch_tokens=256, grad_accum=2, save_every=4, log_every=1, lr=2e-3, seed=5,
+                  num_workers=1, progress=False, plot=False)
+    reference = train(TrainConfig(output=str(tmp_path / "ref"), **common))
+
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "draftdata.cli", "train", "--data", train_data, "--model", str(tiny_model),
+           "--output", str(out), "--eagle-config", str(eagle_file(tmp_path)), "--steps", "10",
+           "--batch-tokens", "256", "--grad-accum", "2", "--save-every", "4", "--log-every", "1", "--lr", "2e-3",
+           "--seed", "5", "--num-workers", "1", "--no-plot"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env())
+    killed_at = None
+    for line in proc.stdout:
+        if line.startswith("step 7/"):
+            proc.send_signal(signal.SIGKILL)
+            killed_at = 7
+            break
+    proc.wait(timeout=60)
+    assert killed_at and proc.returncode == -signal.SIGKILL
+    assert not (out / "final").exists()
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir() if not p.name.endswith(".tmp"))
+    last = int(ckpts[-1].split("-")[1])          # 4, or 8 if the run got ahead of our reading
+    assert last in (4, 8), ckpts
+    state = torch.load(out / "checkpoints" / ckpts[-1] / "trainer_state.pt", weights_only=True)
+    assert state["items_consumed"] > 0           # the checkpoint is in the middle of an epoch
+
+    resumed = train(TrainConfig(output=str(out), resume=True, **common))
+    assert resumed.steps == 10 and len(resumed.losses) == 10 - last  # only the steps after the checkpoint
+    ref_rows, rows = read_metrics(tmp_path / "ref"), read_metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, 11))           # no step lost or logged twice
+    for a, b in zip(ref_rows, rows):
+        assert (a["step"], a["epoch"], a["tokens"]) == (b["step"], b["epoch"], b["tokens"])
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=0), a["step"]
+        assert a["step_acc"] == pytest.approx(b["step_acc"], abs=1e-7)
+    assert rows[-1]["epoch"] > rows[last - 1]["epoch"]               # the resumed part crossed an epoch
+    ref_w = reference.draft.draft_state_dict()
+    for name, value in load_draft(out / "final").draft_state_dict().items():
+        torch.testing.assert_close(value, ref_w[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+DDP_SCRIPT = """
+import json, sys, torch, torch.distributed as dist
+from safetensors.torch import save_file
+from draftdata.train.trainer import TrainConfig, train
+cfg = TrainConfig(**json.loads(sys.argv[1]))
+result = train(cfg)
+rank = int(__import__("os").environ["RANK"])
+save_file({k: v.contiguous() for k, v in result.draft.draft_state_dict().items()}, f"{cfg.output}/rank{rank}.safetensors")
+"""
+
+
+def test_ddp_two_gloo_processes(tmp_path, tiny_model, train_data):  # noqa: F811
+    from safetensors.torch import load_file
+
+    from draftdata.loaders import HiddenStateDataset
+    from draftdata.train.losses import step_token_counts, ttt_loss
+    from draftdata.train.model import build_draft
+
+    out = tmp_path / "ddp"
+    cfg = dict(data=train_data, model=str(tiny_model), output=str(out), steps=3, batch_tokens=512, seed=7,
+               eagle_config={"eagle_architecture_config": TINY_ARCH}, log_every=1, progress=False, plot=False,
+               lr=1e-3)
+    script = tmp_path / "ddp_train.py"
+    script.write_text(textwrap.dedent(DDP_SCRIPT))
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          "--master-port", str(free_port()), str(script), json.dumps(cfg)],
+                         capture_output=True, text=True, env=env(), timeout=180)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "2 rank(s) on cpu" in run.stderr
+    r0, r1 = load_file(str(out / "rank0.safetensors")), load_file(str(out / "rank1.safetensors"))
+    for k in r0:
+        assert torch.equal(r0[k], r1[k]), k                   # DDP kept the replicas identical
+    torch.manual_seed(7)                                      # the trainer seeds the init with --seed
+    draft, head = build_draft(tiny_model, TrainConfig(**cfg).eagle(), HiddenStateDataset(train_data).schema)
+    assert not torch.equal(r0["fc.weight"], draft.fc.weight)  # the replicas did train
+
+    # Step 1's logged loss is over both ranks' batches, each token weighted equally.
+    first = []
+    for rank in range(2):
+        ds = HiddenStateDataset(train_data, seed=7, rank=rank, world_size=2, max_seq_len=512,
+                                max_tokens_per_batch=512)
+        first.append(next(iter(ds)))
+    counts = sum(step_token_counts(b, 3) for b in first)
+    expected = sum(ttt_loss(draft, head, b, ttt_steps=3, decay=0.9, normalizer=counts).loss.item() for b in first)
+    assert read_metrics(out)[0]["loss"] == pytest.approx(expected, rel=1e-5)
+    assert read_metrics(out)[0]["tokens"] == sum(int(b["lengths"].sum()) for b in first)
+
+
+@pytest.mark.slow
+def test_ray_train_torch_trainer(tmp_path, tiny_model, train_data):  # noqa: F811
+    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray.train")
+    from draftdata.train.trainer import train_with_ray
+
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    ray.init(address="local", num_cpus=2, object_store_memory=80 * 2**20, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}})
+    try:
+        t0 = time.time()
+        result = train_with_ray(TrainConfig(data=train_data, model=str(tiny_model), output=str(tmp_path / "ray"),
+                                            eagle_config={"eagle_architecture_config": TINY_ARCH}, steps=3,
+                                            batch_tokens=512, log_every=1, progress=False, plot=False),
+                                num_workers=2, use_gpu=False)
+        assert result.error is None
+        print(f"ray run took {time.time() - t0:.1f}s")
+    finally:
+        ray.shutdown()
+    rows = read_metrics(tmp_path / "ray")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert load_draft(tmp_path / "ray" / "final").config.hidden_size == 64
+    assert json.loads((tmp_path / "ray" / "train_config.json").read_text())["world_size"] == 2

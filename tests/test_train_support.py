@@ -1,0 +1,87 @@
+"""Helpers for the training tests: real hidden-state datasets computed from the tiny model.
+
+Hidden states come from the real base model (HF `output_hidden_states`) and are written with
+the real store, exactly as `draftdata collect` would lay them out (aux layer k = hidden_states[k+1],
+final = hidden_states[-1], post-norm). No tests live here.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from draftdata.config import DatasetSchema
+
+WORDS = ("the quick brown fox jumps over lazy dog what is plus answer speculative decoding drafts tokens "
+         "small model verifies base write short poem about sea waves roll numbers hello world").split()
+
+
+def conversations(n: int, seed: int = 0) -> list[list[dict[str, str]]]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        user = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12)))
+        answer = " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 30)))
+        out.append([{"role": "user", "content": user}, {"role": "assistant", "content": answer}])
+    return out
+
+
+def tokenize(tokenizer: Any, conv: list[dict[str, str]]) -> tuple[list[int], list[int]]:
+    """ChatML ids and the assistant loss mask (1 on the assistant content and its end token)."""
+    prompt = tokenizer.apply_chat_template(conv[:1], tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(conv, tokenize=False)
+    p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+    mask = [0] * len(p) + [1] * (len(ids) - len(p) - 1) + [0]
+    return ids, mask
+
+
+def make_dataset(url: str, model_dir: str | Path, *, n: int = 24, seed: int = 0, aux_layer_ids=(0, 1, 2),
+                 fmt: str = "zarr", codec: str = "bf16", per_part: int = 8,
+                 storage_options: dict | None = None) -> DatasetSchema:
+    """Run the tiny model over `n` random conversations and store its hidden states at `url`."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from draftdata.store import create_dataset
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    cfg = model.config
+    schema = DatasetSchema(base_model_id=str(model_dir), hidden_size=cfg.hidden_size,
+                           aux_layer_ids=list(aux_layer_ids), num_hidden_layers=cfg.num_hidden_layers,
+                           vocab_size=cfg.vocab_size, max_seq_len=512)
+    writer = create_dataset(url, schema, format=fmt, codec=codec, storage_options=storage_options)
+    part = writer.open_part()
+    for i, conv in enumerate(conversations(n, seed)):
+        ids, mask = tokenize(tok, conv)
+        with torch.no_grad():
+            hs = model(torch.tensor([ids]), output_hidden_states=True).hidden_states
+        aux = torch.cat([hs[k + 1][0] for k in aux_layer_ids], dim=-1).bfloat16()
+        part.add({"conversation_id": f"c{seed}-{i}", "input_ids": torch.tensor(ids), "loss_mask": torch.tensor(mask),
+                  "aux_hidden_states": aux, "hidden_states": hs[-1][0].bfloat16()})
+        if part.num_samples >= per_part:
+            part.commit()
+            part = writer.open_part()
+    part.commit()
+    return schema
+
+
+TINY_ARCH = {"num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "intermediate_size": 96}
+
+
+_DATASETS: dict[str, str] = {}
+
+
+@pytest.fixture(scope="session")
+def train_data(tiny_model, tmp_path_factory) -> str:
+    """48 conversations of real tiny-model hidden states in a zarr dataset (6 parts); built once per
+    session even though several test modules import this fixture."""
+    if "train" not in _DATASETS:
+        url = str(tmp_path_factory.mktemp("train_data") / "ds")
+        make_dataset(url, tiny_model, n=48)
+        _DATASETS["train"] = url
+    return _DATASETS["train"]

@@ -1,0 +1,101 @@
+"""`draftdata vocab`: the draft vocabulary (d2t / t2d) from stored assistant tokens, and training with it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from test_train_support import TINY_ARCH, make_dataset, train_data  # noqa: F401 (fixture)
+
+from draftdata.cli import main
+from draftdata.store import open_dataset
+from draftdata.train.model import load_draft
+from draftdata.train.vocab import load_draft_vocab, select_draft_vocab
+
+
+def assistant_counts(url: str, storage_options=None) -> np.ndarray:
+    ds = open_dataset(url, storage_options=storage_options)
+    counts = np.zeros(ds.schema.vocab_size, dtype=np.int64)
+    for i in range(ds.num_samples):
+        s = ds.sample(i)
+        counts += np.bincount(s["input_ids"][s["loss_mask"].bool()].numpy(), minlength=len(counts))
+    return counts
+
+
+def test_vocab_cli_selects_top_assistant_tokens(tmp_path, train_data, capsys):  # noqa: F811
+    out = tmp_path / "vocab.safetensors"
+    assert main(["vocab", train_data, "--draft-vocab-size", "60", "--out", str(out)]) == 0
+    assert "coverage" in capsys.readouterr().err
+    v = load_draft_vocab(out)
+    counts = assistant_counts(train_data)
+    assert v.draft_vocab_size == 60 and v.vocab_size == 400
+    assert torch.equal(v.token_counts, torch.from_numpy(counts))
+    target = v.target_ids()
+    assert torch.equal(target, torch.sort(target).values) and int(v.t2d.sum()) == 60
+    assert torch.equal(v.d2t, target - torch.arange(60))                 # d2t[i] = target_id(i) - i
+    assert bool(v.t2d[target].all())
+    # Exactly the 60 most frequent (ties by smaller id): every chosen count >= every other count.
+    chosen = np.zeros(400, dtype=bool)
+    chosen[target.numpy()] = True
+    assert counts[chosen].min() >= counts[~chosen].max()
+    assert float(v.metadata["coverage"]) == pytest.approx(counts[chosen].sum() / counts.sum(), abs=1e-6)
+    assert v.metadata["counted"] == "loss_mask==1"
+
+    # Fewer distinct tokens than N: all of them, padded with the smallest unseen ids.
+    distinct = int((counts > 0).sum())
+    n = distinct + 25
+    assert main(["vocab", train_data, "-n", str(n), "--out", str(out)]) == 0
+    v = load_draft_vocab(out)
+    target = set(v.target_ids().tolist())
+    seen = set(np.nonzero(counts)[0].tolist())
+    unseen = [i for i in range(400) if i not in seen]
+    assert seen <= target and target - seen == set(unseen[:25])
+
+    assert main(["vocab", train_data, "-n", "401", "--out", str(out)]) == 2
+    assert "between 1 and the vocabulary size 400" in capsys.readouterr().err
+
+
+def test_select_draft_vocab_ties_and_identity():
+    v = select_draft_vocab(torch.tensor([5, 0, 5, 7, 0, 1]), 3)
+    assert v.target_ids().tolist() == [0, 2, 3] and v.d2t.tolist() == [0, 1, 1]
+    assert v.t2d.tolist() == [True, False, True, True, False, False]
+    assert v.draft_ids().tolist() == [0, -1, 1, 2, -1, -1]
+    full = select_draft_vocab(torch.zeros(6, dtype=torch.int64), 6)
+    assert full.d2t.tolist() == [0] * 6 and bool(full.t2d.all())
+
+
+def test_vocab_from_s3(tmp_path, tiny_model, s3_bucket, capsys):
+    bucket, opts = s3_bucket
+    url = f"{bucket}/ds"
+    make_dataset(url, tiny_model, n=8, per_part=4, storage_options=opts, fmt="arrow")
+    out = tmp_path / "v.safetensors"
+    endpoint = opts["client_kwargs"]["endpoint_url"]
+    assert main(["vocab", url, "-n", "40", "--out", str(out), "-S", "key=testing", "-S", "secret=testing",
+                 "-S", f"client_kwargs.endpoint_url={endpoint}", "-S", "client_kwargs.region_name=us-east-1"]) == 0
+    v = load_draft_vocab(out)
+    assert torch.equal(v.token_counts, torch.from_numpy(assistant_counts(url, opts)))
+
+
+def test_training_uses_the_draft_vocab(tmp_path, tiny_model, train_data):  # noqa: F811
+    vocab = tmp_path / "vocab.safetensors"
+    assert main(["vocab", train_data, "-n", "64", "--out", str(vocab)]) == 0
+    eagle = tmp_path / "eagle.json"
+    eagle.write_text(json.dumps({"eagle_architecture_config": TINY_ARCH}))
+    out = tmp_path / "run"
+    assert main(["train", "--data", train_data, "--model", str(tiny_model), "--output", str(out), "--steps", "3",
+                 "--batch-tokens", "512", "--eagle-config", str(eagle), "--draft-vocab", str(vocab),
+                 "--no-plot"]) == 0
+    draft = load_draft(out / "final")
+    v = load_draft_vocab(vocab)
+    assert draft.config.draft_vocab_size == 64 and draft.lm_head.weight.shape == (64, 64)
+    assert torch.equal(draft.d2t, v.d2t) and torch.equal(draft.t2d, v.t2d)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["loss"]) for r in rows)
+
+    # A draft_vocab_size in the EagleConfig must agree with the file.
+    eagle.write_text(json.dumps({"eagle_architecture_config": {**TINY_ARCH, "draft_vocab_size": 100}}))
+    assert main(["train", "--data", train_data, "--model", str(tiny_model), "--output", str(tmp_path / "r2"),
+                 "--steps", "1", "--batch-tokens", "512", "--eagle-config", str(eagle), "--draft-vocab",
+                 str(vocab)]) == 2
