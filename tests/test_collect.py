@@ -377,12 +377,22 @@ def test_sigkill_at_several_points_then_rerun_gives_exactly_one_copy(tiny_model,
 
 
 @pytest.mark.integration
-def test_demo_collects_the_bundled_prompts_and_inspects(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path / "demo")]) == 0
+def test_demo_runs_the_whole_pipeline(tmp_path, capsys):
+    """The README's first command, shrunk: synthesize -> collect -> inspect -> vocab -> train -> export -> eval."""
+    from draftdata.demo import bundled_prompts
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(bundled_prompts().read_text().splitlines()[:6]) + "\n")
+    argv = ["demo", "--out", str(tmp_path / "demo"), "--prompts", str(prompts), "--holdout", "2",
+            "--max-new-tokens", "24", "--train-steps", "3", "--eval-tokens", "8", "--draft-vocab-size", "512"]
+    assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "samples        50" in out and "aux layers     [1, 14, 26]" in out
+    assert "samples        4" in out and "aux layers     [1, 14, 26]" in out
+    assert "acceptance length (tokens per base forward, K=5, greedy):" in out
     ds = open_dataset(str(tmp_path / "demo" / "dataset"))
-    assert ds.num_samples == 50 and ds.schema.hidden_size == 576
+    assert ds.num_samples == 4 and ds.schema.hidden_size == 576
     s = ds.sample(0)
     assert s["aux_hidden_states"].shape[1] == 3 * 576 and torch.isfinite(s["hidden_states"].float()).all()
     assert 0 < int(s["loss_mask"].sum()) < len(s["loss_mask"])
+    assert (tmp_path / "demo" / "draft" / "config.json").exists()
+    assert (tmp_path / "demo" / "draft" / "model.safetensors").exists()

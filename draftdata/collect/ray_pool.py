@@ -483,6 +483,8 @@ class ActorPool:
             while True:
                 # Hand out work: idle slots first, then up to `in_flight` per worker.
                 for depth in range(1, self.in_flight + 1):
+                    if depth > 1 and any(u.isolate for u in retries):
+                        break  # let a worker drain, so the isolated retry gets it alone
                     for worker in sorted(self.live_workers(), key=lambda w: w.load):
                         if not worker.ready or worker.load >= depth:
                             continue

@@ -291,6 +291,32 @@ def pick_tokens(logits: Any, temperature: float, top_p: float, uniforms: Any | N
     return (order.gather(1, j) if order is not None else j).squeeze(1)
 
 
+PADDING_SLACK = 0.3  # a padded batch may cost up to 30% more than its rows' own work
+
+
+def length_groups(lengths: list[int], max_new_tokens: int, slack: float = PADDING_SLACK) -> list[list[int]]:
+    """Split prompts sorted by length into consecutive groups that run as one padded batch.
+
+    Left padding makes every row as long as the longest prompt, for the prefill and for every
+    decoding step's attention. A group grows while its padded work, n x (longest + new tokens),
+    stays within (1 + slack) x the rows' own work, sum(length + new tokens): with long answers
+    (decoding dominates) prompts of very different lengths still share a batch; with short
+    answers a 500-token prompt no longer makes thirty 60-token prompts pay for 500 positions.
+    """
+    groups: list[list[int]] = []
+    group: list[int] = []
+    own = 0
+    for k, n in enumerate(lengths):  # ascending: the new prompt is the group's longest
+        if group and (len(group) + 1) * (n + max_new_tokens) > (1 + slack) * (own + n + max_new_tokens):
+            groups.append(group)
+            group, own = [], 0
+        group.append(k)
+        own += n + max_new_tokens
+    if group:
+        groups.append(group)
+    return groups
+
+
 def _stop_token_ids(model: Any, tokenizer: Any, render: Callable[..., str]) -> set[int]:
     """End-of-generation ids: the generation config's and tokenizer's eos, plus the token the
     chat template puts after an assistant reply (e.g. <|im_end|>, <|eot_id|>) when special."""
@@ -387,9 +413,11 @@ class HFGenerator:
                 answers[i] = enc
             else:
                 todo.append((i, enc, p.seed))
-        if todo:
-            for (i, _, _), (tokens, stopped) in zip(todo, self._generate_split([t for _, t, _ in todo],
-                                                                            [s for _, _, s in todo])):
+        todo.sort(key=lambda t: len(t[1]))
+        for group in length_groups([len(t) for _, t, _ in todo], self.max_new_tokens):
+            part = [todo[k] for k in group]
+            results = self._generate_split([t for _, t, _ in part], [s for _, _, s in part])
+            for (i, _, _), (tokens, stopped) in zip(part, results):
                 body = tokens[:-1] if stopped else tokens
                 answers[i] = Answer(self.tokenizer.decode(body, skip_special_tokens=True), len(tokens),
                                     truncated=not stopped)
