@@ -478,3 +478,14 @@ def test_pick_tokens_samples_the_distribution_row_by_row():
     edge = pick_tokens(logits[:2], 1.0, 1.0, torch.tensor([0.0, 1 - 2**-60], dtype=torch.float64))
     assert edge.tolist() == [0, 2]  # never a zero-probability token, even at the top of the CDF
     assert pick_tokens(logits[:1], 0.0, 1.0, None).tolist() == [2]
+
+
+def test_length_groups_bound_padding_work():
+    from draftdata.collect.synthesize import length_groups
+
+    lengths = [50, 55, 60, 62, 70, 500]
+    assert length_groups(lengths, 64) == [[0, 1, 2, 3, 4], [5]]  # a long prompt no longer pads the rest
+    assert length_groups(lengths, 4096) == [[0, 1, 2, 3, 4, 5]]  # long answers: one batch
+    groups = length_groups(sorted([7, 300, 30, 31, 90, 95, 100, 2000]), 16)
+    assert sorted(k for g in groups for k in g) == list(range(8))
+    assert length_groups([], 10) == []

@@ -1,15 +1,16 @@
 """Ray overhead: `collect --ray` with 1 and 2 workers vs single-process `collect`, same input.
 
-    python bench/ray/bench_ray.py [--sizes 100 300] [--batch-tokens 512] [--repeats 1] [--out bench/ray/results.md]
+    python bench/ray/bench_ray.py [--sizes 30 90] [--cpus 2] [--modes single ray1 ray2] [--out FILE]
 
 For each input size (the first N conversations of ../shared/data/train.jsonl) the same command
-runs three ways, as a user would run it (a fresh `python -m draftdata.cli collect` process each):
+runs up to three ways, as a user would run it (a fresh `python -m draftdata.cli collect` each):
 
-  single   draftdata collect --model smollm2 ...
-  ray1     ... --ray --ray-address <head> --num-workers 1   (the actor gets both CPUs)
-  ray2     ... --ray --ray-address <head> --num-workers 2   (one CPU, one torch thread each)
+  single   draftdata collect --model smollm2 ...   with OMP_NUM_THREADS=--cpus (torch threads)
+  ray1     ... --ray --ray-address <head> --num-workers 1   (the actor gets all --cpus CPUs)
+  ray2     ... --ray --ray-address <head> --num-workers 2   (--cpus / 2 CPUs each)
 
-The Ray head (`ray start --head --num-cpus 2`, token auth off) is started once before the runs,
+so single and ray1 always use the same number of threads. The Ray head
+(`ray start --head --num-cpus <--cpus>`, token auth off) is started once before the runs,
 as a cluster is long-lived; its start time is reported separately. Reported:
 
 - end-to-end wall time of each run and ray / single ratios;
@@ -38,7 +39,7 @@ import time
 from pathlib import Path
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "train.jsonl"
-MODES = ("single", "ray1", "ray2")
+MODES = ("single", "ray1", "ray2")  # the order runs are interleaved in
 ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
 
 
@@ -86,14 +87,15 @@ def first_conversations(n: int, path: Path) -> Path:
     return path
 
 
-def run(mode: str, inp: Path, out: Path, batch_tokens: int, address: str) -> dict:
+def run(mode: str, inp: Path, out: Path, batch_tokens: int, address: str, cpus: int) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     cmd = ["/usr/bin/time", "-f", "TIME %M %e", sys.executable, "-m", "draftdata.cli", "collect", "--model", "smollm2",
            "--input", str(inp), "--output", str(out), "--batch-tokens", str(batch_tokens), "--part-size", "64"]
     if mode != "single":
         cmd += ["--ray", "--ray-address", address, "--num-workers", mode[-1]]
     load = os.getloadavg()[0]
-    done = subprocess.run(cmd, env=ENV, capture_output=True, text=True)
+    env = {**ENV, "OMP_NUM_THREADS": str(cpus)} if mode == "single" else ENV
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if done.returncode:
         sys.exit(f"{mode} failed:\n{done.stderr[-4000:]}")
     rss_kb, wall = done.stderr.strip().splitlines()[-1].split()[1:]
@@ -113,7 +115,9 @@ def main() -> None:
     ap.add_argument("--batch-tokens", type=int, default=512,
                     help="also sets the work unit: 32 x this many tokens (default 512: units of 16k tokens)")
     ap.add_argument("--repeats", type=int, default=1)
-    ap.add_argument("--cpus", type=int, default=2, help="CPUs of the Ray head (default 2, this machine)")
+    ap.add_argument("--cpus", type=int, default=2,
+                    help="CPUs of the Ray head and threads of the single-process run (default 2, this machine)")
+    ap.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     ap.add_argument("--out", type=Path, default=None, help="append a markdown report here")
     args = ap.parse_args()
 
@@ -128,8 +132,8 @@ def main() -> None:
         for n in args.sizes:
             inp = first_conversations(n, work / f"in{n}.jsonl")
             for _ in range(args.repeats):
-                for mode in MODES:
-                    r = run(mode, inp, work / f"out-{mode}", args.batch_tokens, address)
+                for mode in [m for m in MODES if m in args.modes]:
+                    r = run(mode, inp, work / f"out-{mode}", args.batch_tokens, address, args.cpus)
                     print(json.dumps({"n": n, **r}), flush=True)
                     best = results.get((n, mode))
                     if best is None or r["wall_s"] < best["wall_s"]:
@@ -140,24 +144,24 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
 
     small, big = args.sizes
+    modes = [m for m in MODES if m in args.modes]
     steady = {}
-    for mode in MODES:
+    for mode in modes:
         a, b = results[(small, mode)], results[(big, mode)]
         steady[mode] = (b["tokens"] - a["tokens"]) / (b["wall_s"] - a["wall_s"])
+    ratios: dict[str, float] = {}
+    for num, den in (("ray1", "single"), ("ray2", "ray1")):
+        if num in modes and den in modes:
+            for n in args.sizes:
+                ratios[f"{num}/{den} wall, n={n}"] = round(results[(n, num)]["wall_s"] / results[(n, den)]["wall_s"], 3)
+            ratios[f"{num}/{den} steady throughput"] = round(steady[num] / steady[den], 3)
     report = {
         "ray_head_start_s": round(head_s, 1), "batch_tokens": args.batch_tokens, "cpus": args.cpus,
         "runs": [{"n": n, **r} for (n, _), r in sorted(results.items(), key=lambda kv: (kv[0][0], MODES.index(kv[0][1])))],
         "steady_tokens_per_s": {m: round(v, 1) for m, v in steady.items()},
         "fixed_cost_s": {m: round(results[(big, m)]["wall_s"] - results[(big, m)]["tokens"] / steady[m], 1)
-                         for m in MODES},
-        "ratios": {
-            **{f"ray1/single wall, n={n}": round(results[(n, "ray1")]["wall_s"] / results[(n, "single")]["wall_s"], 3)
-               for n in args.sizes},
-            **{f"ray2/ray1 wall, n={n}": round(results[(n, "ray2")]["wall_s"] / results[(n, "ray1")]["wall_s"], 3)
-               for n in args.sizes},
-            "single/ray1 steady throughput": round(steady["single"] / steady["ray1"], 3),
-            "ray2/ray1 steady throughput": round(steady["ray2"] / steady["ray1"], 3),
-        },
+                         for m in modes},
+        "ratios": ratios,
     }
     print(json.dumps(report, indent=2))
     if args.out:
