@@ -34,7 +34,13 @@ def run(args: argparse.Namespace) -> int:
 
     from draftdata.train import evaluate as ev
 
-    torch.set_grad_enabled(False)
+    with torch.no_grad():  # scoped: `draftdata demo` runs commands in one process
+        return _run(args, ev)
+
+
+def _run(args: argparse.Namespace, ev) -> int:
+    import torch
+
     if args.threads:
         torch.set_num_threads(args.threads)
     device, dtype = ev.pick_device_dtype(args.device, args.dtype)
