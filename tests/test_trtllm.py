@@ -250,3 +250,19 @@ def test_cli_collect_backend_trtllm_without_package(tiny_model, tmp_path):
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1, proc.stderr
     assert INSTALL_HINT in lines[0]
+    assert not out.exists(), "the install check must come before anything is written"
+
+
+def test_cli_collect_parallel_flags_are_checked_before_any_work(tiny_model, tmp_path):
+    data = tmp_path / "conv.jsonl"
+    data.write_text('{"conversation_id": "a", "conversations": [{"role": "user", "content": "hi"}]}\n')
+    out = tmp_path / "ds"
+    base = [sys.executable, "-m", "draftdata.cli", "collect", "--model", str(tiny_model), "--input", str(data),
+            "--output", str(out)]
+    for extra, message in ((["--tp", "2"], "apply to --backend trtllm only"),
+                           (["--backend", "trtllm", "--tp", "0"], "--tensor-parallel-size must be a positive"),
+                           (["--backend", "trtllm", "--tp", "4", "--ep", "3"], "must divide")):
+        proc = subprocess.run(base + extra, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        assert message in proc.stderr
+        assert not out.exists()

@@ -37,6 +37,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "else fp32 (stored states are always bf16)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (hf backend; default cpu)")
     p.add_argument("--backend", choices=["hf", "trtllm"], default="hf", help="hf (transformers, default) or trtllm")
+    p.add_argument("--tensor-parallel-size", "--tp", type=int, default=None, metavar="N",
+                   help="trtllm: GPUs of one engine (default 1; with --ray: --gpus-per-worker)")
+    p.add_argument("--moe-expert-parallel-size", "--ep", type=int, default=None, metavar="N",
+                   help="trtllm: MoE expert-parallel degree within the --tensor-parallel-size GPUs")
     p.add_argument("--batch-tokens", type=int, default=8192,
                    help="tokens per forward batch counted with padding: batch size x longest (default 8192)")
     p.add_argument("--part-size", type=float, default=512, metavar="MiB",
@@ -58,15 +62,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.ray:
-        try:
-            from draftdata.collect.ray_job import run_ray_collect
-        except ModuleNotFoundError as e:
-            if e.name != "draftdata.collect.ray_job":
-                raise
-            from draftdata.errors import DraftdataError
+        from draftdata.collect.ray_job import run_ray_collect
 
-            raise DraftdataError("--ray is not available in this installation "
-                                 "(draftdata.collect.ray_job is missing)") from None
         return run_ray_collect(args)
     from draftdata.collect.job import run_local, settings_from_args
 

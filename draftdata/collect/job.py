@@ -54,6 +54,8 @@ class CollectSettings:
     limit: int | None = None
     strict: bool = False
     rejects: str | None = None  # --rejects PATH, else <output>/_reports/...
+    tensor_parallel_size: int | None = None  # trtllm only
+    moe_expert_parallel_size: int | None = None  # trtllm only
 
     def report_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -75,6 +77,18 @@ def settings_from_args(args: argparse.Namespace) -> CollectSettings:
         raise DraftdataError("--part-size must be a positive number of MiB")
     if args.limit is not None and args.limit < 0:
         raise DraftdataError("--limit must be >= 0")
+    tp, ep = getattr(args, "tensor_parallel_size", None), getattr(args, "moe_expert_parallel_size", None)
+    if args.backend != "trtllm" and (tp or ep):
+        raise DraftdataError("--tensor-parallel-size / --moe-expert-parallel-size apply to --backend trtllm only")
+    for flag, v in (("--tensor-parallel-size", tp), ("--moe-expert-parallel-size", ep)):
+        if v is not None and v < 1:
+            raise DraftdataError(f"{flag} must be a positive integer")
+    if tp and ep and tp % ep:
+        raise DraftdataError(f"--moe-expert-parallel-size {ep} must divide --tensor-parallel-size {tp}")
+    if args.backend == "trtllm":  # fail before the tokenizer load and before anything is written
+        from draftdata.collect.backends.trtllm import import_tensorrt_llm
+
+        import_tensorrt_llm()
     model_path = resolve_model(args.model)
     info = BaseModelInfo.from_model_dir(model_path)
     return CollectSettings(
@@ -85,6 +99,7 @@ def settings_from_args(args: argparse.Namespace) -> CollectSettings:
         chat_template=load_chat_template(args.chat_template) if args.chat_template else None,
         dtype=args.dtype, device=args.device, backend=args.backend, batch_tokens=args.batch_tokens,
         part_bytes=int(args.part_size * 2**20), limit=args.limit, strict=args.strict, rejects=args.rejects,
+        tensor_parallel_size=tp, moe_expert_parallel_size=ep,
     )
 
 
@@ -156,8 +171,13 @@ def backend_options(settings: CollectSettings) -> dict[str, Any]:
     """Constructor options of the chosen backend."""
     if settings.backend == "hf":
         return {"dtype": settings.dtype, "device": settings.device}
-    return {"aux_layer_ids": list(settings.aux_layer_ids), "max_seq_len": settings.max_seq_len,
-            "max_num_tokens": max(settings.batch_tokens, settings.max_seq_len)}
+    opts: dict[str, Any] = {"aux_layer_ids": list(settings.aux_layer_ids), "max_seq_len": settings.max_seq_len,
+                            "max_num_tokens": max(settings.batch_tokens, settings.max_seq_len)}
+    if settings.tensor_parallel_size:
+        opts["tensor_parallel_size"] = settings.tensor_parallel_size
+    if settings.moe_expert_parallel_size:
+        opts["moe_expert_parallel_size"] = settings.moe_expert_parallel_size
+    return opts
 
 
 def read_input(settings: CollectSettings):

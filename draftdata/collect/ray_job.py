@@ -128,7 +128,7 @@ class CollectWorker:
         self.writer = create_dataset(settings.output, schema, format=schema.storage_format, codec=schema.codec,
                                      storage_options=settings.storage_options)
         opts = backend_options(local)
-        if settings.backend == "trtllm" and gpus >= 1:
+        if settings.backend == "trtllm" and gpus >= 1 and not settings.tensor_parallel_size:
             opts["tensor_parallel_size"] = int(gpus)  # one TRT-LLM engine over all of this actor's GPUs
         self.backend = _LockedBackend(get_backend(settings.backend, model_path, **opts))
         self.options = options
@@ -375,6 +375,10 @@ def run_ray_collect(args: argparse.Namespace) -> int:
     lock = None
     try:
         plan = plan_workers(args.num_workers, args.gpus_per_worker, settings.device)
+        tp = settings.tensor_parallel_size
+        if tp and plan.num_gpus >= 1 and tp != int(plan.num_gpus):
+            raise DraftdataError(f"--tensor-parallel-size {tp} != --gpus-per-worker {plan.num_gpus:g}: each Ray "
+                                 "actor runs one engine over its own GPUs; set them equal (or drop --tp)")
         writer = open_output(settings, schema)
         lock, worker_prefix = acquire_output_lock(writer.url)
         if total is None:

@@ -390,6 +390,7 @@ class HFGenerator:
         self.stop_ids = _stop_token_ids(self.model, self.tokenizer, self.chat.render)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None \
             else min(self.stop_ids)
+        self.on_step: Callable[[int], None] | None = None  # called with the tokens of each decode step
 
     def encode(self, prompt: Prompt) -> list[int] | Answer:
         """Token ids of the prompt with the generation header, or a rejecting Answer."""
@@ -471,6 +472,8 @@ class HFGenerator:
             if self.temperature > 0:
                 uniforms = torch.stack([torch.rand((), generator=rngs[i], dtype=torch.float64) for i in rows])
             chosen = pick_tokens(logits, self.temperature, self.top_p, uniforms)
+            if self.on_step is not None:  # live progress: a CPU batch can take minutes
+                self.on_step(len(rows))
             keep = []
             for j, (i, t) in enumerate(zip(rows, chosen.tolist())):
                 tokens[i].append(t)
@@ -1008,12 +1011,24 @@ def run_local(settings: SynthSettings) -> int:
         t0 = time.perf_counter()
         tokens = 0
 
-        def progress(n: int, t: int) -> None:
+        live = isinstance(generator, HFGenerator)  # counts tokens per decode step, not per finished batch
+        shown = [0.0]
+
+        def show(t: int) -> None:
             nonlocal tokens
             tokens += t
-            if t:
-                bar.set_postfix_str(f"{tokens / (time.perf_counter() - t0):,.0f} tok/s", refresh=False)
+            now = time.perf_counter()
+            if now - shown[0] >= 1.0:
+                shown[0] = now
+                bar.set_postfix_str(f"{tokens:,} tokens, {tokens / (now - t0):,.0f} tok/s")
+
+        def progress(n: int, t: int) -> None:
+            if t and not live:
+                show(t)
             bar.update(n)
+
+        if live:
+            generator.on_step = show
 
         interrupted = True
         try:

@@ -22,13 +22,8 @@ def get_backend(name: str, model_path: str | os.PathLike, **options: Any) -> Bac
 
         return HFBackend(model_path, **options)
     if name == "trtllm":
-        try:
-            from draftdata.collect.backends.trtllm import TrtllmBackend
-        except ModuleNotFoundError as e:
-            if e.name != "draftdata.collect.backends.trtllm":
-                raise
-            raise DraftdataError("--backend trtllm is not available in this installation "
-                                 "(draftdata.collect.backends.trtllm is missing)") from None
+        from draftdata.collect.backends.trtllm import TrtllmBackend
+
         return TrtllmBackend(model_path, **options)
     raise DraftdataError(f"--backend {name!r}: expected one of {', '.join(BACKENDS)}")
 
