@@ -32,7 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="chat JSONL (default: the ~50 prompts bundled with the package)")
     p.add_argument("--holdout", type=int, default=8, help="prompts kept out of training for eval (default 8)")
     p.add_argument("--max-new-tokens", type=int, default=160, help="synthesized answer length (default 160)")
-    p.add_argument("--train-steps", type=int, default=300, help="draft training steps (default 300)")
+    p.add_argument("--train-steps", type=int, default=300, help="draft training steps at most (default 300)")
+    p.add_argument("--train-minutes", type=float, default=4,
+                   help="draft training wall-clock budget in minutes (default 4; whichever ends first)")
     p.add_argument("--draft-vocab-size", type=int, default=4096, help="compressed draft vocabulary (default 4096)")
     p.add_argument("--eval-tokens", type=int, default=96, help="new tokens per eval turn (default 96)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
@@ -92,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
     timings["vocab"] = time.perf_counter() - t
 
     argv = ["train", "--data", dataset, "--model", args.model, "--output", train_dir, "--steps", str(args.train_steps),
-            "--lr", "3e-3", "--batch-tokens", "2048", "--draft-vocab", vocab, "--save-every", "100",
+            "--max-minutes", f"{args.train_minutes:g}", "--lr", "3e-3", "--schedule", "constant",
+            "--warmup-steps", "10", "--batch-tokens", "2048", "--draft-vocab", vocab, "--save-every", "100",
             "--device", args.device, "--resume"]
     t = step(5, "train the EAGLE3 draft (base model layers never loaded)", argv)
     draftdata(argv)

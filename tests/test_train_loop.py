@@ -190,3 +190,19 @@ def test_ray_train_torch_trainer(tmp_path, tiny_model, train_data):  # noqa: F81
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert load_draft(tmp_path / "ray" / "final").config.hidden_size == 64
     assert json.loads((tmp_path / "ray" / "train_config.json").read_text())["world_size"] == 2
+
+
+def test_max_minutes_stops_with_a_checkpoint_and_resume_continues(tmp_path, tiny_model, train_data):  # noqa: F811
+    out = tmp_path / "run"
+    common = ["train", "--data", train_data, "--model", str(tiny_model), "--output", str(out),
+              "--eagle-config", str(eagle_file(tmp_path)), "--steps", "6", "--lr", "3e-3", "--batch-tokens", "512",
+              "--save-every", "100", "--ttt-steps", "2", "--schedule", "constant", "--no-plot"]
+    assert main(common + ["--max-minutes", "0.0001"]) == 0          # out of time after the first step
+    assert [r["step"] for r in read_metrics(out)] == [1]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000001"]
+    assert load_draft(out / "final") is not None
+    assert main(common + ["--resume"]) == 0
+    assert [r["step"] for r in read_metrics(out)] == list(range(1, 7))
+    bad = ["train", "--data", train_data, "--model", str(tiny_model), "--output", str(tmp_path / "bad"),
+           "--steps", "6", "--max-minutes", "0"]
+    assert main(bad) == 2 and not (tmp_path / "bad").exists()       # bad value: one-line error, nothing written

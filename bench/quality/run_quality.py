@@ -40,6 +40,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+THREADS = 1  # torch threads of the whole box (--threads); steps run alone get all, concurrent ones share
 DATA = REPO.parent / "shared" / "data"
 
 
@@ -62,6 +63,15 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--eval-max-turns", type=int, default=1, help="user turns per mt_bench conversation")
     p.add_argument("--eval-max-new-tokens", type=int, default=48)
     p.add_argument("--only", nargs="*", help="run only these steps (names as printed)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads of the box: a step run alone gets all, concurrent processes share them "
+                        "(default 1: the overloaded shared box of the first run)")
+    p.add_argument("--synth-minutes", type=float, default=None,
+                   help="stop synthesizing after this long and keep what was written (default: until done)")
+    p.add_argument("--train-mode", choices=["concurrent", "sequential"], default="concurrent",
+                   help="concurrent: a, b, c together for --train-minutes; sequential: the headline (a) alone "
+                        "with all threads for --train-minutes, then b and c together for --compare-minutes")
+    p.add_argument("--compare-minutes", type=float, default=10, help="sequential mode: budget of b and c")
     return p.parse_args()
 
 
@@ -85,7 +95,7 @@ class Runner:
         print(f"[run ] {name}", file=sys.stderr, flush=True)
         t0 = time.time()
         if cmd is not None:
-            line = "OMP_NUM_THREADS=1 " + shlex.join(cmd)
+            line = f"OMP_NUM_THREADS={THREADS} " + shlex.join(cmd)
             with open(self.work / "commands.sh", "a") as f:
                 f.write(f"# {name}\n{line}\n")
             log = self.work / "logs" / f"{name}.log"
@@ -93,7 +103,7 @@ class Runner:
                 out.write(f"$ {line}\n")
                 out.flush()
                 rc = subprocess.call(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=self.work,
-                                     env={**os.environ, "OMP_NUM_THREADS": "1"})
+                                     env={**os.environ, "OMP_NUM_THREADS": str(THREADS)})
             if rc != 0:
                 sys.exit(f"step {name} failed with exit status {rc}; see {log}")
         if fn is not None:
@@ -120,25 +130,35 @@ def write_prompts(src: Path, work: Path, n: int, shards: int) -> None:
         out.close()
 
 
-def synthesize_shards(work: Path, shards: int, args: list[str], log: Path) -> None:
+def synthesize_shards(work: Path, shards: int, args: list[str], log: Path, minutes: float | None = None) -> None:
     """One `draftdata synthesize` per shard, in parallel (one torch thread each: on a shared, overloaded
     2-core box several single-threaded processes beat one oversubscribed multi-threaded process).
 
     synthesize appends whole lines per batch and resumes by id, so a killed run loses only the
     batches in flight; rerunning this step continues the shards. They are merged into synth.jsonl.
     """
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    threads = max(1, THREADS // shards)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     procs = []
     with open(log, "a") as out:
         for k in range(shards):
             cmd = ["draftdata", "synthesize", "--input", str(work / f"prompts-{k}.jsonl"),
                    "--output", str(work / f"synth-{k}.jsonl")] + args
-            out.write(f"$ OMP_NUM_THREADS=1 {shlex.join(cmd)}\n")
+            out.write(f"$ OMP_NUM_THREADS={threads} {shlex.join(cmd)}\n")
             out.flush()
             with open(work / "commands.sh", "a") as f:
-                f.write(f"# synthesize shard {k}\nOMP_NUM_THREADS=1 {shlex.join(cmd)}\n")
+                f.write(f"# synthesize shard {k}\nOMP_NUM_THREADS={threads} {shlex.join(cmd)}\n")
             procs.append(subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=work, env=env))
-        codes = [p.wait() for p in procs]
+        deadline = time.time() + minutes * 60 if minutes else float("inf")
+        while any(p.poll() is None for p in procs) and time.time() < deadline:
+            time.sleep(5)
+        stopped = [p for p in procs if p.poll() is None]
+        for p in stopped:  # synthesize keeps every finished batch; the merge takes what was written
+            p.kill()
+            p.wait()
+        codes = [0 if p in stopped else p.returncode for p in procs]
+        if stopped:
+            print(f"synthesize: budget of {minutes} min spent, stopped {len(stopped)} shard(s)", file=sys.stderr)
     if any(codes):
         sys.exit(f"synthesize failed (exit statuses {codes}); see {log}")
     merge_synth(work)
@@ -162,19 +182,19 @@ def write_eval_subset(src: Path, dst: Path, every: int) -> None:
     dst.write_text("".join(line + "\n" for i, line in enumerate(lines) if i % every == 0))
 
 
-def train_concurrently(work: Path, runs: dict[str, list[str]], minutes: float) -> None:
+def train_concurrently(work: Path, runs: dict[str, list[str]], minutes: float, threads: int = 1) -> None:
     """Start every training at once (one torch thread each) and stop them all after `minutes`.
 
     Same wall clock and the same share of a shared CPU for every variant; the trainer's checkpoints
     are atomic, so a stopped run keeps every checkpoint it finished. A rerun resumes (--resume).
     """
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     procs = {}
     for name, cmd in runs.items():
         with open(work / "commands.sh", "a") as f:
-            f.write(f"# train {name} (stopped after {minutes} min)\nOMP_NUM_THREADS=1 {shlex.join(cmd)}\n")
+            f.write(f"# train {name} (stopped after {minutes} min)\nOMP_NUM_THREADS={threads} {shlex.join(cmd)}\n")
         log = open(work / "logs" / f"train_{name}.log", "a")
-        log.write(f"$ OMP_NUM_THREADS=1 {shlex.join(cmd)}\n")
+        log.write(f"$ OMP_NUM_THREADS={threads} {shlex.join(cmd)}\n")
         log.flush()
         procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=work, env=env)
     deadline = time.time() + minutes * 60
@@ -187,17 +207,17 @@ def train_concurrently(work: Path, runs: dict[str, list[str]], minutes: float) -
             p.wait()
 
 
-def run_concurrently(work: Path, cmds: dict[str, list[str]], kind: str) -> None:
-    """Run the commands at once, one torch thread each (skipping those whose report exists)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def run_concurrently(work: Path, cmds: dict[str, list[str]], kind: str, threads: int = 1) -> None:
+    """Run the commands at once, `threads` torch threads each (skipping those whose report exists)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     procs = {}
     for name, cmd in cmds.items():
         if Path(cmd[cmd.index("--output") + 1]).exists():
             continue
         with open(work / "commands.sh", "a") as f:
-            f.write(f"# {kind} {name}\nOMP_NUM_THREADS=1 {shlex.join(cmd)}\n")
+            f.write(f"# {kind} {name}\nOMP_NUM_THREADS={threads} {shlex.join(cmd)}\n")
         log = open(work / "logs" / f"{kind}_{name}.log", "a")
-        log.write(f"$ OMP_NUM_THREADS=1 {shlex.join(cmd)}\n")
+        log.write(f"$ OMP_NUM_THREADS={threads} {shlex.join(cmd)}\n")
         log.flush()
         procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=work, env=env)
     failed = [name for name, p in procs.items() if p.wait() != 0]
@@ -303,7 +323,9 @@ def summarize(work: Path, variants: dict[str, dict], out_md: Path, out_json: Pat
 
 
 def main() -> int:
+    global THREADS
     a = parse_args()
+    THREADS = max(1, a.threads)
     work = Path(a.work).resolve()
     run = Runner(work, a.only)
     dd = ["draftdata"]
@@ -314,7 +336,7 @@ def main() -> int:
     synth_args = ["--model", "smollm2", "--max-new-tokens", str(a.synth_max_new_tokens),
                   "--batch-size", str(a.synth_batch_size)]
     run.step("synthesize", synth, fn=lambda: synthesize_shards(work, a.synth_shards, synth_args,
-                                                                work / "logs" / "synthesize.log"))
+                                                                work / "logs" / "synthesize.log", a.synth_minutes))
 
     for codec in ("bf16", "fp8"):
         run.step(f"collect_{codec}", work / f"collect_{codec}.done", dd + [
@@ -336,8 +358,15 @@ def main() -> int:
     }
     runs = {name: dd + ["train", "--data", str(work / data), "--output", str(work / f"run_{name}")] + common + extra
             for name, (data, extra) in trainings.items()}
-    run.step("train", work / "train.done", fn=lambda: (train_concurrently(work, runs, a.train_minutes),
-                                                       (work / "train.done").write_text("done\n")))
+    def train() -> None:
+        if a.train_mode == "concurrent":
+            train_concurrently(work, runs, a.train_minutes)
+        else:
+            train_concurrently(work, {"a": runs["a"]}, a.train_minutes, THREADS)
+            train_concurrently(work, {k: runs[k] for k in ("b", "c")}, a.compare_minutes, max(1, THREADS // 2))
+        (work / "train.done").write_text("done\n")
+
+    run.step("train", work / "train.done", fn=train)
 
     variants = {
         "a": {"label": "bf16 data + 8k draft vocab (headline)", "data": "bf16", "vocab": a.vocab_size, "run": "run_a"},
@@ -363,10 +392,22 @@ def main() -> int:
             "export", str(work / v["run"] / "checkpoints" / f"step-{v['at_step']:08d}"), "--out", str(export)])
         evals[name] = dd + ["eval", "--model", "smollm2", "--draft", str(export), "--prompts", str(subset),
                             "--steps", "5", "--max-new-tokens", str(a.eval_max_new_tokens),
-                            "--max-turns", str(a.eval_max_turns), "--threads", "1",
+                            "--max-turns", str(a.eval_max_turns),
                             "--output", str(work / f"eval_{name}.json")] + ([] if name == "a" else ["--no-prompt-lookup"])
-    run.step("eval", work / "eval.done", fn=lambda: (run_concurrently(work, evals, "eval"),
-                                                     (work / "eval.done").write_text("done\n")))
+    def evaluate() -> None:
+        if a.train_mode == "concurrent":
+            run_concurrently(work, evals, "eval")
+        else:  # the headline alone with every thread (its speedups are the ones reported), then the rest
+            headline = "a_last" if "a_last" in evals else "a"
+            evals[headline] = [x for x in evals[headline] if x != "--no-prompt-lookup"]
+            if headline != "a":
+                evals["a"].append("--no-prompt-lookup")
+            run_concurrently(work, {headline: evals[headline]}, "eval", THREADS)
+            rest = {k: v for k, v in evals.items() if k != headline}
+            run_concurrently(work, rest, "eval", max(1, THREADS // len(rest)))
+        (work / "eval.done").write_text("done\n")
+
+    run.step("eval", work / "eval.done", fn=evaluate)
 
     if a.only is None or "summary" in a.only:
         summarize(work, variants, work / "summary.md", work / "summary.json")

@@ -24,6 +24,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     length = p.add_mutually_exclusive_group(required=True)
     length.add_argument("--steps", type=int, help="optimizer steps to train")
     length.add_argument("--epochs", type=int, help="passes over the dataset")
+    p.add_argument("--max-minutes", type=float, metavar="M",
+                   help="stop after M minutes of wall clock (checkpoint + final draft; --resume continues); "
+                        "pair it with --schedule constant, as a cosine/linear schedule would not finish")
     p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
     p.add_argument("--batch-tokens", type=int, default=8192,
                    help="token budget per micro-batch and rank, counted padded (default 8192); longer "
@@ -75,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
         if not isinstance(eagle, dict):
             raise ConfigError(f"{args.eagle_config}: expected a JSON object")
     cfg = TrainConfig(
-        data=args.data, model=args.model, output=args.output, eagle_config=eagle, steps=args.steps,
+        data=args.data, model=args.model, output=args.output, eagle_config=eagle, steps=args.steps, max_minutes=args.max_minutes,
         epochs=args.epochs, lr=args.lr, warmup_steps=args.warmup_steps, schedule=args.schedule,
         min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
         grad_accum=args.grad_accum, batch_tokens=args.batch_tokens, max_seq_len=args.max_seq_len,

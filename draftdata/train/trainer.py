@@ -73,6 +73,7 @@ class TrainConfig:
     eagle_config: dict[str, Any] = field(default_factory=dict)   # EagleConfig overrides
     steps: int | None = None
     epochs: int | None = None
+    max_minutes: float | None = None         # stop (checkpoint + final draft) after this much wall clock
     lr: float = 1e-4
     warmup_steps: int | None = None          # None: 2% of the steps
     schedule: str = "cosine"                 # cosine | linear | constant
@@ -112,6 +113,8 @@ class TrainConfig:
                 raise DraftdataError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
         if self.schedule not in ("cosine", "linear", "constant"):
             raise DraftdataError(f"--schedule must be cosine, linear or constant, got {self.schedule!r}")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise DraftdataError(f"--max-minutes must be positive, got {self.max_minutes}")
         if not self.lr > 0:
             raise DraftdataError(f"--lr must be positive, got {self.lr}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
@@ -450,7 +453,8 @@ def train(cfg: TrainConfig) -> TrainResult:
 
         bar = tqdm(total=total_steps, initial=step, desc="train", unit="step",
                    disable=not (cfg.progress and info.main), file=sys.stderr)
-        while step < total_steps:
+        out_of_time = False
+        while step < total_steps and not out_of_time:
             dataset.set_epoch(epoch)
             if consumed:
                 dataset.load_state_dict({"epoch": epoch, "items_consumed": consumed})
@@ -522,7 +526,10 @@ def train(cfg: TrainConfig) -> TrainResult:
                     print(f"step {step}/{total_steps} epoch {epoch} loss {record['loss']:.4f} acc [{accs}] "
                           f"lr {record['lr']:.2e} gnorm {record['grad_norm']:.3f} "
                           f"{record['tokens_per_s']:.0f} tok/s mem {record['peak_mem_gb']:.2f} GiB", flush=True)
-                if step % cfg.save_every == 0 or step == total_steps:
+                if cfg.max_minutes is not None:  # every rank stops at the same step (rank 0's clock decides)
+                    late = float(info.main and time.perf_counter() - started >= cfg.max_minutes * 60)
+                    out_of_time = bool(_all_reduce(torch.tensor(late, device=device), info).item())
+                if step % cfg.save_every == 0 or step == total_steps or out_of_time:
                     end_of_epoch = consumed // cfg.grad_accum >= epoch_steps
                     state = {"step": step, "epoch": epoch + 1 if end_of_epoch else epoch,
                              "items_consumed": 0 if end_of_epoch else consumed,
@@ -539,6 +546,10 @@ def train(cfg: TrainConfig) -> TrainResult:
                         bar.write(f"saved checkpoint {path}", file=sys.stderr)
                     if info.world_size > 1:
                         dist.barrier()
+                if out_of_time:
+                    _log(f"--max-minutes {cfg.max_minutes:g} reached at step {step}/{total_steps}; checkpoint "
+                         "saved (--resume continues the same run)", info)
+                    break
             del batches, loader
             if consumed // cfg.grad_accum >= epoch_steps:
                 epoch, consumed = epoch + 1, 0
