@@ -178,6 +178,29 @@ def test_deterministic_for_a_seed_regardless_of_batch_size(generator):
     assert synth(list(reversed(convs)), generator, batch_size=3, temperature=1.0, seed=5) == sampled[0]
 
 
+def test_padded_decoding_keeps_kv_heads_grouped_and_matches_transformers_sdpa(generator, monkeypatch):
+    """Batched decoding runs SDPA with enable_gqa (no copy of the KV cache per query head, the CPU
+    bottleneck of bench/synth) and generates exactly what transformers' own sdpa path generates."""
+    import transformers.integrations.sdpa_attention as sdpa
+
+    from draftdata.collect.synthesize import GQA_ATTENTION
+
+    assert generator.model.config._attn_implementation == GQA_ATTENTION
+    assert generator.model.config.num_key_value_heads < generator.model.config.num_attention_heads
+    copies = []
+    real_repeat_kv = sdpa.repeat_kv
+    monkeypatch.setattr(sdpa, "repeat_kv", lambda *a: copies.append(1) or real_repeat_kv(*a))
+    ids = [generator.encode(Prompt([{"role": "user", "content": "hi " * n}], seed=0)) for n in (1, 5, 9, 14)]
+    grouped = generator.generate_ids(ids, [0] * 4)
+    assert not copies
+    generator.model.set_attn_implementation("sdpa")
+    try:
+        assert generator.generate_ids(ids, [0] * 4) == grouped
+        assert copies  # the path we replace does copy the KV heads when a padding mask is given
+    finally:
+        generator.model.set_attn_implementation(GQA_ATTENTION)
+
+
 def test_answers_stop_at_end_of_turn_or_are_counted_truncated(generator):
     ids = generator.encode(Prompt([{"role": "user", "content": "hello"}], 0))
     (tokens, stopped), = generator.generate_ids([ids], [0])

@@ -341,6 +341,37 @@ def _stop_token_ids(model: Any, tokenizer: Any, render: Callable[..., str]) -> s
     return ids
 
 
+GQA_ATTENTION = "draftdata_sdpa_gqa"
+
+
+def _register_gqa_attention() -> str | None:
+    """SDPA attention that keeps grouped-query KV heads grouped (`enable_gqa=True`) even with a
+    padding mask. transformers' own sdpa path copies the KV cache to every query head whenever a
+    mask is given (it enables GQA only without a mask); for left-padded batched decoding that copy
+    dominated CPU time (bench/synth/results.md). Same kernel family, same results."""
+    import torch
+
+    try:
+        from transformers import AttentionInterface
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    except ImportError:  # an older transformers: its default attention (correct, slower on CPU)
+        return None
+
+    def attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, dropout: float = 0.0,
+                  scaling: float | None = None, is_causal: bool | None = None, **kwargs: Any) -> tuple[Any, None]:
+        if attention_mask is None or getattr(module, "num_key_value_groups", 1) == 1 or dropout:
+            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                          scaling=scaling, is_causal=is_causal, **kwargs)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, attn_mask=attention_mask[:, :, :, :key.shape[-2]], scale=scaling, enable_gqa=True)
+        return out.transpose(1, 2).contiguous(), None
+
+    AttentionInterface.register(GQA_ATTENTION, attention)
+    AttentionMaskInterface.register(GQA_ATTENTION, sdpa_mask)
+    return GQA_ATTENTION
+
+
 class HFGenerator:
     """Batched generation with transformers: left-padded prefill, KV-cache decoding, finished rows
     dropped from the batch, per-row seeded sampling."""
@@ -375,7 +406,8 @@ class HFGenerator:
         hf_logging.disable_progress_bar()
         try:
             self.model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=dtypes[dtype],
-                                                              device_map=device_map).eval()
+                                                              device_map=device_map,
+                                                              attn_implementation=_register_gqa_attention()).eval()
         except (OSError, ValueError) as e:
             raise DraftdataError(f"--model {model_path}: cannot load with transformers: {e}") from None
         finally:
