@@ -383,10 +383,11 @@ class HFGenerator:
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
+        from draftdata.collect.backends.hf import check_device
         from draftdata.collect.conversations import ChatTokenizer
 
         self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
-        self.device = _check_device(device)
+        self.device = check_device(device)
         dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
         if dtype == "auto":
             dtype = "fp32" if self.device.type == "cpu" else "bf16"
@@ -533,21 +534,6 @@ class HFGenerator:
         self.model = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-
-
-def _check_device(device: str) -> Any:
-    import torch
-
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise DraftdataError(f"--device {device!r}: expected cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise DraftdataError(f"--device {device}: no CUDA device is available (torch {torch.__version__}); "
-                             "use --device cpu")
-    if dev.type not in ("cpu", "cuda"):
-        raise DraftdataError(f"--device {device!r}: expected cpu, cuda or cuda:N")
-    return dev
 
 
 def _user_turns(messages: list[dict[str, str]]) -> int:
@@ -1044,14 +1030,14 @@ def run_local(settings: SynthSettings) -> int:
         tokens = 0
 
         live = isinstance(generator, HFGenerator)  # counts tokens per decode step, not per finished batch
-        shown = [0.0]
+        shown = 0.0
 
         def show(t: int) -> None:
-            nonlocal tokens
+            nonlocal tokens, shown
             tokens += t
             now = time.perf_counter()
-            if now - shown[0] >= 1.0:
-                shown[0] = now
+            if now - shown >= 1.0:
+                shown = now
                 bar.set_postfix_str(f"{tokens:,} tokens, {tokens / (now - t0):,.0f} tok/s")
 
         def progress(n: int, t: int) -> None:

@@ -32,7 +32,7 @@ class HFBackend(Backend):
         from transformers import AutoModel
         from transformers.utils import logging as hf_logging
 
-        self.device = _check_device(device)
+        self.device = check_device(device)
         if dtype == "auto":
             dtype = auto_dtype(self.device)
         if dtype not in DTYPES:
@@ -141,7 +141,8 @@ def auto_dtype(device: torch.device) -> str:
     return "bf16" if native else "fp32"
 
 
-def _check_device(device: str) -> torch.device:
+def check_device(device: str) -> torch.device:
+    """The --device flag as a torch.device, refused with a one-line message when unusable here."""
     try:
         dev = torch.device(device)
     except RuntimeError:
