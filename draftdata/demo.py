@@ -62,7 +62,8 @@ def draftdata(argv: list[str]) -> None:
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    lines = Path(args.prompts or bundled_prompts()).read_text().splitlines()
+    # split("\n"), not splitlines(): U+2028 and U+2029 are valid inside JSON strings
+    lines = Path(args.prompts or bundled_prompts()).read_text(encoding="utf-8").split("\n")
     lines = [x for x in lines if x.strip()]
     train_prompts, eval_prompts = out / "train_prompts.jsonl", out / "eval_prompts.jsonl"
     train_prompts.write_text("\n".join(lines[:-args.holdout]) + "\n")

@@ -413,3 +413,39 @@ def test_ray_job_submit_from_a_clone_succeeds_and_the_dataset_verifies(tiny_mode
     assert "succeeded" in log and "written    40 conversations" in log
     assert sorted(stored_ids(out)) == [f"c{i:04d}" for i in range(40)]
     assert main(["verify", str(out)]) == 0
+
+
+_THREADS_PROBE = """
+import os, sys, threading, torch
+from draftdata.collect.ray_pool import use_torch_threads
+use_torch_threads(2)  # as an actor's __init__ does
+a = torch.randn(384, 384)
+result = {}
+def method():  # a threaded actor's method, on a pool thread
+    if sys.argv[1] == "call":
+        use_torch_threads(2)
+    before = len(os.listdir("/proc/self/task"))
+    for _ in range(3):
+        a @ a
+    result["extra"] = len(os.listdir("/proc/self/task")) - before
+t = threading.Thread(target=method)
+t.start()
+t.join()
+print(result["extra"])
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in /proc")
+def test_actor_methods_on_pool_threads_get_the_actors_cpu_threads_for_matmuls():
+    """Ray workers run with OMP_NUM_THREADS=1; torch.set_num_threads in __init__ does not reach the
+    BLAS of a threaded actor's pool threads: without use_torch_threads in the method, a matmul there
+    starts no worker thread (one core), with it it does."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def extra(mode: str) -> int:
+        out = subprocess.run([sys.executable, "-c", _THREADS_PROBE, mode], env=env, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        return int(out.stdout.split()[-1])
+
+    assert extra("skip") == 0, "premise: BLAS in a fresh thread ignores __init__'s set_num_threads"
+    assert extra("call") >= 1

@@ -3,7 +3,8 @@
 Runs the whole product through its CLI, one resumable step at a time (a step whose output
 exists is skipped, so a killed run continues where it stopped):
 
- 1. prompts     first --prompts records of ../shared/data/train.jsonl, user turns only, in shards
+ 1. prompts     --prompts records of ../shared/data/train.jsonl (the first ones, or round-robin over its
+                sources with --prompt-mix sources), user turns only, in shards
  2. synthesize  the base model answers them (`draftdata synthesize`, greedy), shards in parallel;
                 every synth-*.jsonl in the work dir is merged into synth.jsonl (one record per id)
  3. collect     hidden states twice: bf16 and fp8 codecs (`draftdata collect`)
@@ -48,6 +49,8 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", default=str(REPO / "bench" / "_work" / "quality"), help="work directory")
     p.add_argument("--prompts", type=int, default=96, help="train.jsonl records to synthesize answers for")
+    p.add_argument("--prompt-mix", choices=["first", "sources"], default="first",
+                   help="first: the first --prompts records; sources: round-robin over gsm8k / t0 / selfinstruct")
     p.add_argument("--synth-max-new-tokens", type=int, default=160)
     p.add_argument("--synth-batch-size", type=int, default=24)
     p.add_argument("--synth-shards", type=int, default=4, help="parallel synthesize processes")
@@ -116,16 +119,24 @@ class Runner:
         print(f"[done] {name} in {seconds / 60:.1f} min", file=sys.stderr, flush=True)
 
 
-def write_prompts(src: Path, work: Path, n: int, shards: int) -> None:
-    """The first n conversations of train.jsonl, assistant turns dropped, dealt round-robin into shards."""
+def write_prompts(src: Path, work: Path, n: int, shards: int, mix: str = "first") -> None:
+    """n train.jsonl conversations, assistant turns dropped, dealt round-robin into shards.
+
+    mix "first": the first n records. mix "sources": round-robin over the sources (the id prefix:
+    gsm8k, t0, selfinstruct) in file order, so any prefix of each shard -- what a synthesize stopped
+    by its time budget got through -- covers every source about equally until the small ones run out.
+    """
+    records = [json.loads(line) for line in src.read_text().split("\n") if line.strip()]  # not splitlines: U+2028 in text
+    if mix == "sources":
+        by_source: dict[str, list[dict]] = {}
+        for rec in records:
+            by_source.setdefault(rec["conversation_id"].split("-")[0], []).append(rec)
+        queues = list(by_source.values())
+        records = [q[i] for i in range(max(map(len, queues))) for q in queues if i < len(q)]
     outs = [open(work / f"prompts-{k}.jsonl", "w") for k in range(shards)]
-    with open(src) as f:
-        for i, line in enumerate(f):
-            if i >= n:
-                break
-            rec = json.loads(line)
-            turns = [t for t in rec["conversations"] if t["role"] != "assistant"]
-            outs[i % shards].write(json.dumps({"conversation_id": rec["conversation_id"], "conversations": turns}) + "\n")
+    for i, rec in enumerate(records[:n]):
+        turns = [t for t in rec["conversations"] if t["role"] != "assistant"]
+        outs[i % shards].write(json.dumps({"conversation_id": rec["conversation_id"], "conversations": turns}) + "\n")
     for out in outs:
         out.close()
 
@@ -167,42 +178,48 @@ def synthesize_shards(work: Path, shards: int, args: list[str], log: Path, minut
 def merge_synth(work: Path) -> None:
     """synth.jsonl = every synth-*.jsonl (shards, and synth-probe.jsonl from the sizing probe), one record per id."""
     seen: set[str] = set()
-    with open(work / "synth.jsonl", "w") as merged:
+    tmp = work / "synth.jsonl.tmp"  # synth.jsonl marks the step done: it appears only whole
+    with open(tmp, "w") as merged:
         for path in sorted(work.glob("synth-*.jsonl")):
-            for line in path.read_text().splitlines():
+            for line in path.read_text().split("\n"):  # not splitlines(): U+2028 is valid inside JSON strings
+                if not line.strip():
+                    continue
                 cid = json.loads(line)["conversation_id"]
                 if cid not in seen:
                     seen.add(cid)
                     merged.write(line + "\n")
+    tmp.replace(work / "synth.jsonl")
 
 
 def write_eval_subset(src: Path, dst: Path, every: int) -> None:
     """Every `every`-th mt_bench conversation (all 8 categories are covered for every <= 10)."""
-    lines = src.read_text().splitlines()
+    lines = [x for x in src.read_text().split("\n") if x.strip()]
     dst.write_text("".join(line + "\n" for i, line in enumerate(lines) if i % every == 0))
 
 
 def train_concurrently(work: Path, runs: dict[str, list[str]], minutes: float, threads: int = 1) -> None:
-    """Start every training at once (one torch thread each) and stop them all after `minutes`.
+    """Start every training at once (`threads` torch threads each), each with `--max-minutes minutes`.
 
-    Same wall clock and the same share of a shared CPU for every variant; the trainer's checkpoints
-    are atomic, so a stopped run keeps every checkpoint it finished. A rerun resumes (--resume).
+    Same wall clock and the same share of a shared CPU for every variant. The trainer stops itself
+    at a step boundary with a checkpoint when its time is up; one still running 5 minutes later is
+    killed (its atomic checkpoints stay). A rerun resumes (--resume).
     """
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     procs = {}
     for name, cmd in runs.items():
+        cmd = cmd + ["--max-minutes", str(minutes)]
         with open(work / "commands.sh", "a") as f:
-            f.write(f"# train {name} (stopped after {minutes} min)\nOMP_NUM_THREADS={threads} {shlex.join(cmd)}\n")
+            f.write(f"# train {name}\nOMP_NUM_THREADS={threads} {shlex.join(cmd)}\n")
         log = open(work / "logs" / f"train_{name}.log", "a")
         log.write(f"$ OMP_NUM_THREADS={threads} {shlex.join(cmd)}\n")
         log.flush()
         procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=work, env=env)
-    deadline = time.time() + minutes * 60
+    deadline = time.time() + minutes * 60 + 300
     while any(p.poll() is None for p in procs.values()) and time.time() < deadline:
         time.sleep(5)
     for name, p in procs.items():
         if p.poll() is None:
-            print(f"train {name}: budget of {minutes} min spent, stopping it", file=sys.stderr)
+            print(f"train {name}: still running 5 min past --max-minutes {minutes}, killing it", file=sys.stderr)
             p.kill()
             p.wait()
 
@@ -332,7 +349,7 @@ def main() -> int:
 
     synth = work / "synth.jsonl"
     run.step("prompts", work / "prompts-0.jsonl",
-             fn=lambda: write_prompts(DATA / "train.jsonl", work, a.prompts, a.synth_shards))
+             fn=lambda: write_prompts(DATA / "train.jsonl", work, a.prompts, a.synth_shards, a.prompt_mix))
     synth_args = ["--model", "smollm2", "--max-new-tokens", str(a.synth_max_new_tokens),
                   "--batch-size", str(a.synth_batch_size)]
     run.step("synthesize", synth, fn=lambda: synthesize_shards(work, a.synth_shards, synth_args,

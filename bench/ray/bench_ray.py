@@ -35,6 +35,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -87,7 +88,63 @@ def first_conversations(n: int, path: Path) -> Path:
     return path
 
 
-def run(mode: str, inp: Path, out: Path, batch_tokens: int, address: str, cpus: int) -> dict:
+class CpuSampler:
+    """CPU seconds spent during a run, per kind of process: the CLI (driver), the Ray actors, the Ray
+    daemons (raylet, GCS, dashboard, agents, idle workers) and everything else on the machine.
+
+    Polls /proc twice a second and keeps each pid's last CPU total, so processes that start and
+    end within the run (the actors) count up to their last poll (<= 0.5 s of CPU missed each).
+    """
+
+    TICK = os.sysconf("SC_CLK_TCK")
+
+    def __init__(self, head_session: int) -> None:
+        self._session = head_session
+        self._start = {pid: cpu for pid, (_, cpu) in self._poll().items()}
+        self._last: dict[int, tuple[str, float]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _poll(self) -> dict[int, tuple[str, float]]:
+        out = {}
+        for d in Path("/proc").iterdir():
+            if not d.name.isdigit():
+                continue
+            try:
+                stat = (d / "stat").read_text()
+                fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "
+                cpu = (int(fields[11]) + int(fields[12])) / self.TICK  # utime + stime
+                kind = self._kind(d, int(fields[3]))  # a worker's title changes: ray::IDLE -> ray::CollectWorker
+            except (OSError, ValueError, IndexError):
+                continue
+            out[int(d.name)] = (kind, cpu)
+        return out
+
+    def _kind(self, d: Path, session: int) -> str:
+        cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        if "draftdata.cli" in cmd:
+            return "cli"
+        if cmd.startswith(("ray::CollectWorker", "ray::_OutputLock")):
+            return "actors"
+        if cmd.startswith("ray::IDLE"):
+            return "ray_idle_workers"
+        return "ray_daemons" if session == self._session else "other"
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.5):
+            self._last.update(self._poll())
+
+    def stop(self) -> dict[str, float]:
+        self._stop.set()
+        self._thread.join()
+        out: dict[str, float] = {}
+        for pid, (kind, total) in self._last.items():  # a pid counts under its last kind
+            out[kind] = out.get(kind, 0.0) + max(0.0, total - self._start.get(pid, 0.0))
+        return {k: round(v, 1) for k, v in sorted(out.items())}
+
+
+def run(mode: str, inp: Path, out: Path, batch_tokens: int, address: str, cpus: int, head_session: int) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     cmd = ["/usr/bin/time", "-f", "TIME %M %e", sys.executable, "-m", "draftdata.cli", "collect", "--model", "smollm2",
            "--input", str(inp), "--output", str(out), "--batch-tokens", str(batch_tokens), "--part-size", "64"]
@@ -95,7 +152,9 @@ def run(mode: str, inp: Path, out: Path, batch_tokens: int, address: str, cpus: 
         cmd += ["--ray", "--ray-address", address, "--num-workers", mode[-1]]
     load = os.getloadavg()[0]
     env = {**ENV, "OMP_NUM_THREADS": str(cpus)} if mode == "single" else ENV
+    sampler = CpuSampler(head_session)
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    cpu = sampler.stop()
     if done.returncode:
         sys.exit(f"{mode} failed:\n{done.stderr[-4000:]}")
     rss_kb, wall = done.stderr.strip().splitlines()[-1].split()[1:]
@@ -106,7 +165,7 @@ def run(mode: str, inp: Path, out: Path, batch_tokens: int, address: str, cpus: 
             "conversations": summary["stats"]["written"], "cli_peak_rss_mib": int(rss_kb) / 1024,
             "worker_peak_rss_mib": [r / 2**20 for r in ray.get("worker_peak_rss", [])],
             "worker_setup_s": [w.get("setup_s") for w in ray.get("worker_info", [])],
-            "units": ray.get("units_done"), "load_avg_1m_at_start": load}
+            "units": ray.get("units_done"), "load_avg_1m_at_start": load, "cpu_s": cpu}
 
 
 def main() -> None:
@@ -133,7 +192,7 @@ def main() -> None:
             inp = first_conversations(n, work / f"in{n}.jsonl")
             for _ in range(args.repeats):
                 for mode in [m for m in MODES if m in args.modes]:
-                    r = run(mode, inp, work / f"out-{mode}", args.batch_tokens, address, args.cpus)
+                    r = run(mode, inp, work / f"out-{mode}", args.batch_tokens, address, args.cpus, pgid)
                     print(json.dumps({"n": n, **r}), flush=True)
                     best = results.get((n, mode))
                     if best is None or r["wall_s"] < best["wall_s"]:

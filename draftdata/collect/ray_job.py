@@ -94,20 +94,19 @@ class CollectWorker:
                  gpus: float = 0):
         t0 = time.perf_counter()
         import ray
-        import torch
         from transformers.utils import logging as hf_logging
 
         from draftdata.collect.backends import get_backend
         from draftdata.collect.backends.base import BaseModelInfo
         from draftdata.collect.job import backend_options, make_schema
+        from draftdata.collect.ray_pool import actor_cpu_threads, use_torch_threads
         from draftdata.errors import DatasetNotFoundError
         from draftdata.models import resolve_model
         from draftdata.store import create_dataset, open_dataset
 
         hf_logging.disable_progress_bar()  # one "Loading weights" bar per actor would flood the driver's log
-        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 0)
-        if settings.device == "cpu" and cpus >= 1:
-            torch.set_num_threads(int(cpus))  # Ray sets OMP_NUM_THREADS=1 for workers
+        self.threads = actor_cpu_threads() if settings.device == "cpu" else None
+        use_torch_threads(self.threads)
         self.node = ray.util.get_node_ip_address()
         model_path = resolve_model(settings.model)
         local = dataclasses.replace(settings, model_path=str(model_path))
@@ -153,9 +152,10 @@ class CollectWorker:
 
     def run_unit(self, unit_id: str, samples: list, skip_ids: frozenset[str]) -> dict[str, Any]:
         """Collect one unit; returns its stats and this process's peak memory."""
-        from draftdata.collect.ray_pool import process_memory
+        from draftdata.collect.ray_pool import process_memory, use_torch_threads
         from draftdata.collect.runner import collect_records
 
+        use_torch_threads(self.threads)  # this method runs in one of the threaded actor's pool threads
         for s in samples:  # Ray hands numpy arrays over read-only (zero copy); torch wants writable ones
             if not s.input_ids.flags.writeable:
                 s.input_ids, s.loss_mask = s.input_ids.copy(), s.loss_mask.copy()

@@ -1079,14 +1079,13 @@ class SynthWorker:
         import dataclasses
 
         import ray
-        import torch
 
+        from draftdata.collect.ray_pool import actor_cpu_threads, use_torch_threads
         from draftdata.models import model_hash as hash_of
         from draftdata.models import resolve_model
 
-        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 0)
-        if settings.device == "cpu" and cpus >= 1:
-            torch.set_num_threads(int(cpus))  # Ray sets OMP_NUM_THREADS=1 for workers
+        self.threads = actor_cpu_threads() if settings.device == "cpu" else None
+        use_torch_threads(self.threads)
         self.node = ray.util.get_node_ip_address()
         if not settings.endpoint:
             path = resolve_model(settings.model)  # type: ignore[arg-type]
@@ -1107,6 +1106,9 @@ class SynthWorker:
                            f"{self.setup_seconds:.1f} s"}
 
     def run_unit(self, unit_id: str, conversations: list[Conversation]) -> dict[str, Any]:
+        from draftdata.collect.ray_pool import use_torch_threads
+
+        use_torch_threads(self.threads)  # per thread: Ray may run methods off the __init__ thread
         records: list[dict[str, Any]] = []
         rejects: list[Reject] = []
         stats = synthesize_conversations(conversations, self.generator, self.settings, sink=records.extend,
