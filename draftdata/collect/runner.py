@@ -23,10 +23,9 @@ import queue
 import sys
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
@@ -40,6 +39,7 @@ from draftdata.collect.conversations import (
     TokenizedSample,
     tokenize_stream,
 )
+from draftdata.collect.stats import RunStats
 from draftdata.errors import DraftdataError
 
 Progress = Callable[[int, int], None]  # (conversations done, tokens done) since the last call
@@ -67,51 +67,25 @@ class CollectOptions:
 
 
 @dataclass
-class CollectStats:
-    """Counts for the run summary; `merge` adds up the stats of several workers."""
+class CollectStats(RunStats):
+    """Counts for the collect summary; `truncated`: written after cutting to --max-seq-len
+    (--on-long truncate); `tokens`, `written` count committed data only."""
 
-    read: int = 0  # records read from the input (valid or not)
-    written: int = 0  # conversations committed by this run
-    tokens: int = 0  # tokens committed by this run
     stored_bytes: int = 0  # bytes of the committed parts
     raw_bytes: int = 0  # raw bytes (bf16 + ids + mask) of the committed parts
     parts: int = 0
-    truncated: int = 0  # written after cutting to --max-seq-len (--on-long truncate)
-    skipped: Counter = field(default_factory=Counter)  # reason -> count (already_committed + reject reasons)
-    seconds: float = 0.0
     forward_seconds: float = 0.0
-
-    def merge(self, other: CollectStats) -> None:
-        for name in ("read", "written", "tokens", "stored_bytes", "raw_bytes", "parts", "truncated",
-                     "forward_seconds"):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-        self.skipped.update(other.skipped)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["skipped"] = dict(sorted(self.skipped.items()))
-        return d
 
     def format(self, output: str, input: str | None = None, rejects: str | None = None) -> str:
         """The human-readable summary printed at the end of a run."""
         rate = self.tokens / self.seconds if self.seconds > 0 else 0.0
-        skipped = sum(self.skipped.values())
-        reasons = ", ".join(f"{k} {v:,}" for k, v in sorted(self.skipped.items(), key=lambda kv: (-kv[1], kv[0])))
-        lines = [
-            f"collect summary ({self.seconds:,.1f} s)",
-            f"  read       {self.read:,} records" + (f" from {input}" if input else ""),
-            f"  written    {self.written:,} conversations, {self.tokens:,} tokens in {self.parts:,} "
-            f"part{'' if self.parts == 1 else 's'} "
-            f"({rate:,.0f} tokens/s)",
-            f"  bytes      {_size(self.stored_bytes)} stored, {_size(self.raw_bytes)} raw",
-            f"  skipped    {skipped:,}" + (f": {reasons}" if reasons else ""),
-        ]
+        lines = self.summary_lines("collect", f"  written    {self.written:,} conversations, {self.tokens:,} tokens "
+                                   f"in {self.parts:,} part{'' if self.parts == 1 else 's'} ({rate:,.0f} tokens/s)",
+                                   input)
+        lines.insert(3, f"  bytes      {_size(self.stored_bytes)} stored, {_size(self.raw_bytes)} raw")
         if self.truncated:
             lines.append(f"  truncated  {self.truncated:,} (cut to --max-seq-len, kept)")
-        lines.append(f"  output     {output}")
-        if rejects:
-            lines.append(f"  rejects    {rejects}")
-        return "\n".join(lines)
+        return "\n".join(lines + self.where_lines(output, rejects))
 
 
 def _size(n: float) -> str:

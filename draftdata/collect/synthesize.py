@@ -40,7 +40,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
@@ -49,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from draftdata.collect.conversations import Conversation, RecordError, Reject, read_conversations
+from draftdata.collect.stats import RunStats
 from draftdata.errors import DraftdataError
 
 # Reject reasons of synthesize (reading the input rejects with collect's REASONS as well).
@@ -138,45 +138,20 @@ class SynthSettings:
 
 
 @dataclass
-class SynthStats:
-    """Counts for the run summary; `merge` adds up those of several Ray workers."""
+class SynthStats(RunStats):
+    """Counts for the synthesize summary; `tokens`: tokens generated (answers incl. their
+    end-of-turn token); `truncated`: answers cut at --max-new-tokens (or --max-seq-len)."""
 
-    read: int = 0  # input records read (valid or not)
-    written: int = 0  # conversations appended by this run
     answers: int = 0  # assistant turns generated
-    tokens: int = 0  # tokens generated (answers incl. their end-of-turn token)
-    truncated: int = 0  # answers cut at --max-new-tokens (or --max-seq-len)
-    skipped: Counter = field(default_factory=Counter)  # reason -> count (already_written + rejects)
-    seconds: float = 0.0
     generate_seconds: float = 0.0
-
-    def merge(self, other: SynthStats) -> None:
-        for name in ("read", "written", "answers", "tokens", "truncated", "generate_seconds"):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-        self.skipped.update(other.skipped)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["skipped"] = dict(sorted(self.skipped.items()))
-        return d
 
     def format(self, output: str, input: str | None = None, rejects: str | None = None) -> str:
         rate = self.tokens / self.generate_seconds if self.generate_seconds > 0 else 0.0
-        skipped = sum(self.skipped.values())
-        reasons = ", ".join(f"{k} {v:,}" for k, v in sorted(self.skipped.items(), key=lambda kv: (-kv[1], kv[0])))
-        lines = [
-            f"synthesize summary ({self.seconds:,.1f} s)",
-            f"  read       {self.read:,} records" + (f" from {input}" if input else ""),
-            f"  written    {self.written:,} conversations, {self.answers:,} answers, {self.tokens:,} tokens "
-            f"generated ({rate:,.0f} tokens/s)",
-            f"  skipped    {skipped:,}" + (f": {reasons}" if reasons else ""),
-        ]
+        lines = self.summary_lines("synthesize", f"  written    {self.written:,} conversations, {self.answers:,} "
+                                   f"answers, {self.tokens:,} tokens generated ({rate:,.0f} tokens/s)", input)
         if self.truncated:
             lines.append(f"  truncated  {self.truncated:,} answers hit --max-new-tokens (kept as generated)")
-        lines.append(f"  output     {output}")
-        if rejects:
-            lines.append(f"  rejects    {rejects}")
-        return "\n".join(lines)
+        return "\n".join(lines + self.where_lines(output, rejects))
 
 
 # ---------------------------------------------------------------- conversations turn by turn
