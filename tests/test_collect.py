@@ -382,7 +382,11 @@ def test_demo_runs_the_whole_pipeline(tmp_path, capsys):
     from draftdata.demo import bundled_prompts
 
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("\n".join(bundled_prompts().read_text().splitlines()[:6]) + "\n")
+    lines = bundled_prompts().read_text().splitlines()[:6]
+    first = json.loads(lines[0])  # a user's prompt file may hold U+2028 raw inside a JSON string
+    first["conversations"][0]["content"] += "\u2028(see above)"
+    lines[0] = json.dumps(first, ensure_ascii=False)
+    prompts.write_text("\n".join(lines) + "\n", encoding="utf-8")
     argv = ["demo", "--out", str(tmp_path / "demo"), "--prompts", str(prompts), "--holdout", "2",
             "--max-new-tokens", "24", "--train-steps", "3", "--eval-tokens", "8", "--draft-vocab-size", "512"]
     assert main(argv) == 0
