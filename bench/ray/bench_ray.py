@@ -54,8 +54,11 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
-def start_head(temp: str, cpus: int) -> tuple[str, int, float]:
-    """`ray start --head` on free ports in its own process group; returns (address, pgid, seconds)."""
+def start_head(temp: str, cpus: int, worker_niceness: int | None = None) -> tuple[str, int, float]:
+    """`ray start --head` on free ports in its own process group; returns (address, pgid, seconds).
+
+    Ray runs workers at nice 15 by default (`RAY_worker_niceness`); `worker_niceness` overrides it.
+    """
     gcs, dash, client, agent, agent_grpc, env_agent, metrics = free_ports(7)
     t0 = time.perf_counter()
     proc = subprocess.Popen(
@@ -63,7 +66,8 @@ def start_head(temp: str, cpus: int) -> tuple[str, int, float]:
          str(client), "--dashboard-agent-listen-port", str(agent), "--dashboard-agent-grpc-port", str(agent_grpc),
          "--runtime-env-agent-port", str(env_agent), "--metrics-export-port", str(metrics), "--num-cpus", str(cpus),
          "--temp-dir", temp, "--disable-usage-stats"],
-        env=ENV, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        env=ENV if worker_niceness is None else {**ENV, "RAY_worker_niceness": str(worker_niceness)},
+        start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     out, _ = proc.communicate(timeout=180)
     if proc.returncode:
         sys.exit(f"ray start failed:\n{out[-3000:]}")
@@ -178,6 +182,8 @@ def main() -> None:
                     help="CPUs of the Ray head and threads of the single-process run (default 2, this machine)")
     ap.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     ap.add_argument("--out", type=Path, default=None, help="append a markdown report here")
+    ap.add_argument("--worker-niceness", type=int, default=None,
+                    help="RAY_worker_niceness of the head (Ray's default: 15, i.e. actors yield to every other process)")
     args = ap.parse_args()
 
     from draftdata.models import resolve_model
@@ -185,7 +191,7 @@ def main() -> None:
     resolve_model("smollm2")  # convert the GGUF once, outside the timings
     work = Path(tempfile.mkdtemp(prefix="bench_ray_"))
     temp = tempfile.mkdtemp(prefix="bray", dir="/tmp")
-    address, pgid, head_s = start_head(temp, args.cpus)
+    address, pgid, head_s = start_head(temp, args.cpus, args.worker_niceness)
     results: dict[tuple[int, str], dict] = {}
     try:
         for n in args.sizes:
@@ -216,6 +222,7 @@ def main() -> None:
             ratios[f"{num}/{den} steady throughput"] = round(steady[num] / steady[den], 3)
     report = {
         "ray_head_start_s": round(head_s, 1), "batch_tokens": args.batch_tokens, "cpus": args.cpus,
+        "worker_niceness": args.worker_niceness,
         "runs": [{"n": n, **r} for (n, _), r in sorted(results.items(), key=lambda kv: (kv[0][0], MODES.index(kv[0][1])))],
         "steady_tokens_per_s": {m: round(v, 1) for m, v in steady.items()},
         "fixed_cost_s": {m: round(results[(big, m)]["wall_s"] - results[(big, m)]["tokens"] / steady[m], 1)
