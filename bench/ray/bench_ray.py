@@ -104,8 +104,8 @@ class CpuSampler:
 
     def __init__(self, head_session: int) -> None:
         self._session = head_session
-        self._start = {pid: cpu for pid, (_, cpu) in self._poll().items()}
         self._last: dict[int, tuple[str, float]] = {}
+        self._start = {pid: cpu for pid, (_, cpu) in self._poll().items()}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()
@@ -119,14 +119,19 @@ class CpuSampler:
                 stat = (d / "stat").read_text()
                 fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "
                 cpu = (int(fields[11]) + int(fields[12])) / self.TICK  # utime + stime
+                pid = int(d.name)
                 kind = self._kind(d, int(fields[3]))  # a worker's title changes: ray::IDLE -> ray::CollectWorker
+                if kind is None:  # exiting: no command line any more; keep what it was
+                    kind = self._last.get(pid, ("other", 0.0))[0]
             except (OSError, ValueError, IndexError):
                 continue
-            out[int(d.name)] = (kind, cpu)
+            out[pid] = (kind, cpu)
         return out
 
-    def _kind(self, d: Path, session: int) -> str:
+    def _kind(self, d: Path, session: int) -> str | None:
         cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        if not cmd:
+            return None
         if "draftdata.cli" in cmd:
             return "cli"
         if cmd.startswith(("ray::CollectWorker", "ray::_OutputLock")):
