@@ -119,6 +119,11 @@ class Runner:
         print(f"[done] {name} in {seconds / 60:.1f} min", file=sys.stderr, flush=True)
 
 
+def jsonl_lines(path: Path) -> list[str]:
+    """The non-blank lines of a JSONL file; split on "\\n" only: U+2028 is valid inside JSON strings."""
+    return [line for line in path.read_text().split("\n") if line.strip()]
+
+
 def write_prompts(src: Path, work: Path, n: int, shards: int, mix: str = "first") -> None:
     """n train.jsonl conversations, assistant turns dropped, dealt round-robin into shards.
 
@@ -126,7 +131,7 @@ def write_prompts(src: Path, work: Path, n: int, shards: int, mix: str = "first"
     gsm8k, t0, selfinstruct) in file order, so any prefix of each shard -- what a synthesize stopped
     by its time budget got through -- covers every source about equally until the small ones run out.
     """
-    records = [json.loads(line) for line in src.read_text().split("\n") if line.strip()]  # not splitlines: U+2028 in text
+    records = [json.loads(line) for line in jsonl_lines(src)]
     if mix == "sources":
         by_source: dict[str, list[dict]] = {}
         for rec in records:
@@ -181,9 +186,7 @@ def merge_synth(work: Path) -> None:
     tmp = work / "synth.jsonl.tmp"  # synth.jsonl marks the step done: it appears only whole
     with open(tmp, "w") as merged:
         for path in sorted(work.glob("synth-*.jsonl")):
-            for line in path.read_text().split("\n"):  # not splitlines(): U+2028 is valid inside JSON strings
-                if not line.strip():
-                    continue
+            for line in jsonl_lines(path):
                 cid = json.loads(line)["conversation_id"]
                 if cid not in seen:
                     seen.add(cid)
@@ -193,8 +196,7 @@ def merge_synth(work: Path) -> None:
 
 def write_eval_subset(src: Path, dst: Path, every: int) -> None:
     """Every `every`-th mt_bench conversation (all 8 categories are covered for every <= 10)."""
-    lines = [x for x in src.read_text().split("\n") if x.strip()]
-    dst.write_text("".join(line + "\n" for i, line in enumerate(lines) if i % every == 0))
+    dst.write_text("".join(line + "\n" for i, line in enumerate(jsonl_lines(src)) if i % every == 0))
 
 
 def train_concurrently(work: Path, runs: dict[str, list[str]], minutes: float, threads: int = 1) -> None:

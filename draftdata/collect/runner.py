@@ -79,10 +79,10 @@ class CollectStats(RunStats):
     def format(self, output: str, input: str | None = None, rejects: str | None = None) -> str:
         """The human-readable summary printed at the end of a run."""
         rate = self.tokens / self.seconds if self.seconds > 0 else 0.0
-        lines = self.summary_lines("collect", f"  written    {self.written:,} conversations, {self.tokens:,} tokens "
-                                   f"in {self.parts:,} part{'' if self.parts == 1 else 's'} ({rate:,.0f} tokens/s)",
-                                   input)
-        lines.insert(3, f"  bytes      {_size(self.stored_bytes)} stored, {_size(self.raw_bytes)} raw")
+        lines = self.summary_lines("collect", [
+            f"  written    {self.written:,} conversations, {self.tokens:,} tokens in {self.parts:,} "
+            f"part{'' if self.parts == 1 else 's'} ({rate:,.0f} tokens/s)",
+            f"  bytes      {_size(self.stored_bytes)} stored, {_size(self.raw_bytes)} raw"], input)
         if self.truncated:
             lines.append(f"  truncated  {self.truncated:,} (cut to --max-seq-len, kept)")
         return "\n".join(lines + self.where_lines(output, rejects))

@@ -30,13 +30,13 @@ class RunStats:
         d["skipped"] = dict(sorted(self.skipped.items()))
         return d
 
-    def summary_lines(self, title: str, written: str, input: str | None) -> list[str]:
-        """The head of the summary: title, records read, `written` (the command's own line), skips."""
+    def summary_lines(self, title: str, written: list[str], input: str | None) -> list[str]:
+        """The head of the summary: title, records read, `written` (the command's own lines), skips."""
         skipped = sum(self.skipped.values())
         reasons = ", ".join(f"{k} {v:,}" for k, v in sorted(self.skipped.items(), key=lambda kv: (-kv[1], kv[0])))
         return [f"{title} summary ({self.seconds:,.1f} s)",
                 f"  read       {self.read:,} records" + (f" from {input}" if input else ""),
-                written,
+                *written,
                 f"  skipped    {skipped:,}" + (f": {reasons}" if reasons else "")]
 
     @staticmethod

@@ -147,8 +147,9 @@ class SynthStats(RunStats):
 
     def format(self, output: str, input: str | None = None, rejects: str | None = None) -> str:
         rate = self.tokens / self.generate_seconds if self.generate_seconds > 0 else 0.0
-        lines = self.summary_lines("synthesize", f"  written    {self.written:,} conversations, {self.answers:,} "
-                                   f"answers, {self.tokens:,} tokens generated ({rate:,.0f} tokens/s)", input)
+        lines = self.summary_lines("synthesize", [f"  written    {self.written:,} conversations, {self.answers:,} "
+                                                  f"answers, {self.tokens:,} tokens generated ({rate:,.0f} tokens/s)"],
+                                   input)
         if self.truncated:
             lines.append(f"  truncated  {self.truncated:,} answers hit --max-new-tokens (kept as generated)")
         return "\n".join(lines + self.where_lines(output, rejects))
