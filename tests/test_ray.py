@@ -276,6 +276,9 @@ def test_ray_collect_equals_single_process_and_writes_to_s3(tiny_model, ray_head
     out = capsys.readouterr()
     assert "written    240 conversations" in out.out and "malformed_json 1" in out.out
     assert "2 workers x 1 CPU" in out.err and re.search(r"units (\d+)/\1,", out.err)
+    if os.geteuid() == 0:  # CPU actors compute at the raylet's niceness, not Ray's worker niceness (15)
+        ours = str(os.getpriority(os.PRIO_PROCESS, 0))
+        assert re.findall(r"ready: cpu, 1 threads at nice (-?\d+)", out.err) == [ours, ours], out.err
 
     a, b = stored(local), stored(url, storage_options=opts)
     assert sorted(a) == sorted(b) == sorted(c["conversation_id"] for c in good)
@@ -416,36 +419,61 @@ def test_ray_job_submit_from_a_clone_succeeds_and_the_dataset_verifies(tiny_mode
 
 
 _THREADS_PROBE = """
-import os, sys, threading, torch
-from draftdata.collect.ray_pool import use_torch_threads
-use_torch_threads(2)  # as an actor's __init__ does
+import json, os, sys, threading, torch
+from draftdata.collect.ray_pool import ComputeThread, use_torch_threads
+mode = sys.argv[1]
 a = torch.randn(384, 384)
-result = {}
-def method():  # a threaded actor's method, on a pool thread
-    if sys.argv[1] == "call":
-        use_torch_threads(2)
-    before = len(os.listdir("/proc/self/task"))
-    for _ in range(3):
-        a @ a
-    result["extra"] = len(os.listdir("/proc/self/task")) - before
-t = threading.Thread(target=method)
-t.start()
-t.join()
-print(result["extra"])
+a @ a  # on one thread (OMP_NUM_THREADS=1): whatever torch starts once, before counting
+before = len(os.listdir("/proc/self/task"))
+compute = ComputeThread(2) if mode == "compute" else None
+if compute:
+    compute.run(lambda: a @ a)  # the model load
+else:
+    use_torch_threads(2)  # as an actor's __init__ did
+    a @ a
+done, hold = threading.Barrier(3), threading.Event()
+def method():  # a threaded actor's method, on a pool thread (kept alive, as Ray's pool threads are)
+    if compute:
+        compute.run(lambda: [a @ a for _ in range(3)])
+    elif mode != "idle":
+        if mode == "per-method":
+            use_torch_threads(2)
+        for _ in range(3):
+            a @ a
+    done.wait()
+    hold.wait()
+pool = [threading.Thread(target=method) for _ in range(2)]
+for t in pool:
+    t.start()
+done.wait()
+extra = len(os.listdir("/proc/self/task")) - before - len(pool)
+print(json.dumps({"extra": extra, "main_nice": os.getpriority(os.PRIO_PROCESS, 0),
+                  "compute_nice": compute.niceness if compute else None}))
+hold.set()
 """
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in /proc")
-def test_actor_methods_on_pool_threads_get_the_actors_cpu_threads_for_matmuls():
-    """Ray workers run with OMP_NUM_THREADS=1; torch.set_num_threads in __init__ does not reach the
-    BLAS of a threaded actor's pool threads: without use_torch_threads in the method, a matmul there
-    starts no worker thread (one core), with it it does."""
+def test_actor_compute_runs_on_one_thread_with_one_openmp_team_at_the_nodes_priority():
+    """A threaded actor's methods run on pool threads. Ray's OMP_NUM_THREADS=1 leaves a fresh thread's
+    matmuls on one core; setting the count in each method gives each thread its own OpenMP team (on a
+    2-CPU actor: three teams, and libgomp then sleeps between parallel regions, ~1.2x slower
+    forwards). `ComputeThread` runs model load and every forward on one thread: one team of 2. A CPU
+    actor's threads also get the niceness of the parent (the raylet) back where that is allowed."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
-    def extra(mode: str) -> int:
-        out = subprocess.run([sys.executable, "-c", _THREADS_PROBE, mode], env=env, capture_output=True, text=True)
+    def probe(mode: str) -> dict:
+        cmd = ["nice", "-n", "7", sys.executable, "-c", _THREADS_PROBE, mode]
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr
-        return int(out.stdout.split()[-1])
+        return json.loads(out.stdout.splitlines()[-1])
 
-    assert extra("skip") == 0, "premise: BLAS in a fresh thread ignores __init__'s set_num_threads"
-    assert extra("call") >= 1
+    base = probe("idle")["extra"]  # the __init__ thread's team; the pool threads compute nothing
+    assert probe("bare")["extra"] == base, "premise: BLAS in a fresh thread keeps OMP_NUM_THREADS=1 (one core)"
+    assert probe("per-method")["extra"] == base + 2, "premise: one more OpenMP team per thread that computes"
+    result = probe("compute")
+    assert result["extra"] == base + 1  # just the compute thread itself: its team is the only one
+    ours = os.getpriority(os.PRIO_PROCESS, 0)
+    assert probe("bare")["main_nice"] == ours + 7  # premise: the probe starts at nice +7, like a Ray worker at 15
+    if os.geteuid() == 0:  # lowering niceness needs CAP_SYS_NICE: every thread, not only the compute thread
+        assert result["compute_nice"] == result["main_nice"] == ours

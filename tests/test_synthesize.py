@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -471,7 +472,7 @@ def test_endpoint_errors_retries_and_api_key(chat_server, tmp_path, monkeypatch)
 
 # ------------------------------------------------------------------ --ray
 
-def test_ray_matches_local_output(tiny_model, tmp_path):
+def test_ray_matches_local_output(tiny_model, tmp_path, capfd):
     ray = pytest.importorskip("ray")
     inp = write_jsonl(tmp_path / "in.jsonl", conversations())
     local, distributed = tmp_path / "local.jsonl", tmp_path / "ray.jsonl"
@@ -484,6 +485,9 @@ def test_ray_matches_local_output(tiny_model, tmp_path):
                        "--batch-size", 2) == 0
     finally:
         ray.shutdown()
+    if os.geteuid() == 0:  # CPU actors compute at the raylet's niceness, not Ray's worker niceness (15)
+        nice = re.findall(r"cpu, 1 threads at nice (-?\d+)", capfd.readouterr().err)
+        assert nice and set(nice) == {str(os.getpriority(os.PRIO_PROCESS, 0))}, nice
     records = read_output(distributed)
     assert len(records) == len({r["conversation_id"] for r in records}) == len(conversations())
     assert by_id(records) == by_id(read_output(local))  # same answers, however the work was split

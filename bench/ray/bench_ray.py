@@ -10,8 +10,10 @@ runs up to three ways, as a user would run it (a fresh `python -m draftdata.cli 
   ray2     ... --ray --ray-address <head> --num-workers 2   (--cpus / 2 CPUs each)
 
 so single and ray1 always use the same number of threads. The Ray head
-(`ray start --head --num-cpus <--cpus>`, token auth off) is started once before the runs,
-as a cluster is long-lived; its start time is reported separately. Reported:
+(`ray start --head --num-cpus <--cpus>`, token auth off) is started once before the runs, as a
+cluster is long-lived (its start time is reported separately), and frozen (SIGSTOP to its
+process group) during single-process runs, whose machine would not run Ray's daemons; it is
+thawed (SIGCONT) a few seconds before each Ray run. Reported:
 
 - end-to-end wall time of each run and ray / single ratios;
 - steady-state throughput from two sizes: (tokens_big - tokens_small) / (wall_big - wall_small),
@@ -20,8 +22,8 @@ as a cluster is long-lived; its start time is reported separately. Reported:
 - peak RSS of the CLI process (the driver, for Ray runs; /usr/bin/time) and of each Ray worker
   (VmHWM reported by the actor, from the run's summary.json).
 
-Runs are interleaved (single, ray1, ray2, single, ...) and the best of `--repeats` is kept, so
-load from other processes on the machine hits all three alike.
+Runs are interleaved (single, ray1, ray2, single, ...); ratios are given for the best and for the
+median of `--repeats`, so load from other processes on the machine hits all three alike.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import os
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -41,6 +44,7 @@ from pathlib import Path
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "train.jsonl"
 MODES = ("single", "ray1", "ray2")  # the order runs are interleaved in
+THAW_S = 3.0  # after SIGCONT: let the daemons catch up on their timers before a Ray run
 ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
 
 
@@ -197,18 +201,27 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench_ray_"))
     temp = tempfile.mkdtemp(prefix="bray", dir="/tmp")
     address, pgid, head_s = start_head(temp, args.cpus, args.worker_niceness)
+    frozen = False
     results: dict[tuple[int, str], dict] = {}
+    walls: dict[tuple[int, str], list[float]] = {}
     try:
         for n in args.sizes:
             inp = first_conversations(n, work / f"in{n}.jsonl")
             for _ in range(args.repeats):
                 for mode in [m for m in MODES if m in args.modes]:
+                    if (mode == "single") != frozen:
+                        os.killpg(pgid, signal.SIGSTOP if mode == "single" else signal.SIGCONT)
+                        frozen = mode == "single"
+                        time.sleep(THAW_S if not frozen else 0.5)
                     r = run(mode, inp, work / f"out-{mode}", args.batch_tokens, address, args.cpus, pgid)
                     print(json.dumps({"n": n, **r}), flush=True)
+                    walls.setdefault((n, mode), []).append(r["wall_s"])
                     best = results.get((n, mode))
                     if best is None or r["wall_s"] < best["wall_s"]:
                         results[(n, mode)] = r
     finally:
+        if frozen:
+            os.killpg(pgid, signal.SIGCONT)
         stop_head(pgid)
         shutil.rmtree(temp, ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)
@@ -224,10 +237,13 @@ def main() -> None:
         if num in modes and den in modes:
             for n in args.sizes:
                 ratios[f"{num}/{den} wall, n={n}"] = round(results[(n, num)]["wall_s"] / results[(n, den)]["wall_s"], 3)
+                ratios[f"{num}/{den} median wall, n={n}"] = round(
+                    statistics.median(walls[(n, num)]) / statistics.median(walls[(n, den)]), 3)
             ratios[f"{num}/{den} steady throughput"] = round(steady[num] / steady[den], 3)
     report = {
         "ray_head_start_s": round(head_s, 1), "batch_tokens": args.batch_tokens, "cpus": args.cpus,
         "worker_niceness": args.worker_niceness,
+        "walls_s": {f"{mode} n={n}": w for (n, mode), w in walls.items()},
         "runs": [{"n": n, **r} for (n, _), r in sorted(results.items(), key=lambda kv: (kv[0][0], MODES.index(kv[0][1])))],
         "steady_tokens_per_s": {m: round(v, 1) for m, v in steady.items()},
         "fixed_cost_s": {m: round(results[(big, m)]["wall_s"] - results[(big, m)]["tokens"] / steady[m], 1)

@@ -4,14 +4,16 @@ The driver (this process; under `ray job submit`, the job's entrypoint) does wha
 collect does up to the model, then hands the model work to a pool of Ray actors:
 
 1. check the flags, the model and the output exactly like `draftdata collect` (same schema,
-   same refusal of an incompatible dataset);
+   same refusal of an incompatible dataset), take the output's lock and request the actors, so
+   they load the model while the driver loads the tokenizer;
 2. read, validate and tokenize the input once, on the driver, skipping conversations the
    dataset already holds (rejects are counted and written as in single-process collect), and
    cut the stream of samples into the length-sorting windows `collect_records` uses (32 x
    --batch-tokens tokens). Each window is one work unit, named `w<index>-<hash of its ids>`;
 3. run the units on `ray_pool.ActorPool`: one `CollectWorker` actor per G GPUs
-   (--gpus-per-worker), or CPU actors. Each actor loads the model once, opens the dataset
-   itself and runs `collect_records` on a unit, committing its own parts (tagged with the unit
+   (--gpus-per-worker), or CPU actors. Each actor loads the model once (on its compute thread,
+   which runs every forward: see `ray_pool.ComputeThread`), opens the dataset itself and runs
+   `collect_records` on a unit, committing its own parts (tagged with the unit
    id) straight to the dataset URL. Only token ids travel from the driver to the actors; no
    hidden state passes through the driver.
 
@@ -47,7 +49,6 @@ import hashlib
 import os
 import socket
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -66,19 +67,18 @@ LOCK_WAIT_S = 60.0  # how long a new driver waits for a killed driver's actors t
 # ------------------------------------------------------------------------------------------- actor
 
 
-class _LockedBackend:
-    """Serializes forward calls of one backend shared by the actor's concurrent units."""
+class _ComputeBackend:
+    """The actor's backend, every forward call run on its `ComputeThread` (one at a time)."""
 
-    def __init__(self, backend: Any):
-        self._backend, self._lock = backend, threading.Lock()
+    def __init__(self, backend: Any, compute: Any):
+        self._backend, self._compute = backend, compute
         self.info = backend.info
 
     def forward(self, batch: list[list[int]], aux_layer_ids: list[int]) -> Any:
-        with self._lock:
-            return self._backend.forward(batch, aux_layer_ids)
+        return self._compute.run(self._backend.forward, batch, aux_layer_ids)
 
     def close(self) -> None:
-        self._backend.close()
+        self._compute.run(self._backend.close)
 
 
 class CollectWorker:
@@ -99,14 +99,14 @@ class CollectWorker:
         from draftdata.collect.backends import get_backend
         from draftdata.collect.backends.base import BaseModelInfo
         from draftdata.collect.job import backend_options, make_schema
-        from draftdata.collect.ray_pool import actor_cpu_threads, use_torch_threads
+        from draftdata.collect.ray_pool import ComputeThread, actor_cpu_threads
         from draftdata.errors import DatasetNotFoundError
         from draftdata.models import resolve_model
         from draftdata.store import create_dataset, open_dataset
 
         hf_logging.disable_progress_bar()  # one "Loading weights" bar per actor would flood the driver's log
         self.threads = actor_cpu_threads() if settings.device == "cpu" else None
-        use_torch_threads(self.threads)
+        self.compute = ComputeThread(self.threads)  # model load and forwards: one OS thread, one OpenMP team
         self.node = ray.util.get_node_ip_address()
         model_path = resolve_model(settings.model)
         local = dataclasses.replace(settings, model_path=str(model_path))
@@ -129,7 +129,8 @@ class CollectWorker:
         opts = backend_options(local)
         if settings.backend == "trtllm" and gpus >= 1 and not settings.tensor_parallel_size:
             opts["tensor_parallel_size"] = int(gpus)  # one TRT-LLM engine over all of this actor's GPUs
-        self.backend = _LockedBackend(get_backend(settings.backend, model_path, **opts))
+        self.backend = _ComputeBackend(self.compute.run(get_backend, settings.backend, model_path, **opts),
+                                       self.compute)
         self.options = options
         self.device = settings.device
         self.setup_seconds = time.perf_counter() - t0
@@ -142,20 +143,22 @@ class CollectWorker:
 
         mem = process_memory()
         gpus = [str(g) for g in ray.get_gpu_ids()]
+        threads = self.compute.run(torch.get_num_threads)  # the count where the model runs
         return {
             "pid": os.getpid(), "node": self.node, "host": socket.gethostname(), "device": self.device,
-            "gpus": gpus, "threads": torch.get_num_threads(), "setup_s": round(self.setup_seconds, 2),
-            "rss": mem["rss"],
-            "summary": f"{self.device}{' GPUs ' + ','.join(gpus) if gpus else ''}, {torch.get_num_threads()} "
-                       f"threads, model loaded in {self.setup_seconds:.1f} s, RSS {mem['rss'] / 2**20:,.0f} MiB",
+            "gpus": gpus, "threads": threads, "niceness": self.compute.niceness,
+            "setup_s": round(self.setup_seconds, 2), "rss": mem["rss"],
+            "summary": f"{self.device}{' GPUs ' + ','.join(gpus) if gpus else ''}, {threads} "
+                       f"threads at nice {self.compute.niceness}, model loaded in {self.setup_seconds:.1f} s, RSS {mem['rss'] / 2**20:,.0f} MiB",
         }
 
     def run_unit(self, unit_id: str, samples: list, skip_ids: frozenset[str]) -> dict[str, Any]:
         """Collect one unit; returns its stats and this process's peak memory."""
-        from draftdata.collect.ray_pool import process_memory, use_torch_threads
+        from draftdata.collect.ray_pool import process_memory, raise_priority
         from draftdata.collect.runner import collect_records
 
-        use_torch_threads(self.threads)  # this method runs in one of the threaded actor's pool threads
+        if self.threads:  # a CPU actor: this pool thread and the part writers it starts (raise_priority)
+            raise_priority()
         for s in samples:  # Ray hands numpy arrays over read-only (zero copy); torch wants writable ones
             if not s.input_ids.flags.writeable:
                 s.input_ids, s.loss_mask = s.input_ids.copy(), s.loss_mask.copy()
@@ -353,17 +356,12 @@ def run_ray_collect(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     from draftdata.collect.backends.base import BaseModelInfo
     from draftdata.collect.conversations import count_records, input_files
+    from draftdata.collect.ray_pool import ActorPool
 
     t_start = time.perf_counter()
     info = BaseModelInfo.from_model_dir(settings.model_path)
     schema = check_output(settings, make_schema(settings, info))
     input_files(settings.input, settings.storage_options)  # fail on a missing input before anything else
-    chat = chat_tokenizer(settings)
-    total = None
-    if settings.strict:
-        from draftdata.collect.job import validate_input
-
-        total = validate_input(settings, chat)
     max_retries = getattr(args, "max_retries", None)
     max_retries = MAX_RETRIES if max_retries is None else max_retries
     if max_retries < 0:
@@ -372,7 +370,7 @@ def run_ray_collect(args: argparse.Namespace) -> int:
     import ray
 
     connected = connect(args.ray_address)
-    lock = None
+    lock = pool = None
     try:
         plan = plan_workers(args.num_workers, args.gpus_per_worker, settings.device)
         tp = settings.tensor_parallel_size
@@ -381,22 +379,36 @@ def run_ray_collect(args: argparse.Namespace) -> int:
                                  "actor runs one engine over its own GPUs; set them equal (or drop --tp)")
         writer = open_output(settings, schema)
         lock, worker_prefix = acquire_output_lock(writer.url)
-        if total is None:
+        options = CollectOptions(aux_layer_ids=list(settings.aux_layer_ids), batch_tokens=settings.batch_tokens,
+                                 part_bytes=settings.part_bytes)
+        pool = ActorPool(CollectWorker, args=(_worker_settings(settings, plan, writer.url), writer.schema, options,
+                                              plan.num_gpus),
+                         num_workers=plan.num_workers, num_cpus=plan.num_cpus, num_gpus=plan.num_gpus,
+                         max_retries=max_retries, in_flight=IN_FLIGHT, max_concurrency=IN_FLIGHT,
+                         name_prefix=f"{worker_prefix}{ray.get_runtime_context().get_job_id()}",
+                         namespace=NAMESPACE)
+        pool.start()  # the actors load the model while this process loads the tokenizer and reads the input
+        chat = chat_tokenizer(settings)
+        if settings.strict:
+            from draftdata.collect.job import validate_input
+
+            total = validate_input(settings, chat)
+        else:
             total = count_records(settings.input, settings.storage_options, settings.limit)
-        return _drive(settings, writer, chat, plan, worker_prefix, total, max_retries, t_start)
+        return _drive(settings, writer, chat, plan, pool, options, total, t_start)
     finally:
+        if pool is not None:
+            pool.close()
         if lock is not None:
             ray.kill(lock)
         if connected:
             ray.shutdown()
 
 
-def _drive(settings: CollectSettings, writer: Any, chat: Any, plan: RayPlan, worker_prefix: str, total: int,
-           max_retries: int, t_start: float) -> int:
-    import ray
-
+def _drive(settings: CollectSettings, writer: Any, chat: Any, plan: RayPlan, pool: Any, options: CollectOptions,
+           total: int, t_start: float) -> int:
     from draftdata.collect.conversations import Reject
-    from draftdata.collect.ray_pool import ActorPool, PoolProgress, UnitFailure, WorkUnit
+    from draftdata.collect.ray_pool import PoolProgress, UnitFailure, WorkUnit
     from draftdata.collect.runner import RejectLog, write_reports
 
     ledger = CommitLedger(writer)
@@ -404,8 +416,6 @@ def _drive(settings: CollectSettings, writer: Any, chat: Any, plan: RayPlan, wor
     if ledger.where:
         print(f"draftdata collect: {writer.url} already holds {len(ledger.where):,} conversations; they are "
               "skipped", file=sys.stderr)
-    options = CollectOptions(aux_layer_ids=list(settings.aux_layer_ids), batch_tokens=settings.batch_tokens,
-                             part_bytes=settings.part_bytes)
     print(f"draftdata collect --ray: {plan.describe()}; work units of {options.window_tokens:,} tokens",
           file=sys.stderr)
     stats = CollectStats()  # reading/tokenizing (producer thread)
@@ -432,12 +442,6 @@ def _drive(settings: CollectSettings, writer: Any, chat: Any, plan: RayPlan, wor
         unit.args = (unit.args[0], done)
         return unit
 
-    pool = ActorPool(CollectWorker, args=(_worker_settings(settings, plan, writer.url), writer.schema, options,
-                                          plan.num_gpus),
-                     num_workers=plan.num_workers, num_cpus=plan.num_cpus, num_gpus=plan.num_gpus,
-                     max_retries=max_retries, in_flight=IN_FLIGHT, max_concurrency=IN_FLIGHT,
-                     name_prefix=f"{worker_prefix}{ray.get_runtime_context().get_job_id()}",
-                     namespace=NAMESPACE)
     units = _units(settings, chat, options, frozenset(ledger.where), stats, rejects, progress)
     report = None
     interrupted = True
@@ -466,7 +470,7 @@ def _drive(settings: CollectSettings, writer: Any, chat: Any, plan: RayPlan, wor
         stats.seconds = time.perf_counter() - t_start
         ray_info = {"workers": plan.num_workers, "cpus_per_worker": plan.num_cpus, "gpus_per_worker": plan.num_gpus,
                     "device": plan.device, "nodes": plan.nodes, "window_tokens": options.window_tokens,
-                    "max_retries": max_retries,
+                    "max_retries": pool.max_retries,
                     "units_done": report.units_done if report else None,
                     "units_failed": [{"unit": f.unit_id, "attempts": f.attempts, "errors": f.errors} for f in failed],
                     "workers_started": report.workers_started if report else None,
@@ -483,7 +487,7 @@ def _drive(settings: CollectSettings, writer: Any, chat: Any, plan: RayPlan, wor
             print(f"  ray        {plan.describe()}; {report.units_done} units done, {report.workers_started} "
                   f"workers started, {report.workers_lost} lost{mem}")
         if failed:
-            print(f"  FAILED     {len(failed)} work unit(s) after {max_retries + 1} attempts each; {not_written:,} "
+            print(f"  FAILED     {len(failed)} work unit(s) after {pool.max_retries + 1} attempts each; {not_written:,} "
                   f"conversations not written (reason unit_failed in the rejects file). Rerun the same command "
                   f"to retry them.")
             for f in failed:

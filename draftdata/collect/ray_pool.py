@@ -359,6 +359,7 @@ class ActorPool:
             options["runtime_env"] = runtime_env
         self._actor_cls, self._options = ray.remote(worker_cls), options
         self._workers: dict[int, _Worker] = {}
+        self._starting: dict[Any, _Worker] = {}  # ready() call -> worker not yet ready
         self._next_index = 0
 
     # ------------------------------------------------------------------ actors
@@ -386,6 +387,20 @@ class ActorPool:
         except Exception:  # noqa: BLE001 - already gone
             pass
 
+    def start(self) -> None:
+        """Request the workers now without waiting for them, so they start (load a model) while the
+        caller still prepares its input; `run` takes them over. Call `close` if `run` is not reached."""
+        while len(self._workers) < self.num_workers:
+            worker, ref = self._start_worker()
+            self._starting[ref] = worker
+
+    def close(self) -> None:
+        """Kill every live worker (`run` does this itself when it returns)."""
+        for worker in list(self._workers.values()):
+            if worker.alive:
+                self._kill(worker)
+        self._starting.clear()
+
     def live_workers(self) -> list[_Worker]:
         return [w for w in self._workers.values() if w.alive]
 
@@ -407,7 +422,7 @@ class ActorPool:
         source = _Prefetch(units, prefetch or 2 * self.num_workers * self.in_flight)
         retries: collections.deque[WorkUnit] = collections.deque()
         running: dict[Any, tuple[WorkUnit, _Worker]] = {}
-        starting: dict[Any, _Worker] = {}
+        starting = self._starting
         start_failures = 0
         consecutive_failures = 0
         last_wait_note = time.perf_counter()
@@ -476,8 +491,8 @@ class ActorPool:
             return source.get(wait)
 
         try:
-            for _ in range(self.num_workers):
-                start_one()
+            if not self._workers:
+                self.start()
             if progress:
                 progress.start()
             while True:
@@ -558,9 +573,7 @@ class ActorPool:
                     progress.unit_finished(unit, ok=True)
         finally:
             source.close()
-            for worker in list(self._workers.values()):
-                if worker.alive:
-                    self._kill(worker)
+            self.close()
             report.seconds = time.perf_counter() - t0
             if progress:
                 progress.set_units(source.produced, source.produced if source.exhausted else total_units)
@@ -593,8 +606,9 @@ def wait_named_actors_gone(prefix: str, timeout: float = 60.0) -> list[str]:
 def actor_cpu_threads() -> int | None:
     """The CPUs Ray assigned to this actor (None for none or less than one).
 
-    Ray starts workers with OMP_NUM_THREADS=1, so an actor that computes on CPU must raise the
-    torch thread count itself, and in every thread it computes in (`use_torch_threads`).
+    Ray starts workers with OMP_NUM_THREADS set from the task's CPUs (1 for most), so an actor that
+    computes on CPU sets the torch thread count itself, in the thread it computes in
+    (`use_torch_threads`, `ComputeThread`).
     """
     import ray
 
@@ -602,18 +616,80 @@ def actor_cpu_threads() -> int | None:
     return int(cpus) if cpus >= 1 else None
 
 
-def use_torch_threads(n: int | None) -> None:
-    """`torch.set_num_threads(n)` for the calling thread; call it at the start of each actor method.
+def raise_priority() -> int:
+    """Give every thread of this process the niceness of its parent (the raylet), so threads started
+    later inherit it too; returns the calling thread's niceness after the attempt.
 
-    The setting is per OS thread for BLAS: a threaded actor (max_concurrency > 1) runs methods in
-    pool threads, where matrix multiplies otherwise keep OMP_NUM_THREADS=1 from the worker's
-    environment even after __init__ raised the count (torch.get_num_threads() still reports n).
-    Measured: one 2-CPU collect actor ran its GEMMs on one core, 0.69x a single process.
+    Ray starts workers at nice 15 (`RAY_worker_niceness`) so that they yield to its daemons. For an
+    actor that computes on CPU that costs throughput: every wakeup of a nice-0 thread on the node
+    preempts one of its OpenMP threads and the parallel region waits for it (measured on 2 CPUs:
+    the same forwards took 53 s at nice 15, 44 s at nice 0, 43 s in a single process). All threads,
+    not just the one that computes: the part writer threads of a nice-15 actor next to its nice-0
+    compute threads get almost no CPU, and the forwards then wait for them. Niceness is per thread
+    on Linux; lowering it needs CAP_SYS_NICE (root) or RLIMIT_NICE, and without them nothing changes.
+    """
+    own = os.getpriority(os.PRIO_PROCESS, 0)
+    try:
+        target = os.getpriority(os.PRIO_PROCESS, os.getppid())
+    except OSError:  # the parent is gone
+        return own
+    try:
+        tids = [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:  # not Linux: the calling thread only
+        tids = [0]
+    for tid in tids:
+        try:
+            if os.getpriority(os.PRIO_PROCESS, tid) > target:
+                os.setpriority(os.PRIO_PROCESS, tid, target)
+        except OSError:  # no permission, or the thread just ended
+            pass
+    return os.getpriority(os.PRIO_PROCESS, 0)
+
+
+def use_torch_threads(n: int | None) -> None:
+    """`torch.set_num_threads(n)` for the calling thread (nothing when n is None).
+
+    The setting is per OS thread for BLAS/OpenMP: a thread other than the one that called it keeps
+    the count of the worker's environment (OMP_NUM_THREADS) even though torch.get_num_threads()
+    reported n elsewhere. Measured: a 2-CPU collect actor ran its GEMMs on one core, 0.69x a single
+    process, until its compute thread set the count itself.
     """
     if n:
         import torch
 
         torch.set_num_threads(n)
+
+
+class ComputeThread:
+    """One dedicated OS thread for all of an actor's torch work: model load and forward passes.
+
+    A threaded actor (max_concurrency > 1) runs methods on several pool threads. OpenMP builds a
+    thread team per OS thread that starts parallel work, so compute spread over those threads
+    (and the thread that ran __init__) leaves several teams on the same cores; libgomp then stops
+    spinning between parallel regions and puts its threads to sleep, and every operator waits
+    for them to wake. Measured on 2 CPUs: a SmolLM2 forward took 1.2-1.35x as long on a pool
+    thread as on the actor's main thread, and as long as on the main thread once model load and
+    forwards both ran here. `run` also serializes the calls: one model, one computation at a time.
+    """
+
+    def __init__(self, threads: int | None, name: str = "compute"):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix=name, initializer=self._setup, initargs=(threads,))
+        self.niceness = self.run(os.getpriority, os.PRIO_PROCESS, 0)
+
+    @staticmethod
+    def _setup(threads: int | None) -> None:
+        if threads:  # a CPU actor: it computes at the node's priority (raise_priority)
+            raise_priority()
+        use_torch_threads(threads)
+
+    def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """`fn(*args, **kwargs)` on the compute thread; blocks until done and returns or raises as fn did."""
+        return self._pool.submit(fn, *args, **kwargs).result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
 
 
 def process_memory() -> dict[str, int]:

@@ -1056,11 +1056,13 @@ class SynthWorker:
 
         import ray
 
-        from draftdata.collect.ray_pool import actor_cpu_threads, use_torch_threads
+        from draftdata.collect.ray_pool import actor_cpu_threads, raise_priority, use_torch_threads
         from draftdata.models import model_hash as hash_of
         from draftdata.models import resolve_model
 
         self.threads = actor_cpu_threads() if settings.device == "cpu" else None
+        # not threaded: __init__ and every method run on this (main) thread, the only one that computes
+        self.niceness = raise_priority() if self.threads else os.getpriority(os.PRIO_PROCESS, 0)
         use_torch_threads(self.threads)
         self.node = ray.util.get_node_ip_address()
         if not settings.endpoint:
@@ -1078,13 +1080,10 @@ class SynthWorker:
         import torch
 
         return {"pid": os.getpid(), "node": self.node, "device": self.settings.device,
-                "summary": f"{self.settings.device}, {torch.get_num_threads()} threads, generator ready in "
-                           f"{self.setup_seconds:.1f} s"}
+                "summary": f"{self.settings.device}, {torch.get_num_threads()} threads at nice {self.niceness}, "
+                           f"generator ready in {self.setup_seconds:.1f} s"}
 
     def run_unit(self, unit_id: str, conversations: list[Conversation]) -> dict[str, Any]:
-        from draftdata.collect.ray_pool import use_torch_threads
-
-        use_torch_threads(self.threads)  # per thread: Ray may run methods off the __init__ thread
         records: list[dict[str, Any]] = []
         rejects: list[Reject] = []
         stats = synthesize_conversations(conversations, self.generator, self.settings, sink=records.extend,
