@@ -624,9 +624,9 @@ def raise_priority() -> int:
     actor that computes on CPU that costs throughput: every wakeup of a nice-0 thread on the node
     preempts one of its OpenMP threads and the parallel region waits for it (measured on 2 CPUs:
     the same forwards took 53 s at nice 15, 44 s at nice 0, 43 s in a single process). All threads,
-    not just the one that computes: the part writer threads of a nice-15 actor next to its nice-0
-    compute threads get almost no CPU, and the forwards then wait for them. Niceness is per thread
-    on Linux; lowering it needs CAP_SYS_NICE (root) or RLIMIT_NICE, and without them nothing changes.
+    not just the one that computes: the part writer threads would otherwise stay at nice 15 next to
+    nice-0 compute threads, with a tiny share of the CPU. Niceness is per thread on Linux; lowering
+    it needs CAP_SYS_NICE (root) or RLIMIT_NICE, and without them nothing changes.
     """
     own = os.getpriority(os.PRIO_PROCESS, 0)
     try:
