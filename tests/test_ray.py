@@ -291,6 +291,15 @@ def test_ray_collect_equals_single_process_and_writes_to_s3(tiny_model, ray_head
     assert main(["verify", url, *s3]) == 0
 
 
+def test_strict_ray_collect_stops_at_a_bad_record_before_it_touches_ray(tiny_model, tmp_path, capsys):
+    """--strict validates the whole input before connecting (and before requesting actors): the
+    unreachable cluster address is never tried."""
+    inp = write_input(tmp_path / "in.jsonl", conversations(3) + ["{not json\n"])
+    rc = main(collect_args(tiny_model, inp, tmp_path / "ds", "--strict", "--ray", "--ray-address", "127.0.0.1:9"))
+    err = capsys.readouterr().err
+    assert rc == 2 and "--strict stops at the first bad record" in err and "connect" not in err, err
+
+
 # ---------------------------------------------------------------- faults
 
 

@@ -362,6 +362,12 @@ def run_ray_collect(args: argparse.Namespace) -> int:
     info = BaseModelInfo.from_model_dir(settings.model_path)
     schema = check_output(settings, make_schema(settings, info))
     input_files(settings.input, settings.storage_options)  # fail on a missing input before anything else
+    chat, total = None, None
+    if settings.strict:  # fail on the first bad record before any Ray or model work
+        from draftdata.collect.job import validate_input
+
+        chat = chat_tokenizer(settings)
+        total = validate_input(settings, chat)
     max_retries = getattr(args, "max_retries", None)
     max_retries = MAX_RETRIES if max_retries is None else max_retries
     if max_retries < 0:
@@ -387,13 +393,10 @@ def run_ray_collect(args: argparse.Namespace) -> int:
                          max_retries=max_retries, in_flight=IN_FLIGHT, max_concurrency=IN_FLIGHT,
                          name_prefix=f"{worker_prefix}{ray.get_runtime_context().get_job_id()}",
                          namespace=NAMESPACE)
-        pool.start()  # the actors load the model while this process loads the tokenizer and reads the input
-        chat = chat_tokenizer(settings)
-        if settings.strict:
-            from draftdata.collect.job import validate_input
-
-            total = validate_input(settings, chat)
-        else:
+        pool.start()  # the actors load the model while this process loads the tokenizer and counts the input
+        if chat is None:
+            chat = chat_tokenizer(settings)
+        if total is None:
             total = count_records(settings.input, settings.storage_options, settings.limit)
         return _drive(settings, writer, chat, plan, pool, options, total, t_start)
     finally:
