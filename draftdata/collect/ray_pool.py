@@ -388,9 +388,12 @@ class ActorPool:
             pass
 
     def start(self) -> None:
-        """Request the workers now without waiting for them, so they start (load a model) while the
-        caller still prepares its input; `run` takes them over. Call `close` if `run` is not reached."""
-        while len(self._workers) < self.num_workers:
+        """Request workers until `num_workers` are alive (starting or ready), without waiting for them.
+
+        Called early, they start (load a model) while the caller still prepares its input, and `run`
+        takes them over (call `close` if `run` is not reached); `run` also calls it to replace a
+        worker it killed."""
+        while len(self.live_workers()) < self.num_workers:
             worker, ref = self._start_worker()
             self._starting[ref] = worker
 
@@ -429,10 +432,6 @@ class ActorPool:
 
         def note(msg: str) -> None:
             (progress.write if progress else lambda m: print(m, file=sys.stderr, flush=True))(msg)
-
-        def start_one() -> None:
-            worker, ref = self._start_worker()
-            starting[ref] = worker
 
         def update_units() -> None:
             if progress:
@@ -491,8 +490,7 @@ class ActorPool:
             return source.get(wait)
 
         try:
-            if not self._workers:
-                self.start()
+            self.start()
             if progress:
                 progress.start()
             while True:
@@ -540,7 +538,7 @@ class ActorPool:
                         if start_failures >= self.max_start_failures:
                             raise PoolError(f"{start_failures} workers in a row failed to start; last error: "
                                             f"{_error_text(e)}") from None
-                        start_one()
+                        self.start()
                         continue
                     start_failures = 0
                     worker.ready = True
@@ -560,7 +558,7 @@ class ActorPool:
                         report.workers_lost += 1
                         self._kill(worker)
                         note(f"{worker.label()} died; starting a replacement")
-                        start_one()
+                        self.start()
                     failed_attempt(unit, worker, e, died=True)
                     continue
                 except ray.exceptions.RayError as e:
@@ -687,9 +685,6 @@ class ComputeThread:
     def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """`fn(*args, **kwargs)` on the compute thread; blocks until done and returns or raises as fn did."""
         return self._pool.submit(fn, *args, **kwargs).result()
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=True)
 
 
 def process_memory() -> dict[str, int]:
