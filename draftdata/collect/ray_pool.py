@@ -658,6 +658,18 @@ def use_torch_threads(n: int | None) -> None:
         torch.set_num_threads(n)
 
 
+def prepare_compute_thread(threads: int | None) -> int:
+    """Ready the calling thread to run an actor's torch work; returns its niceness.
+
+    `threads`: the actor's CPUs (`actor_cpu_threads`; None for a GPU actor). A CPU actor gets the
+    raylet's niceness (`raise_priority`) and that many torch threads (`use_torch_threads`).
+    """
+    if threads:
+        raise_priority()
+    use_torch_threads(threads)
+    return os.getpriority(os.PRIO_PROCESS, 0)
+
+
 class ComputeThread:
     """One dedicated OS thread for all of an actor's torch work: model load and forward passes.
 
@@ -673,14 +685,9 @@ class ComputeThread:
     def __init__(self, threads: int | None, name: str = "compute"):
         from concurrent.futures import ThreadPoolExecutor
 
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix=name, initializer=self._setup, initargs=(threads,))
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix=name, initializer=prepare_compute_thread,
+                                        initargs=(threads,))
         self.niceness = self.run(os.getpriority, os.PRIO_PROCESS, 0)
-
-    @staticmethod
-    def _setup(threads: int | None) -> None:
-        if threads:  # a CPU actor: it computes at the node's priority (raise_priority)
-            raise_priority()
-        use_torch_threads(threads)
 
     def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """`fn(*args, **kwargs)` on the compute thread; blocks until done and returns or raises as fn did."""

@@ -1056,14 +1056,13 @@ class SynthWorker:
 
         import ray
 
-        from draftdata.collect.ray_pool import actor_cpu_threads, raise_priority, use_torch_threads
+        from draftdata.collect.ray_pool import actor_cpu_threads, prepare_compute_thread
         from draftdata.models import model_hash as hash_of
         from draftdata.models import resolve_model
 
         self.threads = actor_cpu_threads() if settings.device == "cpu" else None
         # not threaded: __init__ and every method run on this (main) thread, the only one that computes
-        self.niceness = raise_priority() if self.threads else os.getpriority(os.PRIO_PROCESS, 0)
-        use_torch_threads(self.threads)
+        self.niceness = prepare_compute_thread(self.threads)
         self.node = ray.util.get_node_ip_address()
         if not settings.endpoint:
             path = resolve_model(settings.model)  # type: ignore[arg-type]
