@@ -213,8 +213,10 @@ def stored_ids(url, **kw):
     return [cid for p in open_dataset(url, **kw).parts for cid in p.conversation_ids]
 
 
-def test_collect_end_to_end_rejects_and_resume(tiny_model, backend32, tmp_path, capsys):
+def test_collect_end_to_end_rejects_and_resume(tiny_model, backend32, tmp_path, capsys, monkeypatch):
     from transformers import AutoTokenizer
+
+    monkeypatch.setenv("DRAFTDATA_PROGRESS_INTERVAL", "0")  # stderr is not a terminal: plain progress lines
 
     good = valid_conversations(12)
     sharegpt = {"id": "sg", "conversations": [{"from": "human", "value": "hello"}, {"from": "gpt", "value": "world"}]}
@@ -226,7 +228,11 @@ def test_collect_end_to_end_rejects_and_resume(tiny_model, backend32, tmp_path, 
     out = str(tmp_path / "ds")
     args = collect_args(tiny_model, inp, out, "--batch-tokens", "96", "--part-size", "0.05")
     assert main(args) == 0
-    summary = capsys.readouterr().out
+    captured = capsys.readouterr()
+    summary = captured.out
+    lines = [line for line in captured.err.splitlines() if line.startswith("collect: ")]
+    assert len(lines) > 2 and "convs (" in lines[0] and " tok/s" in lines[0]
+    assert lines[-1].startswith("collect: 18/18 convs (100%), ")  # every record counted, written or not
     want = sorted([c["conversation_id"] for c in good] + ["sg"])
     ids = stored_ids(out)
     assert sorted(ids) == want and len(ids) == len(set(ids))

@@ -252,16 +252,20 @@ def test_eval_rejects_a_trainer_checkpoint(tiny_model, tmp_path):
         ev.load_exported_draft(tmp_path / "ckpt", base)
 
 
-def test_cli_eval_json(tiny_model, prompts, tmp_path, capsys):
+def test_cli_eval_json(tiny_model, prompts, tmp_path, capsys, monkeypatch):
     from draftdata.cli import main
 
     export = exported_draft(tmp_path, tiny_model)
     out_file = tmp_path / "report.json"
+    monkeypatch.setenv("DRAFTDATA_PROGRESS_INTERVAL", "0")  # stderr is not a terminal: plain progress lines
     rc = main(["eval", "--model", str(tiny_model), "--draft", str(export), "--prompts", str(prompts),
                "--steps", "3", "--max-new-tokens", "6", "--limit", "1", "--max-turns", "1", "--dtype", "float64",
                "--json", "--output", str(out_file)])
     assert rc == 0
-    report = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    line = [line for line in captured.err.splitlines() if line.startswith("eval: ")][-1]
+    assert line.startswith("eval: 1/1 turns (100%), ") and f"acceptance {report['eagle']['acceptance_length']:.3f}" in line
     assert report == json.loads(out_file.read_text())
     assert report["turns"] == 1 and report["steps"] == 3
     assert {"greedy", "eagle", "prompt_lookup", "speedup", "output_matches_greedy"} <= set(report)

@@ -220,11 +220,16 @@ def run_cli(*args: object) -> int:
     return cli_synthesize.run(build_parser().parse_args(["synthesize", *map(str, args)]))
 
 
-def test_cli_resume_skips_written_ids_and_collect_reads_the_output(tiny_model, tmp_path, capsys):
+def test_cli_resume_skips_written_ids_and_collect_reads_the_output(tiny_model, tmp_path, capsys, monkeypatch):
     inp = write_jsonl(tmp_path / "in.jsonl", conversations())
     out = tmp_path / "out.jsonl"
     common = ["--model", tiny_model, "--input", inp, "--output", out, "--max-new-tokens", MAX_NEW]
+    monkeypatch.setenv("DRAFTDATA_PROGRESS_INTERVAL", "0")  # stderr is not a terminal: plain progress lines
     assert run_cli(*common, "--limit", 4, "--batch-size", 3) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("synthesize: ")]
+    assert len(lines) > 2 and lines[-1].startswith("synthesize: 4/4 convs (100%), ")
+    assert int(lines[-1].split(", ")[1].split()[0].replace(",", "")) > 0  # generated tokens, counted live
+    monkeypatch.delenv("DRAFTDATA_PROGRESS_INTERVAL")
     first = out.read_text()
     assert len(first.splitlines()) == 4
     assert run_cli(*common, "--batch-size", 2) == 0

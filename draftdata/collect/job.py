@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -18,6 +17,7 @@ from draftdata.collect.backends.base import BaseModelInfo
 from draftdata.collect.conversations import ChatTokenizer, Reject, read_conversations, tokenize_stream
 from draftdata.config import DatasetSchema
 from draftdata.errors import DatasetNotFoundError, DraftdataError, SchemaMismatchError
+from draftdata.progress import JobProgress
 
 DEFAULT_FORMAT, DEFAULT_CODEC = "zarr", "bf16"
 
@@ -197,8 +197,6 @@ def validate_input(settings: CollectSettings, chat: ChatTokenizer) -> int:
 
 def run_local(settings: CollectSettings) -> int:
     """The single-process collect: returns the exit status (0, also when records were rejected)."""
-    from tqdm import tqdm
-
     from draftdata.collect.backends import get_backend
     from draftdata.collect.conversations import count_records, input_files
     from draftdata.collect.runner import (
@@ -232,18 +230,10 @@ def run_local(settings: CollectSettings) -> int:
     rejects = RejectLog(stats)
     if total is None:
         total = count_records(settings.input, settings.storage_options, settings.limit)
-    bar = tqdm(total=total, unit="conv", desc="collect", file=sys.stderr, disable=None, dynamic_ncols=True)
-    t0 = time.perf_counter()
-    tokens = 0
-    lock = threading.Lock()  # called from the reader thread (skips, rejects) and the main thread
+    bar = JobProgress(total=total, desc="collect", unit="conv")  # thread-safe: the reader thread reports too
 
     def progress(n: int, t: int) -> None:
-        nonlocal tokens
-        with lock:
-            tokens += t
-            if t:
-                bar.set_postfix_str(f"{tokens / (time.perf_counter() - t0):,.0f} tok/s", refresh=False)
-            bar.update(n)
+        bar.update(n, t)
 
     interrupted = True
     try:

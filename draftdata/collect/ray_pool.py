@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from draftdata.errors import DraftdataError
+from draftdata.progress import JobProgress
 
 
 class PoolError(DraftdataError):
@@ -99,7 +100,7 @@ class PoolReport:
     seconds: float = 0.0
 
 
-class PoolProgress:
+class PoolProgress(JobProgress):
     """Aggregated progress: items (with ETA), units, tokens/s, workers, failures.
 
     Thread-safe: the unit producer thread calls `advance` for items that need no work
@@ -107,37 +108,17 @@ class PoolProgress:
     """
 
     def __init__(self, *, total_items: int | None = None, desc: str = "ray", unit: str = "item",
-                 size_unit: str = "tok", interval: float = 30.0, file: Any = None):
-        from tqdm import tqdm
-
-        self._file = file or sys.stderr
-        self._lock = threading.Lock()
-        self._t0 = time.perf_counter()
-        self._last_line = self._t0
-        self._interval = interval
-        self._tty = bool(getattr(self._file, "isatty", lambda: False)())
-        self.desc, self.unit, self.size_unit = desc, unit, size_unit
-        self.total_items = total_items
-        self.items = 0
-        self.size = 0
+                 size_unit: str = "tok", interval: float | None = None, file: Any = None):
+        super().__init__(total=total_items, desc=desc, unit=unit, size_unit=size_unit, interval=interval,
+                         file=file)
         self.units_done = 0
         self.units_failed = 0
         self.units_total: int | None = None
         self.units_seen = 0
         self.workers = 0
-        self._bar = tqdm(total=total_items, desc=desc, unit=unit, file=self._file, dynamic_ncols=True,
-                         disable=not self._tty)
-
-    def start(self) -> None:
-        """Restart the clock (call when work begins, after workers are requested)."""
-        self._t0 = self._last_line = time.perf_counter()
 
     def advance(self, items: int, size: int = 0) -> None:
-        with self._lock:
-            self.items += items
-            self.size += size
-            self._bar.update(items)
-            self._refresh()
+        self.update(items, size)
 
     def unit_finished(self, unit: WorkUnit, ok: bool) -> None:
         with self._lock:
@@ -145,10 +126,7 @@ class PoolProgress:
                 self.units_done += 1
             else:
                 self.units_failed += 1
-            self.items += unit.items
-            self.size += unit.size if ok else 0
-            self._bar.update(unit.items)
-            self._refresh()
+            self._count(unit.items, unit.size if ok else 0)
 
     def set_units(self, seen: int, total: int | None) -> None:
         with self._lock:
@@ -158,64 +136,12 @@ class PoolProgress:
         with self._lock:
             self.workers = n
 
-    def rate(self) -> float:
-        dt = time.perf_counter() - self._t0
-        return self.size / dt if dt > 0 else 0.0
-
-    def summary(self) -> str:
+    def extra(self) -> str:
         total = self.units_total if self.units_total is not None else f"{self.units_seen}+"
-        s = (f"units {self.units_done}/{total}, {self.rate():,.0f} {self.size_unit}/s, "
-             f"{self.workers} worker{'s' if self.workers != 1 else ''}")
+        s = f"units {self.units_done}/{total}, {self.workers} worker{'s' if self.workers != 1 else ''}"
         if self.units_failed:
             s += f", {self.units_failed} FAILED"
         return s
-
-    def _refresh(self) -> None:
-        if self._tty:
-            self._bar.set_postfix_str(self.summary(), refresh=False)
-            return
-        now = time.perf_counter()
-        if now - self._last_line >= self._interval:
-            self._last_line = now
-            self._print_line()
-
-    def _print_line(self) -> None:
-        elapsed = time.perf_counter() - self._t0
-        done = f"{self.items:,}"
-        eta = ""
-        if self.total_items:
-            done += f"/{self.total_items:,} {self.unit}s ({100 * self.items / self.total_items:.0f}%)"
-            if self.items and self.items < self.total_items:
-                eta = f", ETA {_duration(elapsed * (self.total_items - self.items) / self.items)}"
-        else:
-            done += f" {self.unit}s"
-        print(f"{self.desc}: {done}, {self.summary()}, elapsed {_duration(elapsed)}{eta}", file=self._file,
-              flush=True)
-
-    def write(self, message: str) -> None:
-        """A message line that does not break the bar."""
-        with self._lock:
-            if self._tty:
-                self._bar.write(message, file=self._file)
-            else:
-                print(message, file=self._file, flush=True)
-
-    def close(self) -> None:
-        with self._lock:
-            if self._tty:
-                self._bar.set_postfix_str(self.summary(), refresh=True)
-            else:
-                self._print_line()
-            self._bar.close()
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 class _Prefetch:

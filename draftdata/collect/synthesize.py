@@ -50,6 +50,7 @@ from typing import Any
 from draftdata.collect.conversations import Conversation, RecordError, Reject, read_conversations
 from draftdata.collect.stats import RunStats
 from draftdata.errors import DraftdataError
+from draftdata.progress import JobProgress
 
 # Reject reasons of synthesize (reading the input rejects with collect's REASONS as well).
 SYNTH_REASONS = {
@@ -983,8 +984,6 @@ def resolve_endpoint_model(settings: SynthSettings) -> None:
 
 def run_local(settings: SynthSettings) -> int:
     """The single-process synthesize: returns the exit status (0, also when records were rejected)."""
-    from tqdm import tqdm
-
     from draftdata.collect.conversations import count_records
     from draftdata.collect.runner import RejectLog
 
@@ -1001,28 +1000,14 @@ def run_local(settings: SynthSettings) -> int:
         stats = SynthStats()
         rejects = RejectLog(stats, strict=settings.strict)  # type: ignore[arg-type]
         generator = make_generator(settings)
-        bar = tqdm(total=total, unit="conv", desc="synthesize", file=sys.stderr, disable=None, dynamic_ncols=True)
-        t0 = time.perf_counter()
-        tokens = 0
-
+        bar = JobProgress(total=total, desc="synthesize", unit="conv")
         live = isinstance(generator, HFGenerator)  # counts tokens per decode step, not per finished batch
-        shown = 0.0
-
-        def show(t: int) -> None:
-            nonlocal tokens, shown
-            tokens += t
-            now = time.perf_counter()
-            if now - shown >= 1.0:
-                shown = now
-                bar.set_postfix_str(f"{tokens:,} tokens, {tokens / (now - t0):,.0f} tok/s")
 
         def progress(n: int, t: int) -> None:
-            if t and not live:
-                show(t)
-            bar.update(n)
+            bar.update(n, 0 if live else t)
 
         if live:
-            generator.on_step = show
+            generator.on_step = lambda t: bar.update(0, t)
 
         interrupted = True
         try:

@@ -470,12 +470,14 @@ def evaluate(base: Any, tokenizer: Any, draft: LoadedDraft, conversations: list[
             for m in methods:
                 runs[m](prompt, min(8, max_new_tokens))
         history: dict[str, list[dict[str, str]]] = {c.conversation_id: list(c.system) for c in conversations}
-        it = turns
+        bar = None
         if progress:
-            from tqdm import tqdm
+            from draftdata.progress import JobProgress
 
-            it = tqdm(turns, desc="eval", unit="turn", file=sys.stderr)
-        for conv, i in it:
+            bar = JobProgress(total=len(turns), desc="eval", unit="turn",
+                              extra=lambda: f"acceptance {_mean_plus_one(accepted):.3f}" if accepted else "")
+            bar.start()
+        for conv, i in turns:
             messages = history[conv.conversation_id] + [{"role": "user", "content": conv.user_turns[i]}]
             prompt = tokenizer(chat.render(messages, add_generation_prompt=True),
                                add_special_tokens=False)["input_ids"]
@@ -500,6 +502,10 @@ def evaluate(base: Any, tokenizer: Any, draft: LoadedDraft, conversations: list[
                 **({"acceptance_length": _mean_plus_one(results["eagle"].accepted)} if "eagle" in results else {}),
                 "seconds": {m: round(r.seconds, 4) for m, r in results.items()},
             })
+            if bar is not None:
+                bar.update(1, len(ref))
+        if bar is not None:
+            bar.close()
     finally:
         capture.close()
     report: dict[str, Any] = {

@@ -451,8 +451,9 @@ def train(cfg: TrainConfig) -> TrainResult:
         started = time.perf_counter()
         from tqdm import tqdm
 
+        # On a terminal only: in a log file the metric lines (every --log-every steps) are the progress.
         bar = tqdm(total=total_steps, initial=step, desc="train", unit="step",
-                   disable=not (cfg.progress and info.main), file=sys.stderr)
+                   disable=None if cfg.progress and info.main else True, file=sys.stderr)
         out_of_time = False
         while step < total_steps and not out_of_time:
             dataset.set_epoch(epoch)
