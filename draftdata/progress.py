@@ -59,6 +59,7 @@ class JobProgress:
         self.items = 0
         self.size = 0
         self._t0 = self._last_line = self._last_postfix = time.perf_counter()
+        self._printed: tuple[int, int] | None = None  # (items, size) of the last plain line
         self._bar = tqdm(total=total, desc=desc, unit=unit, file=self._file, dynamic_ncols=True,
                          disable=not self._tty)
 
@@ -102,6 +103,7 @@ class JobProgress:
         return f"{s}, {extra}" if extra else s
 
     def _print_line(self) -> None:
+        self._printed = (self.items, self.size)
         elapsed = time.perf_counter() - self._t0
         done = f"{self.items:,}"
         eta = ""
@@ -127,7 +129,7 @@ class JobProgress:
         with self._lock:
             if self._tty:
                 self._bar.set_postfix_str(self.summary(), refresh=True)
-            else:
+            elif self._printed != (self.items, self.size):  # not the line just printed again
                 self._print_line()
             self._bar.close()
 

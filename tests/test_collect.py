@@ -406,3 +406,27 @@ def test_demo_runs_the_whole_pipeline(tmp_path, capsys):
     assert 0 < int(s["loss_mask"].sum()) < len(s["loss_mask"])
     assert (tmp_path / "demo" / "draft" / "config.json").exists()
     assert (tmp_path / "demo" / "draft" / "model.safetensors").exists()
+
+
+def test_progress_lines_off_a_terminal_with_eta_and_one_final_line():
+    import io
+
+    from draftdata.progress import JobProgress
+
+    out = io.StringIO()  # not a terminal
+    p = JobProgress(total=10, desc="collect", unit="conv", interval=0, file=out,
+                    extra=lambda: "units 1/2")
+    p.update(2, 1000)
+    p.update(2, 500)
+    p.close()  # the last line already shows these counts: not printed twice
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith("collect: 2/10 convs (20%), 1,000 tok, ") and ", units 1/2, elapsed " in lines[0]
+    assert lines[1].startswith("collect: 4/10 convs (40%), 1,500 tok, ") and ", ETA " in lines[1]
+
+    quiet = io.StringIO()
+    p = JobProgress(total=None, desc="synthesize", unit="conv", interval=3600, file=quiet)
+    p.update(3, 70)
+    p.close()  # nothing within the interval: the close line carries the totals
+    (line,) = quiet.getvalue().splitlines()
+    assert line.startswith("synthesize: 3 convs, 70 tok, ") and "ETA" not in line
