@@ -110,7 +110,7 @@ def count_tokens(url: str, storage_options: dict[str, Any] | None = None, *, all
 
     counts = np.zeros(vocab, dtype=np.int64)
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        bar = tqdm(total=len(ds.parts), desc="counting tokens", unit="part", disable=not progress)
+        bar = tqdm(total=len(ds.parts), desc="counting tokens", unit="part", disable=None if progress else True)
         for c in pool.map(count_part, range(len(ds.parts))):
             counts += c
             bar.update(1)
