@@ -58,7 +58,7 @@ class JobProgress:
         self.total = total
         self.items = 0
         self.size = 0
-        self._t0 = self._last_line = self._last_postfix = time.perf_counter()
+        self._t0 = self._last_shown = time.perf_counter()
         self._printed: tuple[int, int] | None = None  # (items, size) of the last plain line
         self._bar = tqdm(total=total, desc=desc, unit=unit, file=self._file, dynamic_ncols=True,
                          disable=not self._tty)
@@ -66,7 +66,7 @@ class JobProgress:
     def start(self) -> None:
         """Restart the clock (call when the work itself begins, after setup such as model loads)."""
         with self._lock:
-            self._t0 = self._last_line = time.perf_counter()
+            self._t0 = self._last_shown = time.perf_counter()
 
     def update(self, items: int = 0, size: int = 0) -> None:
         """Count `items` finished and `size` more units of work (tokens) done."""
@@ -80,12 +80,12 @@ class JobProgress:
         if items:
             self._bar.update(items)
         now = time.perf_counter()
+        if now - self._last_shown < (0.5 if self._tty else self._interval):
+            return
+        self._last_shown = now
         if self._tty:
-            if now - self._last_postfix >= 0.5:
-                self._last_postfix = now
-                self._bar.set_postfix_str(self.summary(), refresh=False)
-        elif now - self._last_line >= self._interval:
-            self._last_line = now
+            self._bar.set_postfix_str(self.summary(), refresh=False)
+        else:
             self._print_line()
 
     def rate(self) -> float:
@@ -132,9 +132,3 @@ class JobProgress:
             elif self._printed != (self.items, self.size):  # not the line just printed again
                 self._print_line()
             self._bar.close()
-
-    def __enter__(self) -> JobProgress:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

@@ -231,15 +231,11 @@ def run_local(settings: CollectSettings) -> int:
     if total is None:
         total = count_records(settings.input, settings.storage_options, settings.limit)
     bar = JobProgress(total=total, desc="collect", unit="conv")  # thread-safe: the reader thread reports too
-
-    def progress(n: int, t: int) -> None:
-        bar.update(n, t)
-
     interrupted = True
     try:
         samples = prepare_samples(read_input(settings), chat, skip_ids=committed, stats=stats,
-                                  on_reject=rejects, progress=progress)
-        collect_records(samples, backend, writer, options, progress=progress, stats=stats)
+                                  on_reject=rejects, progress=bar.update)
+        collect_records(samples, backend, writer, options, progress=bar.update, stats=stats)
         interrupted = False
     finally:
         bar.close()

@@ -335,7 +335,7 @@ def _units(settings: CollectSettings, chat: Any, options: CollectOptions, skip_i
     from draftdata.collect.runner import _windows, prepare_samples
 
     samples = prepare_samples(read_input(settings), chat, skip_ids=skip_ids, stats=stats, on_reject=rejects,
-                              progress=lambda n, t: progress.advance(n))
+                              progress=lambda n, t: progress.update(n))
     for i, window in enumerate(_windows(samples, options.window_tokens)):
         ids = [s.conversation_id for s in window]
         digest = hashlib.sha256("\n".join(ids).encode()).hexdigest()[:12]

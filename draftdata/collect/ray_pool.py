@@ -103,7 +103,7 @@ class PoolReport:
 class PoolProgress(JobProgress):
     """Aggregated progress: items (with ETA), units, tokens/s, workers, failures.
 
-    Thread-safe: the unit producer thread calls `advance` for items that need no work
+    Thread-safe: the unit producer thread calls `update` for items that need no work
     (already committed, rejected), the pool thread for finished units.
     """
 
@@ -116,9 +116,6 @@ class PoolProgress(JobProgress):
         self.units_total: int | None = None
         self.units_seen = 0
         self.workers = 0
-
-    def advance(self, items: int, size: int = 0) -> None:
-        self.update(items, size)
 
     def unit_finished(self, unit: WorkUnit, ok: bool) -> None:
         with self._lock:

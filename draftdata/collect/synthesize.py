@@ -1119,7 +1119,7 @@ def run_ray(settings: SynthSettings, *, address: str | None = None, num_workers:
 
             def units() -> Iterator[WorkUnit]:
                 items = pending_conversations(settings, skip_ids=skip, stats=stats, on_reject=rejects,
-                                              progress=lambda n, t: progress.advance(n))
+                                              progress=lambda n, t: progress.update(n))
                 chunk: list[Conversation] = []
                 index = 0
                 for conv in items:
