@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     t_all = time.perf_counter()
 
     argv = ["synthesize", "--model", args.model, "--input", str(train_prompts), "--output", conversations,
-            "--max-new-tokens", str(args.max_new_tokens), "--batch-size", "16", "--device", args.device]
+            "--max-new-tokens", str(args.max_new_tokens), "--batch-size", "32", "--device", args.device]
     t = step(1, "the base model writes the assistant answers", argv)
     draftdata(argv)
     timings["synthesize"] = time.perf_counter() - t

@@ -202,6 +202,64 @@ def test_padded_decoding_keeps_kv_heads_grouped_and_matches_transformers_sdpa(ge
         generator.model.set_attn_implementation(GQA_ATTENTION)
 
 
+def test_rows_join_a_running_batch_and_generate_what_they_would_alone(generator):
+    """Continuous batching: rows join while others decode (shorter and longer prompts than the
+    running rows, so either side gets left-padded), leave when their budget is spent, and each
+    generates exactly its one-at-a-time tokens; columns only departed rows used are cut off."""
+    prompts = [generator.encode(Prompt([{"role": "user", "content": "hi " * n}], seed=0)) for n in (3, 1, 9, 14, 30, 2)]
+    alone = [generator.generate_ids([ids], [0])[0][0] for ids in prompts]
+    budgets = [3, 8, 10, 4, 6, 10]
+    sizes: list[int] = []
+    batch = generator.new_batch()
+    batch.on_step = sizes.append
+    out: dict[int, list[int]] = {}
+
+    def run(steps: int) -> None:
+        for _ in range(steps):
+            out.update({key: tokens for key, tokens, _ in batch.step()})
+
+    batch.add([(k, prompts[k], 0, budgets[k]) for k in (0, 1)])
+    run(1)
+    keys = batch.cache.layers[0].keys
+    run(1)  # nobody left: the step's token was written in place, not by copying the cache
+    assert type(batch.cache.layers[0]).__name__ == "SlackLayer"
+    assert batch.cache.layers[0].keys.data_ptr() == keys.data_ptr()
+    assert batch.cache.layers[0].keys.shape[-2] == keys.shape[-2] + 1
+    batch.add([(k, prompts[k], 0, budgets[k]) for k in (2, 3)])  # longer prompts: the running rows get padded
+    run(3)
+    assert len(batch) == 3 and 0 in out  # row 0 spent its budget and left
+    batch.add([(k, prompts[k], 0, budgets[k]) for k in (4, 5)])
+    assert len(batch) == 5
+    while len(batch) > 1:
+        run(1)
+    assert list(batch.keys) == [5] and bool(batch.mask.all())  # row 5 alone: no padding column left
+    run(10)
+    assert len(batch) == 0 and sizes[:6] == [2, 2, 4, 3, 3, 5]
+    for k, budget in enumerate(budgets):
+        assert out[k] == alone[k][:budget], k
+
+
+def test_synthesize_keeps_the_batch_full_while_conversations_wait(tiny_model):
+    """Answers of different lengths (budgets from --max-seq-len): a finished turn makes room for the
+    next at once, so fewer decode steps than rounds that wait for their longest answer, and the
+    answers are those of --batch-size 1."""
+    gen = HFGenerator(tiny_model, max_new_tokens=MAX_NEW)
+    convs = [{"conversation_id": f"c{i}", "conversations": [{"role": "user", "content": "hi " * n}]}
+             for i, n in enumerate((12, 12, 12, 1, 11, 11, 11, 2, 12, 12, 12, 3))]
+    lengths = [len(gen.encode(Prompt(c["conversations"], seed=0))) for c in convs]
+    gen.max_seq_len = max(lengths) + 2
+    budgets = [gen.budget([0] * n) for n in lengths]
+    assert len(set(budgets)) > 2
+    sizes: list[int] = []
+    gen.on_step = sizes.append
+    batched = synth(convs, gen, batch_size=4)
+    assert sum(sizes) == sum(budgets)  # nobody stops early in 10 tokens of a random model
+    rounds = sum(max(budgets[i:i + 4]) for i in range(0, len(budgets), 4))  # waiting for each round's longest
+    assert len(sizes) < rounds and sizes.count(4) >= len(sizes) - max(budgets)
+    gen.on_step = None
+    assert synth(convs, gen, batch_size=1) == batched
+
+
 def test_answers_stop_at_end_of_turn_or_are_counted_truncated(generator):
     ids = generator.encode(Prompt([{"role": "user", "content": "hello"}], 0))
     (tokens, stopped), = generator.generate_ids([ids], [0])
@@ -499,7 +557,7 @@ def test_ray_matches_local_output(tiny_model, tmp_path, capfd):
 
 
 def test_pick_tokens_samples_the_distribution_row_by_row():
-    from draftdata.collect.synthesize import pick_tokens
+    from draftdata.collect.decode_batch import pick_tokens
 
     logits = torch.tensor([[0.0, 1.0, 2.0, -float("inf")]]).repeat(20000, 1)
     u = torch.rand(20000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
@@ -513,7 +571,7 @@ def test_pick_tokens_samples_the_distribution_row_by_row():
 
 
 def test_length_groups_bound_padding_work():
-    from draftdata.collect.synthesize import length_groups
+    from draftdata.collect.decode_batch import length_groups
 
     lengths = [50, 55, 60, 62, 70, 500]
     assert length_groups(lengths, 64) == [[0, 1, 2, 3, 4], [5]]  # a long prompt no longer pads the rest

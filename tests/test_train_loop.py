@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -117,6 +118,49 @@ def test_sigkill_and_resume_gives_the_same_losses(tmp_path, tiny_model, train_da
     ref_w = reference.draft.draft_state_dict()
     for name, value in load_draft(out / "final").draft_state_dict().items():
         torch.testing.assert_close(value, ref_w[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_held_out_validation_is_reported_and_leaves_the_run_unchanged(tmp_path, tiny_model, train_data, capsys):  # noqa: F811
+    from test_train_support import make_dataset
+
+    from draftdata.loaders import HiddenStateDataset
+    from draftdata.train.model import build_draft
+    from draftdata.train.trainer import Dist, validation_metrics
+
+    val_url = str(tmp_path / "val")
+    make_dataset(val_url, tiny_model, n=12, seed=1)
+    common = dict(data=train_data, model=str(tiny_model), eagle_config={"eagle_architecture_config": TINY_ARCH},
+                  steps=6, batch_tokens=256, save_every=3, log_every=1, lr=2e-3, seed=5, progress=False)
+    plain = train(TrainConfig(output=str(tmp_path / "plain"), plot=False, **common))
+    result = train(TrainConfig(output=str(tmp_path / "val_run"), val_data=val_url, val_every=2, **common))
+    rows = read_metrics(tmp_path / "val_run")
+    val = [r for r in rows if "val_loss" in r]
+    assert [r["step"] for r in val] == [2, 4, 6]
+    assert [r["loss"] for r in rows] == plain.losses                 # the run itself is untouched
+    assert len({r["val_tokens"] for r in val}) == 1 and val[0]["val_tokens"] > 0   # all of it, every time
+    assert len(val[0]["val_step_acc"]) == len(val[0]["val_step_loss"]) == 3
+    assert "val step 6: loss" in capsys.readouterr().out
+    assert (tmp_path / "val_run" / "training_curves.png").stat().st_size > 10_000
+
+    # the last value is the trained draft's loss on the held-out set, recomputed here
+    dataset = HiddenStateDataset(val_url, shuffle=False, max_seq_len=256, max_tokens_per_batch=256)
+    eagle = TrainConfig(**common, output="-").eagle()
+    _, head = build_draft(tiny_model, eagle, dataset.schema)
+    again = validation_metrics(result.draft, head, dataset, ttt_steps=eagle.eagle_ttt_steps,
+                               decay=eagle.eagle_loss_decay_factor, self_logit_distillation=True,
+                               device=torch.device("cpu"), info=Dist(), autocast=contextlib.nullcontext())
+    assert again["val_loss"] == pytest.approx(val[-1]["val_loss"], rel=1e-5)
+    assert again["val_tokens"] == val[-1]["val_tokens"]
+
+    # a held-out set captured from other layers, or --val-every alone, is refused with the reason
+    other = str(tmp_path / "val_other")
+    make_dataset(other, tiny_model, n=4, aux_layer_ids=(1, 2, 3))
+    args = ["train", "--data", train_data, "--model", str(tiny_model), "--eagle-config", str(eagle_file(tmp_path)),
+            "--steps", "2", "--batch-tokens", "256"]
+    assert main(args + ["--output", str(tmp_path / "r1"), "--val-data", other]) == 2
+    assert "aux_layer_ids is [1, 2, 3]" in capsys.readouterr().err
+    assert main(args + ["--output", str(tmp_path / "r2"), "--val-every", "2"]) == 2
+    assert "--val-every needs --val-data" in capsys.readouterr().err
 
 
 DDP_SCRIPT = """

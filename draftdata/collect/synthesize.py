@@ -10,9 +10,10 @@ earlier answers (so a two-question conversation is a real multi-turn chat with t
 System messages stay where they were.
 
 Two ways to generate:
-- local (`HFGenerator`): batched decoding with transformers on CPU/CUDA. Prompts are left
-  padded, decoded with the KV cache, and finished rows leave the batch. Each (conversation,
-  turn) draws its random numbers from its own generator seeded from (--seed, id, turn), so an
+- local (`HFGenerator`): batched decoding with transformers on CPU/CUDA, continuous batching
+  (`decode_batch.RunningBatch`): a finished answer leaves the batch and the next prompt joins
+  it at once, left-padded into the shared KV cache. Each (conversation, turn) draws its random
+  numbers from its own generator seeded from (--seed, id, turn), so an
   answer does not depend on which other conversations share its batch, on the batch size, on
   resuming, or on how a Ray job split the input (up to float rounding of batched matmuls);
   temperature 0 is greedy.
@@ -21,9 +22,10 @@ Two ways to generate:
   POST {URL}/v1/chat/completions carrying the same per-turn seed.
 
 Output (`JsonlOutput`): JSONL in the format `collect` reads, ids kept, appended in whole lines
-(one write + fsync per batch) while an exclusive lock keeps a second run off the file. A rerun
-skips the ids already written; a line torn by a kill is cut off (with a message) before
-anything is appended, so a kill loses at most the conversations in flight and never breaks the
+(one write + fsync per --batch-size finished conversations, or every 30 s) while an exclusive
+lock keeps a second run off the file. A rerun skips the ids already written; a line torn by a
+kill is cut off (with a message) before anything is appended, so a kill loses at most the
+conversations in flight or not yet written (a rerun generates them again) and never breaks the
 file. `<OUT>.synth/` holds the settings the file was written with (a rerun with other
 generation settings is refused: it would mix two distributions), the run summaries and the
 rejects.
@@ -40,17 +42,21 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from draftdata.collect.conversations import Conversation, RecordError, Reject, read_conversations
 from draftdata.collect.stats import RunStats
 from draftdata.errors import DraftdataError
 from draftdata.progress import JobProgress
+
+if TYPE_CHECKING:
+    from draftdata.collect.decode_batch import RunningBatch
 
 # Reject reasons of synthesize (reading the input rejects with collect's REASONS as well).
 SYNTH_REASONS = {
@@ -88,7 +94,7 @@ class SynthSettings:
     replace_system_prompt: bool = False
     chat_template: str | None = None  # template text from --chat-template
     max_seq_len: int | None = None  # None: the model's max_position_embeddings
-    batch_size: int = 16
+    batch_size: int = 32
     concurrency: int = 8
     request_timeout: float = 600.0
     retries: int = 5
@@ -245,55 +251,6 @@ def start_turns(conv: Conversation, settings: SynthSettings) -> TurnState:
 
 # ---------------------------------------------------------------- local generation (transformers)
 
-def pick_tokens(logits: Any, temperature: float, top_p: float, uniforms: Any | None) -> Any:
-    """Next token per row: argmax at temperature 0, else inverse-CDF sampling with one uniform
-    draw per row (from that row's own generator), after temperature and nucleus (top-p) cuts.
-    Every operation is row-wise, so a row's token never depends on the other rows."""
-    import torch
-
-    if temperature <= 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    order = None
-    if top_p < 1.0:
-        probs, order = probs.sort(dim=-1, descending=True, stable=True)
-        # keep the most likely tokens until their mass reaches top_p (the first is always kept)
-        probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p, 0.0)
-    cdf = probs.cumsum(-1, dtype=torch.float64)
-    target = (uniforms.to(cdf.device, torch.float64) * cdf[:, -1]).unsqueeze(1)
-    j = torch.searchsorted(cdf, target, right=True)
-    # rounding can put the target at the very top: take the last token that has probability
-    last = (probs > 0).long().cumsum(-1).argmax(-1, keepdim=True)
-    j = torch.minimum(j, last)
-    return (order.gather(1, j) if order is not None else j).squeeze(1)
-
-
-PADDING_SLACK = 0.3  # a padded batch may cost up to 30% more than its rows' own work
-
-
-def length_groups(lengths: list[int], max_new_tokens: int, slack: float = PADDING_SLACK) -> list[list[int]]:
-    """Split prompts sorted by length into consecutive groups that run as one padded batch.
-
-    Left padding makes every row as long as the longest prompt, for the prefill and for every
-    decoding step's attention. A group grows while its padded work, n x (longest + new tokens),
-    stays within (1 + slack) x the rows' own work, sum(length + new tokens): with long answers
-    (decoding dominates) prompts of very different lengths still share a batch; with short
-    answers a 500-token prompt no longer makes thirty 60-token prompts pay for 500 positions.
-    """
-    groups: list[list[int]] = []
-    group: list[int] = []
-    own = 0
-    for k, n in enumerate(lengths):  # ascending: the new prompt is the group's longest
-        if group and (len(group) + 1) * (n + max_new_tokens) > (1 + slack) * (own + n + max_new_tokens):
-            groups.append(group)
-            group, own = [], 0
-        group.append(k)
-        own += n + max_new_tokens
-    if group:
-        groups.append(group)
-    return groups
-
-
 def _stop_token_ids(model: Any, tokenizer: Any, render: Callable[..., str]) -> set[int]:
     """End-of-generation ids: the generation config's and tokenizer's eos, plus the token the
     chat template puts after an assistant reply (e.g. <|im_end|>, <|eot_id|>) when special."""
@@ -414,8 +371,24 @@ class HFGenerator:
                                   f"tokens, no room to answer within --max-seq-len {self.max_seq_len}"))
         return ids
 
+    def new_batch(self, *, join: bool = True) -> RunningBatch:
+        """An empty running batch of this model (continuous batching unless join=False)."""
+        from draftdata.collect.decode_batch import RunningBatch
+
+        return RunningBatch(self.model, stop_ids=self.stop_ids, pad_id=self.pad_id, temperature=self.temperature,
+                            top_p=self.top_p, join=join, on_step=self.on_step)
+
+    def budget(self, prompt_ids: list[int]) -> int:
+        """The most new tokens a prompt may get: --max-new-tokens, within --max-seq-len."""
+        return min(self.max_new_tokens, self.max_seq_len - len(prompt_ids))
+
+    def answer(self, tokens: list[int], stopped: bool) -> Answer:
+        """The Answer for generated tokens (the stop token is counted, not decoded)."""
+        body = tokens[:-1] if stopped else tokens
+        return Answer(self.tokenizer.decode(body, skip_special_tokens=True), len(tokens), truncated=not stopped)
+
     def generate(self, prompts: list[Prompt]) -> list[Answer]:
-        """One answer per prompt, in order."""
+        """One answer per prompt, in order (all of them decoded as one running batch)."""
         answers: list[Answer | None] = [None] * len(prompts)
         todo: list[tuple[int, list[int], int]] = []
         for i, p in enumerate(prompts):
@@ -424,14 +397,10 @@ class HFGenerator:
                 answers[i] = enc
             else:
                 todo.append((i, enc, p.seed))
-        todo.sort(key=lambda t: len(t[1]))
-        for group in length_groups([len(t) for _, t, _ in todo], self.max_new_tokens):
-            part = [todo[k] for k in group]
-            results = self._generate_split([t for _, t, _ in part], [s for _, _, s in part])
-            for (i, _, _), (tokens, stopped) in zip(part, results):
-                body = tokens[:-1] if stopped else tokens
-                answers[i] = Answer(self.tokenizer.decode(body, skip_special_tokens=True), len(tokens),
-                                    truncated=not stopped)
+        if todo:
+            results = self._generate_split([t for _, t, _ in todo], [s for _, _, s in todo])
+            for (i, _, _), (tokens, stopped) in zip(todo, results):
+                answers[i] = self.answer(tokens, stopped)
         return answers  # type: ignore[return-value]
 
     def _generate_split(self, batch: list[list[int]], seeds: list[int]) -> list[tuple[list[int], bool]]:
@@ -452,58 +421,13 @@ class HFGenerator:
 
     def generate_ids(self, batch: list[list[int]], seeds: list[int]) -> list[tuple[list[int], bool]]:
         """Generate for token-id prompts: (new tokens incl. the stop token, stopped by the model)."""
-        import torch
-
-        with torch.inference_mode():
-            return self._decode(batch, seeds)
-
-    def _decode(self, batch: list[list[int]], seeds: list[int]) -> list[tuple[list[int], bool]]:
-        import torch
-
-        dev, b = self.input_device, len(batch)
-        longest = max(len(s) for s in batch)
-        ids = torch.full((b, longest), self.pad_id, dtype=torch.long)
-        mask = torch.zeros(b, longest, dtype=torch.long)
-        for i, s in enumerate(batch):  # left padding: every row's next token goes in the last column
-            ids[i, longest - len(s):] = torch.as_tensor(s, dtype=torch.long)
-            mask[i, longest - len(s):] = 1
-        positions = (mask.cumsum(-1) - 1).clamp_(min=0)
-        budget = [min(self.max_new_tokens, self.max_seq_len - len(s)) for s in batch]
-        rngs = [torch.Generator().manual_seed(s) for s in seeds]
-        out = self.model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=positions.to(dev),
-                         use_cache=True, logits_to_keep=1)
-        cache, logits = out.past_key_values, out.logits[:, -1]
-        mask, last_pos = mask.to(dev), positions[:, -1].to(dev)
-        rows = list(range(b))  # batch row -> prompt index
-        tokens: list[list[int]] = [[] for _ in range(b)]
-        stopped = [False] * b
-        while True:
-            uniforms = None
-            if self.temperature > 0:
-                uniforms = torch.stack([torch.rand((), generator=rngs[i], dtype=torch.float64) for i in rows])
-            chosen = pick_tokens(logits, self.temperature, self.top_p, uniforms)
-            if self.on_step is not None:  # live progress: a CPU batch can take minutes
-                self.on_step(len(rows))
-            keep = []
-            for j, (i, t) in enumerate(zip(rows, chosen.tolist())):
-                tokens[i].append(t)
-                if t in self.stop_ids:
-                    stopped[i] = True
-                elif len(tokens[i]) < budget[i]:
-                    keep.append(j)
-            if not keep:
-                break
-            if len(keep) < len(rows):  # finished rows leave the batch (and the KV cache)
-                sel = torch.tensor(keep, device=dev)
-                cache.batch_select_indices(sel)
-                chosen, mask, last_pos = chosen[sel], mask[sel], last_pos[sel]
-                rows = [rows[j] for j in keep]
-            mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
-            last_pos = last_pos + 1
-            out = self.model(input_ids=chosen.view(-1, 1).to(dev), attention_mask=mask,
-                             position_ids=last_pos.view(-1, 1), past_key_values=cache, use_cache=True)
-            cache, logits = out.past_key_values, out.logits[:, -1]
-        return list(zip(tokens, stopped))
+        running = self.new_batch()
+        running.add([(i, ids, seed, self.budget(ids)) for i, (ids, seed) in enumerate(zip(batch, seeds))])
+        results: dict[int, tuple[list[int], bool]] = {}
+        while len(running):
+            for i, tokens, stopped in running.step():
+                results[i] = (tokens, stopped)  # type: ignore[index]
+        return [results[i] for i in range(len(batch))]
 
     def close(self) -> None:
         import torch
@@ -651,11 +575,12 @@ def synthesize_conversations(conversations: Iterable[Conversation], generator: G
                              stats: SynthStats | None = None, progress: Progress | None = None) -> SynthStats:
     """Answer every user turn of `conversations` and hand finished records to `sink`.
 
-    Local generation runs rounds of up to --batch-size conversations, one turn each, refilling
-    the batch from the input as conversations finish; an endpoint runs --concurrency
-    conversations at once, each turn by turn. `sink` gets each round's (or each wake-up's)
-    finished records in one call, so the caller writes them in one write. Every conversation
-    advances `progress` once: when it is finished or rejected.
+    Local generation decodes up to --batch-size turns as one running batch (continuous batching:
+    a turn that finishes makes room for the next one at once); an endpoint runs --concurrency
+    conversations at once, each turn by turn. `sink` gets finished records in groups (locally
+    up to --batch-size of them or every FLUSH_SECONDS; for an endpoint each wake-up's), so the
+    caller writes them in one write. Every conversation advances `progress` once: when it is
+    finished or rejected.
     """
     stats = stats if stats is not None else SynthStats()
     progress = progress or (lambda n, t: None)
@@ -683,39 +608,107 @@ def _finish(state: TurnState, stats: SynthStats) -> dict[str, Any]:
     return state.record()
 
 
+FLUSH_SECONDS = 30.0  # finished records wait at most this long (or for --batch-size of them) to be written
+
+
 def _run_batched(conversations: Iterable[Conversation], generator: HFGenerator, settings: SynthSettings,
                  sink: Sink, on_reject: Callable[[Reject], None], stats: SynthStats, progress: Progress) -> None:
+    """Continuous batching: up to --batch-size turns decode together; when turns finish, the next
+    turns (a conversation's next user turn first, then new conversations) join the running batch."""
+    import torch
+
     source = iter(conversations)
-    active: list[TurnState] = []
     more = True
-    while True:
-        while more and len(active) < settings.batch_size:
+    waiting: deque[TurnState] = deque()  # turns ready to join the batch
+    running: dict[int, TurnState] = {}   # id(state) -> state, for the rows in the batch
+    capacity = settings.batch_size
+    refill_at = max(1, capacity // 8)    # join in groups of at least this many (fewer, smaller prefills)
+    batch = generator.new_batch()
+    done: list[dict[str, Any]] = []       # finished records not yet handed to sink
+    flushed_at = time.monotonic()
+
+    def flush() -> None:
+        nonlocal done, flushed_at
+        records, done, flushed_at = done, [], time.monotonic()
+        if records:
+            sink(records)
+            stats.written += len(records)
+
+    def fill_waiting(free: int) -> None:
+        nonlocal more
+        while more and len(waiting) < free:
             conv = next(source, None)
             if conv is None:
                 more = False
             elif (state := _start(conv, settings, on_reject, progress)) is not None:
-                active.append(state)
-        if not active:
-            return
-        t0 = time.perf_counter()
-        answers = generator.generate([s.prompt() for s in active])
-        stats.generate_seconds += time.perf_counter() - t0
-        finished: list[TurnState] = []
-        still: list[TurnState] = []
-        tokens = 0
-        for state, answer in zip(active, answers):
-            tokens += answer.tokens
-            if answer.reject is not None:
-                on_reject(Reject(state.conv.source, *answer.reject, state.conv.conversation_id))
+                waiting.append(state)
+
+    def join() -> None:
+        rows = []
+        while waiting and len(running) < capacity:  # running includes the rows joining now
+            state = waiting.popleft()
+            prompt = state.prompt()
+            enc = generator.encode(prompt)
+            if isinstance(enc, Answer):
+                on_reject(Reject(state.conv.source, *enc.reject, state.conv.conversation_id))  # type: ignore[misc]
                 progress(1, 0)
+                fill_waiting(capacity - len(running))
                 continue
-            state.add_answer(answer)
-            (finished if state.finished else still).append(state)
-        if finished:
-            sink([_finish(s, stats) for s in finished])
-            stats.written += len(finished)
-        progress(len(finished), tokens)
-        active = still
+            running[id(state)] = state
+            rows.append((id(state), enc, prompt.seed, generator.budget(enc)))
+        batch.add(rows)
+
+    try:
+        while True:
+            fill_waiting(capacity - len(running))
+            free = capacity - len(running)
+            joining = bool(waiting) and free > 0 and batch.can_add and (
+                not running or free >= min(refill_at, len(waiting)))
+            if not joining and not running:
+                return
+            t0 = time.perf_counter()
+            try:
+                if joining:
+                    join()
+                finished = batch.step()
+            except torch.OutOfMemoryError:
+                capacity = _shrink_after_oom(capacity, batch, running, waiting)
+                refill_at = max(1, capacity // 8)
+                continue
+            stats.generate_seconds += time.perf_counter() - t0
+            completed = 0
+            for key, tokens, stopped in finished:
+                state = running.pop(key)  # type: ignore[arg-type]
+                state.add_answer(generator.answer(tokens, stopped))
+                if state.finished:
+                    done.append(_finish(state, stats))
+                    completed += 1
+                else:
+                    waiting.appendleft(state)  # its next turn goes first: conversations finish in order
+            if finished:
+                progress(completed, sum(len(t) for _, t, _ in finished))
+            if len(done) >= capacity or (done and time.monotonic() - flushed_at >= FLUSH_SECONDS):
+                flush()
+    finally:
+        flush()  # finished conversations are kept even when the run stops on an error
+
+
+def _shrink_after_oom(capacity: int, batch: RunningBatch, running: dict[int, TurnState],
+                      waiting: deque[TurnState]) -> int:
+    """Out of GPU memory: put the running turns back in the queue (they restart from their
+    prompt; per-turn seeds make the answers the same) and halve the batch."""
+    import torch
+
+    keys = batch.drain()
+    if capacity == 1:
+        raise DraftdataError("out of GPU memory generating one answer; lower --max-new-tokens / --max-seq-len "
+                             "or use a bigger GPU") from None
+    for key in reversed(keys):
+        waiting.appendleft(running.pop(key))  # type: ignore[arg-type]
+    torch.cuda.empty_cache()
+    print(f"draftdata synthesize: out of GPU memory with {len(keys)} answers in flight; continuing with "
+          f"--batch-size {capacity // 2} (lower --batch-size to avoid this)", file=sys.stderr)
+    return capacity // 2
 
 
 def _run_concurrent(conversations: Iterable[Conversation], client: EndpointClient, settings: SynthSettings,

@@ -43,6 +43,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm (default 1.0)")
     p.add_argument("--save-every", type=int, default=1000, help="checkpoint every N steps (default 1000)")
+    p.add_argument("--val-data", metavar="URL",
+                   help="held-out dataset (collected like --data from other conversations): its loss and "
+                        "accuracy per TTT step go to the log and metrics.jsonl every --val-every steps")
+    p.add_argument("--val-every", type=int, metavar="N",
+                   help="held-out evaluation every N steps (default: --save-every) and at the last step")
     p.add_argument("--keep-checkpoints", type=int, default=2, help="checkpoints to keep (default 2; 0 = all)")
     p.add_argument("--log-every", type=int, default=10, help="print metrics every N steps (default 10)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initialization and data order (default 0)")
@@ -87,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
         keep_checkpoints=args.keep_checkpoints, log_every=args.log_every, seed=args.seed,
         shuffle=not args.no_shuffle, device=args.device, num_workers=args.num_workers,
         storage_options=parse_storage_options(args.storage_option), plot=not args.no_plot,
+        val_data=args.val_data, val_every=args.val_every,
     )
     if args.ray_workers:
         result = train_with_ray(cfg, args.ray_workers, use_gpu=args.ray_gpus)

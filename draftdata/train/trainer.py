@@ -8,12 +8,13 @@
 4. optimizer AdamW, scheduler warmup + cosine/linear/constant decay
 5. resume: draft weights, optimizer, scheduler, RNG and loader cursor from the last checkpoint
 6. loop: gradient-accumulation micro-batches -> TTT loss -> backward -> clip -> step;
-   metrics to stdout + metrics.jsonl (+ TensorBoard); checkpoint every `save_every` steps
+   metrics to stdout + metrics.jsonl (+ TensorBoard); checkpoint every `save_every` steps;
+   with `val_data`, the same loss and accuracy over a held-out dataset every `val_every` steps
 7. end: final/ checkpoint and training_curves.png
 
 Output directory:
     train_config.json                 the run's settings (checked on --resume)
-    metrics.jsonl                     one JSON object per optimizer step
+    metrics.jsonl                     one JSON object per optimizer step (val_* keys on held-out steps)
     checkpoints/step-XXXXXXXX/        draft.safetensors, draft_config.json, trainer_state.pt
     final/                            draft.safetensors, draft_config.json (what export reads)
     training_curves.png               loss and per-TTT-step accuracy
@@ -97,6 +98,8 @@ class TrainConfig:
     storage_options: dict[str, Any] = field(default_factory=dict)
     plot: bool = True
     progress: bool = True
+    val_data: str | None = None              # held-out dataset: loss/accuracy every val_every steps
+    val_every: int | None = None             # None: every save_every steps (and at the last step)
 
     def eagle(self) -> EagleConfig:
         cfg = dict(self.eagle_config)
@@ -107,7 +110,8 @@ class TrainConfig:
     def validate(self) -> None:
         if (self.steps is None) == (self.epochs is None):
             raise DraftdataError("give exactly one of --steps and --epochs")
-        for name in ("steps", "epochs", "grad_accum", "batch_tokens", "save_every", "log_every", "max_seq_len"):
+        for name in ("steps", "epochs", "grad_accum", "batch_tokens", "save_every", "log_every", "max_seq_len",
+                     "val_every"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 1):
                 raise DraftdataError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
@@ -119,6 +123,8 @@ class TrainConfig:
             raise DraftdataError(f"--lr must be positive, got {self.lr}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise DraftdataError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.val_every is not None and self.val_data is None:
+            raise DraftdataError("--val-every needs --val-data (a held-out dataset collected like --data)")
         self.eagle()
 
 
@@ -303,14 +309,68 @@ class MetricsLog:
             for k, (loss, acc) in enumerate(zip(record["step_loss"], record["step_acc"])):
                 self.tb.add_scalar(f"train/loss_ttt{k}", loss, step)
                 self.tb.add_scalar(f"train/acc_ttt{k}", acc, step)
+            if "val_loss" in record:
+                self.tb.add_scalar("val/loss", record["val_loss"], step)
+                for k, (loss, acc) in enumerate(zip(record["val_step_loss"], record["val_step_acc"])):
+                    self.tb.add_scalar(f"val/loss_ttt{k}", loss, step)
+                    self.tb.add_scalar(f"val/acc_ttt{k}", acc, step)
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
 
 
+# Dataset fields a held-out dataset must share with the training data (same base, same layers).
+VAL_MATCH = ("base_model_hash", "tokenizer_hash", "hidden_size", "aux_layer_ids", "num_hidden_layers", "vocab_size",
+             "final_hidden_prenorm", "layer_id_convention")
+
+
+def check_val_schema(train_schema: Any, val_schema: Any, train_url: str, val_url: str) -> None:
+    """Refuse a held-out dataset captured from another base model or other layers."""
+    for name in VAL_MATCH:
+        mine, theirs = getattr(train_schema, name), getattr(val_schema, name)
+        if mine is not None and theirs is not None and mine != theirs:
+            raise DraftdataError(f"--val-data {val_url}: its {name} is {theirs!r}, the training data's ({train_url}) "
+                                 f"is {mine!r}; collect the held-out conversations with the same --model and "
+                                 "--eagle-config")
+
+
+def validation_metrics(draft: Any, head: Any, dataset: Any, *, ttt_steps: int, decay: float,
+                       self_logit_distillation: bool, device: torch.device, info: Dist,
+                       autocast: Any) -> dict[str, Any]:
+    """Loss and top-1 accuracy per TTT step over all of a held-out dataset (each rank its share,
+    summed over ranks), in the training loss's own terms, without gradients or hidden-state mixing."""
+    from draftdata.train.losses import ttt_loss
+
+    loss_sum = torch.zeros(ttt_steps, device=device)
+    correct = torch.zeros(ttt_steps, device=device)
+    count = torch.zeros(ttt_steps, device=device)
+    was_training = draft.training
+    draft.eval()
+    # fork_rng: the DataLoader draws a seed from the global generator; the run must not notice us
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+            for batch in torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=0):
+                batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+                with autocast:
+                    out = ttt_loss(draft, head, batch, ttt_steps=ttt_steps, decay=decay,
+                                   self_logit_distillation=self_logit_distillation)
+                loss_sum += out.loss_sum.float()
+                correct += out.correct.float()
+                count += out.count.float()
+    finally:
+        draft.train(was_training)
+    for t in (loss_sum, correct, count):
+        _all_reduce(t, info)
+    step_loss = loss_sum / count.clamp_min(1)
+    return {"val_loss": float(sum(decay ** k * step_loss[k] for k in range(ttt_steps))),
+            "val_step_loss": step_loss.tolist(), "val_step_acc": (correct / count.clamp_min(1)).tolist(),
+            "val_tokens": int(count[0].item())}
+
+
 def plot_metrics(metrics_path: str | Path, out_png: str | Path) -> Path | None:
-    """PNG of the total loss and the per-TTT-step loss and accuracy against the optimizer step."""
+    """PNG of the total loss and the per-TTT-step loss and accuracy against the optimizer step
+    (held-out values, when the run had --val-data, as dashed lines with markers)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -322,9 +382,19 @@ def plot_metrics(metrics_path: str | Path, out_png: str | Path) -> Path | None:
     steps = [r["step"] for r in rows]
     fig, (ax_total, ax_loss, ax_acc) = plt.subplots(1, 3, figsize=(16, 4.5))
     ax_total.plot(steps, [r["loss"] for r in rows], color="black")
+    val = [r for r in rows if "val_loss" in r]
+    if val:
+        ax_total.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o--", color="tab:red",
+                      label="held-out (--val-data)")
+        ax_total.legend()
     for k in range(len(rows[0]["step_loss"])):
-        ax_loss.plot(steps, [r["step_loss"][k] for r in rows], label=f"TTT step {k}")
-        ax_acc.plot(steps, [r["step_acc"][k] for r in rows], label=f"TTT step {k}")
+        line, = ax_loss.plot(steps, [r["step_loss"][k] for r in rows], label=f"TTT step {k}")
+        ax_acc.plot(steps, [r["step_acc"][k] for r in rows], label=f"TTT step {k}", color=line.get_color())
+        if val:
+            ax_loss.plot([r["step"] for r in val], [r["val_step_loss"][k] for r in val], "o--",
+                         color=line.get_color(), label=f"held-out, step {k}")
+            ax_acc.plot([r["step"] for r in val], [r["val_step_acc"][k] for r in val], "o--",
+                        color=line.get_color(), label=f"held-out, step {k}")
     ax_total.set(xlabel="optimizer step", ylabel="loss", title="training loss (sum of decay^k x step loss)")
     ax_loss.set(xlabel="optimizer step", ylabel="soft cross-entropy", title="loss per TTT step")
     ax_acc.set(xlabel="optimizer step", ylabel="top-1 agreement with the base", title="accuracy per TTT step",
@@ -385,6 +455,14 @@ def train(cfg: TrainConfig) -> TrainResult:
             max_seq_len=cfg.max_seq_len or cfg.batch_tokens, storage_options=cfg.storage_options or None,
             max_tokens_per_batch=cfg.batch_tokens, pin_memory=False)
         schema = dataset.schema
+        val_dataset = None
+        if cfg.val_data is not None:
+            val_dataset = HiddenStateDataset(
+                cfg.val_data, shuffle=False, rank=info.rank, world_size=info.world_size,
+                max_seq_len=cfg.max_seq_len or cfg.batch_tokens, storage_options=cfg.storage_options or None,
+                max_tokens_per_batch=cfg.batch_tokens, pin_memory=False)
+            check_val_schema(schema, val_dataset.schema, cfg.data, cfg.val_data)
+        val_every = cfg.val_every or cfg.save_every
 
         def steps_in_epoch(epoch: int) -> int:
             return min(dataset.items_per_rank(epoch)) // cfg.grad_accum
@@ -519,6 +597,14 @@ def train(cfg: TrainConfig) -> TrainResult:
                 }
                 if not eagle.eagle_report_acc:
                     record["step_acc"] = [float("nan")] * module.ttt_steps
+                if cfg.max_minutes is not None:  # every rank stops at the same step (rank 0's clock decides)
+                    late = float(info.main and time.perf_counter() - started >= cfg.max_minutes * 60)
+                    out_of_time = bool(_all_reduce(torch.tensor(late, device=device), info).item())
+                if val_dataset is not None and (step % val_every == 0 or step == total_steps or out_of_time):
+                    record.update(validation_metrics(
+                        draft, head, val_dataset, ttt_steps=module.ttt_steps, decay=module.decay,
+                        self_logit_distillation=module.self_logit_distillation, device=device, info=info,
+                        autocast=autocast))
                 losses.append(record["loss"])
                 metrics.write(record)
                 bar.update(1)
@@ -527,9 +613,10 @@ def train(cfg: TrainConfig) -> TrainResult:
                     print(f"step {step}/{total_steps} epoch {epoch} loss {record['loss']:.4f} acc [{accs}] "
                           f"lr {record['lr']:.2e} gnorm {record['grad_norm']:.3f} "
                           f"{record['tokens_per_s']:.0f} tok/s mem {record['peak_mem_gb']:.2f} GiB", flush=True)
-                if cfg.max_minutes is not None:  # every rank stops at the same step (rank 0's clock decides)
-                    late = float(info.main and time.perf_counter() - started >= cfg.max_minutes * 60)
-                    out_of_time = bool(_all_reduce(torch.tensor(late, device=device), info).item())
+                if info.main and "val_loss" in record:
+                    accs = " ".join(f"{a:.3f}" for a in record["val_step_acc"])
+                    print(f"val step {step}: loss {record['val_loss']:.4f} acc [{accs}] over "
+                          f"{record['val_tokens']:,} held-out tokens", flush=True)
                 if step % cfg.save_every == 0 or step == total_steps or out_of_time:
                     end_of_epoch = consumed // cfg.grad_accum >= epoch_steps
                     state = {"step": step, "epoch": epoch + 1 if end_of_epoch else epoch,
