@@ -204,7 +204,7 @@ def test_padded_decoding_keeps_kv_heads_grouped_and_matches_transformers_sdpa(ge
 
 def test_rows_join_a_running_batch_and_generate_what_they_would_alone(generator):
     """Continuous batching: rows join while others decode (shorter and longer prompts than the
-    running rows, so either side gets left-padded), leave when their budget is spent, and each
+    running rows, so either side gets left-padded) into the slots of rows that left, and each
     generates exactly its one-at-a-time tokens; columns only departed rows used are cut off."""
     prompts = [generator.encode(Prompt([{"role": "user", "content": "hi " * n}], seed=0)) for n in (3, 1, 9, 14, 30, 2)]
     alone = [generator.generate_ids([ids], [0])[0][0] for ids in prompts]
@@ -222,17 +222,18 @@ def test_rows_join_a_running_batch_and_generate_what_they_would_alone(generator)
     run(1)
     keys = batch.cache.layers[0].keys
     run(1)  # nobody left: the step's token was written in place, not by copying the cache
-    assert type(batch.cache.layers[0]).__name__ == "SlackLayer"
+    assert type(batch.cache.layers[0]).__name__ == "SlotLayer"
     assert batch.cache.layers[0].keys.data_ptr() == keys.data_ptr()
     assert batch.cache.layers[0].keys.shape[-2] == keys.shape[-2] + 1
     batch.add([(k, prompts[k], 0, budgets[k]) for k in (2, 3)])  # longer prompts: the running rows get padded
     run(3)
     assert len(batch) == 3 and 0 in out  # row 0 spent its budget and left
     batch.add([(k, prompts[k], 0, budgets[k]) for k in (4, 5)])
-    assert len(batch) == 5
+    assert len(batch) == 5 and len(batch.keys) == 5  # 4 slots + 1: one of the two took row 0's slot
     while len(batch) > 1:
         run(1)
-    assert list(batch.keys) == [5] and bool(batch.mask.all())  # row 5 alone: no padding column left
+    live = [j for j, k in enumerate(batch.keys) if k is not None]
+    assert [batch.keys[j] for j in live] == [5] and bool(batch.mask[live].all())  # alone: no padding column left
     run(10)
     assert len(batch) == 0 and sizes[:6] == [2, 2, 4, 3, 3, 5]
     for k, budget in enumerate(budgets):
@@ -258,6 +259,49 @@ def test_synthesize_keeps_the_batch_full_while_conversations_wait(tiny_model):
     assert len(sizes) < rounds and sizes.count(4) >= len(sizes) - max(budgets)
     gen.on_step = None
     assert synth(convs, gen, batch_size=1) == batched
+
+
+def test_a_sliding_window_model_runs_static_batches_with_the_same_answers(tiny_model, tmp_path):
+    """A cache that cannot be merged (sliding-window layers, here a tiny Mistral with a 16-token
+    window, shorter than prompt + answer) falls back to static batches: no turn joins a running
+    batch, and the answers equal one-at-a-time generation."""
+    import shutil
+
+    from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
+
+    path = tmp_path / "mistral"
+    path.mkdir()
+    for f in tiny_model.iterdir():  # the tokenizer and its chat template
+        if f.suffix != ".safetensors" and f.name not in ("config.json", "generation_config.json"):
+            shutil.copy(f, path / f.name)
+    tok = AutoTokenizer.from_pretrained(path)
+    torch.manual_seed(0)
+    MistralForCausalLM(MistralConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, sliding_window=16, max_position_embeddings=512, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)).save_pretrained(path)
+    gen = HFGenerator(path, max_new_tokens=MAX_NEW)
+    assert gen.new_batch().join is False
+    convs = [{"conversation_id": f"s{i}", "conversations": [{"role": "user", "content": "hi " * n}]}
+             for i, n in enumerate((12, 1, 11, 2, 3, 9))]
+    sizes: list[int] = []
+    gen.on_step = sizes.append
+    batched = synth(convs, gen, batch_size=4)
+    assert sizes == [4] * MAX_NEW + [2] * MAX_NEW  # two static batches of 4 and 2
+    gen.on_step = None
+    assert synth(convs, gen, batch_size=1) == batched
+
+
+def test_conversations_are_read_in_windows_shortest_prompt_first():
+    from draftdata.collect.synthesize import by_length_in_windows
+
+    convs = [TurnState(parse_record({"conversation_id": f"c{i}", "conversations": [
+        {"role": "system", "content": "s" * (i % 2)}, {"role": "user", "content": "u" * n},
+        {"role": "assistant", "content": "a" * 1000}, {"role": "user", "content": "later" * 100}]}))
+        for i, n in enumerate((9, 3, 7, 1, 8, 2, 5))]
+    out = [s.conv.conversation_id for s in by_length_in_windows(convs, 3)]
+    # windows [9+0, 3+1, 7+0], [1+1, 8+0, 2+1], [5+0]: the first prompt counts, not answers or later turns
+    assert out == ["c1", "c2", "c0", "c3", "c5", "c4", "c6"]
 
 
 def test_answers_stop_at_end_of_turn_or_are_counted_truncated(generator):

@@ -1,19 +1,23 @@
 """Continuous batching for local generation (`draftdata synthesize` with transformers).
 
-A `RunningBatch` decodes up to --batch-size rows with one KV cache. A row that finishes leaves
-the batch at once, and new prompts join the running batch: they are prefilled together, then
-their cache is merged into the running one, left-padded to a common length. So the batch stays
-full while answers of very different lengths finish, instead of draining to its longest answer
-(static batching kept about 55% of the decode slots busy on Run 3's answers, bench/synth).
+A `RunningBatch` decodes up to --batch-size rows with one KV cache laid out as slots: row j of
+every layer's key/value buffer is slot j. A row that finishes frees its slot at once; new
+prompts are prefilled together and their keys/values written into free slots, right-aligned
+with the running rows (left padding). So the batch stays full while answers of very different
+lengths finish, instead of draining to its longest answer (static batching kept about 55% of
+the decode slots busy on Run 3's answers, bench/synth), and nothing is copied when a row
+leaves: the cache is only written, never compacted, except when more than half of the slots
+are free (the final drain). Each step's token is appended in place into spare columns.
 
 Each row keeps its own positions, padding mask and sampling generator, and padded columns get
 no attention weight, so a row's tokens do not depend on which rows share the batch (up to float
-rounding of batched matmuls). Columns that no row uses any more (the left padding of rows that
-left) are cut off after every step.
+rounding of batched matmuls). Columns that no live row uses any more (the left padding of rows
+that left) are cut off after every step by moving a view, not by copying.
 
-Merging needs transformers' plain `DynamicCache` (every layer a `DynamicLayer`). Models whose
-cache is anything else (sliding-window or linear-attention layers, older transformers) run the
-same loop as static batches: new rows join only when the batch is empty.
+Slots need transformers' plain `DynamicCache` (every layer a `DynamicLayer`), as the model's
+config describes it. Models whose cache is anything else (sliding-window or linear-attention
+layers, older transformers) run static batches: new rows join only when the batch is empty,
+and finished rows are dropped with the cache's own `batch_select_indices`.
 """
 
 from __future__ import annotations
@@ -76,72 +80,97 @@ SLACK_COLUMNS = 64  # spare cache columns per reallocation: appends in place for
 
 
 @functools.cache
-def slack_layer_class() -> type | None:
-    """`SlackLayer`, a transformers DynamicLayer that appends in place (None without DynamicLayer)."""
+def slot_layer_class() -> type | None:
+    """`SlotLayer`, a transformers DynamicLayer over slot buffers (None without DynamicLayer)."""
     try:
         from transformers.cache_utils import DynamicLayer
     except ImportError:
         return None
 
-    class SlackLayer(DynamicLayer):
-        """A DynamicLayer whose keys/values are leading views of buffers with spare columns, so a
-        decode step writes its token in place instead of copying the whole cache (DynamicLayer's
-        torch.cat: about a fifth of a CPU decode step at batch 32). Anything else that replaces
-        the tensors (rows selected, columns cut, rows merged) makes the next append reallocate."""
+    class SlotLayer(DynamicLayer):
+        """Keys/values are the view buf[:, :, start:end] of buffers with spare columns on both
+        sides: a decode step writes its token in place at `end`, new rows are written into their
+        slots, and cutting leading columns moves `start`. Buffers are zero-initialized, so a
+        column no row attends to still holds finite numbers (0 x NaN would poison attention)."""
+
+        def adopt(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+            self.kbuf, self.vbuf = keys.contiguous(), values.contiguous()
+            self.start, self.end = 0, keys.shape[-2]
+            self._view()
+
+        def _view(self) -> None:
+            self.keys = self.kbuf[:, :, self.start:self.end]
+            self.values = self.vbuf[:, :, self.start:self.end]
+
+        def _realloc(self, rows: int, lead: int, used: int, room: int) -> None:
+            """New buffers of `rows` rows: `lead` free columns, the used ones, `room` spare."""
+            shape = list(self.kbuf.shape)
+            shape[0], shape[2] = rows, lead + used + room
+            kbuf, vbuf = self.kbuf.new_zeros(shape), self.vbuf.new_zeros(shape)
+            n = min(rows, self.kbuf.shape[0])
+            kbuf[:n, :, lead:lead + used] = self.kbuf[:n, :, self.end - used:self.end]
+            vbuf[:n, :, lead:lead + used] = self.vbuf[:n, :, self.end - used:self.end]
+            self.kbuf, self.vbuf, self.start, self.end = kbuf, vbuf, lead, lead + used
+            self._view()
 
         def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
                    **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-            self.keys, self.keys_buffer = _append(self.keys, getattr(self, "keys_buffer", None), key_states)
-            self.values, self.values_buffer = _append(self.values, getattr(self, "values_buffer", None),
-                                                      value_states)
+            add = key_states.shape[-2]
+            if self.end + add > self.kbuf.shape[2]:
+                self._realloc(self.kbuf.shape[0], 0, self.end - self.start, add + SLACK_COLUMNS)
+            self.kbuf[:, :, self.end:self.end + add] = key_states
+            self.vbuf[:, :, self.end:self.end + add] = value_states
+            self.end += add
+            self._view()
             return self.keys, self.values
 
-    return SlackLayer
+        def fit(self, rows: int, columns: int) -> None:
+            """At least `rows` slots and `columns` columns in use (new columns on the left)."""
+            used = self.end - self.start
+            lead = max(0, columns - used)
+            if rows > self.kbuf.shape[0] or lead > self.start:
+                self._realloc(max(rows, self.kbuf.shape[0]), lead, used, SLACK_COLUMNS)
+                self.start = 0  # the `lead` new columns are zeros
+            else:
+                self.start -= lead
+            self._view()
 
+        def write(self, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+            """Rows `keys`/`values` [b, h, n, d] into `slots`, right-aligned with the running rows."""
+            n = keys.shape[-2]
+            self.kbuf[slots, :, self.end - n:self.end] = keys
+            self.vbuf[slots, :, self.end - n:self.end] = values
 
-def _append(current: torch.Tensor, buf: torch.Tensor | None, new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`current` + `new` along dim -2, written into `buf` when `current` is its leading view."""
-    n, add = current.shape[-2], new.shape[-2]
-    if (buf is None or current.data_ptr() != buf.data_ptr() or current.shape[:-2] != buf.shape[:-2]
-            or current.stride() != buf.stride() or n + add > buf.shape[-2]):
-        shape = list(current.shape)
-        shape[-2] = n + add + SLACK_COLUMNS
-        buf = current.new_empty(shape)
-        buf[..., :n, :].copy_(current)
-    buf[..., n:n + add, :].copy_(new)
-    return buf[..., :n + add, :], buf
+        def cut(self, first: int) -> None:
+            self.start += first
+            self._view()
+
+        def keep(self, slots: torch.Tensor) -> None:
+            self.kbuf, self.vbuf = self.kbuf[slots], self.vbuf[slots]
+            self._view()
+
+    return SlotLayer
 
 
 def mergeable(cache: Any) -> bool:
-    """Whether rows of another prefill can be merged into `cache` (plain full-attention layers)."""
+    """Whether `cache` is made of plain full-attention layers (rows can be written into slots)."""
     try:
         from transformers.cache_utils import DynamicCache, DynamicLayer
     except ImportError:
         return False
     layers = getattr(cache, "layers", None)
-    kinds = (DynamicLayer, slack_layer_class())
+    kinds = (DynamicLayer, slot_layer_class())
     return type(cache) is DynamicCache and bool(layers) and all(type(layer) in kinds for layer in layers)
 
 
-def with_slack(cache: Any) -> None:
-    """Make a mergeable cache's plain layers `SlackLayer`s (the same tensors; appends in place)."""
-    slack = slack_layer_class()
-    for i, layer in enumerate(cache.layers):
-        if type(layer) is not slack:
-            new = slack.__new__(slack)
-            new.__dict__.update(layer.__dict__)
-            cache.layers[i] = new
+def _mergeable_model(model: Any) -> bool:
+    """Whether `model`'s cache, as its config describes it, is made of plain full-attention layers."""
+    try:
+        from transformers.cache_utils import DynamicCache
 
-
-def stack_left_padded(a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:
-    """Rows of `a` then rows of `b` (dim 0), both right-aligned along `dim` and zero-filled on the left."""
-    length = max(a.shape[dim], b.shape[dim])
-    shape = list(a.shape)
-    shape[0], shape[dim] = a.shape[0] + b.shape[0], length
-    out = a.new_zeros(shape)
-    out[:a.shape[0]].narrow(dim, length - a.shape[dim], a.shape[dim]).copy_(a)
-    out[a.shape[0]:].narrow(dim, length - b.shape[dim], b.shape[dim]).copy_(b)
-    return out
+        return mergeable(DynamicCache(config=model.config))
+    except (ImportError, TypeError, ValueError, KeyError, AttributeError):  # older transformers, exotic configs
+        return False
 
 
 Row = tuple[Hashable, list[int], int, int]  # (key, prompt token ids, seed, most new tokens)
@@ -149,42 +178,45 @@ Finished = tuple[Hashable, list[int], bool]  # (key, new tokens incl. the stop t
 
 
 class RunningBatch:
-    """Rows being decoded together: `add` prefills new rows into the batch, `step` picks one
-    token for every row and returns the rows that finished (which leave the batch)."""
+    """Rows being decoded together: `add` prefills new rows into free slots, `step` picks one
+    token for every live row and returns the rows that finished (their slots become free)."""
 
     def __init__(self, model: Any, *, stop_ids: set[int], pad_id: int, temperature: float = 0.0,
-                 top_p: float = 1.0, join: bool = True, on_step: Callable[[int], None] | None = None):
+                 top_p: float = 1.0, on_step: Callable[[int], None] | None = None):
         self.model, self.stop_ids, self.pad_id = model, stop_ids, pad_id
         self.temperature, self.top_p = temperature, top_p
-        self.join = join  # False: rows are added only to an empty batch (static batching)
+        self.join = _mergeable_model(model)  # False: rows join an empty batch only (static batches)
         self.on_step = on_step  # called with the tokens of each decode step (live progress)
         self.device = model.get_input_embeddings().weight.device
         self._reset()
 
     def _reset(self) -> None:
-        self.keys: list[Hashable] = []
+        self.keys: list[Hashable | None] = []     # per slot; None = free
         self.tokens: list[list[int]] = []
         self.budget: list[int] = []
-        self.rngs: list[torch.Generator] = []
+        self.rngs: list[torch.Generator | None] = []
         self.cache: Any = None
-        self.mask: torch.Tensor | None = None      # [B, S] 1 = a real token, 0 = left padding
-        self.last_pos: torch.Tensor | None = None  # [B] position of each row's last token
-        self.logits: torch.Tensor | None = None    # [B, V] each row's next-token logits
+        self.mask: torch.Tensor | None = None      # [slots, S] 1 = a real token, 0 = left padding
+        self.last_pos: torch.Tensor | None = None  # [slots] position of each row's last token
+        self.logits: torch.Tensor | None = None    # [slots, V] each row's next-token logits
 
     def __len__(self) -> int:
-        return len(self.keys)
+        return sum(k is not None for k in self.keys)
 
     @property
     def can_add(self) -> bool:
-        return not self.keys or self.join
+        return len(self) == 0 or self.join
 
     @torch.inference_mode()
     def add(self, rows: list[Row]) -> None:
-        """Prefill `rows` (in groups of similar prompt length) and merge them into the batch."""
+        """Prefill `rows` (in groups of similar prompt length) and put them into free slots."""
         if rows and not self.can_add:
             raise RuntimeError("this batch takes new rows only when it is empty (its cache cannot be merged)")
+        if len(self) == 0:
+            self._reset()
         rows = sorted(rows, key=lambda r: len(r[1]))
-        for group in length_groups([len(r[1]) for r in rows], 0):
+        groups = length_groups([len(r[1]) for r in rows], 0) if self.join else [list(range(len(rows)))]
+        for group in groups:
             self._join([rows[k] for k in group])
 
     def _join(self, rows: list[Row]) -> None:
@@ -201,72 +233,122 @@ class RunningBatch:
         cache, logits, last = out.past_key_values, out.logits[:, -1], positions[:, -1]
         if self.cache is None:
             self.cache, self.mask, self.last_pos, self.logits = cache, mask, last, logits
+            slots = list(range(b))
+            self.keys, self.tokens, self.budget, self.rngs = [None] * b, [[] for _ in range(b)], [0] * b, [None] * b
+            if self.join:
+                self.join = mergeable(cache)
+            if self.join:
+                self._to_slot_layers()
         else:
-            for mine, theirs in zip(self.cache.layers, cache.layers):
-                mine.keys = stack_left_padded(mine.keys, theirs.keys, dim=-2)
-                mine.values = stack_left_padded(mine.values, theirs.values, dim=-2)
-            self.mask = stack_left_padded(self.mask, mask, dim=-1)
-            self.last_pos = torch.cat([self.last_pos, last])
-            self.logits = torch.cat([self.logits, logits])
-        self.join = self.join and mergeable(self.cache)
-        if self.join:
-            with_slack(self.cache)
-        for key, _, seed, budget in rows:
-            self.keys.append(key)
-            self.tokens.append([])
-            self.budget.append(budget)
-            self.rngs.append(torch.Generator().manual_seed(seed))
+            if not mergeable(cache):
+                raise RuntimeError(f"{type(self.model).__name__} returned a KV cache that cannot be merged "
+                                   f"({type(cache).__name__}); its config promised plain full-attention layers")
+            slots = self._place(b, cache, mask, last, logits)
+        for slot, (key, _, seed, budget) in zip(slots, rows):
+            self.keys[slot], self.tokens[slot], self.budget[slot] = key, [], budget
+            self.rngs[slot] = torch.Generator().manual_seed(seed)
+
+    def _to_slot_layers(self) -> None:
+        slot_layer = slot_layer_class()
+        for i, layer in enumerate(self.cache.layers):
+            new = slot_layer.__new__(slot_layer)
+            new.__dict__.update(layer.__dict__)
+            new.adopt(layer.keys, layer.values)
+            self.cache.layers[i] = new
+
+    def _place(self, b: int, cache: Any, mask: torch.Tensor, last: torch.Tensor, logits: torch.Tensor) -> list[int]:
+        """Write a prefilled group into free slots (adding slots when too few are free)."""
+        free = [j for j, k in enumerate(self.keys) if k is None]
+        grow = max(0, b - len(free))
+        if grow:
+            free += list(range(len(self.keys), len(self.keys) + grow))
+            self.keys += [None] * grow
+            self.tokens += [[] for _ in range(grow)]
+            self.budget += [0] * grow
+            self.rngs += [None] * grow
+            self.mask = torch.cat([self.mask, self.mask.new_ones(grow, self.mask.shape[1])])
+            self.last_pos = torch.cat([self.last_pos, self.last_pos.new_zeros(grow)])
+            self.logits = torch.cat([self.logits, self.logits.new_zeros(grow, self.logits.shape[1])])
+        columns = max(self.mask.shape[1], mask.shape[1])
+        for layer in self.cache.layers:
+            layer.fit(len(self.keys), columns)
+        if columns > self.mask.shape[1]:  # the running rows get more left padding
+            self.mask = torch.cat([self.mask.new_zeros(len(self.keys), columns - self.mask.shape[1]), self.mask], 1)
+        slots = free[:b]
+        sel = torch.tensor(slots, device=self.device)
+        for layer, new in zip(self.cache.layers, cache.layers):
+            layer.write(sel, new.keys, new.values)
+        self.mask[sel] = 0
+        self.mask[sel, columns - mask.shape[1]:] = mask
+        self.last_pos[sel] = last
+        self.logits[sel] = logits
+        return slots
 
     @torch.inference_mode()
     def step(self) -> list[Finished]:
-        """One token for every row; rows that stopped or reached their budget leave the batch."""
-        if not self.keys:
+        """One token for every live row; rows that stopped or reached their budget leave."""
+        live = [j for j, k in enumerate(self.keys) if k is not None]
+        if not live:
             return []
         uniforms = None
         if self.temperature > 0:
-            uniforms = torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in self.rngs])
-        chosen = pick_tokens(self.logits, self.temperature, self.top_p, uniforms)
+            uniforms = torch.stack([torch.rand((), generator=self.rngs[j], dtype=torch.float64) for j in live])
+        rows = torch.tensor(live, device=self.device)
+        chosen = pick_tokens(self.logits[rows], self.temperature, self.top_p, uniforms)
         if self.on_step is not None:
-            self.on_step(len(self.keys))
-        keep: list[int] = []
+            self.on_step(len(live))
         finished: list[Finished] = []
-        for j, t in enumerate(chosen.tolist()):
+        for j, t in zip(live, chosen.tolist()):
             self.tokens[j].append(t)
-            if t in self.stop_ids:
-                finished.append((self.keys[j], self.tokens[j], True))
-            elif len(self.tokens[j]) >= self.budget[j]:
-                finished.append((self.keys[j], self.tokens[j], False))
-            else:
-                keep.append(j)
-        if not keep:
+            if t in self.stop_ids or len(self.tokens[j]) >= self.budget[j]:
+                finished.append((self.keys[j], self.tokens[j], t in self.stop_ids))
+                self.keys[j], self.rngs[j] = None, None
+        if len(finished) == len(live):
             self._reset()
             return finished
-        if len(keep) < len(self.keys):
-            self._select(keep)
-            chosen = chosen[torch.tensor(keep, device=chosen.device)]
-        self.mask = torch.cat([self.mask, self.mask.new_ones(len(keep), 1)], dim=1)
+        inputs = torch.full((len(self.keys),), self.pad_id, dtype=torch.long, device=self.device)
+        inputs[rows] = chosen
+        if finished:
+            inputs = self._after_finish(inputs)
+        self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.keys), 1)], dim=1)
         self.last_pos = self.last_pos + 1
-        out = self.model(input_ids=chosen.view(-1, 1).to(self.device), attention_mask=self.mask,
+        out = self.model(input_ids=inputs.view(-1, 1), attention_mask=self.mask,
                          position_ids=self.last_pos.view(-1, 1), past_key_values=self.cache, use_cache=True)
         self.cache, self.logits = out.past_key_values, out.logits[:, -1]
         return finished
 
-    def _select(self, keep: list[int]) -> None:
-        """Keep rows `keep` and cut the columns that only the departed rows used."""
-        sel = torch.tensor(keep, device=self.device)
-        self.cache.batch_select_indices(sel)
-        self.mask, self.last_pos, self.logits = self.mask[sel], self.last_pos[sel], self.logits[sel]
-        for name in ("keys", "tokens", "budget", "rngs"):
-            values = getattr(self, name)
-            setattr(self, name, [values[j] for j in keep])
-        first = int(self.mask.bool().any(0).long().argmax())
-        if first and mergeable(self.cache):
-            for layer in self.cache.layers:
-                layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
-            self.mask = self.mask[:, first:]
+    def _after_finish(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Free the finished rows' slots (or drop them when the cache has no slots) and cut the
+        columns no live row uses."""
+        live = [j for j, k in enumerate(self.keys) if k is not None]
+        sel = torch.tensor(live, device=self.device)
+        slotted = type(self.cache.layers[0]) is slot_layer_class()
+        if not slotted or 2 * len(live) < len(self.keys):  # static batches, or the final drain: compact
+            if slotted:
+                for layer in self.cache.layers:
+                    layer.keep(sel)
+            else:
+                self.cache.batch_select_indices(sel)
+            self.mask, self.last_pos, self.logits, inputs = self.mask[sel], self.last_pos[sel], self.logits[sel], inputs[sel]
+            for name in ("keys", "tokens", "budget", "rngs"):
+                values = getattr(self, name)
+                setattr(self, name, [values[j] for j in live])
+        else:  # free slots attend to everything (finite numbers, no all-masked row) and are ignored
+            dead = torch.tensor([j for j, k in enumerate(self.keys) if k is None], device=self.device)
+            self.mask[dead] = 1
+            self.last_pos[dead] = 0
+        if slotted:
+            live_mask = self.mask[torch.tensor([j for j, k in enumerate(self.keys) if k is not None],
+                                               device=self.device)]
+            first = int(live_mask.bool().any(0).long().argmax())
+            if first:
+                for layer in self.cache.layers:
+                    layer.cut(first)
+                self.mask = self.mask[:, first:]
+        return inputs
 
     def drain(self) -> list[Hashable]:
         """Drop every row (their partial answers are lost) and return their keys."""
-        keys = self.keys
+        keys = [k for k in self.keys if k is not None]
         self._reset()
         return keys

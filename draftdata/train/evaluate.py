@@ -461,6 +461,7 @@ def evaluate(base: Any, tokenizer: Any, draft: LoadedDraft, conversations: list[
     matches = {m: 0 for m in methods if m != "greedy"}
     mismatched: dict[str, list[str]] = {m: [] for m in matches}
     per_prompt = []
+    bar = None
     try:
         turns = [(c, i) for c in conversations for i in range(min(len(c.user_turns), max_turns or 10**9))]
         if warmup:
@@ -470,7 +471,6 @@ def evaluate(base: Any, tokenizer: Any, draft: LoadedDraft, conversations: list[
             for m in methods:
                 runs[m](prompt, min(8, max_new_tokens))
         history: dict[str, list[dict[str, str]]] = {c.conversation_id: list(c.system) for c in conversations}
-        bar = None
         if progress:
             from draftdata.progress import JobProgress
 
@@ -504,9 +504,9 @@ def evaluate(base: Any, tokenizer: Any, draft: LoadedDraft, conversations: list[
             })
             if bar is not None:
                 bar.update(1, len(ref))
+    finally:
         if bar is not None:
             bar.close()
-    finally:
         capture.close()
     report: dict[str, Any] = {
         "steps": steps, "max_new_tokens": max_new_tokens, "prompt_lookup_num_tokens": prompt_lookup_num_tokens,
