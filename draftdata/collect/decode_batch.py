@@ -6,8 +6,9 @@ prompts are prefilled together and their keys/values written into free slots, ri
 with the running rows (left padding). So the batch stays full while answers of very different
 lengths finish, instead of draining to its longest answer (static batching kept about 55% of
 the decode slots busy on Run 3's answers, bench/synth), and nothing is copied when a row
-leaves: the cache is only written, never compacted, except when more than half of the slots
-are free (the final drain). Each step's token is appended in place into spare columns.
+leaves: the cache is only written, and compacted only when more slots are free than the runner
+refills at once (the final drain, a static batch). Each step's token is appended in place into
+spare columns.
 
 Each row keeps its own positions, padding mask and sampling generator, and padded columns get
 no attention weight, so a row's tokens do not depend on which rows share the batch (up to float
@@ -323,7 +324,9 @@ class RunningBatch:
         live = [j for j, k in enumerate(self.keys) if k is not None]
         sel = torch.tensor(live, device=self.device)
         slotted = type(self.cache.layers[0]) is slot_layer_class()
-        if not slotted or 2 * len(live) < len(self.keys):  # static batches, or the final drain: compact
+        # Free slots still cost a row of every step: more than the runner refills at once (1/8 of
+        # the slots) means nobody is about to take them (a drain, a static batch): compact.
+        if not slotted or len(self.keys) - len(live) > max(1, len(self.keys) // 8):
             if slotted:
                 for layer in self.cache.layers:
                     layer.keep(sel)
