@@ -124,6 +124,7 @@ def test_held_out_validation_is_reported_and_leaves_the_run_unchanged(tmp_path, 
     from test_train_support import make_dataset
 
     from draftdata.loaders import HiddenStateDataset
+    from draftdata.train.losses import EagleTTT
     from draftdata.train.model import build_draft
     from draftdata.train.trainer import Dist, validation_metrics
 
@@ -146,9 +147,9 @@ def test_held_out_validation_is_reported_and_leaves_the_run_unchanged(tmp_path, 
     dataset = HiddenStateDataset(val_url, shuffle=False, max_seq_len=256, max_tokens_per_batch=256)
     eagle = TrainConfig(**common, output="-").eagle()
     _, head = build_draft(tiny_model, eagle, dataset.schema)
-    again = validation_metrics(result.draft, head, dataset, ttt_steps=eagle.eagle_ttt_steps,
-                               decay=eagle.eagle_loss_decay_factor, self_logit_distillation=True,
-                               device=torch.device("cpu"), info=Dist(), autocast=contextlib.nullcontext())
+    module = EagleTTT(result.draft, head, ttt_steps=eagle.eagle_ttt_steps, decay=eagle.eagle_loss_decay_factor)
+    again = validation_metrics(module, dataset, device=torch.device("cpu"), info=Dist(),
+                               autocast=contextlib.nullcontext())
     assert again["val_loss"] == pytest.approx(val[-1]["val_loss"], rel=1e-5)
     assert again["val_tokens"] == val[-1]["val_tokens"]
 

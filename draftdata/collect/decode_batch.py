@@ -81,12 +81,10 @@ SLACK_COLUMNS = 64  # spare cache columns per reallocation: appends in place for
 
 
 @functools.cache
-def slot_layer_class() -> type | None:
-    """`SlotLayer`, a transformers DynamicLayer over slot buffers (None without DynamicLayer)."""
-    try:
-        from transformers.cache_utils import DynamicLayer
-    except ImportError:
-        return None
+def slot_layer_class() -> type:
+    """`SlotLayer`, a transformers DynamicLayer over slot buffers (built on first use: only a
+    batch whose model has plain DynamicLayers, i.e. transformers 5, asks for it)."""
+    from transformers.cache_utils import DynamicLayer
 
     class SlotLayer(DynamicLayer):
         """Keys/values are the view buf[:, :, start:end] of buffers with spare columns on both
@@ -160,8 +158,7 @@ def mergeable(cache: Any) -> bool:
     except ImportError:
         return False
     layers = getattr(cache, "layers", None)
-    kinds = (DynamicLayer, slot_layer_class())
-    return type(cache) is DynamicCache and bool(layers) and all(type(layer) in kinds for layer in layers)
+    return type(cache) is DynamicCache and bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
 
 
 def _mergeable_model(model: Any) -> bool:
@@ -186,7 +183,9 @@ class RunningBatch:
                  top_p: float = 1.0, on_step: Callable[[int], None] | None = None):
         self.model, self.stop_ids, self.pad_id = model, stop_ids, pad_id
         self.temperature, self.top_p = temperature, top_p
-        self.join = _mergeable_model(model)  # False: rows join an empty batch only (static batches)
+        # True: the cache is made of SlotLayers once the first rows are in. False: rows join an
+        # empty batch only and finished rows are dropped with batch_select_indices (static batches).
+        self.join = _mergeable_model(model)
         self.on_step = on_step  # called with the tokens of each decode step (live progress)
         self.device = model.get_input_embeddings().weight.device
         self._reset()
@@ -213,8 +212,6 @@ class RunningBatch:
         """Prefill `rows` (in groups of similar prompt length) and put them into free slots."""
         if rows and not self.can_add:
             raise RuntimeError("this batch takes new rows only when it is empty (its cache cannot be merged)")
-        if len(self) == 0:
-            self._reset()
         rows = sorted(rows, key=lambda r: len(r[1]))
         groups = length_groups([len(r[1]) for r in rows], 0) if self.join else [list(range(len(rows)))]
         for group in groups:
@@ -323,11 +320,10 @@ class RunningBatch:
         columns no live row uses."""
         live = [j for j, k in enumerate(self.keys) if k is not None]
         sel = torch.tensor(live, device=self.device)
-        slotted = type(self.cache.layers[0]) is slot_layer_class()
         # Free slots still cost a row of every step: more than the runner refills at once (1/8 of
         # the slots) means nobody is about to take them (a drain, a static batch): compact.
-        if not slotted or len(self.keys) - len(live) > max(1, len(self.keys) // 8):
-            if slotted:
+        if not self.join or len(self.keys) - len(live) > max(1, len(self.keys) // 8):
+            if self.join:
                 for layer in self.cache.layers:
                     layer.keep(sel)
             else:
@@ -336,13 +332,13 @@ class RunningBatch:
             for name in ("keys", "tokens", "budget", "rngs"):
                 values = getattr(self, name)
                 setattr(self, name, [values[j] for j in live])
+            live_mask = self.mask
         else:  # free slots attend to everything (finite numbers, no all-masked row) and are ignored
             dead = torch.tensor([j for j, k in enumerate(self.keys) if k is None], device=self.device)
             self.mask[dead] = 1
             self.last_pos[dead] = 0
-        if slotted:
-            live_mask = self.mask[torch.tensor([j for j, k in enumerate(self.keys) if k is not None],
-                                               device=self.device)]
+            live_mask = self.mask[sel]
+        if self.join:
             first = int(live_mask.bool().any(0).long().argmax())
             if first:
                 for layer in self.cache.layers:
@@ -350,8 +346,6 @@ class RunningBatch:
                 self.mask = self.mask[:, first:]
         return inputs
 
-    def drain(self) -> list[Hashable]:
-        """Drop every row (their partial answers are lost) and return their keys."""
-        keys = [k for k in self.keys if k is not None]
+    def drain(self) -> None:
+        """Drop every row (their partial answers are lost): the batch is empty again."""
         self._reset()
-        return keys

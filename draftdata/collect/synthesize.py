@@ -644,7 +644,6 @@ def _run_batched(conversations: Iterable[Conversation], generator: HFGenerator, 
     waiting: deque[TurnState] = deque()  # turns ready to join the batch
     running: dict[int, TurnState] = {}   # id(state) -> state, for the rows in the batch
     capacity = settings.batch_size
-    refill_at = max(1, capacity // 8)    # join in groups of at least this many (fewer, smaller prefills)
     batch = generator.new_batch()
     done: list[dict[str, Any]] = []       # finished records not yet handed to sink
     flushed_at = time.monotonic()
@@ -684,6 +683,7 @@ def _run_batched(conversations: Iterable[Conversation], generator: HFGenerator, 
         while True:
             fill_waiting(capacity - len(running))
             free = capacity - len(running)
+            refill_at = max(1, capacity // 8)  # join in groups of at least this many (fewer, smaller prefills)
             joining = bool(waiting) and free > 0 and batch.can_add and (
                 not running or free >= min(refill_at, len(waiting)))
             if not joining and not running:
@@ -695,7 +695,6 @@ def _run_batched(conversations: Iterable[Conversation], generator: HFGenerator, 
                 finished = batch.step()
             except torch.OutOfMemoryError:
                 capacity = _shrink_after_oom(capacity, batch, running, waiting)
-                refill_at = max(1, capacity // 8)
                 continue
             stats.generate_seconds += time.perf_counter() - t0
             completed = 0
@@ -717,19 +716,20 @@ def _run_batched(conversations: Iterable[Conversation], generator: HFGenerator, 
 
 def _shrink_after_oom(capacity: int, batch: RunningBatch, running: dict[int, TurnState],
                       waiting: deque[TurnState]) -> int:
-    """Out of GPU memory: put the running turns back in the queue (they restart from their
-    prompt; per-turn seeds make the answers the same) and halve the batch."""
+    """Out of GPU memory: put every running turn back in the queue (also those whose prefill
+    failed, so none is orphaned; they restart from their prompt and per-turn seeds make the
+    answers the same) and halve the batch."""
     import torch
 
-    keys = batch.drain()
+    batch.drain()
     if capacity == 1:
         raise DraftdataError("out of GPU memory generating one answer; lower --max-new-tokens / --max-seq-len "
                              "or use a bigger GPU") from None
-    for key in reversed(keys):
-        waiting.appendleft(running.pop(key))  # type: ignore[arg-type]
-    torch.cuda.empty_cache()
-    print(f"draftdata synthesize: out of GPU memory with {len(keys)} answers in flight; continuing with "
+    waiting.extendleft(reversed(list(running.values())))
+    print(f"draftdata synthesize: out of GPU memory with {len(running)} answers in flight; continuing with "
           f"--batch-size {capacity // 2} (lower --batch-size to avoid this)", file=sys.stderr)
+    running.clear()
+    torch.cuda.empty_cache()
     return capacity // 2
 
 

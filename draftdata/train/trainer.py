@@ -335,13 +335,14 @@ def check_val_schema(train_schema: Any, val_schema: Any, train_url: str, val_url
                                  "--eagle-config")
 
 
-def validation_metrics(draft: Any, head: Any, dataset: Any, *, ttt_steps: int, decay: float,
-                       self_logit_distillation: bool, device: torch.device, info: Dist,
+def validation_metrics(module: Any, dataset: Any, *, device: torch.device, info: Dist,
                        autocast: Any) -> dict[str, Any]:
     """Loss and top-1 accuracy per TTT step over all of a held-out dataset (each rank its share,
-    summed over ranks), in the training loss's own terms, without gradients or hidden-state mixing."""
+    summed over ranks) for an `EagleTTT` module, in the training loss's own terms, without
+    gradients or hidden-state mixing."""
     from draftdata.train.losses import ttt_loss
 
+    draft, ttt_steps, decay = module.draft, module.ttt_steps, module.decay
     loss_sum = torch.zeros(ttt_steps, device=device)
     correct = torch.zeros(ttt_steps, device=device)
     count = torch.zeros(ttt_steps, device=device)
@@ -353,8 +354,8 @@ def validation_metrics(draft: Any, head: Any, dataset: Any, *, ttt_steps: int, d
             for batch in torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=0):
                 batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
                 with autocast:
-                    out = ttt_loss(draft, head, batch, ttt_steps=ttt_steps, decay=decay,
-                                   self_logit_distillation=self_logit_distillation)
+                    out = ttt_loss(draft, module.head, batch, ttt_steps=ttt_steps, decay=decay,
+                                   self_logit_distillation=module.self_logit_distillation)
                 loss_sum += out.loss_sum.float()
                 correct += out.correct.float()
                 count += out.count.float()
@@ -601,10 +602,8 @@ def train(cfg: TrainConfig) -> TrainResult:
                     late = float(info.main and time.perf_counter() - started >= cfg.max_minutes * 60)
                     out_of_time = bool(_all_reduce(torch.tensor(late, device=device), info).item())
                 if val_dataset is not None and (step % val_every == 0 or step == total_steps or out_of_time):
-                    record.update(validation_metrics(
-                        draft, head, val_dataset, ttt_steps=module.ttt_steps, decay=module.decay,
-                        self_logit_distillation=module.self_logit_distillation, device=device, info=info,
-                        autocast=autocast))
+                    record.update(validation_metrics(module, val_dataset, device=device, info=info,
+                                                     autocast=autocast))
                 losses.append(record["loss"])
                 metrics.write(record)
                 bar.update(1)
