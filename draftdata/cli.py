@@ -16,6 +16,7 @@ from draftdata.errors import DraftdataError
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "collect": ("draftdata.collect.cli_collect", "run a base model over conversations and store hidden states"),
+    "prompts": ("draftdata.collect.cli_prompts", "let the base model write user prompts (for synthesize)"),
     "synthesize": ("draftdata.collect.cli_synthesize", "regenerate assistant turns with the base model"),
     "inspect": ("draftdata.store.cli_inspect", "summarize a dataset: samples, tokens, parts, bytes, schema"),
     "verify": ("draftdata.store.cli_verify", "check every committed part; --gc removes crashed writers' leftovers"),

@@ -66,9 +66,6 @@ SYNTH_REASONS = {
     "endpoint_rejected": "the endpoint refused the request (HTTP 4xx) or returned no answer",
 }
 SIDECAR_SUFFIX = ".synth"  # <OUT>.synth/: settings.json, summary-*.json, rejects-*.jsonl
-# Settings that change what the model writes: a rerun into the same output must keep them.
-IDENTITY_KEYS = ("model_id", "model_hash", "endpoint", "max_new_tokens", "temperature", "top_p", "seed",
-                 "system_prompt", "replace_system_prompt", "chat_template_hash")
 
 Progress = Callable[[int, int], None]  # (conversations finished, tokens generated) since the last call
 Sink = Callable[[list[dict[str, Any]]], None]  # takes finished output records, one batch at a time
@@ -901,7 +898,7 @@ def check_settings(output: JsonlOutput, settings: SynthSettings) -> None:
             recorded = None
         if recorded is not None:
             diffs = [f"{k}: file has {recorded.get(k)!r}, this run has {current.get(k)!r}"
-                     for k in IDENTITY_KEYS if recorded.get(k) != current.get(k)]
+                     for k in sorted(set(recorded) | set(current)) if recorded.get(k) != current.get(k)]
             if diffs:
                 raise DraftdataError(
                     f"--output {output.path} already holds {len(output.ids):,} conversations written with other "

@@ -1,0 +1,55 @@
+"""`draftdata prompts`: let the base model write user prompts for `synthesize` to answer.
+
+Reference: docs/SYNTHESIZE.md ("Prompts written by the model"). The work is in self_prompts.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True,
+                   help="base model: a local HF directory, a hub id already in the local HF cache, a .gguf file, "
+                        "or 'smollm2'")
+    p.add_argument("--output", required=True,
+                   help="output JSONL of one-user-message conversations (local path), appended to; a rerun "
+                        "continues until it holds --count prompts")
+    p.add_argument("--count", type=int, required=True, metavar="N", help="prompts the output should hold")
+    gen = p.add_argument_group("sampling")
+    gen.add_argument("--temperature", type=float, default=1.0, metavar="T", help="sampling temperature (default 1.0)")
+    gen.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass (default 1.0 = off)")
+    gen.add_argument("--seed", type=int, default=0, metavar="S",
+                     help="each prompt is sampled from its own seed (S, index) (default 0); ids are self-S-INDEX")
+    gen.add_argument("--max-new-tokens", type=int, default=128, metavar="N",
+                     help="longest prompt in tokens; longer samples are rejected (default 128)")
+    gen.add_argument("--min-chars", type=int, default=16, metavar="N",
+                     help="shortest prompt kept, in characters (default 16)")
+    gen.add_argument("--max-attempts", type=int, default=None, metavar="N",
+                     help="give up after this many samples in one run (default 3 x --count + 64)")
+    gen.add_argument("--system-prompt", metavar="TEXT", default=None,
+                     help="system message to write the prompts under (default: the template's own default)")
+    gen.add_argument("--chat-template", metavar="FILE", default=None,
+                     help="Jinja chat template to use instead of the tokenizer's")
+    local = p.add_argument_group("local generation (transformers)")
+    local.add_argument("--batch-size", type=int, default=32, metavar="N",
+                       help="prompts sampled together, continuous batching (default 32)")
+    local.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
+                       help="compute dtype; auto = fp32 on CPU, bf16 on CUDA")
+    local.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from draftdata.collect.conversations import load_chat_template
+    from draftdata.collect.self_prompts import PromptSettings
+    from draftdata.collect.self_prompts import run as run_prompts
+    from draftdata.models import resolve_model
+
+    settings = PromptSettings(
+        model=args.model, model_path=str(resolve_model(args.model)), output=args.output, count=args.count,
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+        system_prompt=args.system_prompt,
+        chat_template=load_chat_template(args.chat_template) if args.chat_template else None,
+        min_chars=args.min_chars, max_attempts=args.max_attempts, batch_size=args.batch_size, dtype=args.dtype,
+        device=args.device)
+    return run_prompts(settings)

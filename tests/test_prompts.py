@@ -1,0 +1,158 @@
+"""`draftdata prompts`: the base model writes user prompts (Magpie-style), `synthesize` answers them.
+
+The model is the tiny random Llama of conftest, first taught (a few seconds of Adam) to write one
+of five short user messages after `<|im_start|>user\\n`: so what it samples is known, the five
+distinct texts bound how many unique prompts exist, and everything else is the real code path.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from draftdata.cli import main
+from draftdata.errors import DraftdataError
+
+USER_TEXTS = ["What is 12 plus 30?", "Write a short poem about the sea.", "The quick brown fox jumps over the lazy dog.",
+              "Speculative decoding drafts tokens with a small model.", "hello world numbers 0 1 2 3 4 5"]
+
+
+@pytest.fixture(scope="module")
+def user_model(tiny_model, tmp_path_factory) -> Path:
+    """The tiny model, trained to continue `<|im_start|>user\\n` with one of USER_TEXTS and <|im_end|>."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = tmp_path_factory.mktemp("user_model")
+    shutil.copytree(tiny_model, path, dirs_exist_ok=True)
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    rows = [tok.apply_chat_template([{"role": "user", "content": t}], tokenize=False) for t in USER_TEXTS]
+    ids = [tok(r, add_special_tokens=False)["input_ids"] for r in rows]
+    width = max(map(len, ids))
+    batch = torch.full((len(ids), width), tok.pad_token_id)
+    labels = torch.full((len(ids), width), -100)
+    for i, row in enumerate(ids):
+        batch[i, :len(row)] = torch.tensor(row)
+        labels[i, :len(row)] = torch.tensor(row)
+    torch.manual_seed(0)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(300):
+        loss = model(input_ids=batch, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.5, loss.item()
+    model.eval().save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def run_cli(*args) -> int:
+    return main(["prompts", *map(str, args)])
+
+
+def records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_the_model_writes_user_prompts_that_synthesize_answers(user_model, tmp_path, capsys):
+    out = tmp_path / "prompts.jsonl"
+    assert run_cli("--model", user_model, "--output", out, "--count", 3, "--max-new-tokens", 40) == 0
+    got = records(out)
+    assert len(got) == 3
+    texts = [r["conversations"][0]["content"] for r in got]
+    assert all(len(r["conversations"]) == 1 and r["conversations"][0]["role"] == "user" for r in got)
+    assert set(texts) <= set(USER_TEXTS) and len(set(texts)) == 3  # what it was taught, no repeats
+    assert all(re.fullmatch(r"self-0-\d{7}", r["conversation_id"]) for r in got)
+    summary = capsys.readouterr().out
+    assert "written    3 prompts" in summary
+    settings = json.loads((tmp_path / "prompts.jsonl.synth" / "settings.json").read_text())
+    assert settings["identity"]["command"] == "prompts" and settings["identity"]["temperature"] == 1.0
+
+    # the output is synthesize input: every prompt gets the model's answer
+    answered = tmp_path / "answered.jsonl"
+    assert main(["synthesize", "--model", str(user_model), "--input", str(out), "--output", str(answered),
+                 "--max-new-tokens", "8"]) == 0
+    done = {r["conversation_id"]: r["conversations"] for r in records(answered)}
+    assert set(done) == {r["conversation_id"] for r in got}
+    assert all([m["role"] for m in conv] == ["user", "assistant"] for conv in done.values())
+
+
+def test_duplicates_are_rejected_and_attempts_are_bounded(user_model, tmp_path, capsys):
+    out = tmp_path / "prompts.jsonl"
+    # only five distinct texts exist: asking for eight ends after --max-attempts with exit status 1
+    assert run_cli("--model", user_model, "--output", out, "--count", 8, "--max-attempts", 24,
+                   "--max-new-tokens", 40, "--batch-size", 4) == 1
+    texts = [r["conversations"][0]["content"] for r in records(out)]
+    assert 3 <= len(texts) <= 5 and len(set(texts)) == len(texts)
+    captured = capsys.readouterr()
+    assert re.search(r"rejected   \d+ of 24 samples: duplicate \d+", captured.out)
+    assert f"only {len(texts)} of 8 prompts after 24 samples" in captured.err
+
+    # every sample cut at the token limit: rejected as too_long, and the message says what to raise
+    short = tmp_path / "short.jsonl"
+    assert run_cli("--model", user_model, "--output", short, "--count", 2, "--max-new-tokens", 2) == 1
+    assert short.read_text() == ""
+    err = capsys.readouterr().err
+    assert "most were rejected as too_long: raise --max-new-tokens" in err
+
+
+def test_rerun_continues_to_count_and_other_settings_are_refused(user_model, tmp_path, capsys):
+    out = tmp_path / "prompts.jsonl"
+    common = ["--model", user_model, "--output", out, "--max-new-tokens", 40]
+    assert run_cli(*common, "--count", 2, "--batch-size", 1) == 0
+    first = out.read_text()
+    assert run_cli(*common, "--count", 4, "--batch-size", 3) == 0
+    text = out.read_text()
+    assert text.startswith(first) and len(text.splitlines()) == 4  # appended, nothing rewritten
+    got = records(out)
+    assert len({r["conversation_id"] for r in got}) == 4
+    assert len({r["conversations"][0]["content"] for r in got}) == 4  # no repeat of the first run's prompts
+    first_ids = max(int(r["conversation_id"].rsplit("-", 1)[1]) for r in records_of(first))
+    assert all(int(r["conversation_id"].rsplit("-", 1)[1]) > first_ids for r in got[2:])
+    assert "already holds 2 prompts; writing 2 more" in capsys.readouterr().err
+    assert run_cli(*common, "--count", 4) == 0 and out.read_text() == text  # nothing left to do
+    assert run_cli(*common, "--count", 6, "--temperature", 0.5) == 2  # one error line, exit 2
+    assert "temperature: file has 1.0, this run has 0.5" in capsys.readouterr().err
+    assert out.read_text() == text
+
+
+def records_of(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def test_each_prompt_is_sampled_from_its_own_seed(user_model, tmp_path):
+    one, many = tmp_path / "one.jsonl", tmp_path / "many.jsonl"
+    assert run_cli("--model", user_model, "--output", one, "--count", 4, "--batch-size", 1,
+                   "--max-new-tokens", 40, "--seed", 7) == 0
+    assert run_cli("--model", user_model, "--output", many, "--count", 4, "--batch-size", 8,
+                   "--max-new-tokens", 40, "--seed", 7) == 0
+    a = {r["conversation_id"]: r["conversations"] for r in records(one)}
+    b = {r["conversation_id"]: r["conversations"] for r in records(many)}
+    shared = set(a) & set(b)
+    assert shared and all(a[k] == b[k] for k in shared)  # an index writes the same text in any batch
+    assert all(k.startswith("self-7-") for k in a)
+
+
+def test_prefix_bad_templates_and_settings(user_model, tmp_path):
+    from draftdata.collect.self_prompts import PromptSettings, query_prefix
+    from draftdata.collect.synthesize import HFGenerator
+
+    gen = HFGenerator(user_model, max_new_tokens=4)
+    assert gen.tokenizer.decode(query_prefix(gen)) == "<|im_start|>user\n"
+    assert gen.tokenizer.decode(query_prefix(gen, "Be brief.")) == \
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n"
+    upper = tmp_path / "upper.jinja"
+    upper.write_text("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | upper }}<|im_end|>\n"
+                     "{% endfor %}")
+    with pytest.raises(DraftdataError, match="does not render a user message's text verbatim"):
+        query_prefix(HFGenerator(user_model, chat_template=upper.read_text()))
+    with pytest.raises(DraftdataError, match="--temperature must be > 0"):
+        PromptSettings(model="m", model_path=str(user_model), output="x", count=1, temperature=0.0)
+    with pytest.raises(DraftdataError, match="--max-attempts 1 is below --count 2"):
+        PromptSettings(model="m", model_path=str(user_model), output="x", count=2, max_attempts=1)
