@@ -44,12 +44,6 @@ from draftdata.errors import DraftdataError
 from draftdata.progress import JobProgress
 
 SENTINEL = "\x00draftdata-user-message\x00"
-REASONS = {
-    "too_long": "no end of turn within --max-new-tokens",
-    "too_short": "shorter than --min-chars after stripping whitespace",
-    "template_token": "holds a special token of the chat template (the model left the user turn)",
-    "duplicate": "the same text as an earlier prompt (case and whitespace folded)",
-}
 ID_PATTERN = re.compile(r"^self-(-?\d+)-(\d+)$")
 
 
@@ -229,7 +223,7 @@ def generate_prompts(generator: HFGenerator, settings: PromptSettings, out: Json
 def run(settings: PromptSettings) -> int:
     """The `draftdata prompts` command: returns 0, or 1 when --max-attempts ran out before --count."""
     with JsonlOutput(settings.output) as out:
-        check_settings(out, settings)  # type: ignore[arg-type]
+        check_settings(out, settings)
         have = len(out.ids)
         if have >= settings.count:
             print(f"draftdata prompts: {out.path} already holds {have:,} prompts (--count {settings.count:,}); "
@@ -252,7 +246,7 @@ def run(settings: PromptSettings) -> int:
         print(stats.format(str(out.path), settings.count, total))
         (sidecar_dir(out.path) / f"prompts-summary-{int(time.time())}.json").write_text(
             json.dumps({"stats": {**asdict(stats), "rejected": dict(stats.rejected)},
-                                      "settings": settings.report_dict()}, indent=2) + "\n")
+                        "settings": settings.report_dict()}, indent=2) + "\n")
     if total < settings.count:
         print(f"draftdata prompts: only {total:,} of {settings.count:,} prompts after {stats.attempts:,} samples "
               f"(--max-attempts {settings.max_attempts:,}); most were rejected as "
@@ -262,4 +256,4 @@ def run(settings: PromptSettings) -> int:
     return 0
 
 
-__all__ = ["PromptSettings", "PromptStats", "REASONS", "fold", "generate_prompts", "query_prefix", "run"]
+__all__ = ["PromptSettings", "PromptStats", "fold", "generate_prompts", "query_prefix", "run"]

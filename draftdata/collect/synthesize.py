@@ -48,7 +48,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from draftdata.collect.conversations import Conversation, RecordError, Reject, read_conversations
 from draftdata.collect.stats import RunStats
@@ -887,8 +887,17 @@ def sidecar_dir(output: str | os.PathLike) -> Path:
     return Path(f"{output}{SIDECAR_SUFFIX}")
 
 
-def check_settings(output: JsonlOutput, settings: SynthSettings) -> None:
-    """Refuse to append with generation settings other than those the file was written with."""
+class OutputSettings(Protocol):
+    """What check_settings needs of a run's settings (SynthSettings, self_prompts.PromptSettings)."""
+
+    def identity(self) -> dict[str, Any]: ...
+
+    def report_dict(self) -> dict[str, Any]: ...
+
+
+def check_settings(output: JsonlOutput, settings: OutputSettings) -> None:
+    """Refuse to append with generation settings other than those the file was written with
+    (every key of `identity()` recorded in the file or given by this run is compared)."""
     path = sidecar_dir(output.path) / "settings.json"
     current = settings.identity()
     if output.ids and path.is_file():
