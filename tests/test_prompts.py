@@ -156,3 +156,90 @@ def test_prefix_bad_templates_and_settings(user_model, tmp_path):
         PromptSettings(model="m", model_path=str(user_model), output="x", count=1, temperature=0.0)
     with pytest.raises(DraftdataError, match="--max-attempts 1 is below --count 2"):
         PromptSettings(model="m", model_path=str(user_model), output="x", count=2, max_attempts=1)
+
+
+# ------------------------------------------------------------------ --endpoint (OpenAI-compatible /v1/completions)
+
+@pytest.fixture(scope="module")
+def user_server(user_model):
+    from openai_server import ChatServer
+
+    server = ChatServer(user_model, name="user-llama")
+    yield server
+    server.close()
+
+
+def test_endpoint_writes_what_local_sampling_writes(user_model, user_server, tmp_path, capsys):
+    from draftdata.collect.self_prompts import PromptFormat, query_prefix
+    from draftdata.collect.synthesize import turn_seed
+
+    local, remote = tmp_path / "local.jsonl", tmp_path / "remote.jsonl"
+    flags = ["--count", 4, "--max-new-tokens", 40, "--seed", 3, "--temperature", 1.0]
+    # one row at a time locally: samples are judged in index order, as the endpoint path judges them
+    assert run_cli("--model", user_model, "--output", local, "--batch-size", 1, *flags) == 0
+    user_server.requests.clear()
+    assert run_cli("--endpoint", user_server.url, "--tokenizer", user_model, "--concurrency", 3,
+                   "--output", remote, *flags) == 0
+    assert records(remote) == records(local)  # same ids, same texts, same order
+    sent = user_server.requests
+    fmt = PromptFormat(str(user_model))
+    assert {tuple(r["prompt"]) for r in sent} == {tuple(query_prefix(fmt))}
+    assert {r["model"] for r in sent} == {"user-llama"} and {r["max_tokens"] for r in sent} == {40}
+    assert sorted(r["seed"] for r in sent) == sorted(turn_seed(3, f"self-{i}", 0) for i in range(len(sent)))
+    assert all(r["stop_token_ids"] == sorted(fmt.stop_ids) and r["skip_special_tokens"] is False for r in sent)
+    settings = json.loads((tmp_path / "remote.jsonl.synth" / "settings.json").read_text())["identity"]
+    assert settings["model_id"] == "user-llama" and settings["endpoint"] == user_server.url
+    assert "written    4 prompts" in capsys.readouterr().out
+
+    # a rerun continues; a server that runs past the end of turn is cut where the turn ended
+    user_server.completion_suffix = "<|im_end|>\n<|im_start|>assistant\nSure!"
+    try:
+        assert run_cli("--endpoint", user_server.url, "--tokenizer", user_model, "--output", remote,
+                       *flags[:1], 5, *flags[2:]) == 0
+    finally:
+        user_server.completion_suffix = ""
+    assert run_cli("--model", user_model, "--output", local, "--batch-size", 1, *flags[:1], 5, *flags[2:]) == 0
+    assert len(records(remote)) == 5 and records(remote) == records(local)
+
+
+def test_endpoint_special_tokens_errors_and_settings(user_model, user_server, tmp_path, capsys, monkeypatch):
+    # a special token inside the text (the model wrote past the user's turn): template_token
+    out = tmp_path / "prompts.jsonl"
+    user_server.completion_suffix = " <|im_start|>"
+    try:
+        assert run_cli("--endpoint", user_server.url + "/v1/completions", "--tokenizer", user_model, "--output", out,
+                       "--count", 2, "--max-attempts", 4, "--max-new-tokens", 40) == 1
+    finally:
+        user_server.completion_suffix = ""
+    assert out.read_text() == ""
+    assert re.search(r"rejected   4 of 4 samples: template_token 4", capsys.readouterr().out)
+
+    # HTTP 503 is retried; the API key is sent and never written down
+    monkeypatch.setenv("DRAFTDATA_API_KEY", "sekret")
+    user_server.requests.clear()
+    user_server.flaky, user_server.flaky_failed = True, False
+    try:
+        assert run_cli("--endpoint", user_server.url, "--tokenizer", user_model, "--output", tmp_path / "k.jsonl",
+                       "--count", 1, "--max-new-tokens", 40) == 0
+    finally:
+        user_server.flaky = False
+    assert user_server.flaky_failed and {r["auth"] for r in user_server.requests} == {"Bearer sekret"}
+    assert "sekret" not in "".join(p.read_text() for p in (tmp_path / "k.jsonl.synth").iterdir())
+    assert run_cli("--endpoint", user_server.url, "--tokenizer", user_model, "--output", tmp_path / "k.jsonl",
+                   "--count", 2, "--max-new-tokens", 40, "--seed", 9) == 2  # other settings: refused
+    assert "seed: file has 0, this run has 9" in capsys.readouterr().err
+
+    # a server that refuses the request format stops the run at once with what it said
+    user_server.reject_completions = True
+    try:
+        assert run_cli("--endpoint", user_server.url, "--tokenizer", user_model, "--output", tmp_path / "r.jsonl",
+                       "--count", 3) == 2
+    finally:
+        user_server.reject_completions = False
+    err = capsys.readouterr().err
+    assert "HTTP 400: unknown field stop_token_ids (test)" in err and "stop_token_ids" in err
+    assert run_cli("--endpoint", user_server.url, "--model", "nope", "--tokenizer", user_model,
+                   "--output", tmp_path / "n.jsonl", "--count", 1) == 2
+    assert "HTTP 404: model 'nope' does not exist" in capsys.readouterr().err
+    assert run_cli("--endpoint", user_server.url, "--output", tmp_path / "t.jsonl", "--count", 1) == 2
+    assert "--endpoint needs --tokenizer" in capsys.readouterr().err

@@ -15,13 +15,12 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import torch
+from openai_server import ChatServer
 
 from draftdata.cli import main
 from draftdata.collect.conversations import parse_record, read_conversations
@@ -405,7 +404,7 @@ def test_torn_last_line_is_cut_and_foreign_lines_refused(tmp_path, capsys):
     assert [r["conversation_id"] for r in read_output(path)] == ["a", "b", "c"]
     with JsonlOutput(path) as out:  # a second open: nothing to repair
         assert out.ids == {"a", "b", "c"}
-        with pytest.raises(DraftdataError, match="another synthesize run is writing"):
+        with pytest.raises(DraftdataError, match=r"another draftdata run \(synthesize or prompts\) is writing"):
             JsonlOutput(path)
     path.write_text(whole + "garbage\n" + whole.replace('"a"', '"b"'))
     with pytest.raises(DraftdataError, match=r"out.jsonl:2: not a record written by synthesize"):
@@ -461,77 +460,9 @@ def test_sigkill_at_several_moments_then_rerun_gives_each_id_once(tiny_model, tm
 
 # ------------------------------------------------------------------ OpenAI-compatible endpoint
 
-class ChatServer:
-    """A minimal OpenAI-compatible server on 127.0.0.1 with the real HF model behind it.
-
-    POST /v1/chat/completions honours messages, max_tokens, temperature, top_p and seed; GET
-    /v1/models lists one model. For the tests: a user message "FORBIDDEN" gets HTTP 400, and the
-    first request whose text contains "FLAKY" gets HTTP 503 (the client must retry it).
-    """
-
-    def __init__(self, model_path: Path, name: str = "tiny-llama"):
-        self.generator = HFGenerator(model_path, max_new_tokens=MAX_NEW)
-        self.name, self.lock, self.requests, self.flaky_failed = name, threading.Lock(), [], False
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def reply(self, status: int, payload: dict) -> None:
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_GET(self):
-                if self.path == "/v1/models":
-                    self.reply(200, {"object": "list", "data": [{"id": server.name, "object": "model"}]})
-                else:
-                    self.reply(404, {"error": {"message": f"no route {self.path}"}})
-
-            def do_POST(self):
-                if self.path != "/v1/chat/completions":
-                    return self.reply(404, {"error": {"message": f"no route {self.path}"}})
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                status, payload = server.complete(body, self.headers.get("Authorization"))
-                self.reply(status, payload)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def complete(self, body: dict, auth: str | None) -> tuple[int, dict]:
-        with self.lock:
-            self.requests.append({**body, "auth": auth})
-            text = json.dumps(body["messages"])
-            if body.get("model") != self.name:
-                return 404, {"error": {"message": f"model {body.get('model')!r} does not exist"}}
-            if "FORBIDDEN" in text:
-                return 400, {"error": {"message": "prompt is too long (test)"}}
-            if "FLAKY" in text and not self.flaky_failed:
-                self.flaky_failed = True
-                return 503, {"error": {"message": "overloaded (test)"}}
-            g = self.generator
-            g.max_new_tokens, g.temperature = body["max_tokens"], body.get("temperature", 1.0)
-            g.top_p = body.get("top_p", 1.0)
-            answer = g.generate([Prompt(body["messages"], body.get("seed", 0))])[0]
-        return 200, {"object": "chat.completion", "model": self.name, "choices": [{
-            "index": 0, "message": {"role": "assistant", "content": answer.text},
-            "finish_reason": "length" if answer.truncated else "stop"}],
-            "usage": {"completion_tokens": answer.tokens}}
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 @pytest.fixture(scope="module")
 def chat_server(tiny_model):
-    server = ChatServer(tiny_model)
+    server = ChatServer(tiny_model, max_new_tokens=MAX_NEW)
     yield server
     server.close()
 

@@ -16,6 +16,14 @@ at --max-new-tokens (`too_long`), shorter than --min-chars (`too_short`), holds 
 of the template (`template_token`), or repeats an earlier prompt after case and whitespace
 folding (`duplicate`). It stops at --count records or after --max-attempts samples.
 
+With `--endpoint URL` the samples come from an OpenAI-compatible server instead (vLLM, SGLang,
+trtllm-serve: the way to write many prompts on GPUs): the prefix is still rendered and tokenized
+here, from `--tokenizer` (the served model's tokenizer directory, no weights read), and sent as a
+token-id `prompt` to POST /v1/completions, one request per index with its seed, `--concurrency`
+in flight, judged and written in index order. The request asks for the stop ids
+(`stop_token_ids`) and the special tokens in the text (`skip_special_tokens: false`), so that
+`template_token` samples are seen; text after a stop token is cut off here as well.
+
 The output is appended to under the same lock, torn-line repair and settings check as
 `synthesize` (`JsonlOutput`, `<OUT>.synth/settings.json`); a rerun counts the records already
 there and continues from the index after the highest one.
@@ -27,17 +35,22 @@ import json
 import re
 import sys
 import time
-from collections import Counter
+from collections import Counter, deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from draftdata.collect.synthesize import (
     FLUSH_SECONDS,
+    EndpointClient,
+    EndpointError,
     HFGenerator,
     JsonlOutput,
     check_settings,
+    load_tokenizer,
     sidecar_dir,
+    stop_token_ids,
     turn_seed,
 )
 from draftdata.errors import DraftdataError
@@ -51,8 +64,8 @@ ID_PATTERN = re.compile(r"^self-(-?\d+)-(\d+)$")
 class PromptSettings:
     """Everything a `draftdata prompts` run needs."""
 
-    model: str
-    model_path: str
+    model: str | None  # --model as given; with --endpoint the served name (None: the server's only model)
+    model_path: str    # the local model directory; with --endpoint the --tokenizer directory
     output: str
     count: int
     max_new_tokens: int = 128
@@ -66,12 +79,17 @@ class PromptSettings:
     batch_size: int = 32
     dtype: str = "auto"
     device: str = "cpu"
+    endpoint: str | None = None
+    api_key: str | None = None
+    concurrency: int = 16
+    request_timeout: float = 600.0
+    retries: int = 5
 
     def __post_init__(self) -> None:
         if self.count < 1:
             raise DraftdataError("--count must be a positive integer")
-        if self.max_new_tokens < 1 or self.batch_size < 1:
-            raise DraftdataError("--max-new-tokens and --batch-size must be positive integers")
+        if self.max_new_tokens < 1 or self.batch_size < 1 or self.concurrency < 1:
+            raise DraftdataError("--max-new-tokens, --batch-size and --concurrency must be positive integers")
         if self.temperature <= 0:
             raise DraftdataError("--temperature must be > 0: greedy decoding writes the same prompt every time")
         if not 0 < self.top_p <= 1:
@@ -85,26 +103,56 @@ class PromptSettings:
         """The settings that decide what gets written (a rerun into the same output must keep them)."""
         import hashlib
 
-        from draftdata.models import model_hash, model_identity
+        from draftdata.models import model_hash, model_identity, tokenizer_hash
 
         template = hashlib.sha256(self.chat_template.encode()).hexdigest()[:16] if self.chat_template else None
-        return {"command": "prompts", "model_id": model_identity(self.model_path)[0],
-                "model_hash": model_hash(self.model_path), "max_new_tokens": self.max_new_tokens,
+        if self.endpoint:
+            model = {"model_id": self.model, "model_hash": None, "endpoint": self.endpoint,
+                     "tokenizer_hash": tokenizer_hash(self.model_path)}
+        else:
+            model = {"model_id": model_identity(self.model_path)[0], "model_hash": model_hash(self.model_path)}
+        return {"command": "prompts", **model, "max_new_tokens": self.max_new_tokens,
                 "temperature": self.temperature, "top_p": self.top_p, "seed": self.seed,
                 "system_prompt": self.system_prompt, "chat_template_hash": template, "min_chars": self.min_chars}
 
     def report_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["chat_template"] = self.chat_template is not None
+        d["api_key"] = self.api_key is not None  # never write secrets
         return d
 
 
-def query_prefix(generator: HFGenerator, system_prompt: str | None = None) -> list[int]:
+class PromptFormat:
+    """What an --endpoint run needs of the model here: tokenizer, chat template, stop ids (no weights)."""
+
+    def __init__(self, model_path: str, chat_template: str | None = None) -> None:
+        from transformers import AutoConfig, GenerationConfig
+
+        from draftdata.collect.conversations import ChatTokenizer
+
+        self.tokenizer = load_tokenizer(model_path)
+        self.chat = ChatTokenizer(self.tokenizer, chat_template=chat_template)
+        try:
+            eos = GenerationConfig.from_pretrained(model_path).eos_token_id
+        except (OSError, ValueError):
+            eos = None
+        try:
+            config = AutoConfig.from_pretrained(model_path)
+            config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        except (OSError, ValueError):
+            config = None
+        if eos is None and config is not None:
+            eos = getattr(config, "eos_token_id", None)
+        self.stop_ids = stop_token_ids(eos, self.tokenizer, self.chat.render)
+        self.max_seq_len = getattr(config, "max_position_embeddings", None) or 1 << 30
+
+
+def query_prefix(fmt: HFGenerator | PromptFormat, system_prompt: str | None = None) -> list[int]:
     """Token ids of the chat template up to where a user message's text begins."""
     messages = ([{"role": "system", "content": system_prompt}] if system_prompt is not None else []) + \
         [{"role": "user", "content": SENTINEL}]
     try:
-        text = generator.chat.render(messages)
+        text = fmt.chat.render(messages)
     except Exception as e:  # noqa: BLE001 - jinja raises TemplateError, or anything the template calls
         raise DraftdataError(f"the chat template failed on a one-message conversation: {type(e).__name__}: {e}") \
             from None
@@ -112,7 +160,7 @@ def query_prefix(generator: HFGenerator, system_prompt: str | None = None) -> li
         raise DraftdataError("the chat template does not render a user message's text verbatim, so there is no "
                              "place to let the model write one; pass --chat-template FILE")
     prefix = text[:text.index(SENTINEL)]
-    ids = generator.tokenizer(prefix, add_special_tokens=False)["input_ids"]
+    ids = fmt.tokenizer(prefix, add_special_tokens=False)["input_ids"]
     if not ids:
         raise DraftdataError("the chat template puts nothing before the user's text; a base model without a chat "
                              "format cannot write prompts this way")
@@ -163,32 +211,89 @@ class PromptStats:
             f"  output     {output}"])
 
 
-def generate_prompts(generator: HFGenerator, settings: PromptSettings, out: JsonlOutput, *,
-                     progress: JobProgress | None = None) -> PromptStats:
-    """Sample prompts into `out` until it holds --count of them (or --max-attempts samples were drawn)."""
-    prefix = query_prefix(generator, settings.system_prompt)
-    special = set(getattr(generator.tokenizer, "all_special_ids", [])) - generator.stop_ids
-    seen, index = read_existing(out.path, settings.seed)
-    have = len(out.ids)
-    stats = PromptStats()
-    t0 = time.perf_counter()
-    budget = min(settings.max_new_tokens, generator.max_seq_len - len(prefix))
+class _Keeper:
+    """Judges finished samples in the order given and appends the kept ones to the output
+    (in batches: up to `flush_at` records or every FLUSH_SECONDS)."""
+
+    def __init__(self, settings: PromptSettings, out: JsonlOutput, progress: JobProgress | None,
+                 flush_at: int) -> None:
+        self.settings, self.out, self.progress, self.flush_at = settings, out, progress, flush_at
+        self.seen, self.next_index = read_existing(out.path, settings.seed)
+        self.have = len(out.ids)
+        self.stats = PromptStats()
+        self.pending: list[dict[str, Any]] = []
+        self.last_flush = time.perf_counter()
+
+    @property
+    def missing(self) -> int:
+        return self.settings.count - self.have
+
+    def take(self, index: int, text: str, stopped: bool, template_token: bool) -> None:
+        """One finished sample: kept (while prompts are missing) or counted under its reason."""
+        text = text.strip()
+        reason = "too_long" if not stopped else "template_token" if template_token \
+            else "too_short" if len(text) < self.settings.min_chars else "duplicate" if fold(text) in self.seen else None
+        if reason is not None:
+            self.stats.rejected[reason] += 1
+        elif self.missing > 0:
+            self.seen.add(fold(text))
+            self.pending.append({"conversation_id": f"self-{self.settings.seed}-{index:07d}",
+                                 "conversations": [{"role": "user", "content": text}]})
+            self.have += 1
+            self.stats.written += 1
+            if self.progress is not None:
+                self.progress.update(1, 0)
+
+    def maybe_flush(self) -> None:
+        if len(self.pending) >= self.flush_at or (self.pending and time.perf_counter() - self.last_flush > FLUSH_SECONDS):
+            self.flush()
+
+    def flush(self) -> None:
+        self.out.append(self.pending)
+        self.pending.clear()
+        self.last_flush = time.perf_counter()
+
+
+def generate_prompts(source: HFGenerator | EndpointClient, settings: PromptSettings, out: JsonlOutput, *,
+                     fmt: PromptFormat | None = None, progress: JobProgress | None = None) -> PromptStats:
+    """Sample prompts into `out` until it holds --count of them (or --max-attempts samples were drawn).
+
+    source: the local generator, or an endpoint client together with `fmt` (the model's tokenizer
+    and template, read here)."""
+    fmt = source if isinstance(source, HFGenerator) else fmt
+    if fmt is None:
+        raise ValueError("an endpoint source needs fmt (PromptFormat)")
+    prefix = query_prefix(fmt, settings.system_prompt)
+    budget = min(settings.max_new_tokens, fmt.max_seq_len - len(prefix))
     if budget < 1:
         raise DraftdataError(f"the prompt prefix has {len(prefix)} tokens: no room within the model's "
-                             f"{generator.max_seq_len} positions")
+                             f"{fmt.max_seq_len} positions")
+    t0 = time.perf_counter()
+    if isinstance(source, HFGenerator):
+        keep = _Keeper(settings, out, progress, flush_at=settings.batch_size)
+        try:
+            _sample_local(source, prefix, budget, keep)
+        finally:
+            keep.flush()
+    else:
+        keep = _Keeper(settings, out, progress, flush_at=settings.concurrency)
+        try:
+            _sample_endpoint(source, fmt, prefix, budget, keep)
+        finally:
+            keep.flush()
+    keep.stats.seconds = time.perf_counter() - t0
+    return keep.stats
+
+
+def _sample_local(generator: HFGenerator, prefix: list[int], budget: int, keep: _Keeper) -> None:
+    """Continuous batching: a row that finishes makes room for the next index at once."""
+    settings, stats = keep.settings, keep.stats
+    special = set(getattr(generator.tokenizer, "all_special_ids", [])) - generator.stop_ids
     batch = generator.new_batch()
     capacity, refill = settings.batch_size, max(1, settings.batch_size // 8)
-    pending: list[dict[str, Any]] = []
-    last_flush = time.perf_counter()
-
-    def flush() -> None:
-        nonlocal last_flush
-        out.append(pending)
-        pending.clear()
-        last_flush = time.perf_counter()
-
-    while have < settings.count:
-        free = min(capacity - len(batch), settings.count - have - len(batch), settings.max_attempts - stats.attempts)
+    index = keep.next_index
+    while keep.missing > 0:
+        free = min(capacity - len(batch), keep.missing - len(batch), settings.max_attempts - stats.attempts)
         if free > 0 and batch.can_add and (free >= refill or not len(batch)):
             batch.add([(index + k, prefix, turn_seed(settings.seed, f"self-{index + k}", 0), budget)
                        for k in range(free)])
@@ -196,32 +301,62 @@ def generate_prompts(generator: HFGenerator, settings: PromptSettings, out: Json
             stats.attempts += free
         if not len(batch):
             break  # --max-attempts reached
-        new = 0
         for key, tokens, stopped in batch.step():
             stats.tokens += len(tokens)
-            text = generator.answer(tokens, stopped).text.strip()
-            reason = "too_long" if not stopped else "template_token" if special.intersection(tokens[:-1]) \
-                else "too_short" if len(text) < settings.min_chars else "duplicate" if fold(text) in seen else None
-            if reason is not None:
-                stats.rejected[reason] += 1
-            elif have + new < settings.count:
-                seen.add(fold(text))
-                pending.append({"conversation_id": f"self-{settings.seed}-{key:07d}",
-                                "conversations": [{"role": "user", "content": text}]})
-                new += 1
-        have += new
-        stats.written += new
-        if progress is not None and new:
-            progress.update(new, 0)
-        if len(pending) >= capacity or (pending and time.perf_counter() - last_flush > FLUSH_SECONDS):
-            flush()
-    flush()
-    stats.seconds = time.perf_counter() - t0
-    return stats
+            keep.take(key, generator.answer(tokens, stopped).text, stopped, bool(special.intersection(tokens[:-1])))
+        keep.maybe_flush()
+
+
+def _sample_endpoint(client: EndpointClient, fmt: PromptFormat, prefix: list[int], budget: int,
+                     keep: _Keeper) -> None:
+    """One request per index, --concurrency in flight, judged in index order (so which of two
+    equal prompts is kept does not depend on which answer arrived first)."""
+    settings, stats = keep.settings, keep.stats
+    decode = fmt.tokenizer.decode
+    stops = [t for t in (decode([i]) for i in sorted(fmt.stop_ids)) if t]
+    specials = [t for t in (decode([i]) for i in set(getattr(fmt.tokenizer, "all_special_ids", [])) - fmt.stop_ids)
+                if t]
+    extra = {"stop_token_ids": sorted(fmt.stop_ids), "skip_special_tokens": False}
+    index = keep.next_index
+    inflight: deque[tuple[int, Future]] = deque()
+    pool = ThreadPoolExecutor(max_workers=settings.concurrency, thread_name_prefix="draftdata-prompts")
+    try:
+        while True:
+            while len(inflight) < min(settings.concurrency, keep.missing) and stats.attempts < settings.max_attempts:
+                seed = turn_seed(settings.seed, f"self-{index}", 0)
+                inflight.append((index, pool.submit(client.complete, prefix, seed, budget, extra)))
+                index += 1
+                stats.attempts += 1
+            if not inflight:
+                break  # --count reached, or --max-attempts
+            key, future = inflight.popleft()
+            answer = future.result()
+            stats.tokens += answer.tokens
+            if keep.progress is not None:
+                keep.progress.update(0, answer.tokens)
+            if answer.reject is not None:  # every request is this one but for its seed: all would fail
+                raise EndpointError(f"--endpoint {client.base}: POST /completions: {answer.reject[1]}. draftdata "
+                                    "sends a token-id prompt with the vLLM/SGLang fields stop_token_ids and "
+                                    "skip_special_tokens; the server must accept them")
+            text, stopped = answer.text, not answer.truncated
+            cuts = [text.index(t) for t in stops if t in text]
+            if cuts:  # a server that did not stop at the stop ids: cut where the model ended its turn
+                text, stopped = text[:min(cuts)], True
+            keep.take(key, text, stopped, any(t in text for t in specials))
+            keep.maybe_flush()
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def run(settings: PromptSettings) -> int:
     """The `draftdata prompts` command: returns 0, or 1 when --max-attempts ran out before --count."""
+    client, fmt = None, None
+    if settings.endpoint:
+        fmt = PromptFormat(settings.model_path, settings.chat_template)
+        client = EndpointClient(settings.endpoint, model=settings.model, max_new_tokens=settings.max_new_tokens,
+                                temperature=settings.temperature, top_p=settings.top_p, api_key=settings.api_key,
+                                timeout=settings.request_timeout, retries=settings.retries)
+        settings.model = client.model  # the served name, asked of the server when not given
     with JsonlOutput(settings.output) as out:
         check_settings(out, settings)
         have = len(out.ids)
@@ -232,16 +367,23 @@ def run(settings: PromptSettings) -> int:
         if have:
             print(f"draftdata prompts: {out.path} already holds {have:,} prompts; writing "
                   f"{settings.count - have:,} more", file=sys.stderr)
-        generator = HFGenerator(settings.model_path, max_new_tokens=settings.max_new_tokens,
-                                temperature=settings.temperature, top_p=settings.top_p, dtype=settings.dtype,
-                                device=settings.device, chat_template=settings.chat_template)
         bar = JobProgress(total=settings.count - have, desc="prompts", unit="prompt")
-        generator.on_step = lambda t: bar.update(0, t)
         try:
-            stats = generate_prompts(generator, settings, out, progress=bar)
+            if fmt is not None:
+                stats = generate_prompts(client, settings, out, fmt=fmt, progress=bar)
+            else:
+                generator = HFGenerator(settings.model_path, max_new_tokens=settings.max_new_tokens,
+                                        temperature=settings.temperature, top_p=settings.top_p,
+                                        dtype=settings.dtype, device=settings.device,
+                                        chat_template=settings.chat_template)
+                generator.on_step = lambda t: bar.update(0, t)
+                bar.start()
+                try:
+                    stats = generate_prompts(generator, settings, out, progress=bar)
+                finally:
+                    generator.close()
         finally:
             bar.close()
-            generator.close()
         total = len(out.ids)
         print(stats.format(str(out.path), settings.count, total))
         (sidecar_dir(out.path) / f"prompts-summary-{int(time.time())}.json").write_text(
@@ -256,4 +398,4 @@ def run(settings: PromptSettings) -> int:
     return 0
 
 
-__all__ = ["PromptSettings", "PromptStats", "fold", "generate_prompts", "query_prefix", "run"]
+__all__ = ["PromptFormat", "PromptSettings", "PromptStats", "fold", "generate_prompts", "query_prefix", "run"]

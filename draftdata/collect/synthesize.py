@@ -248,11 +248,22 @@ def start_turns(conv: Conversation, settings: SynthSettings) -> TurnState:
 
 # ---------------------------------------------------------------- local generation (transformers)
 
-def _stop_token_ids(model: Any, tokenizer: Any, render: Callable[..., str]) -> set[int]:
-    """End-of-generation ids: the generation config's and tokenizer's eos, plus the token the
-    chat template puts after an assistant reply (e.g. <|im_end|>, <|eot_id|>) when special."""
+def load_tokenizer(model_path: str | os.PathLike) -> Any:
+    """The model directory's tokenizer (no weights are read)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(model_path))
+    except (OSError, ValueError) as e:
+        raise DraftdataError(f"--model {model_path}: cannot load its tokenizer: {e}") from None
+
+
+def stop_token_ids(generation_eos: Any, tokenizer: Any, render: Callable[..., str]) -> set[int]:
+    """End-of-generation ids: the generation config's eos (`generation_eos`, an id, a list or
+    None) and the tokenizer's, plus the token the chat template puts after an assistant reply
+    (e.g. <|im_end|>, <|eot_id|>) when special."""
     ids: set[int] = set()
-    for value in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
+    for value in (generation_eos, tokenizer.eos_token_id):
         if isinstance(value, int):
             ids.add(value)
         elif isinstance(value, (list, tuple)):
@@ -311,7 +322,7 @@ class HFGenerator:
                  top_p: float = 1.0, dtype: str = "auto", device: str = "cpu", chat_template: str | None = None,
                  max_seq_len: int | None = None):
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
         from transformers.utils import logging as hf_logging
 
         from draftdata.collect.backends.hf import check_device
@@ -324,10 +335,7 @@ class HFGenerator:
             dtype = "fp32" if self.device.type == "cpu" else "bf16"
         if dtype not in dtypes:
             raise DraftdataError(f"--dtype {dtype!r}: expected auto, bf16, fp16 or fp32")
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(str(model_path))
-        except (OSError, ValueError) as e:
-            raise DraftdataError(f"--model {model_path}: cannot load its tokenizer: {e}") from None
+        self.tokenizer = load_tokenizer(model_path)
         self.chat = ChatTokenizer(self.tokenizer, chat_template=chat_template)
         if self.device.type == "cuda" and device == "cuda" and torch.cuda.device_count() > 1:
             device_map: Any = "auto"  # spread a model too big for one GPU over all visible GPUs
@@ -351,7 +359,8 @@ class HFGenerator:
         config = self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") \
             else self.model.config
         self.max_seq_len = max_seq_len or getattr(config, "max_position_embeddings", None) or 1 << 30
-        self.stop_ids = _stop_token_ids(self.model, self.tokenizer, self.chat.render)
+        self.stop_ids = stop_token_ids(getattr(self.model.generation_config, "eos_token_id", None), self.tokenizer,
+                                       self.chat.render)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None \
             else min(self.stop_ids)
         self.on_step: Callable[[int], None] | None = None  # called with the tokens of each decode step
@@ -445,11 +454,11 @@ class EndpointError(DraftdataError):
 
 
 def endpoint_base(url: str) -> str:
-    """`http://host:8000`, `.../v1` or `.../v1/chat/completions` -> `http://host:8000/v1`."""
+    """`http://host:8000`, `.../v1`, `.../v1/chat/completions` or `.../v1/completions` -> `http://host:8000/v1`."""
     base = url.rstrip("/")
     if not base.startswith(("http://", "https://")):
         raise DraftdataError(f"--endpoint {url!r}: expected an http:// or https:// URL")
-    for tail in ("/chat/completions", "/v1"):
+    for tail in ("/chat/completions", "/completions", "/v1"):
         if base.endswith(tail):
             base = base[: -len(tail)]
     return base + "/v1"
@@ -457,7 +466,8 @@ def endpoint_base(url: str) -> str:
 
 class EndpointClient:
     """Answers prompts through POST {base}/chat/completions, one request per turn, with retries
-    (connection errors, 408/429/5xx: exponential backoff) and the per-turn seed."""
+    (connection errors, 408/429/5xx: exponential backoff) and the per-turn seed; `complete`
+    continues raw token ids through POST {base}/completions (for `draftdata prompts`)."""
 
     def __init__(self, url: str, *, model: str | None = None, max_new_tokens: int = 1024,
                  temperature: float = 0.0, top_p: float = 1.0, api_key: str | None = None,
@@ -509,12 +519,8 @@ class EndpointClient:
                 "temperature": self.temperature, "seed": prompt.seed}
         if self.top_p < 1.0:
             body["top_p"] = self.top_p
-        status, payload = self._request("POST", "/chat/completions", body)
-        if status in (401, 403, 404):  # about the server or the flags, not this conversation: stop
-            raise EndpointError(f"--endpoint {self.base}: POST /chat/completions answered HTTP {status}: "
-                                f"{_error_text(payload)}" + (" (check --api-key / $DRAFTDATA_API_KEY)"
-                                                             if status != 404 else " (check --model and the URL)"))
         where = f"turn {_user_turns(prompt.messages)}"
+        status, payload = self._post("/chat/completions", body)
         if status != 200:
             return Answer(reject=("endpoint_rejected", f"{where}: HTTP {status}: {_error_text(payload)}"))
         try:
@@ -526,11 +532,44 @@ class EndpointClient:
         if not isinstance(text, str):
             return Answer(reject=("endpoint_rejected", f"{where}: message.content is {text!r} (a reasoning "
                                   "parser or tool call on the server? serve the model without them)"))
-        usage = payload.get("usage") or {}
-        return Answer(text, int(usage.get("completion_tokens") or 0), truncated=choice.get("finish_reason") == "length")
+        return _answer(payload, choice, text)
+
+    def complete(self, prompt_ids: list[int], seed: int, max_tokens: int,
+                 extra: dict[str, Any] | None = None) -> Answer:
+        """Continue token ids (POST /completions with a token-id `prompt`, as vLLM, SGLang and
+        trtllm-serve accept it); `extra` adds server-specific fields such as `stop_token_ids`."""
+        body = {"model": self.model, "prompt": prompt_ids, "max_tokens": max_tokens,
+                "temperature": self.temperature, "seed": seed, **(extra or {})}
+        if self.top_p < 1.0:
+            body["top_p"] = self.top_p
+        status, payload = self._post("/completions", body)
+        if status != 200:
+            return Answer(reject=("endpoint_rejected", f"HTTP {status}: {_error_text(payload)}"))
+        try:
+            choice = payload["choices"][0]
+            text = choice["text"]
+        except (KeyError, IndexError, TypeError):
+            text = None
+        if not isinstance(text, str):
+            return Answer(reject=("endpoint_rejected", f"the response has no choices[0].text: {str(payload)[:200]}"))
+        return _answer(payload, choice, text)
+
+    def _post(self, path: str, body: dict[str, Any]) -> tuple[int, Any]:
+        """POST with retries; HTTP 401/403/404 are about the server or the flags, not one request: stop."""
+        status, payload = self._request("POST", path, body)
+        if status in (401, 403, 404):
+            raise EndpointError(f"--endpoint {self.base}: POST {path} answered HTTP {status}: "
+                                f"{_error_text(payload)}" + (" (check --api-key / $DRAFTDATA_API_KEY)"
+                                                             if status != 404 else " (check --model and the URL)"))
+        return status, payload
 
     def close(self) -> None:
         pass
+
+
+def _answer(payload: dict[str, Any], choice: dict[str, Any], text: str) -> Answer:
+    usage = payload.get("usage") or {}
+    return Answer(text, int(usage.get("completion_tokens") or 0), truncated=choice.get("finish_reason") == "length")
 
 
 def _json_or_text(raw: bytes) -> Any:
@@ -821,8 +860,8 @@ class JsonlOutput:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(self.fd)
-            raise DraftdataError(f"--output {path}: another synthesize run is writing this file; wait for it "
-                                 f"or write to another --output") from None
+            raise DraftdataError(f"--output {path}: another draftdata run (synthesize or prompts) is writing this "
+                                 "file; wait for it or write to another --output") from None
         try:
             self.ids, self.duplicates = self._scan()
         except BaseException:
