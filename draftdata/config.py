@@ -100,6 +100,10 @@ class ConfigError(DraftdataError):
 # Differences, each deliberate (docs/TRAIN.md):
 #   intermediate_size, rope_theta, rope_scaling: None = take the base model's value
 #     (ModelOpt: 14336 and theta 10000 whatever the base is);
+#   num_attention_heads, num_key_value_heads, head_dim: None = the base model's attention shape,
+#     as the EAGLE3 reference drafts, SpecForge and speculators size it (ModelOpt: 32, 8, 128
+#     whatever the base is; on SmolLM2-135M that is a 4096-wide attention on a 576-wide model,
+#     which trains 2.2x slower for no gain: bench/quality/results.md, Run 6);
 #   draft_vocab_size: None = the base vocabulary, or the size of the --draft-vocab file;
 #   fc_norm, norm_output: the EAGLE 3.1 switches (vLLM's config names), off by default.
 EAGLE3_ARCHITECTURE_DEFAULTS: dict[str, Any] = {
@@ -110,8 +114,8 @@ EAGLE3_ARCHITECTURE_DEFAULTS: dict[str, Any] = {
     "rope_theta": None,
     "num_hidden_layers": 1,
     "intermediate_size": None,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
+    "num_attention_heads": None,
+    "num_key_value_heads": None,
     "initializer_range": 0.01,
     "rms_norm_eps": 1e-05,
     "mlp_bias": False,
@@ -125,7 +129,7 @@ EAGLE3_ARCHITECTURE_DEFAULTS: dict[str, Any] = {
     "parallel_draft_step": 1,
     "parallel_draft_heads_num_layers": 1,
     "has_lm_head": False,
-    "head_dim": 128,
+    "head_dim": None,
     "draft_vocab_size": None,
     "fc_norm": False,
     "norm_output": False,
@@ -232,15 +236,8 @@ class EagleConfig:
             if arch[name] != value:
                 raise ConfigError(f"eagle_architecture_config.{name}={arch[name]!r} is not supported "
                                   f"({why}); use {value!r}")
-        for name in ("num_attention_heads", "num_key_value_heads", "head_dim"):
-            if not isinstance(arch[name], int) or arch[name] < 1:
-                raise ConfigError(f"eagle_architecture_config.{name} must be a positive integer, got {arch[name]!r}")
-        if arch["num_attention_heads"] % arch["num_key_value_heads"]:
-            raise ConfigError("eagle_architecture_config.num_attention_heads must be a multiple of "
-                              "num_key_value_heads")
-        if arch["head_dim"] % 2:
-            raise ConfigError("eagle_architecture_config.head_dim must be even (RoPE rotates pairs)")
-        for name in ("intermediate_size", "draft_vocab_size"):
+        for name in ("intermediate_size", "draft_vocab_size", "num_attention_heads", "num_key_value_heads",
+                     "head_dim"):
             v = arch[name]
             if v is not None and (not isinstance(v, int) or v < 1):
                 raise ConfigError(f"eagle_architecture_config.{name} must be a positive integer or null, got {v!r}")

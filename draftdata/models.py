@@ -25,6 +25,8 @@ import os
 import shutil
 import sys
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from draftdata.errors import DraftdataError
@@ -73,6 +75,23 @@ def parse_aux_layers(spec: str, num_hidden_layers: int) -> list[int]:
                              f"{num_hidden_layers} decoder layers, ids are 0-based outputs of decoder "
                              f"layer k (0..{num_hidden_layers - 1})")
     return ids
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Load a model without transformers' per-weight progress bars and load reports (noise in
+    job logs; the load report lists e.g. lm_head.weight as unused, which is expected here)."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def resolve_model(spec: str | os.PathLike) -> Path:

@@ -90,11 +90,13 @@ def test_eagle_config_matches_modelopt_fields_and_defaults():
         assert getattr(ours, name) == value, name
     # eagle_offline: ModelOpt's class default is False, its recipe derives True for offline data.
     assert ours.eagle_offline is True
-    documented = {"intermediate_size", "rope_theta", "rope_scaling"}      # None = from the base model
+    documented = {"intermediate_size", "rope_theta", "rope_scaling",      # None = from the base model
+                  "num_attention_heads", "num_key_value_heads", "head_dim"}
     for key, value in eagle3_default_config.items():
         if key not in documented:
             assert ours.arch[key] == value, key
-    assert ours.arch["num_attention_heads"] == 32 and ours.arch["num_key_value_heads"] == 8
+    assert eagle3_default_config["num_attention_heads"] == 32 and eagle3_default_config["head_dim"] == 128
+    assert ours.arch["num_attention_heads"] is None and ours.arch["head_dim"] is None
     assert ours.arch["fc_norm"] is False and ours.arch["norm_output"] is False
     assert ours.arch["use_last_layernorm"] is True and ours.arch["use_aux_hidden_state"] is True
 
@@ -104,7 +106,7 @@ def test_eagle_config_override_file(tmp_path):
     f.write_text(json.dumps({"eagle_ttt_steps": 2, "eagle_architecture_config": {"fc_norm": True}}))
     c = EagleConfig.from_json_file(f)
     assert c.eagle_ttt_steps == 2 and c.arch["fc_norm"] is True
-    assert c.arch["num_attention_heads"] == 32 and c.eagle_loss_decay_factor == 0.9   # untouched fields
+    assert c.arch["num_attention_heads"] is None and c.eagle_loss_decay_factor == 0.9   # untouched fields
 
     for bad, words in [
         ({"eagle_architecture_config": {"hidden_size": 128}}, "comes from the base model"),
@@ -164,6 +166,22 @@ def test_state_dict_names_are_the_contract(tiny_model, tmp_path):
                 "rope_scaling", "aux_layer_ids", "base_model_id", "draft_vocab_size", "intermediate_size"):
         assert key in cfg, key
     assert cfg["eagle_config"]["eagle_architecture_config"]["eagle_aux_hidden_state_layer_ids"] == [0, 1, 2]
+
+
+def test_draft_attention_takes_the_base_shape_unless_set(tiny_model):
+    schema = schema_for(tiny_model)
+    cfg = build_draft(tiny_model, EagleConfig(), schema)[0].config      # tiny base: 4 heads x 16, 2 KV heads
+    assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size) == (4, 2, 16, 128)
+    arch = cfg.eagle_config["eagle_architecture_config"]
+    assert (arch["num_attention_heads"], arch["num_key_value_heads"], arch["head_dim"]) == (4, 2, 16)  # saved resolved
+    modelopt = EagleConfig(eagle_architecture_config={"num_attention_heads": 32, "num_key_value_heads": 8,
+                                                      "head_dim": 128})
+    q = build_draft(tiny_model, modelopt, schema)[0].draft_state_dict()["midlayer.self_attn.q_proj.weight"]
+    assert q.shape == (32 * 128, 2 * 64)
+    with pytest.raises(ConfigError, match=r"5 attention heads and 2 KV heads \(unset values are the base"):
+        build_draft(tiny_model, EagleConfig(eagle_architecture_config={"num_attention_heads": 5}), schema)
+    with pytest.raises(ConfigError, match="head_dim 15 must be even"):
+        build_draft(tiny_model, EagleConfig(eagle_architecture_config={"head_dim": 15}), schema)
 
 
 def test_base_parts_and_frozen_head(tmp_path, tiny_model):

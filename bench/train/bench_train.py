@@ -52,7 +52,9 @@ def run_ours(args) -> dict:
 
     out = Path(tempfile.mkdtemp(prefix="bench_train_"))
     t0 = time.perf_counter()
+    shape = {"num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128}  # ModelOpt's, as recorded
     train(TrainConfig(data=args.data, model=args.model, output=str(out), steps=args.steps, lr=1e-4,
+                      eagle_config={"eagle_architecture_config": shape},
                       batch_tokens=args.batch_tokens, seed=0, save_every=10**9, log_every=10**9,
                       progress=False, plot=False, device=args.device))
     wall = time.perf_counter() - t0

@@ -269,18 +269,15 @@ def generate_prompts(source: HFGenerator | EndpointClient, settings: PromptSetti
         raise DraftdataError(f"the prompt prefix has {len(prefix)} tokens: no room within the model's "
                              f"{fmt.max_seq_len} positions")
     t0 = time.perf_counter()
-    if isinstance(source, HFGenerator):
-        keep = _Keeper(settings, out, progress, flush_at=settings.batch_size)
-        try:
+    local = isinstance(source, HFGenerator)
+    keep = _Keeper(settings, out, progress, flush_at=settings.batch_size if local else settings.concurrency)
+    try:
+        if isinstance(source, HFGenerator):
             _sample_local(source, prefix, budget, keep)
-        finally:
-            keep.flush()
-    else:
-        keep = _Keeper(settings, out, progress, flush_at=settings.concurrency)
-        try:
+        else:
             _sample_endpoint(source, fmt, prefix, budget, keep)
-        finally:
-            keep.flush()
+    finally:
+        keep.flush()  # what was kept before an error or interrupt is written
     keep.stats.seconds = time.perf_counter() - t0
     return keep.stats
 

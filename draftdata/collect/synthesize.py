@@ -323,10 +323,10 @@ class HFGenerator:
                  max_seq_len: int | None = None):
         import torch
         from transformers import AutoModelForCausalLM
-        from transformers.utils import logging as hf_logging
 
         from draftdata.collect.backends.hf import check_device
         from draftdata.collect.conversations import ChatTokenizer
+        from draftdata.models import quiet_transformers
 
         self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
         self.device = check_device(device)
@@ -341,19 +341,13 @@ class HFGenerator:
             device_map: Any = "auto"  # spread a model too big for one GPU over all visible GPUs
         else:
             device_map = None if self.device.type == "cpu" else str(self.device)
-        verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
         try:
-            self.model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=dtypes[dtype],
-                                                              device_map=device_map,
-                                                              attn_implementation=_register_gqa_attention()).eval()
+            with quiet_transformers():
+                self.model = AutoModelForCausalLM.from_pretrained(
+                    str(model_path), dtype=dtypes[dtype], device_map=device_map,
+                    attn_implementation=_register_gqa_attention()).eval()
         except (OSError, ValueError) as e:
             raise DraftdataError(f"--model {model_path}: cannot load with transformers: {e}") from None
-        finally:
-            hf_logging.set_verbosity(verbosity)
-            if bars:
-                hf_logging.enable_progress_bar()
         self.model.requires_grad_(False)
         self.input_device = self.model.get_input_embeddings().weight.device
         config = self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") \

@@ -402,11 +402,12 @@ def load_base(model: str | os.PathLike, device: torch.device, dtype: torch.dtype
     """The base model (HF, eval mode) and its tokenizer from a model spec (draftdata.models)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from draftdata.models import resolve_model
+    from draftdata.models import quiet_transformers, resolve_model
 
     path = resolve_model(model)
     tok = AutoTokenizer.from_pretrained(path)
-    base = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    with quiet_transformers():
+        base = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     return base, tok, path
 
 

@@ -67,6 +67,9 @@ class BaseModelConfig:
     rope_scaling: dict[str, Any] | None
     tie_word_embeddings: bool
     model_type: str
+    num_attention_heads: int | None = None
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
 
 
 def read_base_config(base_dir: str | Path) -> BaseModelConfig:
@@ -92,6 +95,7 @@ def read_base_config(base_dir: str | Path) -> BaseModelConfig:
         rope["rope_type"] = rope.pop("type")
     rope_scaling = rope if rope.get("rope_type", "default") != "default" else None
     hidden = int(raw["hidden_size"])
+    heads = int(raw["num_attention_heads"]) if raw.get("num_attention_heads") else None
     return BaseModelConfig(
         hidden_size=hidden, vocab_size=int(raw["vocab_size"]),
         max_position_embeddings=int(raw.get("max_position_embeddings") or 4096),
@@ -101,6 +105,9 @@ def read_base_config(base_dir: str | Path) -> BaseModelConfig:
         rope_theta=rope_theta, rope_scaling=rope_scaling,
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", tie if tie is not None else False)),
         model_type=str(raw.get("model_type", "")),
+        num_attention_heads=heads,
+        num_key_value_heads=int(raw.get("num_key_value_heads") or heads) if heads else None,
+        head_dim=int(raw.get("head_dim") or hidden // heads) if heads else None,
     )
 
 
@@ -189,15 +196,27 @@ def resolve_draft_config(base_dir: str | Path, eagle: EagleConfig, schema: Datas
     rope_scaling = arch["rope_scaling"] if arch["rope_scaling"] is not None else base.rope_scaling
     if rope_scaling and (rope_scaling.get("rope_type") or rope_scaling.get("type")) == "default":
         rope_scaling = None
+    shape = {}
+    for name in ("num_attention_heads", "num_key_value_heads", "head_dim"):
+        shape[name] = arch[name] or getattr(base, name)
+        if shape[name] is None:
+            raise ConfigError(f"the base model's config.json has no {name}; set eagle_architecture_config."
+                              f"{name} in --eagle-config")
+    if shape["num_attention_heads"] % shape["num_key_value_heads"]:
+        raise ConfigError(f"the draft would have {shape['num_attention_heads']} attention heads and "
+                          f"{shape['num_key_value_heads']} KV heads (unset values are the base model's): heads "
+                          "must be a multiple of KV heads; set both in --eagle-config")
+    if shape["head_dim"] % 2:
+        raise ConfigError(f"head_dim {shape['head_dim']} must be even (RoPE rotates pairs)")
     return DraftConfig(
         eagle_config={**eagle.to_dict(), "eagle_architecture_config": {
-            **arch, "eagle_aux_hidden_state_layer_ids": aux, "draft_vocab_size": n_draft}},
+            **arch, **shape, "eagle_aux_hidden_state_layer_ids": aux, "draft_vocab_size": n_draft}},
         base_model_id=schema.base_model_id, base_model_path=str(Path(base_dir).resolve()),
         hidden_size=base.hidden_size, vocab_size=base.vocab_size,
         max_position_embeddings=base.max_position_embeddings, draft_vocab_size=n_draft,
         intermediate_size=arch["intermediate_size"] or base.intermediate_size,
-        num_attention_heads=arch["num_attention_heads"], num_key_value_heads=arch["num_key_value_heads"],
-        head_dim=arch["head_dim"], rms_norm_eps=float(arch["rms_norm_eps"]),
+        num_attention_heads=shape["num_attention_heads"], num_key_value_heads=shape["num_key_value_heads"],
+        head_dim=shape["head_dim"], rms_norm_eps=float(arch["rms_norm_eps"]),
         rope_theta=float(arch["rope_theta"] if arch["rope_theta"] is not None else base.rope_theta),
         rope_scaling=rope_scaling, aux_layer_ids=aux,
         base_num_hidden_layers=base.num_hidden_layers, base_tie_word_embeddings=base.tie_word_embeddings,

@@ -30,7 +30,8 @@ class HFBackend(Backend):
     def __init__(self, model_path: str | os.PathLike, *, dtype: str = "auto", device: str = "cpu",
                  attn_implementation: str | None = None):
         from transformers import AutoModel
-        from transformers.utils import logging as hf_logging
+
+        from draftdata.models import quiet_transformers
 
         self.device = check_device(device)
         if dtype == "auto":
@@ -46,14 +47,11 @@ class HFBackend(Backend):
         kwargs: dict[str, Any] = {"dtype": DTYPES[dtype], "device_map": device_map}
         if attn_implementation:
             kwargs["attn_implementation"] = attn_implementation
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()  # the load report lists lm_head.weight as unused: expected
         try:
-            self.model = AutoModel.from_pretrained(str(model_path), **kwargs).eval()
+            with quiet_transformers():  # the load report lists lm_head.weight as unused: expected
+                self.model = AutoModel.from_pretrained(str(model_path), **kwargs).eval()
         except (OSError, ValueError) as e:
             raise DraftdataError(f"--model {model_path}: cannot load with transformers: {e}") from None
-        finally:
-            hf_logging.set_verbosity(verbosity)
         self.model.requires_grad_(False)
         self.input_device = self.model.get_input_embeddings().weight.device
         self.layers = _decoder_layers(self.model, self.info.num_hidden_layers)
