@@ -243,3 +243,6 @@ def test_endpoint_special_tokens_errors_and_settings(user_model, user_server, tm
     assert "HTTP 404: model 'nope' does not exist" in capsys.readouterr().err
     assert run_cli("--endpoint", user_server.url, "--output", tmp_path / "t.jsonl", "--count", 1) == 2
     assert "--endpoint needs --tokenizer" in capsys.readouterr().err
+    assert run_cli("--endpoint", user_server.url, "--tokenizer", user_model, "--output", tmp_path / "t.jsonl",
+                   "--count", 1, "--retries", -1) == 2
+    assert "--retries must be >= 0" in capsys.readouterr().err

@@ -23,8 +23,9 @@ import torch
 from openai_server import ChatServer
 
 from draftdata.cli import main
-from draftdata.collect.conversations import parse_record, read_conversations
+from draftdata.collect.conversations import REASONS, parse_record, read_conversations
 from draftdata.collect.synthesize import (
+    SYNTH_REASONS,
     HFGenerator,
     JsonlOutput,
     Prompt,
@@ -382,6 +383,7 @@ def test_bad_input_rejected_with_file_line_and_strict(tiny_model, tmp_path, caps
     assert [(r["source"], r["reason"]) for r in rej] == [
         (f"{inp}:2", "malformed_json"), (f"{inp}:3", "no_user_turn"), (f"{inp}:4", "unknown_role"),
         (f"{inp}:6", "duplicate_id")]
+    assert {r["reason"] for r in rej} <= REASONS.keys() | SYNTH_REASONS.keys()  # the documented reasons
     summary = capsys.readouterr().out
     assert "duplicate_id 1" in summary and "malformed_json 1" in summary
     reports = list((tmp_path / "out.jsonl.synth").glob("summary-*.json"))
@@ -498,6 +500,7 @@ def test_endpoint_errors_retries_and_api_key(chat_server, tmp_path, monkeypatch)
     assert sorted(by_id(read_output(out))) == ["flaky", "ok"]
     rej = [json.loads(line) for line in rejects.read_text().splitlines()]
     assert [(r["conversation_id"], r["reason"]) for r in rej] == [("refused", "endpoint_rejected")]
+    assert "endpoint_rejected" in SYNTH_REASONS
     assert "HTTP 400" in rej[0]["detail"] and "turn 2" in rej[0]["detail"]
     assert {r["auth"] for r in chat_server.requests} == {"Bearer sekret"}
     assert "sekret" not in "".join(p.read_text() for p in (tmp_path / "out.jsonl.synth").iterdir())
@@ -506,6 +509,9 @@ def test_endpoint_errors_retries_and_api_key(chat_server, tmp_path, monkeypatch)
     with pytest.raises(DraftdataError, match="failed 2 times"):  # nothing listening: retries, then stops
         run_cli("--endpoint", "http://127.0.0.1:9", "--model", "m", "--input", inp, "--output",
                 tmp_path / "o3.jsonl", "--retries", 1)
+    with pytest.raises(DraftdataError, match="--request-timeout positive"):
+        run_cli("--endpoint", chat_server.url, "--input", inp, "--output", tmp_path / "o4.jsonl",
+                "--request-timeout", 0)
 
 
 # ------------------------------------------------------------------ --ray

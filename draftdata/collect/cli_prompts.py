@@ -6,7 +6,8 @@ Reference: docs/SYNTHESIZE.md ("Prompts written by the model"). The work is in s
 from __future__ import annotations
 
 import argparse
-import os
+
+from draftdata.collect.cli_synthesize import add_endpoint_arguments, endpoint_api_key
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -38,19 +39,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     local.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
                        help="compute dtype; auto = fp32 on CPU, bf16 on CUDA")
     local.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
-    remote = p.add_argument_group("OpenAI-compatible server (vLLM, SGLang, trtllm-serve)")
-    remote.add_argument("--endpoint", metavar="URL", default=None,
-                        help="sample with POST URL/v1/completions (a token-id prompt) instead of loading the model")
+    remote = add_endpoint_arguments(
+        p, "sample with POST URL/v1/completions (a token-id prompt) instead of loading the model",
+        what="requests", concurrency=16)
     remote.add_argument("--tokenizer", metavar="MODEL", default=None,
                         help="with --endpoint: the served model's directory (or hub id in the cache, .gguf, "
                              "'smollm2'), for its tokenizer and chat template; no weights are read")
-    remote.add_argument("--api-key", default=None, metavar="KEY",
-                        help="bearer token for --endpoint (default: $DRAFTDATA_API_KEY, else $OPENAI_API_KEY)")
-    remote.add_argument("--concurrency", type=int, default=16, metavar="N", help="requests in flight (default 16)")
-    remote.add_argument("--request-timeout", type=float, default=600.0, metavar="S",
-                        help="seconds per request (default 600)")
-    remote.add_argument("--retries", type=int, default=5, metavar="N",
-                        help="retries of a request after connection errors or HTTP 408/429/5xx (default 5)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -71,15 +65,12 @@ def run(args: argparse.Namespace) -> int:
             raise DraftdataError("--endpoint needs --tokenizer MODEL: the served model's directory, whose tokenizer "
                                  "and chat template write the prompt prefix here")
         local = args.tokenizer
-    if args.retries < 0 or args.request_timeout <= 0:
-        raise DraftdataError("--retries must be >= 0 and --request-timeout positive")
-    api_key = args.api_key or os.environ.get("DRAFTDATA_API_KEY") or os.environ.get("OPENAI_API_KEY")
     settings = PromptSettings(
         model=args.model, model_path=str(resolve_model(local)), output=args.output, count=args.count,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
         system_prompt=args.system_prompt,
         chat_template=load_chat_template(args.chat_template) if args.chat_template else None,
         min_chars=args.min_chars, max_attempts=args.max_attempts, batch_size=args.batch_size, dtype=args.dtype,
-        device=args.device, endpoint=args.endpoint, api_key=api_key if args.endpoint else None,
+        device=args.device, endpoint=args.endpoint, api_key=endpoint_api_key(args),
         concurrency=args.concurrency, request_timeout=args.request_timeout, retries=args.retries)
     return run_prompts(settings)

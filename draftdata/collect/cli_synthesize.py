@@ -44,15 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     local.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
                        help="compute dtype; auto = fp32 on CPU, bf16 on CUDA")
     local.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
-    remote = p.add_argument_group("OpenAI-compatible server (vLLM, SGLang, TRT-LLM serve)")
-    remote.add_argument("--endpoint", metavar="URL", default=None,
-                        help="generate with POST URL/v1/chat/completions instead of loading the model")
-    remote.add_argument("--api-key", default=None, metavar="KEY",
-                        help="bearer token for --endpoint (default: $DRAFTDATA_API_KEY, else $OPENAI_API_KEY)")
-    remote.add_argument("--concurrency", type=int, default=8, metavar="N", help="conversations in flight (default 8)")
-    remote.add_argument("--request-timeout", type=float, default=600.0, metavar="S", help="seconds per request (default 600)")
-    remote.add_argument("--retries", type=int, default=5, metavar="N",
-                        help="retries of a request after connection errors or HTTP 408/429/5xx (default 5)")
+    add_endpoint_arguments(p, "generate with POST URL/v1/chat/completions instead of loading the model",
+                           what="conversations", concurrency=8)
     p.add_argument("--limit", type=int, default=None, metavar="N", help="read only the first N records")
     p.add_argument("--strict", action="store_true",
                    help="validate the whole input first and fail on the first bad record, before any model work")
@@ -68,6 +61,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      help="conversations per Ray work unit (default: 4 x --batch-size)")
 
 
+def add_endpoint_arguments(p: argparse.ArgumentParser, endpoint_help: str, what: str,
+                           concurrency: int) -> argparse._ArgumentGroup:
+    """The OpenAI-compatible server flags `synthesize` and `prompts` share; returns their group."""
+    remote = p.add_argument_group("OpenAI-compatible server (vLLM, SGLang, trtllm-serve)")
+    remote.add_argument("--endpoint", metavar="URL", default=None, help=endpoint_help)
+    remote.add_argument("--api-key", default=None, metavar="KEY",
+                        help="bearer token for --endpoint (default: $DRAFTDATA_API_KEY, else $OPENAI_API_KEY)")
+    remote.add_argument("--concurrency", type=int, default=concurrency, metavar="N",
+                        help=f"{what} in flight (default {concurrency})")
+    remote.add_argument("--request-timeout", type=float, default=600.0, metavar="S",
+                        help="seconds per request (default 600)")
+    remote.add_argument("--retries", type=int, default=5, metavar="N",
+                        help="retries of a request after connection errors or HTTP 408/429/5xx (default 5)")
+    return remote
+
+
+def endpoint_api_key(args: argparse.Namespace) -> str | None:
+    """Check the server flags; the bearer token for --endpoint (None without one)."""
+    from draftdata.errors import DraftdataError
+
+    if args.retries < 0 or args.request_timeout <= 0:
+        raise DraftdataError("--retries must be >= 0 and --request-timeout positive")
+    if args.endpoint is None:
+        return None
+    return args.api_key or os.environ.get("DRAFTDATA_API_KEY") or os.environ.get("OPENAI_API_KEY")
+
+
 def settings_from_args(args: argparse.Namespace):
     """Validate the flags and resolve the model (converting a GGUF once)."""
     from draftdata.collect.conversations import load_chat_template
@@ -81,13 +101,10 @@ def settings_from_args(args: argparse.Namespace):
     if args.endpoint is not None and args.chat_template is not None:
         raise DraftdataError("--chat-template applies to local generation; with --endpoint the server applies its "
                              "own template (set it when starting the server)")
-    if args.retries < 0 or args.request_timeout <= 0:
-        raise DraftdataError("--retries must be >= 0 and --request-timeout positive")
-    api_key = args.api_key or os.environ.get("DRAFTDATA_API_KEY") or os.environ.get("OPENAI_API_KEY")
     return SynthSettings(
         input=args.input, output=args.output, model=args.model,
         model_path=None if args.endpoint else str(resolve_model(args.model)),
-        endpoint=args.endpoint, api_key=api_key if args.endpoint else None,
+        endpoint=args.endpoint, api_key=endpoint_api_key(args),
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
         system_prompt=args.system_prompt, replace_system_prompt=args.replace_system_prompt,
         chat_template=load_chat_template(args.chat_template) if args.chat_template else None,

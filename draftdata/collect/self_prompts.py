@@ -260,7 +260,8 @@ def generate_prompts(source: HFGenerator | EndpointClient, settings: PromptSetti
 
     source: the local generator, or an endpoint client together with `fmt` (the model's tokenizer
     and template, read here)."""
-    fmt = source if isinstance(source, HFGenerator) else fmt
+    local = isinstance(source, HFGenerator)
+    fmt = source if local else fmt
     if fmt is None:
         raise ValueError("an endpoint source needs fmt (PromptFormat)")
     prefix = query_prefix(fmt, settings.system_prompt)
@@ -269,10 +270,9 @@ def generate_prompts(source: HFGenerator | EndpointClient, settings: PromptSetti
         raise DraftdataError(f"the prompt prefix has {len(prefix)} tokens: no room within the model's "
                              f"{fmt.max_seq_len} positions")
     t0 = time.perf_counter()
-    local = isinstance(source, HFGenerator)
     keep = _Keeper(settings, out, progress, flush_at=settings.batch_size if local else settings.concurrency)
     try:
-        if isinstance(source, HFGenerator):
+        if local:
             _sample_local(source, prefix, budget, keep)
         else:
             _sample_endpoint(source, fmt, prefix, budget, keep)
