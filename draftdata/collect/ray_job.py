@@ -94,7 +94,6 @@ class CollectWorker:
                  gpus: float = 0):
         t0 = time.perf_counter()
         import ray
-        from transformers.utils import logging as hf_logging
 
         from draftdata.collect.backends import get_backend
         from draftdata.collect.backends.base import BaseModelInfo
@@ -104,7 +103,6 @@ class CollectWorker:
         from draftdata.models import resolve_model
         from draftdata.store import create_dataset, open_dataset
 
-        hf_logging.disable_progress_bar()  # one "Loading weights" bar per actor would flood the driver's log
         self.threads = actor_cpu_threads() if settings.device == "cpu" else None
         self.compute = ComputeThread(self.threads)  # model load and forwards: one OS thread, one OpenMP team
         self.node = ray.util.get_node_ip_address()
