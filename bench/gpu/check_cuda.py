@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-DEVICE = "cuda"  # --device cpu: a dry run of this script on a machine without a GPU
 PROMPTS = REPO / "draftdata" / "data" / "prompts.jsonl"
 
 
@@ -54,11 +53,11 @@ def compare(ref_url: str, url: str) -> dict:
     from draftdata.store import open_dataset
 
     ref, ds = open_dataset(ref_url), open_dataset(url)
-    by_id = {ds.sample(i)["conversation_id"]: i for i in range(ds.num_samples)}
+    by_id = {cid: (p, j) for p, info in enumerate(ds.parts) for j, cid in enumerate(info.conversation_ids)}
     aux, fin, same = [], [], True
     for i in range(ref.num_samples):
         a = ref.sample(i)
-        b = ds.sample(by_id[a["conversation_id"]])
+        b = ds.read_sample(*by_id[a["conversation_id"]])
         same &= torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["loss_mask"], b["loss_mask"])
         aux.append(rel_err(a["aux_hidden_states"], b["aux_hidden_states"]))
         fin.append(rel_err(a["hidden_states"], b["hidden_states"]))
@@ -71,23 +70,23 @@ def metrics(run: Path) -> list[dict]:
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
 
 
-def tiny_checks(work: Path, log: Path) -> dict:
+def tiny_checks(work: Path, log: Path, device: str) -> dict:
     sys.path.insert(0, str(REPO / "tests"))
     from conftest import make_tiny_model
 
     model = str(make_tiny_model(work / "tiny", num_layers=4, hidden_size=256))
     out: dict = {}
-    for name, device, dtype in (("cpu_fp32", "cpu", "fp32"), ("cuda_bf16", DEVICE, "bf16"),
-                                ("cuda_fp32", DEVICE, "fp32")):
+    for name, dev, dtype in (("cpu_fp32", "cpu", "fp32"), ("cuda_bf16", device, "bf16"),
+                                ("cuda_fp32", device, "fp32")):
         out[f"collect_{name}_s"] = cli("collect", "--model", model, "--input", str(PROMPTS), "--output",
-                                       str(work / f"ds_{name}"), "--device", device, "--dtype", dtype, log=log)
+                                       str(work / f"ds_{name}"), "--device", dev, "--dtype", dtype, log=log)
     out["collect_cuda_bf16_vs_cpu_fp32"] = compare(str(work / "ds_cpu_fp32"), str(work / "ds_cuda_bf16"))
     out["collect_cuda_fp32_vs_cpu_fp32"] = compare(str(work / "ds_cpu_fp32"), str(work / "ds_cuda_fp32"))
 
     run = work / "run_tiny"
     out["train_s"] = cli("train", "--data", str(work / "ds_cuda_bf16"), "--model", model, "--output", str(run),
                          "--steps", "60", "--lr", "3e-3", "--warmup-steps", "5", "--batch-tokens", "2048",
-                         "--device", DEVICE, "--no-plot", "--save-every", "1000", log=log)
+                         "--device", device, "--no-plot", "--save-every", "1000", log=log)
     rows = metrics(run)
     first, last = rows[:5], rows[-5:]
     out["train"] = {"steps": len(rows), "loss_first5": sum(r["loss"] for r in first) / len(first),
@@ -100,14 +99,14 @@ def tiny_checks(work: Path, log: Path) -> dict:
         report = work / f"eval_{dtype}.json"
         out[f"eval_cuda_{dtype}_s"] = cli("eval", "--model", model, "--draft", str(work / "export_tiny"),
                                           "--prompts", str(PROMPTS), "--limit", "16", "--max-new-tokens", "48",
-                                          "--device", DEVICE, "--dtype", dtype, "--output", str(report), log=log)
+                                          "--device", device, "--dtype", dtype, "--output", str(report), log=log)
         r = json.loads(report.read_text())
         out[f"eval_cuda_{dtype}"] = {"output_matches_greedy": r["output_matches_greedy"],
                                      "acceptance_length": r.get("eagle", {}).get("acceptance_length")}
     return out
 
 
-def smol_calibration(work: Path, smol: Path, log: Path, copies: int, steps: int) -> dict:
+def smol_calibration(work: Path, smol: Path, log: Path, device: str, copies: int, steps: int) -> dict:
     """A random model of SmolLM2's shape: collect tokens/s on the GPU and train steps/s at 16k-token batches."""
     import torch
     from transformers import AutoConfig, LlamaForCausalLM
@@ -124,7 +123,7 @@ def smol_calibration(work: Path, smol: Path, log: Path, copies: int, steps: int)
                 f.write(json.dumps({**r, "conversation_id": f"{r['conversation_id']}-{k}"}) + "\n")
     ds = work / "ds_smol"
     out = {"collect_s": cli("collect", "--model", str(model_dir), "--input", str(conv), "--output", str(ds),
-                            "--device", DEVICE, "--dtype", "bf16", "--batch-tokens", "32768", log=log)}
+                            "--device", device, "--dtype", "bf16", "--batch-tokens", "32768", log=log)}
     from draftdata.store import open_dataset
 
     out["collect_tokens"] = open_dataset(str(ds)).num_tokens
@@ -132,7 +131,7 @@ def smol_calibration(work: Path, smol: Path, log: Path, copies: int, steps: int)
     run = work / "run_smol"
     out["train_s"] = cli("train", "--data", str(ds), "--model", str(model_dir), "--output", str(run),
                          "--steps", str(steps), "--lr", "2e-3", "--batch-tokens", "16384", "--max-seq-len", "1024",
-                         "--draft-vocab", str(work / "vocab_smol.safetensors"), "--device", DEVICE,
+                         "--draft-vocab", str(work / "vocab_smol.safetensors"), "--device", device,
                          "--num-workers", "8", "--no-plot", "--save-every", "1000", log=log)
     rows = metrics(run)
     a, b = rows[19], rows[-1]
@@ -150,8 +149,6 @@ def main() -> None:
     p.add_argument("--copies", type=int, default=40, help="copies of the bundled prompts for the calibration")
     p.add_argument("--steps", type=int, default=80, help="calibration training steps (>= 25)")
     args = p.parse_args()
-    global DEVICE
-    DEVICE = args.device
     import torch
 
     work = Path(args.work)
@@ -162,10 +159,11 @@ def main() -> None:
     import transformers
 
     result["transformers"] = transformers.__version__
-    for name, fn in (("tiny", lambda: tiny_checks(work, log)),
-                     ("smol_calibration", lambda: smol_calibration(work, Path(args.smol_config), log, args.copies, args.steps))):
-        if name == "smol_calibration" and not args.smol_config:
-            continue
+    checks = [("tiny", lambda: tiny_checks(work, log, args.device))]
+    if args.smol_config:
+        checks.append(("smol_calibration", lambda: smol_calibration(work, Path(args.smol_config), log, args.device,
+                                                                    args.copies, args.steps)))
+    for name, fn in checks:
         t0 = time.perf_counter()
         try:
             result[name] = fn()
