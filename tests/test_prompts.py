@@ -143,7 +143,7 @@ def test_prefix_bad_templates_and_settings(user_model, tmp_path):
     from draftdata.collect.self_prompts import PromptSettings, query_prefix
     from draftdata.collect.synthesize import HFGenerator
 
-    gen = HFGenerator(user_model, max_new_tokens=4)
+    gen = HFGenerator(user_model, max_new_tokens=4, dtype="fp32")
     assert gen.tokenizer.decode(query_prefix(gen)) == "<|im_start|>user\n"
     assert gen.tokenizer.decode(query_prefix(gen, "Be brief.")) == \
         "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n"
@@ -175,8 +175,9 @@ def test_endpoint_writes_what_local_sampling_writes(user_model, user_server, tmp
 
     local, remote = tmp_path / "local.jsonl", tmp_path / "remote.jsonl"
     flags = ["--count", 4, "--max-new-tokens", 40, "--seed", 3, "--temperature", 1.0]
-    # one row at a time locally: samples are judged in index order, as the endpoint path judges them
-    assert run_cli("--model", user_model, "--output", local, "--batch-size", 1, *flags) == 0
+    # one row at a time locally, in the server's dtype: samples are judged in index order, as the
+    # endpoint path judges them
+    assert run_cli("--model", user_model, "--dtype", "fp32", "--output", local, "--batch-size", 1, *flags) == 0
     user_server.requests.clear()
     assert run_cli("--endpoint", user_server.url, "--tokenizer", user_model, "--concurrency", 3,
                    "--output", remote, *flags) == 0
@@ -198,7 +199,8 @@ def test_endpoint_writes_what_local_sampling_writes(user_model, user_server, tmp
                        *flags[:1], 5, *flags[2:]) == 0
     finally:
         user_server.completion_suffix = ""
-    assert run_cli("--model", user_model, "--output", local, "--batch-size", 1, *flags[:1], 5, *flags[2:]) == 0
+    assert run_cli("--model", user_model, "--dtype", "fp32", "--output", local, "--batch-size", 1, *flags[:1], 5,
+                   *flags[2:]) == 0
     assert len(records(remote)) == 5 and records(remote) == records(local)
 
 

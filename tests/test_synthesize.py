@@ -85,7 +85,7 @@ def one_torch_thread():
 
 @pytest.fixture(scope="module")
 def generator(tiny_model) -> HFGenerator:
-    return HFGenerator(tiny_model, max_new_tokens=MAX_NEW)
+    return HFGenerator(tiny_model, max_new_tokens=MAX_NEW, dtype="fp32")
 
 
 def synth(convs: list[dict], generator: HFGenerator, *, batch_size: int = 4, temperature: float = 0.0,
@@ -202,6 +202,57 @@ def test_padded_decoding_keeps_kv_heads_grouped_and_matches_transformers_sdpa(ge
         generator.model.set_attn_implementation(GQA_ATTENTION)
 
 
+def test_grouped_decode_attention_matches_sdpa():
+    """The bf16 CPU decode path: one query per row over grouped KV heads, with a per-row padding
+    mask (bool or additive), a mask broadcast over rows, or none, equals fp32 SDPA."""
+    from draftdata.collect.synthesize import _grouped_decode_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(shape, generator=g) for shape in ((3, 6, 1, 8), (3, 2, 11, 8), (3, 2, 11, 8)))
+    pad = torch.ones(3, 1, 1, 13, dtype=torch.bool)       # longer than the keys, as transformers' masks may be
+    pad[0, ..., :4] = pad[2, ..., :7] = False
+    additive = torch.zeros(3, 1, 1, 13).masked_fill(~pad, float("-inf"))
+    for mask in (pad, additive, pad[:1], None):
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=None if mask is None else mask[..., :11], scale=0.3, enable_gqa=True).transpose(1, 2)
+        for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 3e-2)):
+            m = mask if mask is None or mask.dtype == torch.bool else mask.to(dtype)
+            got = _grouped_decode_attention(q.to(dtype), k.to(dtype), v.to(dtype), m, 0.3)
+            assert got.shape == (3, 1, 6, 8) and got.dtype == dtype
+            torch.testing.assert_close(got.float(), ref, atol=tol, rtol=tol)
+
+
+def test_bf16_on_cpu_decodes_with_the_grouped_attention(tiny_model, monkeypatch):
+    """--dtype bf16 on the CPU: every decode step of every layer takes `_grouped_decode_attention`
+    (torch's CPU SDPA is several times slower in bf16 for one query), and the padded, batched
+    decode's logits match an fp32 forward of the same tokens without a cache; oneDNN's primitive
+    cache (an entry per matmul shape, and every decode step has a new one) gets a bound."""
+    from transformers import AutoModelForCausalLM
+
+    import draftdata.collect.synthesize as synthesize
+    from draftdata.models import ONEDNN_CACHE_ENV
+
+    calls = []
+    real = synthesize._grouped_decode_attention
+    monkeypatch.setattr(synthesize, "_grouped_decode_attention", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.delenv(ONEDNN_CACHE_ENV, raising=False)
+    gen = HFGenerator(tiny_model, max_new_tokens=MAX_NEW, dtype="bf16")
+    assert os.environ[ONEDNN_CACHE_ENV] == "64"  # bounded before the first bf16 matmul (bench/train)
+    prompts = [gen.encode(Prompt([{"role": "user", "content": "hi " * n}], seed=0)) for n in (1, 6, 13)]
+    batch = gen.new_batch()
+    batch.add([(j, ids, 0, MAX_NEW) for j, ids in enumerate(prompts)])
+    for _ in range(3):
+        assert batch.step() == []
+    layers = gen.model.config.num_hidden_layers
+    assert len(calls) == 3 * layers  # the prefill (many queries) runs SDPA
+    fp32 = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    for j, ids in enumerate(prompts):
+        with torch.no_grad():
+            ref = fp32(torch.tensor([ids + batch.tokens[j]])).logits[0, -1]
+        got = batch.logits[j].float()
+        assert (got - ref).abs().max() < 0.05 * ref.abs().max(), j
+
+
 def test_rows_join_a_running_batch_and_generate_what_they_would_alone(generator):
     """Continuous batching: rows join while others decode (shorter and longer prompts than the
     running rows, so either side gets left-padded) into the slots of rows that left, and each
@@ -244,7 +295,7 @@ def test_synthesize_keeps_the_batch_full_while_conversations_wait(tiny_model):
     """Answers of different lengths (budgets from --max-seq-len): a finished turn makes room for the
     next at once, so fewer decode steps than rounds that wait for their longest answer, and the
     answers are those of --batch-size 1."""
-    gen = HFGenerator(tiny_model, max_new_tokens=MAX_NEW)
+    gen = HFGenerator(tiny_model, max_new_tokens=MAX_NEW, dtype="fp32")
     convs = [{"conversation_id": f"c{i}", "conversations": [{"role": "user", "content": "hi " * n}]}
              for i, n in enumerate((12, 12, 12, 1, 11, 11, 11, 2, 12, 12, 12, 3))]
     lengths = [len(gen.encode(Prompt(c["conversations"], seed=0))) for c in convs]
@@ -280,7 +331,7 @@ def test_a_sliding_window_model_runs_static_batches_with_the_same_answers(tiny_m
         vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, sliding_window=16, max_position_embeddings=512, bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)).save_pretrained(path)
-    gen = HFGenerator(path, max_new_tokens=MAX_NEW)
+    gen = HFGenerator(path, max_new_tokens=MAX_NEW, dtype="fp32")
     assert gen.new_batch().join is False
     convs = [{"conversation_id": f"s{i}", "conversations": [{"role": "user", "content": "hi " * n}]}
              for i, n in enumerate((12, 1, 11, 2, 3, 9))]
@@ -428,7 +479,7 @@ def test_sigkill_at_several_moments_then_rerun_gives_each_id_once(tiny_model, tm
     inp = write_jsonl(tmp_path / "in.jsonl", convs)
     out = tmp_path / "out.jsonl"
     cmd = [sys.executable, "-m", "draftdata.cli", "synthesize", "--model", str(tiny_model), "--input", str(inp),
-           "--output", str(out), "--max-new-tokens", "12", "--batch-size", "2"]
+           "--output", str(out), "--max-new-tokens", "12", "--batch-size", "2", "--dtype", "fp32"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     def lines() -> int:
@@ -474,7 +525,7 @@ def test_endpoint_mode_matches_local_generation(chat_server, tiny_model, tmp_pat
     inp = write_jsonl(tmp_path / "in.jsonl", conversations())
     local, remote = tmp_path / "local.jsonl", tmp_path / "remote.jsonl"
     flags = ["--input", inp, "--max-new-tokens", MAX_NEW, "--temperature", temperature, "--seed", 11]
-    assert run_cli("--model", tiny_model, "--output", local, *flags) == 0
+    assert run_cli("--model", tiny_model, "--dtype", "fp32", "--output", local, *flags) == 0  # the server's dtype
     chat_server.requests.clear()
     assert run_cli("--endpoint", chat_server.url, "--concurrency", 3, "--output", remote, *flags) == 0
     assert by_id(read_output(remote)) == by_id(read_output(local))

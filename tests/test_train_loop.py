@@ -17,6 +17,7 @@ import torch
 from test_train_support import TINY_ARCH, train_data  # noqa: F401 (fixture)
 
 from draftdata.cli import main
+from draftdata.errors import DraftdataError
 from draftdata.train.model import load_draft
 from draftdata.train.trainer import TrainConfig, train
 
@@ -117,7 +118,7 @@ def test_sigkill_and_resume_gives_the_same_losses(tmp_path, tiny_model, train_da
     assert rows[-1]["epoch"] > rows[last - 1]["epoch"]               # the resumed part crossed an epoch
     ref_w = reference.draft.draft_state_dict()
     for name, value in load_draft(out / "final").draft_state_dict().items():
-        torch.testing.assert_close(value, ref_w[name], rtol=1e-6, atol=1e-7, msg=name)
+        torch.testing.assert_close(value, ref_w[name].to(value.dtype), rtol=1e-6, atol=1e-7, msg=name)
 
 
 def test_held_out_validation_is_reported_and_leaves_the_run_unchanged(tmp_path, tiny_model, train_data, capsys):  # noqa: F811
@@ -131,7 +132,8 @@ def test_held_out_validation_is_reported_and_leaves_the_run_unchanged(tmp_path, 
     val_url = str(tmp_path / "val")
     make_dataset(val_url, tiny_model, n=12, seed=1)
     common = dict(data=train_data, model=str(tiny_model), eagle_config={"eagle_architecture_config": TINY_ARCH},
-                  steps=6, batch_tokens=256, save_every=3, log_every=1, lr=2e-3, seed=5, progress=False)
+                  steps=6, batch_tokens=256, save_every=3, log_every=1, lr=2e-3, seed=5, progress=False,
+                  dtype="fp32")   # recomputed below in fp32
     plain = train(TrainConfig(output=str(tmp_path / "plain"), plot=False, **common))
     result = train(TrainConfig(output=str(tmp_path / "val_run"), val_data=val_url, val_every=2, **common))
     rows = read_metrics(tmp_path / "val_run")
@@ -173,6 +175,30 @@ result = train(cfg)
 rank = int(__import__("os").environ["RANK"])
 save_file({k: v.contiguous() for k, v in result.draft.draft_state_dict().items()}, f"{cfg.output}/rank{rank}.safetensors")
 """
+
+
+def test_bf16_autocast_on_the_cpu(tmp_path, tiny_model, train_data, capsys, monkeypatch):  # noqa: F811
+    """--dtype bf16 trains on the CPU under bf16 autocast (fp32 master weights, the frozen base
+    tensors in bf16): the first loss is the fp32 run's within bf16 rounding, and it learns. oneDNN's
+    primitive cache gets a bound (one entry per matmul shape otherwise grows memory by GBs)."""
+    from draftdata.models import ONEDNN_CACHE_ENV
+
+    monkeypatch.delenv(ONEDNN_CACHE_ENV, raising=False)
+    common = dict(data=train_data, model=str(tiny_model), eagle_config={"eagle_architecture_config": TINY_ARCH},
+                  steps=12, batch_tokens=256, save_every=100, log_every=1, lr=2e-3, seed=5, progress=False,
+                  plot=False, device="cpu")
+    fp32 = train(TrainConfig(output=str(tmp_path / "fp32"), dtype="fp32", **common))
+    assert "on cpu (fp32)" in "".join(capsys.readouterr())
+    assert ONEDNN_CACHE_ENV not in os.environ
+    bf16 = train(TrainConfig(output=str(tmp_path / "bf16"), dtype="bf16", **common))
+    assert "on cpu (bf16)" in "".join(capsys.readouterr())
+    assert os.environ[ONEDNN_CACHE_ENV] == "64"
+    assert bf16.draft.embed_tokens.weight.dtype == torch.bfloat16
+    assert {p.dtype for p in bf16.draft.trainable_parameters()} == {torch.float32}
+    assert bf16.losses[0] == pytest.approx(fp32.losses[0], rel=0.02) and bf16.losses[0] != fp32.losses[0]
+    assert sum(bf16.losses[-3:]) < sum(bf16.losses[:3])
+    with pytest.raises(DraftdataError, match="--dtype"):
+        TrainConfig(output="-", dtype="fp16", **common).validate()
 
 
 def test_ddp_two_gloo_processes(tmp_path, tiny_model, train_data):  # noqa: F811

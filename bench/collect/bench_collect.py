@@ -174,14 +174,14 @@ def run_modelopt(args: argparse.Namespace, model_path: Path, input_path: Path) -
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from draftdata.collect.backends.hf import DTYPES, auto_dtype
+    from draftdata.collect.backends.hf import DTYPES
     from draftdata.collect.conversations import (
         ChatTokenizer,
         Conversation,
         TokenizedSample,
         read_conversations,
     )
-    from draftdata.models import default_aux_layers
+    from draftdata.models import auto_dtype, default_aux_layers
 
     chat = ChatTokenizer(AutoTokenizer.from_pretrained(model_path), max_seq_len=args.max_seq_len)
     conversations = [c for c in read_conversations(str(input_path)) if isinstance(c, Conversation)]

@@ -18,7 +18,8 @@ tokens/s counts every generated token (answers incl. their end-of-turn token). T
 run in rounds (every configuration once per round, order rotated) and the best round counts, so a
 noisy neighbour on a shared machine hurts all of them alike. Answers of every configuration are
 compared with the first configuration's (greedy: they should be identical up to float rounding).
---skip-single leaves out the one-at-a-time configurations (slow with long answers).
+--skip-single leaves out the one-at-a-time configurations (slow with long answers). --dtype takes a
+comma list (e.g. fp32,bf16): every configuration then runs once per compute dtype, in the same rounds.
 
     python bench/synth/bench_synth.py --prompts 32 --max-new-tokens 64 --out bench/synth/results.md
 """
@@ -115,7 +116,7 @@ def main() -> None:
     ap.add_argument("--batch-sizes", default="8,32")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--dtype", default="auto", help="compute dtype, or a comma list of them (side by side)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (default torch's); 1 gives stable numbers on a busy shared machine")
     ap.add_argument("--out", default=None, help="append a markdown section to this file")
@@ -123,18 +124,21 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    generator = HFGenerator(resolve_model(args.model), max_new_tokens=args.max_new_tokens, device=args.device,
-                            dtype=args.dtype)
+    dtypes = args.dtype.split(",")
+    generators = {d: HFGenerator(resolve_model(args.model), max_new_tokens=args.max_new_tokens, device=args.device,
+                                 dtype=d) for d in dtypes}
     prompts = load_prompts(Path(args.data), args.prompts, args.prompt_mix)
-    ours(generator, prompts[:2], 2)  # warm-up (first calls pay one-time initialisation)
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     configs = {}
-    if not args.skip_single:
-        configs["one at a time (ours, batch 1)"] = lambda: ours(generator, prompts, 1)
-        configs["one at a time (transformers generate)"] = lambda: transformers_generate(generator, prompts)
-    for b in sizes:
-        configs[f"static batches (batch {b})"] = lambda b=b: ours(generator, prompts, b)
-        configs[f"continuous (ours, batch {b})"] = lambda b=b: continuous(generator, prompts, b)
+    for generator in generators.values():
+        ours(generator, prompts[:2], 2)  # warm-up (first calls pay one-time initialisation)
+        tag = f" [{generator.model.dtype}]" if len(dtypes) > 1 else ""
+        if not args.skip_single:
+            configs[f"one at a time (ours, batch 1){tag}"] = lambda g=generator: ours(g, prompts, 1)
+            configs[f"one at a time (transformers generate){tag}"] = lambda g=generator: transformers_generate(g, prompts)
+        for b in sizes:
+            configs[f"static batches (batch {b}){tag}"] = lambda b=b, g=generator: ours(g, prompts, b)
+            configs[f"continuous (ours, batch {b}){tag}"] = lambda b=b, g=generator: continuous(g, prompts, b)
     best: dict[str, tuple[float, int, list[str]]] = {}
     names = list(configs)
     for r in range(args.rounds):
@@ -151,7 +155,7 @@ def main() -> None:
     load = os.getloadavg()
     lines = [
         f"## {args.model}, {args.prompts} prompts, max {args.max_new_tokens} new tokens, greedy, {args.device} "
-        f"({generator.model.dtype}), {time.strftime('%Y-%m-%d')}",
+        f"({', '.join(str(g.model.dtype) for g in generators.values())}), {time.strftime('%Y-%m-%d')}",
         "",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
         f"{torch.__version__}, {torch.get_num_threads()} threads; prompts: {args.prompt_mix}; load average at the "

@@ -37,7 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     local.add_argument("--batch-size", type=int, default=32, metavar="N",
                        help="prompts sampled together, continuous batching (default 32)")
     local.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
-                       help="compute dtype; auto = fp32 on CPU, bf16 on CUDA")
+                       help="compute dtype; auto = bf16 on GPUs and on CPUs with native bf16 "
+                            "(AVX512-BF16, AMX), else fp32")
     local.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     remote = add_endpoint_arguments(
         p, "sample with POST URL/v1/completions (a token-id prompt) instead of loading the model",

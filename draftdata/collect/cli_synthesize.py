@@ -42,7 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     local.add_argument("--max-seq-len", type=int, default=None, metavar="N",
                        help="prompt + answer limit in tokens (default: the model's max_position_embeddings)")
     local.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
-                       help="compute dtype; auto = fp32 on CPU, bf16 on CUDA")
+                       help="compute dtype; auto = bf16 on GPUs and on CPUs with native bf16 "
+                            "(AVX512-BF16, AMX), else fp32")
     local.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     add_endpoint_arguments(p, "generate with POST URL/v1/chat/completions instead of loading the model",
                            what="conversations", concurrency=8)

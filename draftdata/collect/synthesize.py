@@ -286,11 +286,33 @@ def stop_token_ids(generation_eos: Any, tokenizer: Any, render: Callable[..., st
 GQA_ATTENTION = "draftdata_sdpa_gqa"
 
 
+def _grouped_decode_attention(query: Any, key: Any, value: Any, mask: Any, scaling: float | None) -> Any:
+    """Attention of one query token per row, [B, Hq, 1, D] over keys/values [B, Hkv, S, D], as
+    two batched matmuls with the query heads of each KV head stacked (no KV copy per query head),
+    softmax in fp32. `mask`: None, bool [B, 1, 1, >=S] (True = attend) or additive float.
+    Returns [B, 1, Hq, D], the layout transformers' attention functions return."""
+    import torch
+
+    b, hq, _, d = query.shape
+    hkv, s = key.shape[1], key.shape[-2]
+    q = query.reshape(b, hkv, hq // hkv, d)                  # query head h uses KV head h // groups
+    scores = torch.matmul(q, key.transpose(-1, -2)).float() * (d ** -0.5 if scaling is None else scaling)
+    if mask is not None:
+        m = mask[..., -1:, :s]                               # [B or 1, 1, 1, S], broadcast over heads
+        scores = scores.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else scores + m.float()
+    probs = torch.softmax(scores, dim=-1).to(value.dtype)
+    return torch.matmul(probs, value).reshape(b, 1, hq, d)
+
+
 def _register_gqa_attention() -> str | None:
     """SDPA attention that keeps grouped-query KV heads grouped (`enable_gqa=True`) even with a
     padding mask. transformers' own sdpa path copies the KV cache to every query head whenever a
     mask is given (it enables GQA only without a mask); for left-padded batched decoding that copy
-    dominated CPU time (bench/synth/results.md). Same kernel family, same results."""
+    dominated CPU time (bench/synth/results.md). Same kernel family, same results.
+
+    One-token decode steps in bf16/fp16 on the CPU take `_grouped_decode_attention` instead:
+    torch's CPU SDPA kernel is ~6x slower in bf16 than in fp32 for a single query, which cancelled
+    what bf16 matmuls gain (bench/synth/results.md)."""
     import torch
 
     try:
@@ -300,8 +322,14 @@ def _register_gqa_attention() -> str | None:
     except ImportError:  # an older transformers: its default attention (correct, slower on CPU)
         return None
 
+    half = (torch.bfloat16, torch.float16)
+
     def attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, dropout: float = 0.0,
                   scaling: float | None = None, is_causal: bool | None = None, **kwargs: Any) -> tuple[Any, None]:
+        if (query.shape[-2] == 1 and query.device.type == "cpu" and query.dtype in half
+                and not dropout and query.shape[1] % key.shape[1] == 0
+                and (attention_mask is None or attention_mask.shape[1] == 1)):
+            return _grouped_decode_attention(query, key, value, attention_mask, scaling), None
         if attention_mask is None or getattr(module, "num_key_value_groups", 1) == 1 or dropout:
             return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                           scaling=scaling, is_causal=is_causal, **kwargs)
@@ -326,15 +354,17 @@ class HFGenerator:
 
         from draftdata.collect.backends.hf import check_device
         from draftdata.collect.conversations import ChatTokenizer
-        from draftdata.models import quiet_transformers
+        from draftdata.models import auto_dtype, bound_onednn_cache, quiet_transformers
 
         self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
         self.device = check_device(device)
         dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
         if dtype == "auto":
-            dtype = "fp32" if self.device.type == "cpu" else "bf16"
+            dtype = auto_dtype(self.device)
         if dtype not in dtypes:
             raise DraftdataError(f"--dtype {dtype!r}: expected auto, bf16, fp16 or fp32")
+        if dtype != "fp32" and self.device.type == "cpu":
+            bound_onednn_cache()
         self.tokenizer = load_tokenizer(model_path)
         self.chat = ChatTokenizer(self.tokenizer, chat_template=chat_template)
         if self.device.type == "cuda" and device == "cuda" and torch.cuda.device_count() > 1:

@@ -53,6 +53,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the initialization and data order (default 0)")
     p.add_argument("--no-shuffle", action="store_true", help="read the dataset in stored order")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="compute dtype: bf16 autocast over fp32 weights, or fp32; auto = bf16 on GPUs and on "
+                        "CPUs with native bf16 (AVX512-BF16, AMX), else fp32")
     p.add_argument("--num-workers", type=int, default=0,
                    help="DataLoader worker processes per rank (default 0: read in the main process, which "
                         "already prefetches with threads)")
@@ -90,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
         batch_tokens=args.batch_tokens, max_seq_len=args.max_seq_len,
         draft_vocab=args.draft_vocab, ttt_steps=args.ttt_steps, resume=args.resume, save_every=args.save_every,
         keep_checkpoints=args.keep_checkpoints, log_every=args.log_every, seed=args.seed,
-        shuffle=not args.no_shuffle, device=args.device, num_workers=args.num_workers,
+        shuffle=not args.no_shuffle, device=args.device, dtype=args.dtype, num_workers=args.num_workers,
         storage_options=parse_storage_options(args.storage_option), plot=not args.no_plot,
         val_data=args.val_data, val_every=args.val_every,
     )

@@ -594,7 +594,7 @@ def build_draft(base_dir: str | Path, eagle: EagleConfig, schema: DatasetSchema,
 
     draft_vocab: None, a path to a `draftdata vocab` file, or a `draftdata.train.vocab.DraftVocab`.
     Frozen base tensors (embedding, target head) are kept in `frozen_dtype`; the trained
-    parameters are fp32 (autocast handles bf16 compute on GPU).
+    parameters are fp32 (autocast handles bf16 compute, `draftdata train --dtype`).
     """
     from draftdata.train.vocab import DraftVocab, load_draft_vocab
 

@@ -94,6 +94,7 @@ class TrainConfig:
     seed: int = 0
     shuffle: bool = True
     device: str = "auto"
+    dtype: str = "auto"                      # compute: bf16 autocast (fp32 weights) or fp32; auto_dtype
     num_workers: int = 0
     storage_options: dict[str, Any] = field(default_factory=dict)
     plot: bool = True
@@ -115,6 +116,8 @@ class TrainConfig:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 1):
                 raise DraftdataError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
+        if self.dtype not in ("auto", "bf16", "fp32"):
+            raise DraftdataError(f"--dtype must be auto, bf16 or fp32, got {self.dtype!r}")
         if self.schedule not in ("cosine", "linear", "constant"):
             raise DraftdataError(f"--schedule must be cosine, linear or constant, got {self.schedule!r}")
         if self.max_minutes is not None and not self.max_minutes > 0:
@@ -419,7 +422,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from draftdata.loaders import HiddenStateDataset
-    from draftdata.models import resolve_model
+    from draftdata.models import auto_dtype, bound_onednn_cache, resolve_model
     from draftdata.train.losses import EagleTTT, step_token_counts
     from draftdata.train.model import build_draft, count_parameters, save_draft
 
@@ -480,7 +483,10 @@ def train(cfg: TrainConfig) -> TrainResult:
         # -- 3. model ----------------------------------------------------------------------------
         torch.manual_seed(cfg.seed)                      # identical initial draft on every rank
         base_dir = resolve_model(cfg.model)
-        frozen_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        compute = auto_dtype(device) if cfg.dtype == "auto" else cfg.dtype
+        if compute == "bf16" and device.type == "cpu":
+            bound_onednn_cache()
+        frozen_dtype = torch.bfloat16 if compute == "bf16" else torch.float32
         draft, head = build_draft(base_dir, eagle, schema, cfg.draft_vocab, frozen_dtype, device)
         module = EagleTTT(draft, head, ttt_steps=eagle.eagle_ttt_steps, decay=eagle.eagle_loss_decay_factor,
                           mix_hidden_states=eagle.eagle_mix_hidden_states,
@@ -492,7 +498,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         _log(f"draft: {n['trainable'] / 1e6:.1f}M trainable parameters ({n['saved'] / 1e6:.1f}M saved), "
              f"draft vocab {draft.config.draft_vocab_size}/{draft.config.vocab_size}, aux layers "
              f"{draft.config.aux_layer_ids}, rope_theta {draft.config.rope_theta:g}, {info.world_size} rank(s) "
-             f"on {device}; {total_steps} steps", info)
+             f"on {device} ({compute}); {total_steps} steps", info)
 
         # -- 4. optimizer and schedule -----------------------------------------------------------
         params = draft.trainable_parameters()
@@ -523,7 +529,7 @@ def train(cfg: TrainConfig) -> TrainResult:
 
         # -- 6. loop -----------------------------------------------------------------------------
         metrics = MetricsLog(output, info.main, step)
-        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+        autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if compute == "bf16"
                     else contextlib.nullcontext())
         nvtx = eagle.eagle_enable_nvtx and device.type == "cuda"
         losses: list[float] = []

@@ -20,6 +20,7 @@ import torch
 
 from draftdata.collect.backends.base import Backend, BaseModelInfo
 from draftdata.errors import DraftdataError
+from draftdata.models import auto_dtype, bound_onednn_cache
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -38,6 +39,8 @@ class HFBackend(Backend):
             dtype = auto_dtype(self.device)
         if dtype not in DTYPES:
             raise DraftdataError(f"--dtype {dtype!r}: expected auto or one of {', '.join(DTYPES)}")
+        if dtype != "fp32" and self.device.type == "cpu":
+            bound_onednn_cache()
         self.dtype = dtype
         self.info = BaseModelInfo.from_model_dir(model_path)
         if self.device.type == "cuda" and device == "cuda" and torch.cuda.device_count() > 1:
@@ -124,19 +127,6 @@ class HFBackend(Backend):
         self.model = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-
-
-def auto_dtype(device: torch.device) -> str:
-    """bf16 on GPUs and on CPUs with native bf16 math (AVX512-BF16, AMX); else fp32, because
-    emulated bf16 matmuls are several times slower than fp32 (measured 7x on an AVX2 EPYC).
-    The stored hidden states are bf16 either way."""
-    if device.type == "cuda":
-        return "bf16"
-    try:
-        native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        native = False
-    return "bf16" if native else "fp32"
 
 
 def check_device(device: str) -> torch.device:
