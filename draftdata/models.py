@@ -74,13 +74,17 @@ def auto_dtype(device: torch.device) -> str:
 ONEDNN_CACHE_ENV = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"
 
 
-def bound_onednn_cache(capacity: int = 64) -> None:
-    """Cap oneDNN's primitive cache before the first bf16 matmul on the CPU. bf16 matmuls run
-    through oneDNN, which keeps a compiled primitive per input shape (with its reordered weights:
-    ~10 MB for an lm_head), 1024 by default: variable-length batches grew a bf16 training process
-    by 4+ GB that way, with no speed gain over 64 (bench/train/results.md). Takes effect only if
-    no oneDNN primitive exists yet in this process; a value already in the environment wins."""
-    os.environ.setdefault(ONEDNN_CACHE_ENV, str(capacity))
+def compute_dtype(spec: str, device: torch.device) -> str:
+    """The --dtype flag resolved for `device` (auto: `auto_dtype`). For bf16/fp16 on the CPU it
+    first caps oneDNN's primitive cache, which must happen before the first such matmul: those
+    matmuls run through oneDNN, which keeps a compiled primitive per input shape (with reordered
+    weights: ~10 MB for an lm_head), 1024 by default, and variable-length batches grew a bf16
+    training run by 4+ GB that way, with no speed gain over 64 (bench/train/results.md). A value
+    already in the environment wins; once a primitive exists in the process the cap has no effect."""
+    dtype = auto_dtype(device) if spec == "auto" else spec
+    if dtype in ("bf16", "fp16") and device.type == "cpu":
+        os.environ.setdefault(ONEDNN_CACHE_ENV, "64")
+    return dtype
 
 
 def default_aux_layers(num_hidden_layers: int) -> list[int]:

@@ -8,8 +8,8 @@ Same run, same data, same seed, same steps; each variant is its own `draftdata t
   bf16-cache1024  --dtype bf16 with ONEDNN_PRIMITIVE_CACHE_CAPACITY=1024 (oneDNN's own default)
 
 tokens/s: real tokens of the steps after --warmup divided by their time (data loading included),
-from metrics.jsonl. Peak RSS: the trainer's own `peak_mem_gb` (its ru_maxrss on the CPU). Pass the dataset (and a draft vocabulary)
-of a quality run, e.g.
+from metrics.jsonl. Peak RSS: the trainer's own `peak_mem_gb` (its ru_maxrss on the CPU). Pass
+the dataset (and draft vocabulary) of a quality run, e.g.
 
     python bench/train/bench_dtype.py --data bench/_work/run8/ds_synth_cpu \
         --draft-vocab bench/_work/run8/vocab_8192_cpu.safetensors --steps 100

@@ -3,9 +3,8 @@
 Same run, same machine, same data, same draft configuration:
 
   ours            `draftdata.train.trainer.train` (token-budget batches from our loader, AdamW,
-                  3 TTT steps, fp32 on CPU / bf16 autocast on GPU)
-  ours-bf16       the same with `--dtype bf16` (bf16 autocast; on the CPU worth it with native
-                  bf16 math, AVX512-BF16 / AMX)
+                  3 TTT steps, fp32 on CPU / bf16 autocast on GPU: the dtypes the modelopt
+                  variants run in; bf16 on the CPU is measured by bench/train/bench_dtype.py)
   modelopt        ModelOpt 0.47 `HFEagleModel` (eagle_offline=True, torch.compile off) on exactly
                   the batches our loader yields, with the same AdamW step: the model math alone
   modelopt-bs1    ModelOpt's offline data layout: one sample per step, padded to
@@ -49,7 +48,7 @@ def draft_arch(schema, base_cfg) -> dict:
 
 # ------------------------------------------------------------------------------------------ variants
 
-def run_ours(args, dtype: str) -> dict:
+def run_ours(args) -> dict:
     from draftdata.train.trainer import TrainConfig, train
 
     out = Path(tempfile.mkdtemp(prefix="bench_train_"))
@@ -59,12 +58,12 @@ def run_ours(args, dtype: str) -> dict:
                       eagle_config={"eagle_architecture_config": shape},
                       batch_tokens=args.batch_tokens, seed=0, save_every=10**9, log_every=10**9,
                       progress=False, plot=False, device=args.device,
-                      dtype="auto" if dtype == "fp32" and args.device != "cpu" else dtype))  # GPU: autocast, as ModelOpt
+                      dtype="fp32" if args.device == "cpu" else "auto"))
     wall = time.perf_counter() - t0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     timed = rows[args.warmup:]
     seconds = sum(r["tokens"] / r["tokens_per_s"] for r in timed)
-    return {"variant": "ours" if dtype == "fp32" else "ours-bf16", "steps": len(rows), "tokens_per_s": sum(r["tokens"] for r in timed) / seconds,
+    return {"variant": "ours", "steps": len(rows), "tokens_per_s": sum(r["tokens"] for r in timed) / seconds,
             "peak_rss_mib": peak_rss_mib(), "first_loss": rows[0]["loss"], "wall_s": wall,
             "tokens_per_step": sum(r["tokens"] for r in timed) / len(timed)}
 
@@ -171,10 +170,7 @@ def main() -> None:
     args = p.parse_args()
 
     if args.run:                                          # child process: one variant
-        if args.run in ("ours", "ours-bf16"):
-            result = run_ours(args, "bf16" if args.run == "ours-bf16" else "fp32")
-        else:
-            result = run_modelopt(args, bs1=args.run == "modelopt-bs1")
+        result = run_ours(args) if args.run == "ours" else run_modelopt(args, bs1=args.run == "modelopt-bs1")
         print("RESULT " + json.dumps(result), flush=True)
         return
 

@@ -354,17 +354,14 @@ class HFGenerator:
 
         from draftdata.collect.backends.hf import check_device
         from draftdata.collect.conversations import ChatTokenizer
-        from draftdata.models import auto_dtype, bound_onednn_cache, quiet_transformers
+        from draftdata.models import compute_dtype, quiet_transformers
 
         self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
         self.device = check_device(device)
         dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-        if dtype == "auto":
-            dtype = auto_dtype(self.device)
+        dtype = compute_dtype(dtype, self.device)
         if dtype not in dtypes:
             raise DraftdataError(f"--dtype {dtype!r}: expected auto, bf16, fp16 or fp32")
-        if dtype != "fp32" and self.device.type == "cpu":
-            bound_onednn_cache()
         self.tokenizer = load_tokenizer(model_path)
         self.chat = ChatTokenizer(self.tokenizer, chat_template=chat_template)
         if self.device.type == "cuda" and device == "cuda" and torch.cuda.device_count() > 1:

@@ -94,7 +94,7 @@ class TrainConfig:
     seed: int = 0
     shuffle: bool = True
     device: str = "auto"
-    dtype: str = "auto"                      # compute: bf16 autocast (fp32 weights) or fp32; auto_dtype
+    dtype: str = "auto"                      # bf16 (autocast, fp32 weights) | fp32 | auto: models.compute_dtype
     num_workers: int = 0
     storage_options: dict[str, Any] = field(default_factory=dict)
     plot: bool = True
@@ -422,7 +422,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from draftdata.loaders import HiddenStateDataset
-    from draftdata.models import auto_dtype, bound_onednn_cache, resolve_model
+    from draftdata.models import compute_dtype, resolve_model
     from draftdata.train.losses import EagleTTT, step_token_counts
     from draftdata.train.model import build_draft, count_parameters, save_draft
 
@@ -483,9 +483,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         # -- 3. model ----------------------------------------------------------------------------
         torch.manual_seed(cfg.seed)                      # identical initial draft on every rank
         base_dir = resolve_model(cfg.model)
-        compute = auto_dtype(device) if cfg.dtype == "auto" else cfg.dtype
-        if compute == "bf16" and device.type == "cpu":
-            bound_onednn_cache()
+        compute = compute_dtype(cfg.dtype, device)
         frozen_dtype = torch.bfloat16 if compute == "bf16" else torch.float32
         draft, head = build_draft(base_dir, eagle, schema, cfg.draft_vocab, frozen_dtype, device)
         module = EagleTTT(draft, head, ttt_steps=eagle.eagle_ttt_steps, decay=eagle.eagle_loss_decay_factor,

@@ -20,7 +20,7 @@ import torch
 
 from draftdata.collect.backends.base import Backend, BaseModelInfo
 from draftdata.errors import DraftdataError
-from draftdata.models import auto_dtype, bound_onednn_cache
+from draftdata.models import compute_dtype
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -35,12 +35,9 @@ class HFBackend(Backend):
         from draftdata.models import quiet_transformers
 
         self.device = check_device(device)
-        if dtype == "auto":
-            dtype = auto_dtype(self.device)
+        dtype = compute_dtype(dtype, self.device)
         if dtype not in DTYPES:
             raise DraftdataError(f"--dtype {dtype!r}: expected auto or one of {', '.join(DTYPES)}")
-        if dtype != "fp32" and self.device.type == "cpu":
-            bound_onednn_cache()
         self.dtype = dtype
         self.info = BaseModelInfo.from_model_dir(model_path)
         if self.device.type == "cuda" and device == "cuda" and torch.cuda.device_count() > 1:
