@@ -105,7 +105,8 @@ class ConfigError(DraftdataError):
 #     whatever the base is; on SmolLM2-135M that is a 4096-wide attention on a 576-wide model,
 #     which trains 2.2x slower for no gain: bench/quality/results.md, Run 6);
 #   draft_vocab_size: None = the base vocabulary, or the size of the --draft-vocab file;
-#   fc_norm, norm_output: the EAGLE 3.1 switches (vLLM's config names), off by default.
+#   fc_norm, norm_output: the EAGLE 3.1 switches (vLLM's config names), off by default;
+#   freeze_lm_head: keep a compressed draft vocabulary's lm_head at the base's rows (not trained).
 EAGLE3_ARCHITECTURE_DEFAULTS: dict[str, Any] = {
     "hidden_act": "silu",
     "torch_dtype": "bfloat16",
@@ -133,6 +134,7 @@ EAGLE3_ARCHITECTURE_DEFAULTS: dict[str, Any] = {
     "draft_vocab_size": None,
     "fc_norm": False,
     "norm_output": False,
+    "freeze_lm_head": False,
 }
 # ModelOpt fills these from the base model; so do we, and setting them is an error.
 BASE_MODEL_ARCH_FIELDS = ("hidden_size", "vocab_size", "max_position_embeddings")
@@ -241,6 +243,9 @@ class EagleConfig:
             v = arch[name]
             if v is not None and (not isinstance(v, int) or v < 1):
                 raise ConfigError(f"eagle_architecture_config.{name} must be a positive integer or null, got {v!r}")
+        if arch["has_lm_head"] and arch["freeze_lm_head"]:
+            raise ConfigError("eagle_architecture_config sets both has_lm_head (train the draft's lm_head) and "
+                              "freeze_lm_head (keep it at the base's rows); set one")
         if arch["rope_scaling"] is not None and not isinstance(arch["rope_scaling"], dict):
             raise ConfigError("eagle_architecture_config.rope_scaling must be an object or null")
         # ModelOpt's _check_rope_scaling_consistency: the export override only replaces 'default' RoPE.

@@ -11,7 +11,7 @@ from test_train_support import TINY_ARCH, make_dataset, train_data  # noqa: F401
 
 from draftdata.cli import main
 from draftdata.store import open_dataset
-from draftdata.train.model import load_draft
+from draftdata.train.model import load_base_parts, load_draft
 from draftdata.train.vocab import load_draft_vocab, select_draft_vocab
 
 
@@ -93,6 +93,22 @@ def test_training_uses_the_draft_vocab(tmp_path, tiny_model, train_data):  # noq
     assert torch.equal(draft.d2t, v.d2t) and torch.equal(draft.t2d, v.t2d)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(np.isfinite(r["loss"]) for r in rows)
+    base_rows = load_base_parts(tiny_model, rows=v.target_ids())["lm_head"]
+    assert not torch.allclose(draft.lm_head.weight, base_rows)        # trained, from the base rows
+
+    # freeze_lm_head: the compressed lm_head stays the base's rows (fp32 here: bf16
+    # training keeps frozen base tensors in bf16).
+    eagle.write_text(json.dumps({"eagle_architecture_config": {**TINY_ARCH, "freeze_lm_head": True}}))
+    assert main(["train", "--data", train_data, "--model", str(tiny_model), "--output", str(tmp_path / "frozen"),
+                 "--steps", "3", "--batch-tokens", "512", "--eagle-config", str(eagle), "--draft-vocab",
+                 str(vocab), "--no-plot", "--dtype", "fp32"]) == 0
+    frozen = load_draft(tmp_path / "frozen" / "final")
+    assert not frozen.config.train_lm_head
+    assert torch.equal(frozen.lm_head.weight, base_rows.to(frozen.lm_head.weight.dtype))
+    eagle.write_text(json.dumps({"eagle_architecture_config": {**TINY_ARCH, "freeze_lm_head": True,
+                                                               "has_lm_head": True}}))
+    assert main(["train", "--data", train_data, "--model", str(tiny_model), "--output", str(tmp_path / "r3"),
+                 "--steps", "1", "--batch-tokens", "512", "--eagle-config", str(eagle)]) == 2
 
     # A draft_vocab_size in the EagleConfig must agree with the file.
     eagle.write_text(json.dumps({"eagle_architecture_config": {**TINY_ARCH, "draft_vocab_size": 100}}))

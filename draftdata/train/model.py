@@ -222,7 +222,7 @@ def resolve_draft_config(base_dir: str | Path, eagle: EagleConfig, schema: Datas
         base_num_hidden_layers=base.num_hidden_layers, base_tie_word_embeddings=base.tie_word_embeddings,
         base_rms_norm_eps=base.rms_norm_eps, final_hidden_prenorm=bool(schema.final_hidden_prenorm),
         fc_norm=bool(arch["fc_norm"]), norm_output=bool(arch["norm_output"]),
-        train_lm_head=bool(arch["has_lm_head"]) or n_draft < base.vocab_size,
+        train_lm_head=bool(arch["has_lm_head"]) or (n_draft < base.vocab_size and not arch["freeze_lm_head"]),
         attention_bias=bool(arch["attention_bias"]), mlp_bias=bool(arch["mlp_bias"]),
         attention_dropout=float(arch["attention_dropout"]), initializer_range=float(arch["initializer_range"]),
     )
