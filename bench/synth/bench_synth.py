@@ -18,7 +18,8 @@ tokens/s counts every generated token (answers incl. their end-of-turn token). T
 run in rounds (every configuration once per round, order rotated) and the best round counts, so a
 noisy neighbour on a shared machine hurts all of them alike. Answers of every configuration are
 compared with the first configuration's (greedy: they should be identical up to float rounding).
---skip-single leaves out the one-at-a-time configurations (slow with long answers). --dtype takes a
+--skip-single leaves out the one-at-a-time configurations (slow with long answers), --skip-static
+the static batches. --dtype takes a
 comma list (e.g. fp32,bf16): every configuration then runs once per compute dtype, in the same rounds.
 
     python bench/synth/bench_synth.py --prompts 32 --max-new-tokens 64 --out bench/synth/results.md
@@ -112,6 +113,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=32)
     ap.add_argument("--prompt-mix", choices=["first", "sources"], default="first")
     ap.add_argument("--skip-single", action="store_true", help="leave out the one-at-a-time configurations")
+    ap.add_argument("--skip-static", action="store_true", help="leave out the static-batch configurations")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--batch-sizes", default="8,32")
     ap.add_argument("--rounds", type=int, default=2)
@@ -137,7 +139,8 @@ def main() -> None:
             configs[f"one at a time (ours, batch 1){tag}"] = lambda g=generator: ours(g, prompts, 1)
             configs[f"one at a time (transformers generate){tag}"] = lambda g=generator: transformers_generate(g, prompts)
         for b in sizes:
-            configs[f"static batches (batch {b}){tag}"] = lambda b=b, g=generator: ours(g, prompts, b)
+            if not args.skip_static:
+                configs[f"static batches (batch {b}){tag}"] = lambda b=b, g=generator: ours(g, prompts, b)
             configs[f"continuous (ours, batch {b}){tag}"] = lambda b=b, g=generator: continuous(g, prompts, b)
     best: dict[str, tuple[float, int, list[str]]] = {}
     names = list(configs)
