@@ -76,7 +76,9 @@ class HiddenStateDataset(IterableDataset):
             use `DataLoader(pin_memory=True)`).
         io_threads: threads reading a window's ~64 MiB pieces in parallel (reads and CRCs release the GIL).
         parts: restrict to these committed part ids (pin a snapshot of a growing dataset).
-        on_corrupt: "raise" (default) names the part and sample; "skip" warns and leaves it out.
+        on_corrupt: "raise" (default) names the part and sample; "skip" warns and leaves it out
+            (a batch left empty is not yielded: resume from `state_dict()`, not from a global
+            items_consumed cursor, see docs/LOADER.md).
         pad_to_multiple_of: round each batch's padded length up to a multiple of this.
     """
 
