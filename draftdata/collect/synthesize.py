@@ -352,15 +352,14 @@ class HFGenerator:
         import torch
         from transformers import AutoModelForCausalLM
 
-        from draftdata.collect.backends.hf import check_device
+        from draftdata.collect.backends.hf import DTYPES, check_device
         from draftdata.collect.conversations import ChatTokenizer
         from draftdata.models import compute_dtype, quiet_transformers
 
         self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
         self.device = check_device(device)
-        dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
         dtype = compute_dtype(dtype, self.device)
-        if dtype not in dtypes:
+        if dtype not in DTYPES:
             raise DraftdataError(f"--dtype {dtype!r}: expected auto, bf16, fp16 or fp32")
         self.tokenizer = load_tokenizer(model_path)
         self.chat = ChatTokenizer(self.tokenizer, chat_template=chat_template)
@@ -371,7 +370,7 @@ class HFGenerator:
         try:
             with quiet_transformers():
                 self.model = AutoModelForCausalLM.from_pretrained(
-                    str(model_path), dtype=dtypes[dtype], device_map=device_map,
+                    str(model_path), dtype=DTYPES[dtype], device_map=device_map,
                     attn_implementation=_register_gqa_attention()).eval()
         except (OSError, ValueError) as e:
             raise DraftdataError(f"--model {model_path}: cannot load with transformers: {e}") from None
