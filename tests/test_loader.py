@@ -376,6 +376,42 @@ def test_corrupt_part_names_part_and_sample(tmp_path, fmt):
     assert any(victim.id in str(w.message) for w in caught)
 
 
+def test_empty_batches_keep_the_plan_and_the_global_cursor_exact(tmp_path):
+    """on_corrupt="skip" + empty_batches: a batch whose samples are all damaged arrives as a 0-row
+    batch naming them, a partly damaged one lists what it lost, every planned item is yielded, and
+    a global items_consumed cursor (with DataLoader workers) resumes exactly after such batches."""
+    url = str(tmp_path / "ds")
+    write_dataset(url, [6, 6, 6, 6])
+    victim = HiddenStateDataset(url, shuffle=False).store.parts[1]
+    _flip_byte(Path(url) / "parts" / victim.id / "hidden_states" / "c" / "0" / "0", 40)
+    kw = dict(shuffle=False, batch_size=4, shuffle_window=12, on_corrupt="skip", empty_batches=True)
+    ds = HiddenStateDataset(url, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        batches = list(DataLoader(ds, batch_size=None, num_workers=2))
+    planned = expected_order(ds, 2)
+    assert len(batches) == len(ds) == len(planned)
+    for want, got in zip(planned, batches):
+        lost = [c for c in want if c not in got["conversation_id"]]
+        assert got["conversation_id"] == [c for c in want if c not in lost]
+        assert len(got.get("skipped", [])) == len(lost)
+        assert all(f"(conversation {c!r})" in r for c, r in zip(lost, got.get("skipped", [])))
+        assert got["input_ids"].shape[0] == len(want) - len(lost)
+    empty = [b for b in batches if b["input_ids"].shape[0] == 0]
+    assert any(b.get("skipped") and b["input_ids"].shape[0] for b in batches)        # a partly damaged one
+    assert empty and all(b["hidden_states"].shape == (0, 0, H) and b["lengths"].numel() == 0 for b in empty)
+    first_empty = next(i for i, b in enumerate(batches) if b["input_ids"].shape[0] == 0)
+    for consumed in (first_empty + 1, len(batches) - 1):
+        again = HiddenStateDataset(url, **kw)
+        again.load_state_dict({"epoch": 0, "items_consumed": consumed})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            rest = [b["conversation_id"] for b in DataLoader(again, batch_size=None, num_workers=2)]
+        assert rest == [b["conversation_id"] for b in batches[consumed:]]
+    with pytest.raises(DraftdataError, match="needs batching"):
+        HiddenStateDataset(url, on_corrupt="skip", empty_batches=True)
+
+
 def test_missing_and_empty_dataset(tmp_path):
     with pytest.raises(DatasetNotFoundError, match="no dataset here"):
         HiddenStateDataset(str(tmp_path / "nope"))

@@ -277,3 +277,97 @@ def test_max_minutes_stops_with_a_checkpoint_and_resume_continues(tmp_path, tiny
     bad = ["train", "--data", train_data, "--model", str(tiny_model), "--output", str(tmp_path / "bad"),
            "--steps", "6", "--max-minutes", "0"]
     assert main(bad) == 2 and not (tmp_path / "bad").exists()       # bad value: one-line error, nothing written
+
+
+def damaged_copy(source: str, dest: Path, *, rank: int = 0, world_size: int = 1, batch_tokens: int = 64,
+                 seed: int = 5) -> tuple[str, dict[str, int]]:
+    """A copy of dataset `source` whose part holding `rank`'s first batch has a flipped byte in its
+    hidden states; returns (url, {conversation id: stored length} of every damaged sample)."""
+    import shutil
+
+    from draftdata.loaders import HiddenStateDataset
+
+    url = str(dest)
+    shutil.copytree(source, url)
+    ds = HiddenStateDataset(url, seed=seed, rank=rank, world_size=world_size, max_seq_len=batch_tokens,
+                            max_tokens_per_batch=batch_tokens)
+    plan = ds.plan()
+    victim = ds.store.parts[int(plan.part[plan.worker_windows(0, 1)[0].items[0][0]])]
+    shard = Path(url) / "parts" / victim.id / "hidden_states" / "c" / "0" / "0"
+    data = bytearray(shard.read_bytes())
+    data[40] ^= 0x5A
+    shard.write_bytes(bytes(data))
+    with pytest.warns(UserWarning, match="skipping"):
+        good = {s["conversation_id"] for s in HiddenStateDataset(url, shuffle=False, on_corrupt="skip")}
+    damaged = {c: int(n) for c, n in zip(victim.conversation_ids, victim.lengths) if c not in good}
+    assert damaged
+    return url, damaged
+
+
+def test_damaged_samples_are_skipped_reported_and_resumed_exactly(tmp_path, tiny_model, train_data, capsys):  # noqa: F811
+    """`draftdata train` skips damaged samples and reports each (corrupt_samples.jsonl, the log,
+    metrics); a batch of only damaged samples becomes a zero-weight step, so the run takes the
+    planned steps, every intact sample's tokens are trained on once, and a resume right after
+    such a step continues exactly. `--on-corrupt raise` stops naming the sample."""
+    url, damaged = damaged_copy(train_data, tmp_path / "damaged")
+    common = dict(model=str(tiny_model), eagle_config={"eagle_architecture_config": TINY_ARCH}, epochs=1,
+                  batch_tokens=64, save_every=100, log_every=100, lr=2e-3, seed=5, progress=False, plot=False,
+                  schedule="constant", ttt_steps=2)
+    intact = train(TrainConfig(data=train_data, output=str(tmp_path / "intact"), **common))
+    whole = train(TrainConfig(data=url, output=str(tmp_path / "whole"), **common))
+    assert whole.steps == intact.steps > 40                       # one or two samples per batch, as planned
+    ref, rows = read_metrics(tmp_path / "intact"), read_metrics(tmp_path / "whole")
+    assert rows[0]["tokens"] == rows[0]["loss_tokens"] == 0        # the first batch was all damaged
+    assert sum(r["skipped_samples"] for r in rows) == len(damaged)
+    listed = [json.loads(line) for line in (tmp_path / "whole" / "corrupt_samples.jsonl").read_text().splitlines()]
+    assert len(listed) == len(damaged) and listed[0]["step"] == 1
+    named = {c: r["step"] for r in listed for c in damaged if f"(conversation {c!r})" in r["reason"]}
+    assert sorted(named) == sorted(damaged)
+    # Every step trained on what the intact run did, less exactly the damaged samples listed for it.
+    for a, b in zip(ref, rows):
+        lost = sum(min(n, 64) for c, n in damaged.items() if named[c] == a["step"])
+        assert b["tokens"] == a["tokens"] - lost, a["step"]
+    err = capsys.readouterr().err
+    assert "step 1: skipped 1 damaged sample(s)" in err and f"skipped {len(damaged)} damaged sample(s) in all" in err
+
+    # Out of time after step 1 (the stand-in step), then resumed: the same run, step for step.
+    part = TrainConfig(data=url, output=str(tmp_path / "resumed"), max_minutes=1e-6, **common)
+    assert train(part).steps == 1
+    train(TrainConfig(data=url, output=str(tmp_path / "resumed"), resume=True, **common))
+    again = read_metrics(tmp_path / "resumed")
+    assert [(r["step"], r["tokens"], r["skipped_samples"]) for r in again] == \
+           [(r["step"], r["tokens"], r["skipped_samples"]) for r in rows]
+    assert [r["loss"] for r in again] == pytest.approx([r["loss"] for r in rows], rel=1e-6)
+    assert (tmp_path / "resumed" / "corrupt_samples.jsonl").read_text() == \
+           (tmp_path / "whole" / "corrupt_samples.jsonl").read_text()
+
+    args = ["train", "--data", url, "--model", str(tiny_model), "--eagle-config", str(eagle_file(tmp_path)),
+            "--steps", "2", "--batch-tokens", "64", "--seed", "5", "--output", str(tmp_path / "strict")]
+    assert main(args + ["--on-corrupt", "raise"]) == 2
+    assert "is corrupt" in (err := capsys.readouterr().err) and "draftdata verify" in err
+    assert any(repr(c) in err for c in damaged)
+
+
+def test_ddp_stand_in_step_for_a_damaged_batch(tmp_path, tiny_model, train_data):  # noqa: F811
+    """Two gloo ranks, rank 1's first batch all damaged: rank 1 runs the stand-in, both ranks
+    still all-reduce every step, finish the planned steps and end with identical replicas."""
+    from safetensors.torch import load_file
+
+    url, damaged = damaged_copy(train_data, tmp_path / "damaged", rank=1, world_size=2, seed=7)
+    out = tmp_path / "ddp"
+    cfg = dict(data=url, model=str(tiny_model), output=str(out), steps=6, batch_tokens=64, seed=7,
+               eagle_config={"eagle_architecture_config": TINY_ARCH}, log_every=1, progress=False, plot=False,
+               lr=1e-3, ttt_steps=2)
+    script = tmp_path / "ddp_train.py"
+    script.write_text(textwrap.dedent(DDP_SCRIPT))
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          "--master-port", str(free_port()), str(script), json.dumps(cfg)],
+                         capture_output=True, text=True, env=env(), timeout=180)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, 7)) and rows[0]["skipped_samples"] >= 1
+    listed = [json.loads(line) for line in (out / "corrupt_samples.jsonl").read_text().splitlines()]
+    assert listed[0]["rank"] == 1 and listed[0]["step"] == 1
+    r0, r1 = load_file(str(out / "rank0.safetensors")), load_file(str(out / "rank1.safetensors"))
+    for k in r0:
+        assert torch.equal(r0[k], r1[k]), k

@@ -1,4 +1,4 @@
-"""Right-padded batches in the Loader-batch layout of CONTRACTS.md.
+"""Right-padded batches in the Loader-batch layout (docs/LOADER.md, "A batch").
 
 ```
 input_ids int64 [B, T], attention_mask int64 [B, T] (1 = real token), loss_mask float32 [B, T],
@@ -94,6 +94,20 @@ def collate_samples(samples: list[dict[str, Any]], *, pad_to_multiple_of: int | 
     out["lengths"] = torch.tensor(lengths, dtype=torch.int64)
     out["conversation_id"] = [str(s["conversation_id"]) for s in samples]
     return out
+
+
+def empty_batch(hidden_size: int, aux_width: int) -> dict[str, Any]:
+    """A batch with no rows (B = 0, T = 0) in the Loader-batch layout: what a streaming dataset
+    with `empty_batches=True` yields for a batch whose samples were all damaged."""
+    return {
+        "input_ids": torch.zeros((0, 0), dtype=torch.int64),
+        "attention_mask": torch.zeros((0, 0), dtype=torch.int64),
+        "loss_mask": torch.zeros((0, 0), dtype=torch.float32),
+        "hidden_states": torch.zeros((0, 0, hidden_size), dtype=torch.bfloat16),
+        "aux_hidden_states": torch.zeros((0, 0, aux_width), dtype=torch.bfloat16),
+        "lengths": torch.zeros((0,), dtype=torch.int64),
+        "conversation_id": [],
+    }
 
 
 def _np(t: torch.Tensor):

@@ -17,7 +17,7 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from draftdata.errors import DraftdataError
 from draftdata.loaders import plan as planning
-from draftdata.loaders.collate import collate_samples
+from draftdata.loaders.collate import collate_samples, empty_batch
 from draftdata.loaders.reader import Prefetcher, load_window, read_segment, sample_view
 
 STATE_FORMAT = "draftdata.loader/1"
@@ -77,8 +77,11 @@ class HiddenStateDataset(IterableDataset):
         io_threads: threads reading a window's ~64 MiB pieces in parallel (reads and CRCs release the GIL).
         parts: restrict to these committed part ids (pin a snapshot of a growing dataset).
         on_corrupt: "raise" (default) names the part and sample; "skip" warns and leaves it out
-            (a batch left empty is not yielded: resume from `state_dict()`, not from a global
-            items_consumed cursor, see docs/LOADER.md).
+            (a batch that lost samples lists them in `batch["skipped"]`).
+        empty_batches: with on_corrupt="skip" and batching, yield a batch whose samples were all
+            damaged as a 0-row batch (with its `skipped` list) instead of leaving it out, so every
+            rank yields exactly `len(ds)` items: what a DDP loop with a fixed step count and a
+            global items_consumed cursor need (see docs/LOADER.md, Errors).
         pad_to_multiple_of: round each batch's padded length up to a multiple of this.
     """
 
@@ -87,7 +90,8 @@ class HiddenStateDataset(IterableDataset):
                  storage_options: dict[str, Any] | None = None, batch_size: int | None = None,
                  max_tokens_per_batch: int | None = None, shuffle_window: int | None = None,
                  prefetch_bytes: int = DEFAULT_PREFETCH_BYTES, pin_memory: bool = False, io_threads: int = 4,
-                 parts: list[str] | None = None, on_corrupt: str = "raise", pad_to_multiple_of: int | None = None):
+                 parts: list[str] | None = None, on_corrupt: str = "raise", empty_batches: bool = False,
+                 pad_to_multiple_of: int | None = None):
         super().__init__()
         for name, v in (("batch_size", batch_size), ("max_tokens_per_batch", max_tokens_per_batch),
                         ("max_seq_len", max_seq_len), ("shuffle_window", shuffle_window),
@@ -96,6 +100,8 @@ class HiddenStateDataset(IterableDataset):
                 raise DraftdataError(f"{name} must be a positive integer, got {v}")
         if on_corrupt not in ("raise", "skip"):
             raise DraftdataError(f"on_corrupt must be 'raise' or 'skip', got {on_corrupt!r}")
+        if empty_batches and batch_size is None and max_tokens_per_batch is None:
+            raise DraftdataError("empty_batches=True needs batching (batch_size or max_tokens_per_batch)")
         if prefetch_bytes < 1:
             raise DraftdataError(f"prefetch_bytes must be positive, got {prefetch_bytes}")
         self.rank, self.world_size = _distributed(rank, world_size)
@@ -105,7 +111,7 @@ class HiddenStateDataset(IterableDataset):
         self.batch_size, self.max_tokens_per_batch = batch_size, max_tokens_per_batch
         self.shuffle_window, self.prefetch_bytes = shuffle_window, int(prefetch_bytes)
         self.pin_memory, self.io_threads, self.on_corrupt = pin_memory, max(1, int(io_threads)), on_corrupt
-        self.pad_to_multiple_of = pad_to_multiple_of
+        self.pad_to_multiple_of, self.empty_batches = pad_to_multiple_of, bool(empty_batches)
         self.token_bytes = planning.bytes_per_token(self.schema.hidden_size, self.schema.num_aux_slots)
         self.epoch = 0
         self._counts = [p.num_samples for p in self.store.parts]
@@ -249,11 +255,14 @@ class HiddenStateDataset(IterableDataset):
             for lw, size in zip(prefetch, sizes):
                 for item in lw.window.items[skip:]:
                     samples = [sample_view(self.store, plan, lw, int(i)) for i in item if int(i) in lw.where]
-                    self.stats["skipped_samples"] += len(item) - len(samples)
+                    skipped = [lw.skipped[int(i)] for i in item if int(i) not in lw.where]
+                    self.stats["skipped_samples"] += len(skipped)
                     self._yielded += 1
-                    if not samples:
+                    if not samples and not self.empty_batches:
                         continue
                     out = self._emit(samples)
+                    if skipped:  # batching only: a lone sample that is damaged was left out above
+                        out["skipped"] = skipped
                     self.stats["peak_prefetch_bytes"] = prefetch.peak_held
                     yield out
                 skip = 0
@@ -264,6 +273,8 @@ class HiddenStateDataset(IterableDataset):
                 pool.shutdown(wait=False, cancel_futures=True)
 
     def _emit(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        if not samples:
+            return empty_batch(self.schema.hidden_size, self.schema.hidden_size * self.schema.num_aux_slots)
         n = sum(int(s["input_ids"].shape[0]) for s in samples)
         self.stats["samples"] += len(samples)
         self.stats["tokens"] += n

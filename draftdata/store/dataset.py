@@ -162,7 +162,7 @@ class PartWriter:
         return len(self._ids)
 
     def add(self, sample: dict[str, Any]) -> None:
-        """Append one sample (see CONTRACTS: conversation_id, input_ids, loss_mask, two hidden arrays)."""
+        """Append one sample (docs/FORMAT.md: conversation_id, input_ids, loss_mask, two hidden arrays)."""
         if self._closed:
             raise DraftdataError(f"part {self.part_id} is already committed or aborted")
         cid = str(sample["conversation_id"])

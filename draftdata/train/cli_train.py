@@ -48,6 +48,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "accuracy per TTT step go to the log and metrics.jsonl every --val-every steps")
     p.add_argument("--val-every", type=int, metavar="N",
                    help="held-out evaluation every N steps (default: --save-every) and at the last step")
+    p.add_argument("--on-corrupt", choices=("skip", "raise"), default="skip",
+                   help="a damaged sample (CRC mismatch, wrong shapes): skip it and report it in the log and "
+                        "corrupt_samples.jsonl (default; no sample is repeated or lost on resume), or raise "
+                        "(stop, naming it)")
     p.add_argument("--keep-checkpoints", type=int, default=2, help="checkpoints to keep (default 2; 0 = all)")
     p.add_argument("--log-every", type=int, default=10, help="print metrics every N steps (default 10)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initialization and data order (default 0)")
@@ -95,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
         keep_checkpoints=args.keep_checkpoints, log_every=args.log_every, seed=args.seed,
         shuffle=not args.no_shuffle, device=args.device, dtype=args.dtype, num_workers=args.num_workers,
         storage_options=parse_storage_options(args.storage_option), plot=not args.no_plot,
-        val_data=args.val_data, val_every=args.val_every,
+        val_data=args.val_data, val_every=args.val_every, on_corrupt=args.on_corrupt,
     )
     if args.ray_workers:
         result = train_with_ray(cfg, args.ray_workers, use_gpu=args.ray_gpus)

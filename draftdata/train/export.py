@@ -1,7 +1,7 @@
 """Export a trained draft checkpoint as a `LlamaForCausalLMEagle3` directory for vLLM, SGLang and TRT-LLM.
 
 Input: a trainer checkpoint directory (`draft.safetensors` + `draft_config.json`, names per
-.dev/CONTRACTS.md). Output: `config.json` + `model.safetensors`, which the EAGLE3 loaders of
+docs/TRAIN.md). Output: `config.json` + `model.safetensors`, which the EAGLE3 loaders of
 the three engines read (their expectations, with source paths, are in docs/EXPORT.md):
 
 - tensor names are unprefixed and the decoder layer is `midlayer.*`: SGLang's loader maps only
@@ -37,7 +37,7 @@ EXPORT_FORMAT = "draftdata-eagle3-export"
 ARCHITECTURE = "LlamaForCausalLMEagle3"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
-# The decoder layer's tensors, as the trainer names them (CONTRACTS.md) and as engines load them.
+# The decoder layer's tensors, as the trainer names them (docs/TRAIN.md) and as engines load them.
 MIDLAYER_TENSORS = (
     "midlayer.input_layernorm.weight", "midlayer.hidden_norm.weight",
     "midlayer.self_attn.q_proj.weight", "midlayer.self_attn.k_proj.weight",

@@ -10,8 +10,8 @@ Data flow of one draft step (vLLM / SGLang `LlamaForCausalLMEagle3` semantics):
     logits = lm_head(norm(h))                                            [T, draft_vocab]
     next step's h = h (EAGLE3) or norm(h) (EAGLE 3.1, norm_output)
 
-The module's state-dict names are the ones in .dev/CONTRACTS.md ("Draft model state-dict
-names"). From the base checkpoint only embed_tokens, lm_head (or the tied embedding) and the
+The module's state-dict names are the draft-model contract (listed in docs/TRAIN.md, Output
+directory; tested in test_state_dict_names_are_the_contract). From the base checkpoint only embed_tokens, lm_head (or the tied embedding) and the
 final norm are read, tensor by tensor from safetensors, so memory does not grow with the
 base model's depth. The embedding stays frozen and is not saved with the draft.
 

@@ -15,6 +15,7 @@
 Output directory:
     train_config.json                 the run's settings (checked on --resume)
     metrics.jsonl                     one JSON object per optimizer step (val_* keys on held-out steps)
+    corrupt_samples.jsonl             damaged samples that were skipped (only when there were any)
     checkpoints/step-XXXXXXXX/        draft.safetensors, draft_config.json, trainer_state.pt
     final/                            draft.safetensors, draft_config.json (what export reads)
     training_curves.png               loss and per-TTT-step accuracy
@@ -23,6 +24,12 @@ Loss normalization: each TTT step's cross-entropy is summed over every loss posi
 optimizer step (all micro-batches, all ranks) and divided by that global count, so token-budget
 batches of different sizes weigh every token equally. For a single batch this is exactly
 ModelOpt's per-batch loss.
+
+Damaged samples (CRC mismatch, wrong shapes) are skipped and reported (--on-corrupt skip, the
+default): the loader yields a batch whose samples were all damaged as an empty batch, which the
+trainer runs as a zero-weight stand-in (DDP ranks still all-reduce), so every rank takes exactly
+the planned batches, the checkpoint's batch cursor stays exact and resume neither repeats nor
+loses a sample. `--on-corrupt raise` stops at the first one instead, naming it.
 
 Epochs: ranks can hold different numbers of batches; each epoch runs min over ranks of
 (batches // grad_accum) optimizer steps so no rank waits on another, dropping the remainder
@@ -55,6 +62,7 @@ from draftdata.errors import DraftdataError
 CHECKPOINTS = "checkpoints"
 FINAL = "final"
 METRICS = "metrics.jsonl"
+CORRUPT = "corrupt_samples.jsonl"
 TRAIN_CONFIG = "train_config.json"
 TRAINER_STATE = "trainer_state.pt"
 PLOT = "training_curves.png"
@@ -101,6 +109,7 @@ class TrainConfig:
     progress: bool = True
     val_data: str | None = None              # held-out dataset: loss/accuracy every val_every steps
     val_every: int | None = None             # None: every save_every steps (and at the last step)
+    on_corrupt: str = "skip"                 # skip (and report) damaged samples | raise
 
     def eagle(self) -> EagleConfig:
         cfg = dict(self.eagle_config)
@@ -118,6 +127,8 @@ class TrainConfig:
                 raise DraftdataError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
         if self.dtype not in ("auto", "bf16", "fp32"):
             raise DraftdataError(f"--dtype must be auto, bf16 or fp32, got {self.dtype!r}")
+        if self.on_corrupt not in ("skip", "raise"):
+            raise DraftdataError(f"--on-corrupt must be skip or raise, got {self.on_corrupt!r}")
         if self.schedule not in ("cosine", "linear", "constant"):
             raise DraftdataError(f"--schedule must be cosine, linear or constant, got {self.schedule!r}")
         if self.max_minutes is not None and not self.max_minutes > 0:
@@ -228,6 +239,17 @@ def _all_reduce(t: torch.Tensor, info: Dist) -> torch.Tensor:
     return t
 
 
+def stand_in_batch(schema: Any, ttt_steps: int) -> dict[str, Any]:
+    """One row of zeros with no loss position: trained on in place of an all-damaged batch, it
+    adds nothing to the loss or the gradients but takes part in DDP's gradient all-reduce."""
+    t, h = ttt_steps + 2, schema.hidden_size
+    return {"input_ids": torch.zeros((1, t), dtype=torch.int64), "attention_mask": torch.ones((1, t), dtype=torch.int64),
+            "loss_mask": torch.zeros((1, t), dtype=torch.float32),
+            "hidden_states": torch.zeros((1, t, h), dtype=torch.bfloat16),
+            "aux_hidden_states": torch.zeros((1, t, h * schema.num_aux_slots), dtype=torch.bfloat16),
+            "lengths": torch.tensor([t]), "conversation_id": [""]}
+
+
 def _log(msg: str, info: Dist) -> None:
     if info.main:
         print(msg, file=sys.stderr, flush=True)
@@ -288,11 +310,13 @@ class MetricsLog:
         self.tb = None
         if not enabled:
             return
-        if self.path.exists():
-            # A killed run may have logged steps after its last checkpoint: drop them (no duplicates).
-            keep = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in keep))
+        self.corrupt_path = output / CORRUPT
+        for path in (self.path, self.corrupt_path):
+            if path.exists():
+                # A killed run may have logged steps after its last checkpoint: drop them (no duplicates).
+                keep = [line for line in path.read_text().splitlines()
+                        if line.strip() and json.loads(line)["step"] <= resume_step]
+                path.write_text("".join(line + "\n" for line in keep))
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -317,6 +341,15 @@ class MetricsLog:
                 for k, (loss, acc) in enumerate(zip(record["val_step_loss"], record["val_step_acc"])):
                     self.tb.add_scalar(f"val/loss_ttt{k}", loss, step)
                     self.tb.add_scalar(f"val/acc_ttt{k}", acc, step)
+
+    def write_corrupt(self, step: int, epoch: int, per_rank: list[list[str]]) -> None:
+        """Append the damaged samples skipped in one step (one line each, with the reader's reason)."""
+        if not self.enabled:
+            return
+        with self.corrupt_path.open("a") as f:
+            for rank, reasons in enumerate(per_rank):
+                for reason in reasons:
+                    f.write(json.dumps({"step": step, "epoch": epoch, "rank": rank, "reason": reason}) + "\n")
 
     def close(self) -> None:
         if self.tb is not None:
@@ -457,14 +490,15 @@ def train(cfg: TrainConfig) -> TrainResult:
         dataset = HiddenStateDataset(
             cfg.data, shuffle=cfg.shuffle, seed=cfg.seed, rank=info.rank, world_size=info.world_size,
             max_seq_len=cfg.max_seq_len or cfg.batch_tokens, storage_options=cfg.storage_options or None,
-            max_tokens_per_batch=cfg.batch_tokens, pin_memory=False)
+            max_tokens_per_batch=cfg.batch_tokens, pin_memory=False, on_corrupt=cfg.on_corrupt,
+            empty_batches=cfg.on_corrupt == "skip")
         schema = dataset.schema
         val_dataset = None
         if cfg.val_data is not None:
             val_dataset = HiddenStateDataset(
                 cfg.val_data, shuffle=False, rank=info.rank, world_size=info.world_size,
                 max_seq_len=cfg.max_seq_len or cfg.batch_tokens, storage_options=cfg.storage_options or None,
-                max_tokens_per_batch=cfg.batch_tokens, pin_memory=False)
+                max_tokens_per_batch=cfg.batch_tokens, pin_memory=False, on_corrupt=cfg.on_corrupt)
             check_val_schema(schema, val_dataset.schema, cfg.data, cfg.val_data)
         val_every = cfg.val_every or cfg.save_every
 
@@ -506,7 +540,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             optimizer, lr_lambda(warmup, total_steps, cfg.schedule, cfg.min_lr_ratio))
 
         # -- 5. resume ---------------------------------------------------------------------------
-        step, epoch, consumed, tokens_seen, elapsed_before = 0, 0, 0, 0, 0.0
+        step, epoch, consumed, tokens_seen, elapsed_before, corrupt_seen = 0, 0, 0, 0, 0.0, 0
         if ckpt is not None:
             from safetensors.torch import load_file
 
@@ -520,6 +554,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             scheduler.load_state_dict(state["scheduler"])
             step, epoch, consumed = state["step"], state["epoch"], state["items_consumed"]
             tokens_seen, elapsed_before = state["tokens_seen"], state["elapsed_s"]
+            corrupt_seen = state.get("corrupt_samples", 0)
             _set_rng_state(state["rng"][info.rank], device)
             _log(f"resumed from {ckpt} at step {step} (epoch {epoch}, {consumed} batches into it)", info)
         else:
@@ -554,6 +589,11 @@ def train(cfg: TrainConfig) -> TrainResult:
                     raise DraftdataError(f"{cfg.data}: the loader ended epoch {epoch} after {consumed} batches, "
                                          f"before the {epoch_steps * cfg.grad_accum} its plan promised (did "
                                          "the dataset change while training?)") from None
+                skipped = [reason for b in raw for reason in b.get("skipped", ())]
+                real_tokens = sum(int(b["lengths"].sum()) for b in raw)
+                # A batch whose samples were all damaged arrives empty: run a stand-in without loss
+                # positions instead, so that this rank's backward still joins DDP's all-reduce.
+                raw = [b if b["input_ids"].shape[0] else stand_in_batch(schema, module.ttt_steps) for b in raw]
                 micro = [{k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in b.items()}
                          for b in raw]
                 counts = _all_reduce(sum(step_token_counts(b, module.ttt_steps, module.draft_id_table())
@@ -577,26 +617,29 @@ def train(cfg: TrainConfig) -> TrainResult:
                     correct += out.correct
                     total += out.loss.detach()
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                if counts[0] == 0:  # no loss position on any rank (all damaged): the step counts, the weights stay
+                    optimizer.zero_grad(set_to_none=True)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 consumed += cfg.grad_accum
 
-                tokens = _all_reduce(torch.tensor(float(sum(int(b["lengths"].sum()) for b in micro)),
-                                                  device=device), info)
+                tokens, n_skipped = _all_reduce(torch.tensor([float(real_tokens), float(len(skipped))],
+                                                             device=device), info).tolist()
+                n_skipped = int(n_skipped)
                 _all_reduce(loss_sum, info)
                 _all_reduce(correct, info)
                 _all_reduce(total, info)
                 dt = time.perf_counter() - t0
-                tokens_seen += int(tokens.item())
+                tokens_seen += int(tokens)
                 denom = counts.clamp_min(1)
                 record = {
                     "step": step, "epoch": epoch, "loss": total.item(),
                     "step_loss": (loss_sum / denom).tolist(), "step_acc": (correct / denom).tolist(),
-                    "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "tokens": int(tokens.item()),
-                    "loss_tokens": int(counts[0].item()), "tokens_per_s": tokens.item() / max(dt, 1e-9),
-                    "tokens_seen": tokens_seen,
+                    "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "tokens": int(tokens),
+                    "loss_tokens": int(counts[0].item()), "tokens_per_s": tokens / max(dt, 1e-9),
+                    "tokens_seen": tokens_seen, "skipped_samples": n_skipped,
                     "elapsed_s": elapsed_before + time.perf_counter() - started,
                     "peak_mem_gb": _peak_memory_gb(device),
                 }
@@ -608,6 +651,15 @@ def train(cfg: TrainConfig) -> TrainResult:
                 if val_dataset is not None and (step % val_every == 0 or step == total_steps or out_of_time):
                     record.update(validation_metrics(module, val_dataset, device=device, info=info,
                                                      autocast=autocast))
+                if n_skipped:
+                    corrupt_seen += n_skipped
+                    per_rank = [skipped]
+                    if info.world_size > 1:
+                        per_rank = [None] * info.world_size
+                        dist.all_gather_object(per_rank, skipped)
+                    metrics.write_corrupt(step, epoch, per_rank)
+                    _log(f"step {step}: skipped {n_skipped} damaged sample(s) ({corrupt_seen} so far, listed in "
+                         f"{output / CORRUPT}); `draftdata verify {cfg.data}` lists every damaged part", info)
                 losses.append(record["loss"])
                 metrics.write(record)
                 bar.update(1)
@@ -625,7 +677,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                     state = {"step": step, "epoch": epoch + 1 if end_of_epoch else epoch,
                              "items_consumed": 0 if end_of_epoch else consumed,
                              "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                             "tokens_seen": tokens_seen,
+                             "tokens_seen": tokens_seen, "corrupt_samples": corrupt_seen,
                              "elapsed_s": elapsed_before + time.perf_counter() - started}
                     rng = [None] * info.world_size
                     if info.world_size > 1:
@@ -656,6 +708,9 @@ def train(cfg: TrainConfig) -> TrainResult:
                 if png:
                     print(f"wrote {png}", file=sys.stderr)
             print(f"final draft: {final} ({step} steps)", file=sys.stderr)
+            if corrupt_seen:
+                print(f"skipped {corrupt_seen} damaged sample(s) in all, listed in {output / CORRUPT}",
+                      file=sys.stderr)
         if info.world_size > 1:
             dist.barrier()
         return TrainResult(output=output, steps=step, final_checkpoint=final, losses=losses, draft=draft)
