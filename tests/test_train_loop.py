@@ -371,3 +371,23 @@ def test_ddp_stand_in_step_for_a_damaged_batch(tmp_path, tiny_model, train_data)
     r0, r1 = load_file(str(out / "rank0.safetensors")), load_file(str(out / "rank1.safetensors"))
     for k in r0:
         assert torch.equal(r0[k], r1[k]), k
+
+
+def test_weight_decay_spares_the_norm_weights(tmp_path, tiny_model, train_data):  # noqa: F811
+    """--weight-decay shrinks the weight matrices but not the RMSNorm weights (HF Trainer's rule)."""
+    from draftdata.loaders import HiddenStateDataset
+    from draftdata.train.model import build_draft
+
+    cfg = TrainConfig(data=train_data, model=str(tiny_model), output=str(tmp_path / "wd"), steps=3, lr=1e-3,
+                      weight_decay=50.0, warmup_steps=0, schedule="constant", batch_tokens=256,
+                      eagle_config={"eagle_architecture_config": TINY_ARCH}, progress=False, plot=False, seed=1)
+    trained = train(cfg).draft.draft_state_dict()
+    torch.manual_seed(1)                                            # the trainer seeds the init with --seed
+    start = build_draft(tiny_model, cfg.eagle(), HiddenStateDataset(train_data).schema)[0].draft_state_dict()
+
+    def ratio(name: str) -> float:
+        return float(trained[name].float().norm() / start[name].float().norm())
+
+    assert ratio("fc.weight") < 0.9                                 # (1 - lr * wd)^3 = 0.86, plus Adam's steps
+    for name in ("norm.weight", "midlayer.input_layernorm.weight", "midlayer.hidden_norm.weight"):
+        assert abs(ratio(name) - 1) < 0.01, name

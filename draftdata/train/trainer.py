@@ -192,6 +192,16 @@ def _visible_cuda_index(info: Dist) -> int:
     return info.local_rank % max(1, torch.cuda.device_count())
 
 
+def param_groups(draft: Any, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW parameter groups: weight decay on the matrices only, none on the norm weights (the
+    1-D tensors), as HF Trainer (ModelOpt's recipe) and most LLM recipes do. One group when off."""
+    params = draft.trainable_parameters()
+    if not weight_decay:
+        return [{"params": params, "weight_decay": 0.0}]
+    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+
+
 def lr_lambda(warmup: int, total: int, schedule: str, min_ratio: float):
     """LR multiplier of step s: linear warmup from 0, then cosine / linear decay to min_ratio."""
 
@@ -534,7 +544,7 @@ def train(cfg: TrainConfig) -> TrainResult:
 
         # -- 4. optimizer and schedule -----------------------------------------------------------
         params = draft.trainable_parameters()
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+        optimizer = torch.optim.AdamW(param_groups(draft, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas))
         warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(0.02 * total_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_lambda(warmup, total_steps, cfg.schedule, cfg.min_lr_ratio))
@@ -550,7 +560,11 @@ def train(cfg: TrainConfig) -> TrainResult:
             if [k for k in missing if not k.startswith("embed_tokens.")] or unexpected:
                 raise DraftdataError(f"{ckpt}: checkpoint does not match the draft (missing {missing}, "
                                      f"unexpected {unexpected})")
-            optimizer.load_state_dict(state["optimizer"])
+            try:
+                optimizer.load_state_dict(state["optimizer"])
+            except ValueError as e:   # e.g. saved by a draftdata whose decay groups differed
+                raise DraftdataError(f"{ckpt}: the optimizer state does not fit this run's parameter groups "
+                                     f"({e}); resume with the version that wrote it, or start a new --output") from None
             scheduler.load_state_dict(state["scheduler"])
             step, epoch, consumed = state["step"], state["epoch"], state["items_consumed"]
             tokens_seen, elapsed_before = state["tokens_seen"], state["elapsed_s"]
