@@ -82,6 +82,7 @@ def test_rejects_name_file_line_and_reason(tmp_path):
         {"id": "bm", "messages": ["just a string"]},                  # 11
         conv(("user", "q"), ("assistant", "a"), id=""),                # 12
         conv(("user", "q2"), ("assistant", "a2"), id="good2"),         # 13
+        r'{"id": "sur", "messages": [{"role": "user", "content": "half an emoji \ud83d"}]}',  # 14
     ])
     got = list(read_conversations(str(path)))
     rejects = [(r.source, r.reason) for r in got if isinstance(r, Reject)]
@@ -90,8 +91,10 @@ def test_rejects_name_file_line_and_reason(tmp_path):
         (f"{f}:2", "malformed_json"), (f"{f}:4", "not_an_object"), (f"{f}:5", "missing_conversations"),
         (f"{f}:6", "empty_conversations"), (f"{f}:7", "unknown_role"), (f"{f}:8", "non_string_content"),
         (f"{f}:9", "duplicate_id"), (f"{f}:10", "no_assistant_turn"), (f"{f}:11", "bad_message"),
-        (f"{f}:12", "bad_id"),
+        (f"{f}:12", "bad_id"), (f"{f}:14", "malformed_json"),
     ]
+    surrogate = next(r for r in got if isinstance(r, Reject) and r.source == f"{f}:14")
+    assert "lone UTF-16 surrogate" in surrogate.detail and "messages[0]" in surrogate.detail
     assert [c.conversation_id for c in got if isinstance(c, Conversation)] == ["good", "good2"]
     assert [c.source for c in got if isinstance(c, Conversation)] == [f"{f}:1", f"{f}:13"]
     dup = next(r for r in got if isinstance(r, Reject) and r.reason == "duplicate_id")
@@ -100,7 +103,7 @@ def test_rejects_name_file_line_and_reason(tmp_path):
     kept = [c.conversation_id for c in read_conversations(str(path), require_assistant=False)
             if isinstance(c, Conversation)]
     assert kept == ["good", "noasst", "good2"]
-    assert count_records(str(path)) == 12 and count_records(str(path), limit=5) == 5
+    assert count_records(str(path)) == 13 and count_records(str(path), limit=5) == 5
 
 
 def test_directory_glob_gzip_and_fsspec_inputs(tmp_path):
@@ -186,6 +189,39 @@ def test_mask_for_template_with_a_different_layout(tokenizer):
     chat = ChatTokenizer(tokenizer, chat_template=template)
     (s,) = chat.tokenize([parse_record(conv(("user", "what is 4"), ("assistant", "four")))])
     assert masked_text(tokenizer, s) == ["four<|endoftext|>"]
+
+
+QWEN3_LIKE = (  # Qwen3's rule: an empty think block on the last reply only; earlier replies lose theirs
+    "{% for m in messages %}{% if m['role'] != 'assistant' %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% elif loop.last %}<|im_start|>assistant\n<think>\n\n</think>\n\n{{ m['content'] }}<|im_end|>\n"
+    "{% else %}<|im_start|>assistant\n{{ (m['content'].split('</think>')[-1]).strip() }}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_mask_for_templates_that_render_the_last_reply_differently(tokenizer):
+    """A reply rendered differently as the last message is looked for after its prompt, never in
+    the user's words before it; a reasoning reply whose <think> block the template drops from
+    earlier turns is still found (its answer)."""
+    chat = ChatTokenizer(tokenizer, chat_template=QWEN3_LIKE)
+    (s,) = chat.tokenize([parse_record(conv(("user", "Answer with yes or no: is 7 prime?"), ("assistant", "yes"),
+                                            ("user", "Is 9 prime?"), ("assistant", "no")))])
+    assert masked_text(tokenizer, s) == ["yes<|im_end|>", "<think>\n\n</think>\n\nno<|im_end|>"]
+    (s,) = chat.tokenize([parse_record(conv(("user", "is 7 prime?"), ("assistant", "<think>\nno divisors\n</think>\n\nyes"),
+                                            ("user", "Is 9 prime?"), ("assistant", "no")))])
+    assert masked_text(tokenizer, s) == ["yes<|im_end|>", "<think>\n\n</think>\n\nno<|im_end|>"]
+
+
+def test_named_chat_templates_use_the_default_one(tokenizer):
+    """Hermes / Command-R tokenizers ship {"default": ..., "tool_use": ...}: the default renders."""
+    import copy
+
+    named = copy.copy(tokenizer)
+    named.chat_template = {"default": tokenizer.chat_template, "tool_use": "{{ 'tools' }}"}
+    (s,) = ChatTokenizer(named).tokenize([parse_record(conv(("user", "hi"), ("assistant", "hello")))])
+    assert masked_text(tokenizer, s) == ["hello<|im_end|>"]
+    named.chat_template = {"tool_use": "{{ 'tools' }}"}
+    with pytest.raises(DraftdataError, match="none called 'default'"):
+        ChatTokenizer(named)
 
 
 def test_template_errors_and_missing_template_are_reported(tokenizer):

@@ -470,6 +470,11 @@ def test_output_that_is_an_input_file_is_refused(tiny_model, tmp_path):
         run_cli("--model", tiny_model, "--input", tmp_path, "--output", inp)
     with pytest.raises(DraftdataError, match="local"):
         run_cli("--model", tiny_model, "--input", inp, "--output", "s3://bucket/out.jsonl")
+    # not there yet, but it would be listed as input once written
+    for src in (tmp_path, tmp_path / "*.jsonl"):
+        with pytest.raises(DraftdataError, match="would be read back as input"):
+            run_cli("--model", tiny_model, "--input", src, "--output", tmp_path / "answers.jsonl")
+    assert not (tmp_path / "answers.jsonl").exists()
 
 
 def test_sigkill_at_several_moments_then_rerun_gives_each_id_once(tiny_model, tmp_path):

@@ -185,6 +185,8 @@ def parse_record(obj: Any, source: str = "") -> Conversation:
     if not isinstance(obj, dict):
         raise RecordError("not_an_object", f"expected a JSON object, got {type(obj).__name__}")
     cid = _explicit_id(obj)
+    if cid is not None:
+        _check_unicode(cid, "the id", None)
     key = "conversations" if "conversations" in obj else "messages" if "messages" in obj else None
     if key is None:
         raise RecordError("missing_conversations", "no 'conversations' or 'messages' field "
@@ -211,8 +213,21 @@ def parse_record(obj: Any, source: str = "") -> Conversation:
         if not isinstance(content, str):
             raise RecordError("non_string_content", f"{key}[{i}] content is "
                               f"{type(content).__name__}, expected a string", cid)
+        _check_unicode(content, f"{key}[{i}] content", cid)
         messages.append({"role": ROLES[role], "content": content})
+    if messages and messages[0]["role"] == "system":
+        _check_unicode(messages[0]["content"], "the system prompt", cid)
     return Conversation(cid if cid is not None else content_id(messages), messages, source)
+
+
+def _check_unicode(text: str, where: str, cid: str | None) -> None:
+    """Reject text that is not valid Unicode: JSON's \\ud83d escapes can encode half of a
+    surrogate pair (common in scraped ShareGPT dumps), which no tokenizer or file accepts."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RecordError("malformed_json", f"{where} holds {text[e.start:e.end]!r} at character {e.start}, a lone "
+                          "UTF-16 surrogate (half of an escaped emoji?), which is not valid Unicode text", cid) from None
 
 
 def _is_system(m: Any) -> bool:
@@ -263,6 +278,11 @@ class ChatTokenizer:
         if on_long not in ("skip", "truncate"):
             raise DraftdataError(f"--on-long {on_long!r}: expected 'skip' or 'truncate'")
         self.template = chat_template or getattr(tokenizer, "chat_template", None)
+        if isinstance(self.template, dict):  # named templates (Hermes, Command-R): {"default": ..., "tool_use": ...}
+            if "default" not in self.template:
+                raise DraftdataError(f"the model's tokenizer has named chat templates {sorted(self.template)} and "
+                                     "none called 'default'; pass --chat-template FILE")
+            self.template = self.template["default"]
         if not self.template:
             raise DraftdataError("the model's tokenizer has no chat template; pass --chat-template FILE")
         self.tokenizer = tokenizer
@@ -288,18 +308,36 @@ class ChatTokenizer:
             turn = self.render(messages[: i + 1])
             if turn.startswith(prompt) and text.startswith(turn) and len(prompt) >= cursor:
                 start, end = len(prompt), len(turn)
-            else:  # the template rewrites earlier turns: find the reply's text itself
-                start = text.find(m["content"], cursor)
+            else:
+                # The template renders this turn differently when it is not the last message (e.g.
+                # Qwen3 adds an empty think block to the last reply only, gpt-oss ends it with
+                # <|return|>): find the reply's text itself, after everything the conversation
+                # shares with its generation prompt, so that words of the system prompt or the
+                # user's message are never taken for the reply.
+                lo = max(cursor, len(os.path.commonprefix([prompt, text])))
+                start, end = self._find_reply(m["content"], text, lo)
                 if start < 0:
                     raise RecordError("template_error", f"cannot locate assistant turn {i} in the rendered "
                                       "conversation (the template rewrites its content)")
-                end = start + len(m["content"])
-                end += next((len(s) for s in self._specials if text.startswith(s, end)), 0)
             while end > start and text[end - 1].isspace():
                 end -= 1
             spans.append((start, end))
             cursor = max(cursor, end)
         return spans
+
+    def _find_reply(self, content: str, text: str, lo: int) -> tuple[int, int]:
+        """(start, end) of a reply in `text` at or after `lo`, its end-of-turn token included;
+        (-1, -1) if absent. Reasoning templates (Qwen3, DeepSeek-R1) drop the <think> block of
+        earlier replies, so the text after the last </think> is tried next."""
+        candidates = [content]
+        if "</think>" in content:
+            candidates.append(content.rsplit("</think>", 1)[1].strip())
+        for c in candidates:
+            start = text.find(c, lo) if c else -1
+            if start >= 0:
+                end = start + len(c)
+                return start, end + next((len(s) for s in self._specials if text.startswith(s, end)), 0)
+        return -1, -1
 
     def tokenize(self, conversations: list[Conversation]) -> list[TokenizedSample | Reject]:
         """Tokenize a chunk of conversations (one batched tokenizer call); same order as the input."""

@@ -33,6 +33,7 @@ rejects.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import http.client
 import json
@@ -50,7 +51,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from draftdata.collect.conversations import Conversation, RecordError, Reject, read_conversations
+from draftdata.collect.conversations import (
+    JSONL_SUFFIXES,
+    Conversation,
+    RecordError,
+    Reject,
+    read_conversations,
+)
 from draftdata.collect.stats import RunStats
 from draftdata.errors import DraftdataError
 from draftdata.progress import JobProgress
@@ -1054,6 +1061,15 @@ def check_paths(settings: SynthSettings) -> None:
         if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)) \
                 and os.path.realpath(path) == target:
             raise DraftdataError(f"--output {out} is also an input file ({name}); write to another path")
+    # Not there yet, but the input is listed again once the output exists: a *.jsonl output in an
+    # input directory, or one the input pattern matches, would be read back as input.
+    src = settings.input[len("file://"):] if settings.input.startswith("file://") else settings.input
+    if "://" not in src:
+        inside = os.path.isdir(src) and os.path.dirname(target) == os.path.realpath(src) \
+            and out.endswith(JSONL_SUFFIXES)
+        if inside or (any(c in src for c in "*?[") and fnmatch.fnmatch(target, os.path.realpath(src))):
+            raise DraftdataError(f"--output {out} would be read back as input (--input {settings.input} "
+                                 "covers it); write it outside the input directory or pattern")
 
 
 def resolve_endpoint_model(settings: SynthSettings) -> None:
