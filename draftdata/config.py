@@ -140,6 +140,10 @@ EAGLE3_ARCHITECTURE_DEFAULTS: dict[str, Any] = {
 BASE_MODEL_ARCH_FIELDS = ("hidden_size", "vocab_size", "max_position_embeddings")
 # Accepted for compatibility with ModelOpt eagle_config.json files; they change nothing here.
 IGNORED_ARCH_FIELDS = ("_attn_implementation",)
+# Architecture fields that must be JSON booleans (the use_* switches are checked by _SUPPORTED_ARCH).
+_BOOL_ARCH_FIELDS = ("mlp_bias", "attention_bias", "has_lm_head", "fc_norm", "norm_output", "freeze_lm_head")
+# RoPE types that need no transformers formula: plain RoPE, and multimodal RoPE (plain for text).
+_PLAIN_ROPE_TYPES = ("default", "mrope")
 # What the trainer can build; anything else is rejected with the reason.
 _SUPPORTED_ARCH = {
     "num_hidden_layers": (1, "the draft has one decoder layer ('midlayer', as vLLM/SGLang load it)"),
@@ -151,6 +155,14 @@ _SUPPORTED_ARCH = {
     "position_embedding_type": ("rope", "only RoPE is supported"),
     "hidden_act": ("silu", "the draft MLP is SwiGLU (silu)"),
 }
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 @dataclass
@@ -191,7 +203,12 @@ class EagleConfig:
     eagle_base_lora_logits_detach_prob: float = 0.5
 
     def __post_init__(self) -> None:
-        given = dict(self.eagle_architecture_config or {})
+        given = self.eagle_architecture_config
+        if given is None:
+            given = {}
+        if not isinstance(given, dict):
+            raise ConfigError(f"eagle_architecture_config must be an object of architecture fields, got "
+                              f"{given!r}")
         self.eagle_architecture_config = {**copy.deepcopy(EAGLE3_ARCHITECTURE_DEFAULTS), **given}
         self.validate()
 
@@ -202,6 +219,7 @@ class EagleConfig:
 
     def validate(self) -> None:
         """Raise ConfigError for a value this project cannot train, naming the field and the fix."""
+        self._check_types()
         if self.eagle_decoder_type == "kimik2":
             raise ConfigError("eagle_decoder_type 'kimik2' is not supported by draftdata (it needs the "
                               "Kimi-K2/DeepSeek-V3 MLA decoder); use 'llama'")
@@ -221,10 +239,11 @@ class EagleConfig:
                               "offline (eagle_offline=True) trainer does not load")
         if self.eagle_base_lora:
             raise ConfigError("eagle_base_lora is incompatible with eagle_offline=True (as in ModelOpt)")
-        if not isinstance(self.eagle_ttt_steps, int) or self.eagle_ttt_steps < 1:
+        if not _is_int(self.eagle_ttt_steps) or self.eagle_ttt_steps < 1:
             raise ConfigError(f"eagle_ttt_steps must be an integer >= 1, got {self.eagle_ttt_steps!r}")
-        if not 0.0 < float(self.eagle_loss_decay_factor) <= 1.0:
-            raise ConfigError(f"eagle_loss_decay_factor must be in (0, 1], got {self.eagle_loss_decay_factor!r}")
+        if not _is_number(self.eagle_loss_decay_factor) or not 0.0 < self.eagle_loss_decay_factor <= 1.0:
+            raise ConfigError(f"eagle_loss_decay_factor must be a number in (0, 1], got "
+                              f"{self.eagle_loss_decay_factor!r}")
         arch = self.eagle_architecture_config
         for name in BASE_MODEL_ARCH_FIELDS:
             if name in arch:
@@ -241,13 +260,25 @@ class EagleConfig:
         for name in ("intermediate_size", "draft_vocab_size", "num_attention_heads", "num_key_value_heads",
                      "head_dim"):
             v = arch[name]
-            if v is not None and (not isinstance(v, int) or v < 1):
+            if v is not None and (not _is_int(v) or v < 1):
                 raise ConfigError(f"eagle_architecture_config.{name} must be a positive integer or null, got {v!r}")
+        for name in _BOOL_ARCH_FIELDS:
+            if not isinstance(arch[name], bool):
+                raise ConfigError(f"eagle_architecture_config.{name} must be true or false, got {arch[name]!r}")
+        for name, ok, what in (
+                ("rms_norm_eps", lambda v: v > 0, "a number > 0"),
+                ("initializer_range", lambda v: v >= 0, "a number >= 0"),
+                ("attention_dropout", lambda v: 0 <= v < 1, "a number in [0, 1)")):
+            if not _is_number(arch[name]) or not ok(arch[name]):
+                raise ConfigError(f"eagle_architecture_config.{name} must be {what}, got {arch[name]!r}")
+        ids = arch["eagle_aux_hidden_state_layer_ids"]
+        if not isinstance(ids, list) or not all(_is_int(i) and i >= 0 for i in ids):
+            raise ConfigError("eagle_architecture_config.eagle_aux_hidden_state_layer_ids must be a list of "
+                              f"0-based layer ids, got {ids!r}")
         if arch["has_lm_head"] and arch["freeze_lm_head"]:
             raise ConfigError("eagle_architecture_config sets both has_lm_head (train the draft's lm_head) and "
                               "freeze_lm_head (keep it at the base's rows); set one")
-        if arch["rope_scaling"] is not None and not isinstance(arch["rope_scaling"], dict):
-            raise ConfigError("eagle_architecture_config.rope_scaling must be an object or null")
+        self._check_rope()
         # ModelOpt's _check_rope_scaling_consistency: the export override only replaces 'default' RoPE.
         rope = arch["rope_scaling"] or {}
         rope_type = rope.get("rope_type") or rope.get("type")
@@ -255,6 +286,43 @@ class EagleConfig:
             raise ConfigError(f"eagle_export_rope_scaling is set but eagle_architecture_config has "
                               f"rope_type={rope_type!r}; export rope overwrite is only valid when the "
                               "training rope_type is 'default' (set eagle_export_rope_scaling to {})")
+
+    def _check_types(self) -> None:
+        """JSON types of the top-level fields (a string "false" must not read as true)."""
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.type == "bool" and not isinstance(v, bool):
+                raise ConfigError(f"{f.name} must be true or false, got {v!r}")
+        if not isinstance(self.eagle_architecture_config, dict):
+            raise ConfigError(f"eagle_architecture_config must be an object of architecture fields, got "
+                              f"{self.eagle_architecture_config!r}")
+        if self.eagle_export_rope_scaling is not None and not isinstance(self.eagle_export_rope_scaling, dict):
+            raise ConfigError(f"eagle_export_rope_scaling must be an object or null, got "
+                              f"{self.eagle_export_rope_scaling!r}")
+
+    def _check_rope(self) -> None:
+        """rope_theta (top level or, ModelOpt 0.47's spelling, inside rope_scaling) and the RoPE type."""
+        arch = self.eagle_architecture_config
+        rope = arch["rope_scaling"]
+        if rope is not None and not isinstance(rope, dict):
+            raise ConfigError(f"eagle_architecture_config.rope_scaling must be an object or null, got {rope!r}")
+        rope = rope or {}
+        for where, theta in (("rope_theta", arch["rope_theta"]), ("rope_scaling.rope_theta", rope.get("rope_theta"))):
+            if theta is not None and (not _is_number(theta) or not theta > 0):
+                raise ConfigError(f"eagle_architecture_config.{where} must be a number > 0 or null, got {theta!r}")
+        inner = rope.get("rope_theta")
+        if arch["rope_theta"] is not None and inner is not None and float(arch["rope_theta"]) != float(inner):
+            raise ConfigError(f"eagle_architecture_config.rope_theta={arch['rope_theta']!r} but rope_scaling."
+                              f"rope_theta={inner!r}; set one of them (or the same value in both)")
+        rope_type = rope.get("rope_type") or rope.get("type") or "default"
+        if rope_type in _PLAIN_ROPE_TYPES:
+            return
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        if rope_type not in ROPE_INIT_FUNCTIONS:
+            known = [*_PLAIN_ROPE_TYPES, *sorted(ROPE_INIT_FUNCTIONS)]
+            raise ConfigError(f"eagle_architecture_config.rope_scaling.rope_type={rope_type!r} is unknown; "
+                              f"use one of {known}")
 
     def to_dict(self) -> dict[str, Any]:
         return copy.deepcopy(dataclasses.asdict(self))

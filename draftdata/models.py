@@ -88,9 +88,11 @@ def compute_dtype(spec: str, device: torch.device) -> str:
 
 
 def default_aux_layers(num_hidden_layers: int) -> list[int]:
-    """EAGLE3's default aux layers, ModelOpt/TRT-LLM convention: sorted({1, N//2-1, N-4})."""
+    """EAGLE3's default aux layers, ModelOpt/TRT-LLM convention: ModelOpt 0.47's
+    `sorted({1, max(0, N//2-1), max(0, N-4)})` (so never negative on bases with < 4 layers),
+    without ids >= N (only N = 1, where ModelOpt's formula names the missing layer 1)."""
     n = num_hidden_layers
-    return sorted({1, n // 2 - 1, n - 4})
+    return [i for i in sorted({1, max(0, n // 2 - 1), max(0, n - 4)}) if i < n]
 
 
 def parse_aux_layers(spec: str, num_hidden_layers: int) -> list[int]:

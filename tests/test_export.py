@@ -288,6 +288,20 @@ def test_eagle31_compressed_vocab_two_aux_layers_and_trained_rope(tied_base, tmp
     assert trtllm_load(tensors, trtllm_params(cfg)) == trtllm_params(cfg)   # includes model.d2t now
 
 
+def test_one_aux_layer_draft_exports_with_a_warning(tiny_model, tmp_path, capsys):
+    """fc is [H, H] with one aux layer: SGLang applies fc only to wider inputs and TRT-LLM creates it only
+    for > 1 captured layer, so both would skip it; the export says so and still writes the files."""
+    out = export_draft(make_checkpoint(tmp_path, tiny_model, aux=(2,)), tmp_path / "out")
+    err = capsys.readouterr().err
+    assert "warning" in err and "one aux layer" in err and "SGLang" in err and "TensorRT-LLM" in err
+    cfg, tensors = read_export(out)
+    h = cfg["hidden_size"]
+    assert cfg["num_aux_hidden_states"] == 1 and tensors["fc.weight"][0] == (h, h)
+    assert "model.fc.weight" not in trtllm_params(cfg)          # the engine has no fc to load it into
+    export_draft(make_checkpoint(tmp_path, tiny_model, aux=(1, 2), dest=tmp_path / "two"), tmp_path / "out2")
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_modelopt_rope_scaling_is_opt_in(tiny_model, tmp_path):
     ckpt = make_checkpoint(tmp_path, tiny_model)
     cfg, _ = read_export(export_draft(ckpt, tmp_path / "plain"))

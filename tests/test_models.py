@@ -30,6 +30,20 @@ def test_default_aux_layers_follow_eagle3():
     assert default_aux_layers(4) == [0, 1]  # tiny test model: {1, 1, 0}
 
 
+def test_default_aux_layers_are_never_negative():
+    """Bases with < 4 layers: ModelOpt clamps at 0; N = 1 has no layer 1, so only [0]."""
+    assert default_aux_layers(3) == [0, 1]
+    assert default_aux_layers(2) == [0, 1]
+    assert default_aux_layers(1) == [0]
+    assert parse_aux_layers("eagle", 3) == [0, 1]
+    try:
+        from modelopt.torch.speculative.plugins.hf_eagle import default_eagle_aux_layer_ids
+    except ImportError:
+        return
+    for n in range(2, 129):
+        assert default_aux_layers(n) == default_eagle_aux_layer_ids(n), n
+
+
 def test_parse_aux_layers():
     assert parse_aux_layers("eagle", 30) == [1, 14, 26]
     assert parse_aux_layers("12, 1,7,7", 30) == [1, 7, 12]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import struct
 import subprocess
@@ -126,6 +127,39 @@ def test_eagle_config_override_file(tmp_path):
     f.write_text('{\n  "eagle_ttt_steps": 2,\n}')
     with pytest.raises(ConfigError, match=r"eagle\.json:3:1: invalid JSON"):
         EagleConfig.from_json_file(f)
+
+
+@pytest.mark.parametrize("bad, words", [
+    ({"eagle_loss_decay_factor": None}, r"eagle_loss_decay_factor must be a number in \(0, 1\], got None"),
+    ({"eagle_loss_decay_factor": "0.9"}, "eagle_loss_decay_factor must be a number"),
+    ({"eagle_ttt_steps": True}, "eagle_ttt_steps must be an integer"),
+    ({"eagle_report_acc": "false"}, "eagle_report_acc must be true or false"),
+    ({"eagle_export_rope_scaling": "yarn"}, "eagle_export_rope_scaling must be an object or null"),
+    ({"eagle_architecture_config": "x"}, "eagle_architecture_config must be an object"),
+    ({"eagle_architecture_config": ["fc_norm"]}, "eagle_architecture_config must be an object"),
+    ({"eagle_architecture_config": {"rms_norm_eps": "small"}}, "rms_norm_eps must be a number > 0, got 'small'"),
+    ({"eagle_architecture_config": {"rms_norm_eps": 0}}, "rms_norm_eps must be a number > 0"),
+    ({"eagle_architecture_config": {"initializer_range": None}}, "initializer_range must be a number >= 0"),
+    ({"eagle_architecture_config": {"attention_dropout": 1.5}}, r"attention_dropout must be a number in \[0, 1\)"),
+    ({"eagle_architecture_config": {"num_attention_heads": True}}, "num_attention_heads must be a positive integer"),
+    ({"eagle_architecture_config": {"fc_norm": "yes"}}, "fc_norm must be true or false"),
+    ({"eagle_architecture_config": {"eagle_aux_hidden_state_layer_ids": [1, "2"]}},
+     "eagle_aux_hidden_state_layer_ids must be a list of 0-based layer ids"),
+    ({"eagle_architecture_config": {"rope_theta": "1e4"}}, "rope_theta must be a number > 0 or null"),
+    ({"eagle_architecture_config": {"rope_scaling": {"rope_type": "default", "rope_theta": -1}}},
+     "rope_scaling.rope_theta must be a number > 0"),
+    ({"eagle_architecture_config": {"rope_theta": 5e5, "rope_scaling": {"rope_theta": 1e4}}},
+     "rope_theta=500000.0 but rope_scaling.rope_theta=10000.0"),
+    ({"eagle_export_rope_scaling": {}, "eagle_architecture_config": {"rope_scaling": {"rope_type": "nonsense"}}},
+     "rope_type='nonsense' is unknown"),
+])
+def test_bad_eagle_config_values_are_config_errors(tmp_path, bad, words):
+    """Wrong JSON types fail when the file is read, as ConfigError naming the file and the field."""
+    f = tmp_path / "eagle.json"
+    f.write_text(json.dumps(bad))
+    with pytest.raises(ConfigError, match=words) as e:
+        EagleConfig.from_json_file(f)
+    assert str(e.value).startswith(f"{f}: ")
 
 
 def test_cli_rejects_online_config(tmp_path, tiny_model, capsys):
@@ -299,6 +333,44 @@ def test_rope_follows_the_base_model(tmp_path):
     # An explicit override in the EagleConfig wins over the base.
     d2, _ = build_draft(d, eagle(rope_theta=10000.0, rope_scaling={"rope_type": "default"}), schema_for(d))
     assert d2.config.rope_theta == 10000.0 and d2.config.rope_scaling is None
+
+
+def test_rope_theta_inside_rope_scaling_is_an_explicit_override(tmp_path):
+    """ModelOpt 0.47 spells the theta inside rope_scaling too; set by the user it wins like a top-level
+    one, while draftdata's defaults (both unset) keep the base's theta."""
+    d = make_tiny_model(tmp_path / "m")
+    raw = json.loads((d / "config.json").read_text())
+    raw["rope_theta"] = 500000.0
+    (d / "config.json").write_text(json.dumps(raw))
+    default, _ = build_draft(d, eagle(), schema_for(d))
+    assert default.config.rope_theta == 500000.0 and default.config.rope_scaling is None
+    modelopt_shape = {"rope_type": "default", "rope_theta": 10000}
+    d2, _ = build_draft(d, eagle(rope_scaling=modelopt_shape), schema_for(d))
+    assert d2.config.rope_theta == 10000.0 and d2.config.rope_scaling is None
+    d3, _ = build_draft(d, eagle(rope_theta=10000, rope_scaling=modelopt_shape), schema_for(d))
+    assert d3.config.rope_theta == 10000.0
+    scaled = {"rope_type": "linear", "factor": 2.0, "rope_theta": 20000.0}
+    d4, _ = build_draft(d, EagleConfig(eagle_export_rope_scaling={}, eagle_architecture_config={
+        **TINY_ARCH, "rope_scaling": scaled}), schema_for(d))
+    assert d4.config.rope_theta == 20000.0 and d4.config.rope_scaling == {"rope_type": "linear", "factor": 2.0}
+    torch.testing.assert_close(RotaryEmbedding(d4.config).inv_freq,
+                               1.0 / 2.0 / 20000.0 ** (torch.arange(0, 16, 2).float() / 16))
+
+
+def test_mrope_base_trains_with_plain_rope(tmp_path):
+    """Qwen2.5-VL's "mrope" is plain RoPE for text positions (SGLang's llama_eagle3 rewrites it to default)."""
+    d = make_tiny_model(tmp_path / "m")
+    raw = json.loads((d / "config.json").read_text())
+    raw.pop("rope_parameters", None)
+    raw.update(rope_theta=1000000.0, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]})
+    (d / "config.json").write_text(json.dumps(raw))
+    assert read_base_config(d).rope_scaling is None and read_base_config(d).rope_theta == 1000000.0
+    draft, _ = build_draft(d, eagle(), schema_for(d))
+    assert draft.config.rope_theta == 1000000.0 and draft.config.rope_scaling is None
+    plain = 1.0 / 1000000.0 ** (torch.arange(0, 16, 2).float() / 16)
+    torch.testing.assert_close(RotaryEmbedding(draft.config).inv_freq, plain)
+    cfg = dataclasses.replace(draft.config, rope_scaling={"rope_type": "mrope", "mrope_section": [2, 3, 3]})
+    torch.testing.assert_close(RotaryEmbedding(cfg).inv_freq, plain)
 
 
 def test_save_load_roundtrip_and_draft_step(tiny_model, tmp_path):

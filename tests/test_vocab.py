@@ -66,6 +66,21 @@ def test_select_draft_vocab_ties_and_identity():
     assert full.d2t.tolist() == [0] * 6 and bool(full.t2d.all())
 
 
+def test_negative_target_ids_are_rejected(tmp_path):
+    """d2t mapping a draft id below 0 would wrap around in t2d[target]; the file must be rebuilt."""
+    from safetensors.torch import save_file
+
+    from draftdata.errors import DraftdataError
+
+    target = torch.tensor([-1, 5, 7, 9])
+    t2d = torch.zeros(300, dtype=torch.bool)
+    t2d[[299, 5, 7, 9]] = True
+    path = tmp_path / "bad.safetensors"
+    save_file({"d2t": target - torch.arange(4), "t2d": t2d}, str(path))
+    with pytest.raises(DraftdataError, match=r"bad\.safetensors: d2t maps draft id 0 to base id -1 .*rebuild"):
+        load_draft_vocab(path)
+
+
 def test_vocab_from_s3(tmp_path, tiny_model, s3_bucket, capsys):
     bucket, opts = s3_bucket
     url = f"{bucket}/ds"

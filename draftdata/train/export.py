@@ -14,6 +14,7 @@ the three engines read (their expectations, with source paths, are in docs/EXPOR
   (ModelOpt / TRT-LLM / SGLang: id k = output of decoder layer k, 0-based; SGLang adds 1
   itself), and the top-level `eagle_aux_hidden_state_layer_ids` holds vLLM's (k + 1: vLLM
   captures the *input* of layer k+1 and reads only that top-level key).
+- a draft with one aux layer exports with a warning: SGLang and TRT-LLM skip its [H, H] fc.
 - the RoPE the draft was trained with (`rope_theta`, `rope_scaling`, and transformers 5's
   `rope_parameters`), unless `modelopt_rope_scaling=True` asks for ModelOpt's export-time
   YaRN injection (`eagle_export_rope_scaling`).
@@ -273,6 +274,12 @@ def export_draft(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, d
         state = {k: f.get_tensor(k) for k in f.keys()}
     tensors = export_tensors(state, cfg, DTYPES[dtype], source=str(weights))
     config = build_export_config(cfg, dtype=dtype, modelopt_rope_scaling=modelopt_rope_scaling)
+    if cfg.num_aux_slots == 1:
+        print(f"draftdata export: warning: {ckpt} reads one aux layer {list(cfg.aux_layer_ids)}, so its fc is "
+              f"[{cfg.hidden_size}, {cfg.hidden_size}]. SGLang (llama_eagle3 applies fc only when its input is "
+              "wider than hidden_size) and TensorRT-LLM (Eagle3DraftModel has an fc only when more than one "
+              "layer is captured) skip it and run this draft without its trained fc; vLLM applies it. Serve "
+              "it with vLLM, or collect with 2+ aux layers (--aux-layers eagle) and retrain.", file=sys.stderr)
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -89,11 +89,8 @@ def read_base_config(base_dir: str | Path) -> BaseModelConfig:
     if missing:
         raise DraftdataError(f"{path} lacks {missing}; is this a decoder-only LM config?")
     rope = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
-    rope_theta = float(raw.get("rope_theta") or rope.pop("rope_theta", None) or 10000.0)
-    rope.pop("rope_theta", None)
-    if "type" in rope and "rope_type" not in rope:
-        rope["rope_type"] = rope.pop("type")
-    rope_scaling = rope if rope.get("rope_type", "default") != "default" else None
+    rope_theta = float(raw.get("rope_theta") or rope.get("rope_theta") or 10000.0)
+    rope_scaling = normalize_rope_scaling(rope)
     hidden = int(raw["hidden_size"])
     heads = int(raw["num_attention_heads"]) if raw.get("num_attention_heads") else None
     return BaseModelConfig(
@@ -109,6 +106,22 @@ def read_base_config(base_dir: str | Path) -> BaseModelConfig:
         num_key_value_heads=int(raw.get("num_key_value_heads") or heads) if heads else None,
         head_dim=int(raw.get("head_dim") or hidden // heads) if heads else None,
     )
+
+
+def normalize_rope_scaling(rope: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A rope_scaling / rope_parameters dict as the draft uses it: `type` renamed `rope_type`,
+    `rope_theta` dropped (kept separately), and None for plain RoPE. Multimodal RoPE (`mrope`,
+    Qwen2-VL / Qwen2.5-VL) is plain RoPE for text-only positions (all three position sections
+    equal), as SGLang's llama_eagle3 treats it, so it maps to None too."""
+    if not rope:
+        return None
+    out = {k: v for k, v in rope.items() if k != "rope_theta"}
+    if "type" in out:
+        kind = out.pop("type")
+        out.setdefault("rope_type", kind)
+    if out.get("rope_type", "default") in ("default", "mrope"):
+        return None
+    return out
 
 
 @dataclass
@@ -193,9 +206,15 @@ def resolve_draft_config(base_dir: str | Path, eagle: EagleConfig, schema: Datas
     if n_draft < base.vocab_size and draft_vocab_size is None:
         raise ConfigError(f"draft_vocab_size {n_draft} < vocab_size {base.vocab_size} needs the d2t table: "
                           "build it with `draftdata vocab` and pass --draft-vocab FILE")
-    rope_scaling = arch["rope_scaling"] if arch["rope_scaling"] is not None else base.rope_scaling
-    if rope_scaling and (rope_scaling.get("rope_type") or rope_scaling.get("type")) == "default":
-        rope_scaling = None
+    # None in the EagleConfig = the base's RoPE; a value the user set wins (top-level rope_theta, or
+    # rope_theta inside rope_scaling, ModelOpt 0.47's spelling; validate() rejects the two disagreeing).
+    user_rope = arch["rope_scaling"]
+    rope_scaling = normalize_rope_scaling(user_rope if user_rope is not None else base.rope_scaling)
+    rope_theta = arch["rope_theta"]
+    if rope_theta is None and user_rope is not None:
+        rope_theta = user_rope.get("rope_theta")
+    if rope_theta is None:
+        rope_theta = base.rope_theta
     shape = {}
     for name in ("num_attention_heads", "num_key_value_heads", "head_dim"):
         shape[name] = arch[name] or getattr(base, name)
@@ -217,8 +236,7 @@ def resolve_draft_config(base_dir: str | Path, eagle: EagleConfig, schema: Datas
         intermediate_size=arch["intermediate_size"] or base.intermediate_size,
         num_attention_heads=shape["num_attention_heads"], num_key_value_heads=shape["num_key_value_heads"],
         head_dim=shape["head_dim"], rms_norm_eps=float(arch["rms_norm_eps"]),
-        rope_theta=float(arch["rope_theta"] if arch["rope_theta"] is not None else base.rope_theta),
-        rope_scaling=rope_scaling, aux_layer_ids=aux,
+        rope_theta=float(rope_theta), rope_scaling=rope_scaling, aux_layer_ids=aux,
         base_num_hidden_layers=base.num_hidden_layers, base_tie_word_embeddings=base.tie_word_embeddings,
         base_rms_norm_eps=base.rms_norm_eps, final_hidden_prenorm=bool(schema.final_hidden_prenorm),
         fc_norm=bool(arch["fc_norm"]), norm_output=bool(arch["norm_output"]),
@@ -254,7 +272,8 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         dim = cfg.head_dim
         self.attention_scaling = 1.0
-        rope_type = (cfg.rope_scaling or {}).get("rope_type", "default")
+        scaling = normalize_rope_scaling(cfg.rope_scaling)
+        rope_type = (scaling or {}).get("rope_type", "default")
         if rope_type == "default":
             inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
         else:
@@ -263,10 +282,12 @@ class RotaryEmbedding(nn.Module):
             from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
             if rope_type not in ROPE_INIT_FUNCTIONS:
-                raise ConfigError(f"rope_scaling type {rope_type!r} is not supported")
+                raise ConfigError(f"rope_scaling type {rope_type!r} is not supported (known: default, mrope, "
+                                  f"{', '.join(sorted(ROPE_INIT_FUNCTIONS))}); set "
+                                  "eagle_architecture_config.rope_scaling in --eagle-config")
             hf = LlamaConfig(hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_attention_heads,
                              head_dim=dim, max_position_embeddings=cfg.max_position_embeddings,
-                             rope_parameters={**cfg.rope_scaling, "rope_theta": cfg.rope_theta})
+                             rope_parameters={**scaling, "rope_theta": cfg.rope_theta})
             inv_freq, self.attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](hf, None)
         # A plain attribute, not a buffer: `.to(torch.bfloat16)` on the draft must not round the
         # frequencies (that would shift every rotation at long positions).

@@ -167,6 +167,10 @@ def load_draft_vocab(path: str | Path) -> DraftVocab:
         raise DraftdataError(f"{path}: cannot read as safetensors ({e})") from None
     vocab = DraftVocab(d2t=d2t, t2d=t2d, token_counts=counts, metadata=meta)
     target = vocab.target_ids()
+    if target.numel() and int(target.min()) < 0:
+        bad = int((target < 0).nonzero()[0, 0])
+        raise DraftdataError(f"{path}: d2t maps draft id {bad} to base id {int(target[bad])} (negative; "
+                             "corrupt or hand-edited file); rebuild it with `draftdata vocab`")
     if int(t2d.sum()) != vocab.draft_vocab_size or (target.numel() and (
             target.max() >= vocab.vocab_size or not bool(t2d[target].all()) or bool((target.diff() <= 0).any()))):
         raise DraftdataError(f"{path}: d2t and t2d disagree (corrupt or hand-edited file); rebuild it")
