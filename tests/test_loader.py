@@ -6,21 +6,25 @@ torchdata's StatefulDataLoader), batching invariants, corrupt bytes and missing 
 
 from __future__ import annotations
 
+import io
 import pickle
 import random
+import uuid
 import warnings
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import pytest
 import torch
+from fsspec.implementations.memory import MemoryFileSystem
 from torch.utils.data import DataLoader, DistributedSampler
 
 from draftdata.config import DatasetSchema
-from draftdata.errors import CorruptDataError, DatasetNotFoundError, DraftdataError
+from draftdata.errors import CorruptDataError, DatasetNotFoundError, DraftdataError, StorageAccessError
 from draftdata.loaders import HiddenStateDataset, HiddenStateMapDataset, collate_samples, padding_efficiency
 from draftdata.loaders import plan as planning
-from draftdata.store import create_dataset
+from draftdata.store import create_dataset, open_dataset
 
 H, AUX = 8, [0, 2]
 K = len(AUX)
@@ -243,6 +247,16 @@ def test_batches_follow_the_contract(local_ds):
     assert b0["input_ids"].shape[1] % 16 == 0 and padding_efficiency(b0) <= 1.0
 
 
+def test_padding_efficiency_counts_pad_to_multiple_of(local_ds):
+    """The plan's padding efficiency pads like collation does, pad_to_multiple_of included."""
+    url, _ = local_ds
+    for kw in ({"batch_size": 4}, {"max_tokens_per_batch": 90, "max_seq_len": 30}):
+        ds = HiddenStateDataset(url, pad_to_multiple_of=64, seed=1, **kw)
+        padded = sum(int(b["input_ids"].numel()) for b in ds)
+        assert ds.stats["padded_tokens"] == padded
+        assert ds.padding_efficiency() == pytest.approx(ds.stats["tokens"] / padded)
+
+
 def test_samples_are_views_of_the_stored_bits(local_ds):
     url, ref = local_ds
     ds = HiddenStateDataset(url, shuffle=False)
@@ -307,6 +321,31 @@ def test_resume_through_stateful_dataloader(local_ds):
         rest = [ids_of(x) for x in loader2]
         expect = full if num_workers == 2 else expected_order(ds2, 0)
         assert head + rest == expect
+
+
+def test_stateful_dataloader_with_loader_batching_and_an_early_checkpoint(local_ds):
+    """DataLoader(batch_size=B) over single samples resumes exactly through StatefulDataLoader (the
+    documented way: the global cursor assumes batch_size=None), also from a checkpoint taken before
+    every worker has yielded, when a worker's state is where its iteration will start."""
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    url, _ = local_ds
+    kw = {"seed": 3, "prefetch_bytes": 40 * TOKEN_BYTES}
+
+    def loader(ds):
+        return StatefulDataLoader(ds, batch_size=3, num_workers=2, collate_fn=collate_samples)
+
+    full = [b["conversation_id"] for b in loader(HiddenStateDataset(url, **kw))]
+    assert len(full) > 6
+    for k in (0, 1, 4):
+        first = loader(HiddenStateDataset(url, **kw))
+        it = iter(first)
+        head = [next(it)["conversation_id"] for _ in range(k)]
+        state = pickle.loads(pickle.dumps(first.state_dict()))
+        del it, first
+        again = loader(HiddenStateDataset(url, **kw))
+        again.load_state_dict(state)
+        assert head + [b["conversation_id"] for b in again] == full, k
 
 
 def test_resume_refuses_a_different_setup(local_ds):
@@ -412,6 +451,83 @@ def test_empty_batches_keep_the_plan_and_the_global_cursor_exact(tmp_path):
         HiddenStateDataset(url, on_corrupt="skip", empty_batches=True)
 
 
+class _FlakyMemoryFS(MemoryFileSystem):
+    """Fault injector: memory:// under the name flakymem://, whose reads of part data fail with the
+    ConnectionResetError s3fs raises once its own retries are spent, while `failing` is set."""
+
+    protocol = "flakymem"
+    failing = False
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        if isinstance(path, str) and path.startswith("flakymem://"):
+            path = "memory://" + path[len("flakymem://"):]
+        return super()._strip_protocol(path)
+
+    @classmethod
+    def check(cls, path: str) -> None:
+        if cls.failing and "/parts/" in path:
+            raise ConnectionResetError(104, "Connection reset by peer")
+
+    def cat_file(self, path, start=None, end=None, **kwargs):
+        self.check(self._strip_protocol(path))
+        return super().cat_file(path, start=start, end=end, **kwargs)
+
+    def _open(self, path, mode="rb", **kwargs):
+        f = super()._open(path, mode, **kwargs)
+        if mode != "rb":
+            return f
+        return _FlakyFile(bytes(f.getbuffer()), self._strip_protocol(path))
+
+
+class _FlakyFile(io.BytesIO):
+    def __init__(self, data: bytes, path: str):
+        super().__init__(data)
+        self.path = path
+
+    def read(self, *args):
+        _FlakyMemoryFS.check(self.path)
+        return super().read(*args)
+
+
+@pytest.fixture()
+def flaky_fs():
+    fsspec.register_implementation("flakymem", _FlakyMemoryFS, clobber=True)
+    yield _FlakyMemoryFS
+    _FlakyMemoryFS.failing = False
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "arrow"])
+def test_storage_outage_is_not_corruption(flaky_fs, fmt):
+    """A read that fails in the storage layer raises StorageAccessError, also with on_corrupt="skip"
+    (which would otherwise silently drop every sample during an outage); a missing object stays corruption."""
+    name = f"outage-{fmt}-{uuid.uuid4().hex[:8]}/ds"
+    ref = write_dataset(f"memory://{name}", [3, 3], fmt=fmt, max_len=5)
+    url = f"flakymem://{name}"
+    store = open_dataset(url)
+    pid = store.parts[0].id
+    assert store.sample(0)["conversation_id"] == store.parts[0].conversation_ids[0]  # range readers now cached
+    flaky_fs.failing = True
+    for read in (lambda: store.read_part(0), lambda: store.sample(1), lambda: open_dataset(url).sample(4),
+                 lambda: HiddenStateMapDataset(url)[2],
+                 lambda: list(HiddenStateDataset(url, batch_size=2, shuffle=False, io_threads=1,
+                                                 on_corrupt="skip", empty_batches=True)),
+                 lambda: list(HiddenStateDataset(url, shuffle=False, prefetch_bytes=2 * TOKEN_BYTES))):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with pytest.raises(StorageAccessError, match="ConnectionResetError") as err:
+                read()
+        assert not [w for w in caught if "skipping" in str(w.message)]
+        assert "/parts/" in str(err.value) and "retry" in str(err.value)
+    flaky_fs.failing = False
+    got = [s["conversation_id"] for s in HiddenStateDataset(url, shuffle=False, on_corrupt="skip")]
+    assert sorted(got) == sorted(ref) and store.sample(1)["conversation_id"] == store.parts[0].conversation_ids[1]
+    victim = f"/{name}/parts/{pid}/" + ("part.arrow" if fmt == "arrow" else "hidden_states/c/0/0")
+    MemoryFileSystem().rm(victim)
+    with pytest.raises(CorruptDataError, match=pid):
+        open_dataset(url).read_part(0)
+
+
 def test_missing_and_empty_dataset(tmp_path):
     with pytest.raises(DatasetNotFoundError, match="no dataset here"):
         HiddenStateDataset(str(tmp_path / "nope"))
@@ -446,8 +562,6 @@ def test_map_dataset_with_distributed_sampler(local_ds):
 @pytest.mark.parametrize("codec", ["bf16", "zstd"])
 def test_store_range_reads_match_zarr(tmp_path, codec):
     """The loader's range reads (the store's direct shard path) return what zarr-python decodes."""
-    from draftdata.store import open_dataset
-
     hidden = 256  # ~680 token rows per chunk: several chunks per array
     schema = DatasetSchema(base_model_id="t", hidden_size=hidden, aux_layer_ids=[0, 1, 2], num_hidden_layers=4,
                            vocab_size=400, max_seq_len=4096)

@@ -311,3 +311,121 @@ def test_stored_over_raw_is_close_to_one_for_raw_bf16(tmp_path):
     data_bytes = ds.stored_bytes
     assert data_bytes / raw < 1.02  # small parts carry a few KiB of metadata; the bench measures real sizes
     assert np.array_equal(ds.sample_lengths(), [300] * 20)
+
+
+def test_polling_sees_parts_committed_by_other_writers(s3_bucket):
+    """committed_parts() lists afresh each call: s3fs caches listings, and a driver polling a dataset
+    (the Ray collect driver) must see the parts other writers committed since its last poll."""
+    bucket, opts = s3_bucket
+    url = f"{bucket}/poll"
+    driver = create_dataset(url, schema(), storage_options=opts)
+    worker = create_dataset(url, schema(), storage_options=opts)
+
+    def commit(i: int) -> None:
+        pw = worker.open_part(work_unit=f"unit-{i}")
+        pw.add(make_sample(i))
+        pw.commit()
+
+    commit(0)
+    first = driver.committed_parts()
+    assert [p.work_unit for p in first] == ["unit-0"]
+    commit(1)
+    commit(2)
+    assert sorted(p.work_unit for p in driver.committed_parts()) == ["unit-0", "unit-1", "unit-2"]
+    assert sorted(p.work_unit for p in driver.committed_parts(known={first[0].id})) == ["unit-1", "unit-2"]
+
+
+def test_remote_arrow_whole_part_reads_are_not_kept(tmp_path):
+    """A whole-part read of a remote Arrow part downloads the file; nothing may keep it once the
+    caller drops the arrays, or a loader's memory grows past prefetch_bytes with every part read."""
+    import gc
+    import tracemalloc
+
+    url = f"memory://wholecache-{os.getpid()}/ds"
+    write(url, [make_sample(i, length=1000) for i in range(24)], fmt="arrow", per_part=4)  # ~1 MiB per part
+    ds = open_dataset(url)
+    part_bytes = ds.parts[0].stored_bytes
+    tracemalloc.start()
+    try:
+        for p in range(len(ds.parts)):
+            rows = ds.read_part(p)
+            assert rows["conversation_ids"] == ds.parts[p].conversation_ids
+            del rows
+        gc.collect()
+        kept, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert kept < part_bytes, f"{kept} bytes still held after reading {len(ds.parts)} parts of {part_bytes} bytes"
+    assert_same(ds.sample(5), make_sample(5, length=1000), "bf16")  # range reads still work
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "arrow"])
+def test_all_zero_arrays_are_stored_and_read(tmp_path, fmt):
+    """An array that is entirely the fill value (a part without assistant tokens: loss_mask all 0)
+    is still stored as one shard, so the part reads back and verifies."""
+    url = str(tmp_path / "ds")
+    samples = [make_sample(i, length=20) for i in range(3)]
+    for s in samples:
+        s["loss_mask"] = torch.zeros(20, dtype=torch.uint8)
+    write(url, samples, fmt=fmt, per_part=3)
+    ds = open_dataset(url)
+    if fmt == "zarr":
+        assert (tmp_path / "ds" / "parts" / ds.parts[0].id / "loss_mask" / "c" / "0").is_file()
+    assert_same(ds.sample(1), samples[1], "bf16")
+    for got, want in zip(ds, samples):
+        assert_same(got, want, "bf16")
+    assert verify_dataset(ds) == []
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "arrow"])
+def test_dataset_path_with_glob_characters(tmp_path, fmt):
+    """Paths are read as given: `[`, `]`, `*` in a dataset path are not glob patterns."""
+    samples = [make_sample(i) for i in range(6)]
+    for url in (str(tmp_path / "run[1]" / "ds*"), f"memory://glob-{fmt}-{os.getpid()}/run[2]"):
+        write(url, samples, fmt=fmt, per_part=3)
+        ds = open_dataset(url)
+        assert len(ds.parts) == 2
+        got = {s["conversation_id"]: s for s in ds}  # parts committed in the same millisecond sort randomly
+        for want in samples:
+            assert_same(got[want["conversation_id"]], want, "bf16")
+        one = ds.sample(4)  # a range read
+        assert_same(one, samples[int(one["conversation_id"].removeprefix("conv-"))], "bf16")
+        assert verify_dataset(ds) == []
+
+
+def test_malformed_commit_record_is_named(tmp_path):
+    """A commit record with missing or mistyped fields raises CorruptDataError naming the part and
+    the record file (not a bare KeyError/TypeError); `draftdata verify` reports it and checks the rest."""
+    url = str(tmp_path / "ds")
+    write(url, [make_sample(i) for i in range(8)], per_part=4)
+    ds = open_dataset(url)
+    pid = ds.parts[0].id
+    record = tmp_path / "ds" / "commits" / f"{pid}.json"
+    good = json.loads(record.read_text())
+    for bad in ({k: v for k, v in good.items() if k != "arrays"}, None, [1, 2], {**good, "num_samples": "four"},
+                {**good, "conversation_ids": "conv-0"}, {**good, "offsets": [[0, 1]]}, {**good, "part_id": "other"}):
+        record.write_text(json.dumps(bad))
+        with pytest.raises(CorruptDataError) as e:
+            open_dataset(url)
+        assert f"part {pid}" in str(e.value) and str(record) in str(e.value), str(e.value)
+    record.write_text("{not json")
+    with pytest.raises(CorruptDataError, match="commit record"):
+        open_dataset(url)
+    record.write_text(json.dumps({k: v for k, v in good.items() if k != "offsets"}))
+    out = subprocess.run([sys.executable, "-m", "draftdata.cli", "verify", url], capture_output=True, text=True)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert f"part {pid}: commit record {record} is malformed (missing field 'offsets')" in out.stdout
+    assert "Traceback" not in out.stderr
+    bad_records: list[str] = []
+    rest = open_dataset(url, bad_records=bad_records)
+    assert len(bad_records) == 1 and [p.id for p in rest.parts] == [ds.parts[1].id]
+    assert verify_dataset(rest) == []
+
+
+def test_part_ids_of_one_process_sort_in_creation_order():
+    """Parts opened within one millisecond still sort in the order they were opened (the dataset's
+    sample order follows part ids)."""
+    from draftdata.store.dataset import new_part_id
+
+    ids = [new_part_id() for _ in range(200)]
+    assert ids == sorted(ids) and len(set(i.split("-")[0] for i in ids)) == 200

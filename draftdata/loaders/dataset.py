@@ -6,6 +6,7 @@ plan itself.
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -77,7 +78,8 @@ class HiddenStateDataset(IterableDataset):
         io_threads: threads reading a window's ~64 MiB pieces in parallel (reads and CRCs release the GIL).
         parts: restrict to these committed part ids (pin a snapshot of a growing dataset).
         on_corrupt: "raise" (default) names the part and sample; "skip" warns and leaves it out
-            (a batch that lost samples lists them in `batch["skipped"]`).
+            (a batch that lost samples lists them in `batch["skipped"]`). Storage access errors
+            (network, permissions) are never skipped: they raise StorageAccessError either way.
         empty_batches: with on_corrupt="skip" and batching, yield a batch whose samples were all
             damaged as a 0-row batch (with its `skipped` list) instead of leaving it out, so every
             rank yields exactly `len(ds)` items: what a DDP loop with a fixed step count and a
@@ -118,7 +120,8 @@ class HiddenStateDataset(IterableDataset):
         self._lengths = [p.lengths for p in self.store.parts]
         self._resume: dict[str, Any] | None = None
         self._yielded = 0
-        self._iter_worker = (0, 0, 1)
+        self._iter_worker: tuple[int, int, int] | None = None  # (worker id, logical worker, num_workers)
+        self._iter_pid: int | None = None  # process whose iterator _iter_worker describes
         self.stats: dict[str, int] = {}
         if max_tokens_per_batch:
             longest = max(int(x.max()) for x in self._lengths)
@@ -165,8 +168,9 @@ class HiddenStateDataset(IterableDataset):
         return [self.plan(epoch, r).num_items for r in range(self.world_size)]
 
     def padding_efficiency(self, epoch: int | None = None) -> float:
-        """Real tokens / padded tokens over this rank's batches of an epoch (from the plan, no I/O)."""
-        real, padded = self.plan(epoch).padded_tokens()
+        """Real tokens / padded tokens over this rank's batches of an epoch (from the plan, no I/O),
+        counting `pad_to_multiple_of` as iteration pads."""
+        real, padded = self.plan(epoch).padded_tokens(self.pad_to_multiple_of)
         return real / max(1, padded)
 
     def set_epoch(self, epoch: int) -> None:
@@ -177,10 +181,25 @@ class HiddenStateDataset(IterableDataset):
 
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict[str, Any]:
-        """Position of this process's iterator (a DataLoader worker's, under StatefulDataLoader)."""
-        wid, logical, nw = self._iter_worker
+        """Position of this process's iterator (a DataLoader worker's, under StatefulDataLoader).
+
+        Before this process has started iterating (e.g. a DataLoader worker that has yielded
+        nothing yet when the trainer checkpoints), it is the position the next iteration starts from.
+        """
+        if self._iter_worker is not None and self._iter_pid == os.getpid():
+            wid, logical, nw = self._iter_worker
+            yielded = self._yielded
+        else:
+            state = self._resume
+            if state is not None and state["epoch"] == self.epoch and "items_consumed" not in state:
+                return dict(state)
+            info = get_worker_info()
+            wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+            yielded, logical = 0, wid
+            if state is not None and state["epoch"] == self.epoch:
+                yielded, logical = self._cursor_point(self.plan(), int(state["items_consumed"]), wid, nw)
         return {"format": STATE_FORMAT, "epoch": self.epoch, "rank": self.rank, "world_size": self.world_size,
-                "worker_id": wid, "logical_worker": logical, "num_workers": nw, "items_yielded": self._yielded,
+                "worker_id": wid, "logical_worker": logical, "num_workers": nw, "items_yielded": yielded,
                 "fingerprint": self.fingerprint()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -189,6 +208,12 @@ class HiddenStateDataset(IterableDataset):
         Accepts `state_dict()` output (also what StatefulDataLoader saves per worker), or a global
         cursor `{"epoch": e, "items_consumed": n}`: the number of items this rank's DataLoader
         had yielded in epoch e (count them in your training loop; needs the same num_workers).
+
+        The global cursor assumes `DataLoader(ds, batch_size=None)` (the dataset batches, or
+        yields samples one by one), where the DataLoader takes one item from each worker in turn.
+        With `DataLoader(batch_size=B)` and several workers a batch holds B items of one worker,
+        so the cursor would resume at the wrong items (undetectable here): use torchdata's
+        StatefulDataLoader then (docs/LOADER.md, Resume).
         """
         if "items_consumed" not in state and state.get("format") != STATE_FORMAT:
             raise DraftdataError(f"not a HiddenStateDataset state (format {state.get('format')!r})")
@@ -216,16 +241,20 @@ class HiddenStateDataset(IterableDataset):
         if state is None or state["epoch"] != self.epoch:
             return 0, wid
         if "items_consumed" in state:
-            counts = plan.worker_item_counts(nw)
-            consumed = int(state["items_consumed"])
-            order = planning.interleave(counts)
-            rotation = order[consumed][0] if consumed < len(order) else 0
-            logical = (wid + rotation) % nw
-            return planning.worker_positions(counts, consumed)[logical], logical
+            return self._cursor_point(plan, int(state["items_consumed"]), wid, nw)
         if state["num_workers"] != nw or state["worker_id"] != wid:
             raise DraftdataError(f"cannot resume: the state is worker {state['worker_id']} of {state['num_workers']}, "
                                  f"this iterator is worker {wid} of {nw}; use the same DataLoader num_workers")
         return int(state["items_yielded"]), int(state.get("logical_worker", wid))
+
+    @staticmethod
+    def _cursor_point(plan: planning.RankPlan, consumed: int, wid: int, nw: int) -> tuple[int, int]:
+        """(items to skip, logical worker) of worker `wid` of `nw` after a global cursor of `consumed` items."""
+        counts = plan.worker_item_counts(nw)
+        order = planning.interleave(counts)
+        rotation = order[consumed][0] if consumed < len(order) else 0
+        logical = (wid + rotation) % nw
+        return planning.worker_positions(counts, consumed)[logical], logical
 
     # ------------------------------------------------------------------ iteration
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -233,7 +262,7 @@ class HiddenStateDataset(IterableDataset):
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         plan = self.plan()
         skip, logical = self._resume_point(plan, wid, nw)
-        self._iter_worker, self._yielded = (wid, logical, nw), skip
+        self._iter_worker, self._iter_pid, self._yielded = (wid, logical, nw), os.getpid(), skip
         windows = plan.worker_windows(logical, nw)
         # Windows whose items were all yielded before the resume point are not read at all.
         while windows and skip >= len(windows[0].items):

@@ -98,12 +98,14 @@ class RankPlan:
     def worker_item_counts(self, num_workers: int) -> list[int]:
         return [sum(len(w.items) for w in self.worker_windows(i, num_workers)) for i in range(max(1, num_workers))]
 
-    def padded_tokens(self) -> tuple[int, int]:
-        """(real tokens, tokens after right-padding every batch to its longest sample)."""
+    def padded_tokens(self, pad_to_multiple_of: int | None = None) -> tuple[int, int]:
+        """(real tokens, tokens after right-padding every batch to its longest sample, rounded up to a
+        multiple of `pad_to_multiple_of` as `collate_samples` does)."""
         real = int(self.length.sum())
         if not self.batched:
             return real, real
-        padded = sum(len(it) * int(self.length[it].max()) for w in self.windows for it in w.items)
+        m = int(pad_to_multiple_of or 1)
+        padded = sum(len(it) * (-(-int(self.length[it].max()) // m) * m) for w in self.windows for it in w.items)
         return real, padded
 
 

@@ -18,7 +18,7 @@ import pyarrow as pa
 
 from draftdata.errors import CorruptDataError
 from draftdata.store.codecs import shuffle_rows, unshuffle_rows
-from draftdata.store.fs import is_local_fs
+from draftdata.store.fs import MISSING_ERRORS, describe_storage_error, is_local_fs
 from draftdata.store.layout import crc32c, rows_per_chunk
 
 FILE_NAME = "part.arrow"
@@ -61,27 +61,85 @@ def write_part(fs: fsspec.AbstractFileSystem, directory: str, arrays: dict[str, 
         fs.pipe_file(path, sink.getvalue().to_pybytes())
 
 
+class _TrackedFile:
+    """The remote file handed to `pa.PythonFile`, counting the reads that raised and keeping the last error.
+
+    pyarrow raises OSError both for bytes it cannot decode and, unchanged, for errors of the file
+    it reads from (possibly on its own I/O threads); comparing the failure count before and after
+    a decode tells a failed read (storage, or a vanished object) from corrupt bytes.
+    """
+
+    def __init__(self, f: Any):
+        self._f = f
+        self.failures = 0
+        self.error: BaseException | None = None
+
+    def _call(self, fn: Any, *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except Exception as e:
+            self.error = e
+            self.failures += 1
+            raise
+
+    def read(self, *args: Any) -> Any:
+        return self._call(self._f.read, *args)
+
+    def readinto(self, *args: Any) -> Any:
+        return self._call(self._f.readinto, *args)
+
+    def seek(self, *args: Any) -> Any:
+        return self._call(self._f.seek, *args)
+
+    def tell(self) -> int:
+        return self._call(self._f.tell)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._f, name)
+
+
 class ArrowPartReader:
-    """Reads rows of the arrays of one Arrow part, verifying each record batch's CRC-32C."""
+    """Reads rows of the arrays of one Arrow part, verifying each record batch's CRC-32C.
+
+    Bad bytes (CRC, decode, shape) raise CorruptDataError, a missing file too; a failure to reach
+    the storage raises StorageAccessError, so that skipping damaged samples never skips data
+    during an outage. `whole=True` (remote only) downloads the file in one GET and holds it.
+    """
 
     def __init__(self, fs: fsspec.AbstractFileSystem, directory: str, part_id: str, *, whole: bool = False):
         self.part_id = part_id
         path = f"{directory}/{FILE_NAME}"
+        self.where = path if is_local_fs(fs) else fs.unstrip_protocol(path)  # for messages
+        self._file: _TrackedFile | None = None
         try:
             if is_local_fs(fs):
                 source: Any = pa.memory_map(path, "r")
             elif whole:
                 source = pa.py_buffer(fs.cat_file(path))
             else:
-                source = pa.PythonFile(fs.open(path, "rb", block_size=4 << 20), mode="r")
+                self._file = _TrackedFile(fs.open(path, "rb", block_size=4 << 20))
+                source = pa.PythonFile(self._file, mode="r")
+        except Exception as e:
+            raise self._read_error(e) from None
+        try:
             self.reader = pa.ipc.open_file(source)
             self.meta = json.loads(self.reader.schema.metadata[META_KEY])
-        except FileNotFoundError:
-            raise CorruptDataError(f"part {part_id}: {FILE_NAME} is missing") from None
         except Exception as e:
-            raise CorruptDataError(f"part {part_id}: {FILE_NAME} is unreadable ({type(e).__name__}: {e})") from None
+            raise self._decode_error(e, f"{FILE_NAME} is unreadable", 0) from None
         self.rows_per_chunk = int(self.meta["rows_per_chunk"])
         self.codec = self.meta.get("codec", "bf16")
+
+    def _read_error(self, e: BaseException) -> Exception:
+        """The error for a failed read of the file: missing -> corruption, anything else -> storage."""
+        if isinstance(e, MISSING_ERRORS):
+            return CorruptDataError(f"part {self.part_id}: {FILE_NAME} is missing ({self.where})")
+        return describe_storage_error(self.where, e)
+
+    def _decode_error(self, e: BaseException, what: str, failures_before: int) -> Exception:
+        """The error for a failed decode: a storage error if a read of the file failed meanwhile."""
+        if self._file is not None and self._file.failures > failures_before and self._file.error is not None:
+            return self._read_error(self._file.error)
+        return CorruptDataError(f"part {self.part_id}: {what} ({type(e).__name__}: {e})")
 
     @property
     def attrs(self) -> dict[str, Any]:
@@ -91,6 +149,7 @@ class ArrowPartReader:
         return sorted([*self.reader.schema.names, "offsets"])
 
     def _block(self, name: str, b: int) -> np.ndarray:
+        failures = self._file.failures if self._file is not None else 0
         try:
             col = self.reader.get_batch(b).column(name)
             if isinstance(col, pa.FixedSizeListArray):
@@ -100,8 +159,7 @@ class ArrowPartReader:
             else:
                 a = col.to_numpy(zero_copy_only=False)
         except Exception as e:
-            raise CorruptDataError(f"part {self.part_id}: array {name} block {b} is unreadable "
-                                   f"({type(e).__name__}: {e})") from None
+            raise self._decode_error(e, f"array {name} block {b} is unreadable", failures) from None
         expected = self.meta["block_crc32c"][name][b]
         if crc32c(a) != expected:
             raise CorruptDataError(f"part {self.part_id}: array {name} block {b} fails its CRC-32C check")

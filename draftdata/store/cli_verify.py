@@ -30,9 +30,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"gc: removed {len(deleted)} uncommitted part(s)", file=sys.stderr)
         for d in deleted:
             print(f"gc: removed {d}", file=sys.stderr)
-    ds = open_dataset(args.url, storage_options=opts)
+    bad_records: list[str] = []
+    ds = open_dataset(args.url, storage_options=opts, bad_records=bad_records)
     with tqdm(total=len(ds.parts), desc="verify", unit="part", disable=None, file=sys.stderr) as bar:
-        problems = verify_dataset(ds, progress=bar.update)
+        problems = bad_records + verify_dataset(ds, progress=bar.update)
     for line in problems:
         print(line)
     if problems:

@@ -26,10 +26,16 @@ import torch
 
 from draftdata import __version__
 from draftdata.config import CODECS, FORMAT_NAME, STORAGE_FORMATS, DatasetSchema
-from draftdata.errors import CorruptDataError, DatasetNotFoundError, DraftdataError, SchemaMismatchError
+from draftdata.errors import (
+    CorruptDataError,
+    DatasetNotFoundError,
+    DraftdataError,
+    SchemaMismatchError,
+    StorageAccessError,
+)
 from draftdata.store import arrow_part, zarr_part
 from draftdata.store.codecs import bf16_to_bits, bits_to_bf16, fp8_decode, fp8_encode
-from draftdata.store.fs import describe_storage_error, get_fs, normalize_url, put_atomic
+from draftdata.store.fs import describe_storage_error, get_fs, is_local_fs, normalize_url, put_atomic
 from draftdata.store.layout import HIDDEN_ARRAYS, SCALE_OF, commit_path, crc32c, part_dir
 
 SCHEMA_FILE = "dataset.json"
@@ -55,16 +61,35 @@ class PartInfo:
 
     @classmethod
     def from_record(cls, rec: dict[str, Any]) -> PartInfo:
+        """Parse a commit record; KeyError/TypeError/ValueError when a field is missing or mistyped."""
+        if not isinstance(rec, dict):
+            raise TypeError(f"expected a JSON object, got {type(rec).__name__}")
+        offsets = np.asarray(rec["offsets"], dtype=np.int64)
+        if offsets.ndim != 1:
+            raise ValueError("offsets is not a flat list of integers")
+        ids = rec["conversation_ids"]
+        if not isinstance(ids, list) or not all(isinstance(c, str) for c in ids):
+            raise TypeError("conversation_ids is not a list of strings")
+        if not isinstance(rec["part_id"], str) or not isinstance(rec["arrays"], dict):
+            raise TypeError("part_id must be a string and arrays an object")
         return cls(id=rec["part_id"], num_samples=int(rec["num_samples"]), num_tokens=int(rec["num_tokens"]),
-                   conversation_ids=list(rec["conversation_ids"]),
-                   offsets=np.asarray(rec["offsets"], dtype=np.int64), work_unit=rec.get("work_unit"),
-                   stored_bytes=int(rec.get("stored_bytes", 0)),
+                   conversation_ids=list(ids), offsets=offsets, work_unit=rec.get("work_unit"),
+                   stored_bytes=int(rec.get("stored_bytes") or 0),
                    checksums={k: int(v["crc32c"]) for k, v in rec["arrays"].items()}, record=rec)
 
 
+_LAST_ID_MS = [0]
+_ID_LOCK = threading.Lock()
+
+
 def new_part_id() -> str:
-    """Sortable by creation time, unique across machines."""
-    return f"{time.time_ns() // 1_000_000:013d}-{uuid.uuid4().hex[:12]}"
+    """Sortable by creation time, unique across machines. Within one process the millisecond
+    prefix strictly increases, so parts opened one after another keep that order even when
+    several are opened in the same millisecond (the random suffix would shuffle them)."""
+    with _ID_LOCK:
+        ms = max(time.time_ns() // 1_000_000, _LAST_ID_MS[0] + 1)
+        _LAST_ID_MS[0] = ms
+    return f"{ms:013d}-{uuid.uuid4().hex[:12]}"
 
 
 class _Location:
@@ -107,8 +132,12 @@ class _Location:
         return DatasetSchema.from_dict(d)
 
     def list_commits(self) -> list[str]:
+        """Ids of the committed parts, listed afresh (object-store filesystems cache listings, and a
+        poller such as the collect driver must see parts other writers committed since)."""
+        commits = f"{self.root}/commits"
         try:
-            paths = self.fs.ls(f"{self.root}/commits", detail=False)
+            self.fs.invalidate_cache(commits)
+            paths = self.fs.ls(commits, detail=False)
         except FileNotFoundError:
             return []
         except Exception as e:
@@ -116,21 +145,45 @@ class _Location:
         names = [p.rstrip("/").rsplit("/", 1)[-1] for p in paths]
         return sorted(n[:-5] for n in names if n.endswith(".json") and not n.startswith("."))
 
-    def read_commits(self, part_ids: list[str]) -> list[dict[str, Any]]:
+    def read_commits(self, part_ids: list[str]) -> list[bytes]:
+        """The raw commit records of `part_ids`, read concurrently where the filesystem can.
+
+        `cat_ranges` reads each path as given; `fs.cat` would expand glob characters such as the
+        `[` and `]` that a dataset path may contain.
+        """
         if not part_ids:
             return []
         paths = [commit_path(self.root, p) for p in part_ids]
         try:
-            blobs = self.fs.cat(paths, on_error="raise")
+            return list(self.fs.cat_ranges(paths, [None] * len(paths), [None] * len(paths), on_error="raise"))
         except Exception as e:
             raise describe_storage_error(self.url, e) from None
+
+    def read_parts(self, part_ids: list[str], bad_records: list[str] | None = None) -> list[PartInfo]:
+        """Parse the commit records of `part_ids`.
+
+        A record that is not valid JSON or lacks a field raises CorruptDataError naming the part and
+        the record file; with a `bad_records` list it is described there and left out instead.
+        """
         out = []
-        for pid, path in zip(part_ids, paths):
-            raw = blobs.get(path) if isinstance(blobs, dict) else blobs
+        for pid, raw in zip(part_ids, self.read_commits(part_ids)):
+            path = commit_path(self.url, pid)
             try:
-                out.append(json.loads(raw))
-            except (TypeError, ValueError):
-                raise CorruptDataError(f"part {pid}: commit record {path} is not valid JSON") from None
+                info = PartInfo.from_record(json.loads(raw))
+            except ValueError as e:
+                problem = f"part {pid}: commit record {path} is malformed ({e})"
+            except (KeyError, TypeError, AttributeError) as e:
+                what = f"missing field {e}" if isinstance(e, KeyError) else str(e)
+                problem = f"part {pid}: commit record {path} is malformed ({what})"
+            else:
+                if info.id == pid:
+                    out.append(info)
+                    continue
+                problem = f"part {pid}: commit record {path} names part {info.id!r}"
+            if bad_records is None:
+                raise CorruptDataError(f"{problem}; run `draftdata verify {self.url}`, then restore or delete the "
+                                       "record (deleting it drops the part from the dataset)")
+            bad_records.append(problem)
         return out
 
     def part_url(self, part_id: str) -> str:
@@ -277,7 +330,7 @@ class DatasetWriter:
         """Committed parts; ids in `known` (parts the caller already read) are not read again,
         so polling a dataset of many parts costs one listing plus the new commit records."""
         new = [p for p in self._loc.list_commits() if p not in known]
-        return [PartInfo.from_record(r) for r in self._loc.read_commits(new)]
+        return self._loc.read_parts(new)
 
     def committed_ids(self) -> set[str]:
         return {cid for p in self.committed_parts() for cid in p.conversation_ids}
@@ -369,25 +422,33 @@ class Dataset:
         return p, i - int(self._starts[p])
 
     def reader(self, p: int, *, whole: bool = False):
-        """The format reader of part p (cached per process)."""
+        """The format reader of part p, for range reads or (`whole=True`) reading all of it.
+
+        Range readers hold only a part's metadata and file handle and are cached per process. A
+        whole reader of a remote Arrow part holds the downloaded file, so it is never cached:
+        caching it would keep every part read so far in memory, beyond the loader's prefetch bound.
+        """
         if self._reader_pid != os.getpid():
             self._readers, self._reader_pid = {}, os.getpid()
-        key = (p, whole and self.schema.storage_format == "arrow")
-        if key not in self._readers:
-            info = self.parts[p]
-            try:
-                if self.schema.storage_format == "zarr":
-                    r: Any = zarr_part.ZarrPartReader(self._loc.part_url(info.id), info.id, self._loc.storage_options)
-                else:
-                    r = arrow_part.ArrowPartReader(self._loc.fs, part_dir(self._loc.root, info.id), info.id, whole=whole)
-            except DraftdataError:
-                raise
-            except Exception as e:
-                raise describe_storage_error(self.url, e) from None
+        if whole and self.schema.storage_format == "arrow" and not is_local_fs(self._loc.fs):
+            return self._open_reader(p, whole=True)
+        if p not in self._readers:
+            r = self._open_reader(p, whole=False)
             if len(self._readers) > 64:
                 self._readers.clear()
-            self._readers[key] = r
-        return self._readers[key]
+            self._readers[p] = r
+        return self._readers[p]
+
+    def _open_reader(self, p: int, *, whole: bool) -> Any:
+        info = self.parts[p]
+        try:
+            if self.schema.storage_format == "zarr":
+                return zarr_part.ZarrPartReader(self._loc.part_url(info.id), info.id, self._loc.storage_options)
+            return arrow_part.ArrowPartReader(self._loc.fs, part_dir(self._loc.root, info.id), info.id, whole=whole)
+        except DraftdataError:
+            raise
+        except Exception as e:
+            raise describe_storage_error(self.url, e) from None
 
     def _decode(self, r: Any, name: str, start: int | None, stop: int | None) -> torch.Tensor:
         stored = r.read(name, start, stop)
@@ -405,15 +466,20 @@ class Dataset:
             out[name] = self._decode(r, name, start, stop)
         return out
 
+    def _read_rows(self, p: int, start: int | None, stop: int | None, whole: bool, context: str) -> dict[str, Any]:
+        """`_rows`, with errors saying which samples were being read and what to do."""
+        try:
+            return self._rows(p, start, stop, whole=whole)
+        except CorruptDataError as err:
+            raise CorruptDataError(f"{err} ({context}); run `draftdata verify {self.url}`") from None
+        except StorageAccessError as err:
+            raise StorageAccessError(f"{err} (part {self.parts[p].id}, {context})") from None
+
     def read_sample(self, p: int, j: int) -> dict[str, Any]:
         """Sample j of part p, read with range reads of the chunks that hold it."""
         info = self.parts[p]
         s, e = int(info.offsets[j]), int(info.offsets[j + 1])
-        try:
-            rows = self._rows(p, s, e)
-        except CorruptDataError as err:
-            raise CorruptDataError(f"{err} (reading sample {j}, conversation {info.conversation_ids[j]!r}); "
-                                   f"run `draftdata verify {self.url}`") from None
+        rows = self._read_rows(p, s, e, False, f"reading sample {j}, conversation {info.conversation_ids[j]!r}")
         return _sample(info.conversation_ids[j], rows, 0, e - s)
 
     def sample(self, i: int) -> dict[str, Any]:
@@ -422,10 +488,7 @@ class Dataset:
     def read_part(self, p: int) -> dict[str, Any]:
         """All arrays of part p at once (one sequential read per array): the fast path for loaders."""
         info = self.parts[p]
-        try:
-            rows = self._rows(p, None, None, whole=True)
-        except CorruptDataError as err:
-            raise CorruptDataError(f"{err} (samples {info.conversation_ids[:3]}...); run `draftdata verify {self.url}`") from None
+        rows = self._read_rows(p, None, None, True, f"samples {info.conversation_ids[:3]}...")
         rows["offsets"] = info.offsets
         rows["conversation_ids"] = info.conversation_ids
         return rows
@@ -436,11 +499,7 @@ class Dataset:
         if j0 == 0 and j1 == info.num_samples:
             return self.read_part(p)
         s, e = int(info.offsets[j0]), int(info.offsets[j1])
-        try:
-            rows = self._rows(p, s, e)
-        except CorruptDataError as err:
-            raise CorruptDataError(f"{err} (samples {j0}..{j1 - 1}: {info.conversation_ids[j0:j0 + 3]}...); "
-                                   f"run `draftdata verify {self.url}`") from None
+        rows = self._read_rows(p, s, e, False, f"samples {j0}..{j1 - 1}: {info.conversation_ids[j0:j0 + 3]}...")
         rows["offsets"] = info.offsets[j0:j1 + 1] - s
         rows["conversation_ids"] = info.conversation_ids[j0:j1]
         return rows
@@ -475,12 +534,16 @@ def _sample(cid: str, rows: dict[str, Any], s: int, e: int) -> dict[str, Any]:
     }
 
 
-def open_dataset(url: str, *, storage_options: dict[str, Any] | None = None) -> Dataset:
-    """Open the committed parts of a dataset for reading."""
+def open_dataset(url: str, *, storage_options: dict[str, Any] | None = None,
+                 bad_records: list[str] | None = None) -> Dataset:
+    """Open the committed parts of a dataset for reading.
+
+    A malformed commit record raises CorruptDataError naming it; with a `bad_records` list (what
+    `draftdata verify` passes) it is described there and its part left out, so the rest can be checked.
+    """
     loc = _Location(url, storage_options)
     schema = loc.read_schema()
     if schema is None:
         raise DatasetNotFoundError(f"{loc.url}: no dataset here ({SCHEMA_FILE} not found); "
                                    "create one with `draftdata collect --output URL`")
-    parts = [PartInfo.from_record(r) for r in loc.read_commits(loc.list_commits())]
-    return Dataset(loc, schema, parts)
+    return Dataset(loc, schema, loc.read_parts(loc.list_commits(), bad_records))

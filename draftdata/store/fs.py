@@ -6,6 +6,8 @@ and connections that must not cross a fork), and one atomic `put_atomic` is the 
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import os
 import uuid
 from typing import Any
@@ -46,6 +48,28 @@ def get_fs(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fss
     return fs, path.rstrip("/")
 
 
+MISSING_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError)
+# Packages whose own exception types (not OSError subclasses) mean "could not reach or use the storage".
+_STORAGE_PACKAGES = ("botocore", "aiobotocore", "aiohttp", "s3fs", "gcsfs", "google", "requests", "urllib3", "adlfs",
+                     "azure")
+
+
+def is_storage_error(e: BaseException) -> bool:
+    """True when `e` is a failure to reach or use the storage (network, timeout, permission, credentials,
+    throttling), False for a missing object and for complaints about the stored bytes.
+
+    Readers use this to tell an outage from corruption: decoders (zarr, numcodecs, json) report bad
+    bytes as ValueError/RuntimeError/KeyError, while I/O fails with OSError (ConnectionError,
+    TimeoutError, PermissionError, ...) or the storage SDK's own exception types. pyarrow also raises
+    OSError for undecodable bytes, so the Arrow reader classifies by where the error came from instead.
+    """
+    if isinstance(e, MISSING_ERRORS):
+        return False
+    if isinstance(e, (OSError, asyncio.TimeoutError, concurrent.futures.TimeoutError)):
+        return True
+    return type(e).__module__.split(".")[0] in _STORAGE_PACKAGES
+
+
 def describe_storage_error(url: str, e: BaseException) -> DraftdataError:
     """Turn a backend exception (credentials, permissions, endpoint) into a one-line error."""
     if isinstance(e, DraftdataError):
@@ -57,7 +81,8 @@ def describe_storage_error(url: str, e: BaseException) -> DraftdataError:
                                   "or pass storage options (key, secret, client_kwargs.endpoint_url)")
     if isinstance(e, PermissionError) or "AccessDenied" in msg or "Forbidden" in msg:
         return StorageAccessError(f"{url}: access denied ({msg}); check the credentials and bucket policy")
-    return StorageAccessError(f"{url}: storage error: {name}: {msg}")
+    return StorageAccessError(f"{url}: storage error: {name}: {msg}; check the endpoint, network and storage "
+                              "service, then retry")
 
 
 def put_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:

@@ -19,8 +19,8 @@ import zarr
 import zarr.storage
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
 
-from draftdata.errors import CorruptDataError
-from draftdata.store.fs import get_fs, is_local, local_path
+from draftdata.errors import CorruptDataError, DraftdataError
+from draftdata.store.fs import describe_storage_error, get_fs, is_local, is_storage_error, local_path
 from draftdata.store.layout import crc32c, rows_per_chunk
 
 EMPTY_CHUNK = 2**64 - 1  # shard index entry of a chunk that was never written
@@ -35,7 +35,12 @@ def _store(url: str, storage_options: dict[str, Any] | None, read_only: bool) ->
 
 def write_part(url: str, arrays: dict[str, np.ndarray], attrs: dict[str, Any], codec: str,
                storage_options: dict[str, Any] | None = None) -> None:
-    """Write the logical arrays of one part as a Zarr group at `url` (the part directory)."""
+    """Write the logical arrays of one part as a Zarr group at `url` (the part directory).
+
+    Chunks equal to the fill value are written too (`write_empty_chunks`): the format promises one
+    shard object per array, and a reader treats a missing one as corruption, so an all-zero
+    array (e.g. a loss_mask without assistant tokens) must still be stored.
+    """
     group = zarr.open_group(_store(url, storage_options, read_only=False), mode="w", zarr_format=3)
     group.attrs.update(attrs)
     rows = len(arrays["input_ids"])
@@ -51,7 +56,8 @@ def write_part(url: str, arrays: dict[str, np.ndarray], attrs: dict[str, Any], c
         compress = codec == "zstd" and a.dtype == np.uint16 and a.ndim == 2
         compressors = [BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.shuffle, typesize=2)] if compress else []
         arr = group.create_array(name, shape=a.shape, dtype=a.dtype, chunks=chunks, shards=shards,
-                                 compressors=[*compressors, Crc32cCodec()], fill_value=0)
+                                 compressors=[*compressors, Crc32cCodec()], fill_value=0,
+                                 config={"write_empty_chunks": True})
         if a.size:
             arr[...] = a
 
@@ -63,7 +69,11 @@ class ZarrPartReader:
         self.part_id, self.url, self.storage_options = part_id, url, storage_options
         try:
             self.group = zarr.open_group(_store(url, storage_options, read_only=True), mode="r", zarr_format=3)
+        except DraftdataError:
+            raise
         except Exception as e:
+            if is_storage_error(e):
+                raise describe_storage_error(f"{url}/zarr.json", e) from None
             raise CorruptDataError(f"part {part_id}: cannot open Zarr group ({type(e).__name__}: {e})") from None
         self._arrays: dict[str, zarr.Array] = {}
         self._layouts: dict[str, dict[str, Any] | None] = {}
@@ -84,14 +94,21 @@ class ZarrPartReader:
         return self._arrays[name]
 
     def read(self, name: str, start: int | None = None, stop: int | None = None) -> np.ndarray:
+        """Rows [start, stop) of array `name`.
+
+        Bad bytes (CRC, decode, shape) raise CorruptDataError; a failure to reach the storage raises
+        StorageAccessError, so that skipping damaged samples never skips data during an outage.
+        """
         try:
             fast = self._read_shard_rows(name, start, stop)
             if fast is not None:
                 return fast
             return self.array(name)[start:stop]
-        except CorruptDataError:
+        except DraftdataError:
             raise
         except Exception as e:
+            if is_storage_error(e):
+                raise describe_storage_error(f"{self.url}/{name}", e) from None
             where = f"rows {start}:{stop}" if start is not None else "all rows"
             raise CorruptDataError(
                 f"part {self.part_id}: array {name} ({where}) is unreadable: {type(e).__name__}: {e}") from None
