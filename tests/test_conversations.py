@@ -104,6 +104,7 @@ def test_rejects_name_file_line_and_reason(tmp_path):
             if isinstance(c, Conversation)]
     assert kept == ["good", "noasst", "good2"]
     assert count_records(str(path)) == 13 and count_records(str(path), limit=5) == 5
+    assert count_records(str(path), limit=0) == 0
 
 
 def test_directory_glob_gzip_and_fsspec_inputs(tmp_path):

@@ -418,6 +418,20 @@ def test_resume_with_other_settings_is_refused(tiny_model, tmp_path):
                 "--temperature", 0.7)
     assert main(["synthesize", "--model", str(tiny_model), "--input", str(inp), "--output", str(out),
                  "--max-new-tokens", "5"]) == 2  # the CLI prints it as one line, exit 2
+    # the compute dtype and the length bound change answers too
+    with pytest.raises(DraftdataError, match="dtype: file has 'auto', this run has 'fp32'"):
+        run_cli("--model", tiny_model, "--input", inp, "--output", out, "--max-new-tokens", MAX_NEW, "--dtype", "fp32")
+    with pytest.raises(DraftdataError, match="max_seq_len: file has None, this run has 64"):
+        run_cli("--model", tiny_model, "--input", inp, "--output", out, "--max-new-tokens", MAX_NEW,
+                "--max-seq-len", 64)
+    # a file written before a setting was recorded cannot be checked for it: appending goes on
+    settings = tmp_path / "out.jsonl.synth" / "settings.json"
+    recorded = json.loads(settings.read_text())
+    del recorded["identity"]["max_seq_len"]
+    settings.write_text(json.dumps(recorded))
+    more = write_jsonl(tmp_path / "more.jsonl", conversations()[:3])
+    assert run_cli("--model", tiny_model, "--input", more, "--output", out, "--max-new-tokens", MAX_NEW,
+                   "--max-seq-len", 64) == 0
 
 
 def test_bad_input_rejected_with_file_line_and_strict(tiny_model, tmp_path, capsys):

@@ -133,6 +133,8 @@ def _lines(fs: Any, path: str) -> Iterator[tuple[int, bytes]]:
 def count_records(input: str, storage_options: dict | None = None, limit: int | None = None) -> int:
     """Non-blank lines in the input (what read_conversations will yield), for progress bars."""
     n = 0
+    if limit is not None and limit <= 0:
+        return 0
     for fs, path, _ in input_files(input, storage_options):
         for _ in _lines(fs, path):
             n += 1

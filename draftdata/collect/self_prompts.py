@@ -113,7 +113,8 @@ class PromptSettings:
             model = {"model_id": model_identity(self.model_path)[0], "model_hash": model_hash(self.model_path)}
         return {"command": "prompts", **model, "max_new_tokens": self.max_new_tokens,
                 "temperature": self.temperature, "top_p": self.top_p, "seed": self.seed,
-                "system_prompt": self.system_prompt, "chat_template_hash": template, "min_chars": self.min_chars}
+                "system_prompt": self.system_prompt, "chat_template_hash": template, "min_chars": self.min_chars,
+                "dtype": None if self.endpoint else self.dtype}
 
     def report_dict(self) -> dict[str, Any]:
         d = asdict(self)

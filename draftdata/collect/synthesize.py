@@ -138,7 +138,8 @@ class SynthSettings:
         return {"model_id": model_id, "model_hash": weights, "endpoint": self.endpoint,
                 "max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "top_p": self.top_p,
                 "seed": self.seed, "system_prompt": self.system_prompt,
-                "replace_system_prompt": self.replace_system_prompt, "chat_template_hash": template}
+                "replace_system_prompt": self.replace_system_prompt, "chat_template_hash": template,
+                "dtype": None if self.endpoint else self.dtype, "max_seq_len": self.max_seq_len}
 
     def report_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -963,7 +964,8 @@ class OutputSettings(Protocol):
 
 def check_settings(output: JsonlOutput, settings: OutputSettings) -> None:
     """Refuse to append with generation settings other than those the file was written with
-    (every key of `identity()` recorded in the file or given by this run is compared)."""
+    (every key of `identity()` recorded in the file is compared; a key the file lacks was added
+    by a later draftdata version and cannot be checked)."""
     path = sidecar_dir(output.path) / "settings.json"
     current = settings.identity()
     if output.ids and path.is_file():
@@ -973,7 +975,7 @@ def check_settings(output: JsonlOutput, settings: OutputSettings) -> None:
             recorded = None
         if recorded is not None:
             diffs = [f"{k}: file has {recorded.get(k)!r}, this run has {current.get(k)!r}"
-                     for k in sorted(set(recorded) | set(current)) if recorded.get(k) != current.get(k)]
+                     for k in sorted(recorded) if recorded.get(k) != current.get(k)]
             if diffs:
                 raise DraftdataError(
                     f"--output {output.path} already holds {len(output.ids):,} conversations written with other "
