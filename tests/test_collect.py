@@ -97,6 +97,45 @@ def test_earlier_layer_outputs_are_not_kept_during_the_forward(backend32):
     assert alive == [1, 3]
 
 
+def test_out_of_memory_split_frees_the_failed_batch_first(backend32, capsys):
+    """A batch that runs out of GPU memory is split in halves, and the halves run only after the
+    failed forward's activations are released (held by the exception's traceback, they would
+    leave each half less memory than the whole batch had). The OOM is raised for real, by the
+    last decoder layer, whenever it sees more than one sequence."""
+    import weakref
+    from types import SimpleNamespace
+
+    from draftdata.collect import runner
+
+    failed: list = []
+    alive_at_retry: list[int] = []
+
+    def hook(module, args):
+        if args[0].shape[0] > 1:
+            failed.append(weakref.ref(args[0]))
+            raise torch.OutOfMemoryError("CUDA out of memory (raised by the test)")
+        alive_at_retry.append(sum(r() is not None for r in failed))
+
+    seqs = random_seqs([30, 20, 10, 5])
+    batch = [SimpleNamespace(input_ids=np.asarray(q), length=len(q), source=f"in.jsonl:{i + 1}")
+             for i, q in enumerate(seqs)]
+    handle = backend32.layers[-1].register_forward_pre_hook(hook)
+    try:
+        out = runner._forward(backend32, batch, [0, 1])
+    finally:
+        handle.remove()
+    assert [a.shape[0] for a, _ in out] == [30, 20, 10, 5]
+    assert len(failed) == 3 and alive_at_retry == [0, 0, 0, 0]
+    assert "out of memory on a batch of 4 sequences; splitting it" in capsys.readouterr().err
+    handle = backend32.layers[-1].register_forward_pre_hook(lambda m, a: (_ for _ in ()).throw(
+        torch.OutOfMemoryError("CUDA out of memory (raised by the test)")))
+    try:
+        with pytest.raises(DraftdataError, match=r"one sequence of 5 tokens \(in.jsonl:4\)"):
+            runner._forward(backend32, batch[3:], [0, 1])
+    finally:
+        handle.remove()
+
+
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_batched_equals_alone(tiny_model, backend32, dtype):
     backend = backend32 if dtype == "fp32" else HFBackend(tiny_model, dtype="bf16")

@@ -391,3 +391,37 @@ def test_weight_decay_spares_the_norm_weights(tmp_path, tiny_model, train_data):
     assert ratio("fc.weight") < 0.9                                 # (1 - lr * wd)^3 = 0.86, plus Adam's steps
     for name in ("norm.weight", "midlayer.input_layernorm.weight", "midlayer.hidden_norm.weight"):
         assert abs(ratio(name) - 1) < 0.01, name
+
+
+def test_resume_keeps_its_data_snapshot_and_random_stream(tmp_path, tiny_model, train_data, capsys):  # noqa: F811
+    """Resumed mid-epoch after collection committed another part, with hidden-state mixing on
+    (which draws from the run's RNG) and a torn last metrics line: the same losses and tokens as
+    the uninterrupted run, which saw only the old parts."""
+    import shutil
+
+    from test_train_support import make_dataset
+
+    url = str(tmp_path / "growing")
+    shutil.copytree(train_data, url)
+    common = dict(data=url, model=str(tiny_model), steps=5, batch_tokens=256, save_every=100, log_every=100,
+                  lr=2e-3, seed=5, progress=False, plot=False, schedule="constant", ttt_steps=2,
+                  eagle_config={"eagle_architecture_config": TINY_ARCH, "eagle_mix_hidden_states": True})
+    train(TrainConfig(output=str(tmp_path / "ref"), **common))
+    assert train(TrainConfig(output=str(tmp_path / "run"), max_minutes=1e-6, **common)).steps == 1
+    with (tmp_path / "run" / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 2, "epoch": 0, "lo')                    # a write cut short by the crash
+    make_dataset(url, tiny_model, n=8, seed=9)                     # collection goes on meanwhile
+    train(TrainConfig(output=str(tmp_path / "run"), resume=True, **common))
+    assert "1 part(s) committed to" in capsys.readouterr().err
+    ref, rows = read_metrics(tmp_path / "ref"), read_metrics(tmp_path / "run")
+    assert [(r["step"], r["tokens"]) for r in rows] == [(r["step"], r["tokens"]) for r in ref]
+    assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in ref], rel=1e-6)
+
+
+def test_train_settings_out_of_range_are_refused():
+    common = dict(data="-", model="-", output="-", steps=1)
+    for name, value in (("max_grad_norm", -1.0), ("weight_decay", -0.1), ("num_workers", -1),
+                        ("keep_checkpoints", -2)):
+        with pytest.raises(DraftdataError, match=f"--{name.replace('_', '-')} must be >= 0"):
+            TrainConfig(**common, **{name: value}).validate()
+    TrainConfig(**common, max_grad_norm=0.0).validate()            # 0: no clipping, as in HF Trainer

@@ -184,19 +184,24 @@ def _windows(samples: Iterable[TokenizedSample], window_tokens: int) -> Iterator
 
 
 def _forward(backend: Backend, batch: list[TokenizedSample], aux_layer_ids: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """backend.forward, splitting the batch in halves on GPU out-of-memory."""
+    """backend.forward, splitting the batch in halves on GPU out-of-memory.
+
+    The halves run after the `except` block: inside it, the live exception's traceback would
+    keep the failed forward's activations allocated, so each half would start with less memory
+    than the whole batch had and run out again.
+    """
     try:
         return backend.forward([s.input_ids.tolist() for s in batch], aux_layer_ids)
     except torch.OutOfMemoryError:
         if len(batch) == 1:
             raise DraftdataError(f"out of GPU memory on one sequence of {batch[0].length} tokens "
                                  f"({batch[0].source}); lower --max-seq-len or use a bigger GPU") from None
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        print(f"draftdata collect: out of memory on a batch of {len(batch)} sequences; splitting it "
-              "(lower --batch-tokens to avoid this)", file=sys.stderr)
-        half = len(batch) // 2
-        return _forward(backend, batch[:half], aux_layer_ids) + _forward(backend, batch[half:], aux_layer_ids)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    print(f"draftdata collect: out of memory on a batch of {len(batch)} sequences; splitting it "
+          "(lower --batch-tokens to avoid this)", file=sys.stderr)
+    half = len(batch) // 2
+    return _forward(backend, batch[:half], aux_layer_ids) + _forward(backend, batch[half:], aux_layer_ids)
 
 
 class _Failure:

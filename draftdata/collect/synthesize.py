@@ -438,7 +438,8 @@ class HFGenerator:
         return answers  # type: ignore[return-value]
 
     def _generate_split(self, batch: list[list[int]], seeds: list[int]) -> list[tuple[list[int], bool]]:
-        """`generate_ids`, halving the batch on GPU out-of-memory."""
+        """`generate_ids`, halving the batch on GPU out-of-memory (the halves run after the `except`
+        block, whose live traceback would keep the failed attempt's memory allocated)."""
         import torch
 
         try:
@@ -447,11 +448,11 @@ class HFGenerator:
             if len(batch) == 1:
                 raise DraftdataError(f"out of GPU memory generating for one prompt of {len(batch[0])} tokens; "
                                      "lower --max-new-tokens / --max-seq-len or use a bigger GPU") from None
-            torch.cuda.empty_cache()
-            print(f"draftdata synthesize: out of memory on a batch of {len(batch)}; splitting it (lower "
-                  "--batch-size to avoid this)", file=sys.stderr)
-            half = len(batch) // 2
-            return self._generate_split(batch[:half], seeds[:half]) + self._generate_split(batch[half:], seeds[half:])
+        torch.cuda.empty_cache()
+        print(f"draftdata synthesize: out of memory on a batch of {len(batch)}; splitting it (lower "
+              "--batch-size to avoid this)", file=sys.stderr)
+        half = len(batch) // 2
+        return self._generate_split(batch[:half], seeds[:half]) + self._generate_split(batch[half:], seeds[half:])
 
     def generate_ids(self, batch: list[list[int]], seeds: list[int]) -> list[tuple[list[int], bool]]:
         """Generate for token-id prompts: (new tokens incl. the stop token, stopped by the model)."""

@@ -86,8 +86,8 @@ def collate_samples(samples: list[dict[str, Any]], *, pad_to_multiple_of: int | 
         dst["input_ids"][i, :n] = _np(s["input_ids"])
         dst["loss_mask"][i, :n] = _np(s["loss_mask"])
         dst["attention_mask"][i, :n] = 1
-        dst["hidden_states"][i, :n] = _np(s["hidden_states"])
-        dst["aux_hidden_states"][i, :n] = _np(s["aux_hidden_states"])
+        dst["hidden_states"][i, :n] = _np(_bf16(s["hidden_states"]))
+        dst["aux_hidden_states"][i, :n] = _np(_bf16(s["aux_hidden_states"]))
         if n < t:
             for a in dst.values():
                 a[i, n:] = 0
@@ -108,6 +108,12 @@ def empty_batch(hidden_size: int, aux_width: int) -> dict[str, Any]:
         "lengths": torch.zeros((0,), dtype=torch.int64),
         "conversation_id": [],
     }
+
+
+def _bf16(t: torch.Tensor) -> torch.Tensor:
+    """Hidden states as bf16 (the store's own are already; fp32/fp16 from elsewhere are converted,
+    not reinterpreted, since the batch holds them as bf16 bits)."""
+    return t if t.dtype == torch.bfloat16 else torch.as_tensor(t).to(torch.bfloat16)
 
 
 def _np(t: torch.Tensor):

@@ -41,7 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="decay after warmup (default cosine)")
     p.add_argument("--min-lr-ratio", type=float, default=0.0, help="final lr as a fraction of --lr (default 0)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay of the weight matrices (norm weights are not decayed; default 0)")
-    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm (default 1.0)")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm (default 1.0; 0 = no clipping)")
     p.add_argument("--save-every", type=int, default=1000, help="checkpoint every N steps (default 1000)")
     p.add_argument("--val-data", metavar="URL",
                    help="held-out dataset (collected like --data from other conversations): its loss and "

@@ -89,7 +89,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.0
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.95)
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = 1.0                # 0: no clipping (the norm is still logged), as in HF Trainer
     grad_accum: int = 1
     batch_tokens: int = 8192
     max_seq_len: int | None = None           # None: batch_tokens
@@ -135,6 +135,9 @@ class TrainConfig:
             raise DraftdataError(f"--max-minutes must be positive, got {self.max_minutes}")
         if not self.lr > 0:
             raise DraftdataError(f"--lr must be positive, got {self.lr}")
+        for name in ("weight_decay", "max_grad_norm", "num_workers", "keep_checkpoints"):
+            if getattr(self, name) < 0:
+                raise DraftdataError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise DraftdataError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.val_every is not None and self.val_data is None:
@@ -311,6 +314,15 @@ def _check_resume_config(saved: dict[str, Any], now: dict[str, Any], path: Path)
 # Metrics
 # ---------------------------------------------------------------------------------------------
 
+def _step_of(line: str) -> float:
+    """The step of a metrics/corrupt-samples line; inf for a blank or torn one (a write cut short by
+    a crash or a full disk can only come after the last checkpoint, so it is dropped)."""
+    try:
+        return float(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
 class MetricsLog:
     """metrics.jsonl (+ TensorBoard when installed), written by rank 0."""
 
@@ -324,8 +336,7 @@ class MetricsLog:
         for path in (self.path, self.corrupt_path):
             if path.exists():
                 # A killed run may have logged steps after its last checkpoint: drop them (no duplicates).
-                keep = [line for line in path.read_text().splitlines()
-                        if line.strip() and json.loads(line)["step"] <= resume_step]
+                keep = [line for line in path.read_text().splitlines() if _step_of(line) <= resume_step]
                 path.write_text("".join(line + "\n" for line in keep))
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -492,16 +503,39 @@ def train(cfg: TrainConfig) -> TrainResult:
             _log(f"resume: {output / TRAIN_CONFIG} is missing; cannot check the settings match", info)
         elif cfg.resume:
             _log(f"resume: no checkpoint in {output / CHECKPOINTS}; starting from scratch", info)
+        resume_state = torch.load(ckpt / TRAINER_STATE, map_location="cpu", weights_only=True) if ckpt else None
         if info.main:
             output.mkdir(parents=True, exist_ok=True)
-            (output / TRAIN_CONFIG).write_text(json.dumps(run_settings, indent=2, sort_keys=True) + "\n")
+            # Atomically: on --resume under DDP the other ranks read it at the same time.
+            tmp = output / f".{TRAIN_CONFIG}.tmp-{os.getpid()}"
+            tmp.write_text(json.dumps(run_settings, indent=2, sort_keys=True) + "\n")
+            os.replace(tmp, output / TRAIN_CONFIG)
 
         # -- 2. data -----------------------------------------------------------------------------
-        dataset = HiddenStateDataset(
-            cfg.data, shuffle=cfg.shuffle, seed=cfg.seed, rank=info.rank, world_size=info.world_size,
-            max_seq_len=cfg.max_seq_len or cfg.batch_tokens, storage_options=cfg.storage_options or None,
-            max_tokens_per_batch=cfg.batch_tokens, pin_memory=False, on_corrupt=cfg.on_corrupt,
-            empty_batches=cfg.on_corrupt == "skip")
+        # The run trains on one snapshot of the committed parts (collection may still be adding
+        # some): every rank uses rank 0's, and --resume the checkpoint's, so the plan and the
+        # checkpoint's batch cursor keep meaning the same batches.
+        def open_data(parts: list[str] | None) -> HiddenStateDataset:
+            return HiddenStateDataset(
+                cfg.data, shuffle=cfg.shuffle, seed=cfg.seed, rank=info.rank, world_size=info.world_size,
+                max_seq_len=cfg.max_seq_len or cfg.batch_tokens, storage_options=cfg.storage_options or None,
+                max_tokens_per_batch=cfg.batch_tokens, pin_memory=False, on_corrupt=cfg.on_corrupt,
+                empty_batches=cfg.on_corrupt == "skip", parts=parts)
+
+        snapshot = resume_state.get("part_ids") if resume_state else None
+        dataset = open_data(snapshot)
+        if snapshot is None and info.world_size > 1:
+            chosen = [dataset.part_ids]
+            dist.broadcast_object_list(chosen, src=0)
+            if chosen[0] != dataset.part_ids:
+                dataset = open_data(chosen[0])
+        if snapshot is not None and info.main:
+            from draftdata.store import open_dataset
+
+            newer = len(open_dataset(cfg.data, storage_options=cfg.storage_options or None).parts) - len(snapshot)
+            if newer > 0:
+                _log(f"resume: {newer} part(s) committed to {cfg.data} since the run started are not used (the "
+                     "run keeps its snapshot of the data); train a new run to include them", info)
         schema = dataset.schema
         val_dataset = None
         if cfg.val_data is not None:
@@ -554,7 +588,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         if ckpt is not None:
             from safetensors.torch import load_file
 
-            state = torch.load(ckpt / TRAINER_STATE, map_location="cpu", weights_only=True)
+            state = resume_state
             weights = load_file(str(ckpt / "draft.safetensors"), device=str(device))
             missing, unexpected = draft.load_state_dict(weights, strict=False)
             if [k for k in missing if not k.startswith("embed_tokens.")] or unexpected:
@@ -593,7 +627,10 @@ def train(cfg: TrainConfig) -> TrainResult:
                 dataset.load_state_dict({"epoch": epoch, "items_consumed": consumed})
             loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers,
                                                  pin_memory=device.type == "cuda")
-            batches = iter(loader)
+            # The iterator draws a seed from the global RNG: keep that draw out of the run's own stream
+            # (hidden-state mixing), which a resumed run restores from the checkpoint before this point.
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                batches = iter(loader)
             epoch_steps = steps_in_epoch(epoch)
             while step < total_steps and consumed // cfg.grad_accum < epoch_steps:
                 t0 = time.perf_counter()
@@ -630,7 +667,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                     loss_sum += out.loss_sum
                     correct += out.correct
                     total += out.loss.detach()
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf)
                 if counts[0] == 0:  # no loss position on any rank (all damaged): the step counts, the weights stay
                     optimizer.zero_grad(set_to_none=True)
                 optimizer.step()
@@ -692,6 +729,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                              "items_consumed": 0 if end_of_epoch else consumed,
                              "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                              "tokens_seen": tokens_seen, "corrupt_samples": corrupt_seen,
+                             "part_ids": dataset.part_ids,
                              "elapsed_s": elapsed_before + time.perf_counter() - started}
                     rng = [None] * info.world_size
                     if info.world_size > 1:
@@ -761,6 +799,10 @@ def train_with_ray(cfg: TrainConfig, num_workers: int, *, use_gpu: bool | None =
     from ray.train.torch import TorchTrainer
 
     cfg.validate()
+    # Ray Train workers run in a session directory of their own: hand them absolute local paths.
+    cfg = dataclasses.replace(cfg, output=str(Path(cfg.output).resolve()), **{
+        name: str(Path(value).resolve()) for name in ("data", "val_data", "model", "draft_vocab")
+        if (value := getattr(cfg, name)) and "://" not in value and Path(value).exists()})
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"))
     if use_gpu is None:
