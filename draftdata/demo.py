@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from draftdata.errors import DraftdataError
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="demo_out", metavar="DIR", help="demo directory (default ./demo_out)")
@@ -60,11 +62,16 @@ def draftdata(argv: list[str]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    source = Path(args.prompts or bundled_prompts())
+    if not source.is_file():
+        raise DraftdataError(f"--prompts {source}: no such file")
+    # split("\n"), not splitlines(): U+2028 and U+2029 are valid inside JSON strings
+    lines = [x for x in source.read_text(encoding="utf-8").split("\n") if x.strip()]
+    if not 1 <= args.holdout < len(lines):
+        raise DraftdataError(f"--holdout {args.holdout}: keep between 1 and {len(lines) - 1} of the {len(lines)} "
+                             f"prompts in {source} for the evaluation (the rest train the draft)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    # split("\n"), not splitlines(): U+2028 and U+2029 are valid inside JSON strings
-    lines = Path(args.prompts or bundled_prompts()).read_text(encoding="utf-8").split("\n")
-    lines = [x for x in lines if x.strip()]
     train_prompts, eval_prompts = out / "train_prompts.jsonl", out / "eval_prompts.jsonl"
     train_prompts.write_text("\n".join(lines[:-args.holdout]) + "\n")
     eval_prompts.write_text("\n".join(lines[-args.holdout:]) + "\n")

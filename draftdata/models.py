@@ -74,6 +74,22 @@ def auto_dtype(device: torch.device) -> str:
 ONEDNN_CACHE_ENV = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"
 
 
+def check_device(device: str) -> torch.device:
+    """The --device flag as a torch.device, refused with a one-line message when unusable here."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise DraftdataError(f"--device {device!r}: expected cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DraftdataError(f"--device {device}: no CUDA device is available (torch {torch.__version__}); "
+                             "use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise DraftdataError(f"--device {device!r}: expected cpu, cuda or cuda:N")
+    return dev
+
+
 def compute_dtype(spec: str, device: torch.device) -> str:
     """The --dtype flag resolved for `device` (auto: `auto_dtype`). For bf16/fp16 on the CPU it
     first caps oneDNN's primitive cache, which must happen before the first such matmul: those

@@ -584,3 +584,15 @@ def test_store_range_reads_match_zarr(tmp_path, codec):
         for a, b in [(0, 1), (rows - 1, rows), (680, 1400), (5, 5)] + [tuple(sorted(rng.integers(0, rows + 1, 2)))
                                                                     for _ in range(8)]:
             assert np.array_equal(reader.read(name, int(a), int(b)), ref[a:b])
+
+
+def test_collate_converts_other_float_hidden_states_to_bf16():
+    """Hidden states from elsewhere (fp32, fp16) are converted, not reinterpreted as bf16 bits."""
+    samples = [{"conversation_id": f"c{i}", "input_ids": torch.arange(3), "loss_mask": torch.ones(3, dtype=torch.uint8),
+                "hidden_states": torch.full((3, 4), 0.75, dtype=dtype),
+                "aux_hidden_states": torch.full((3, 8), 2.5, dtype=dtype)}
+               for i, dtype in enumerate((torch.float32, torch.float16, torch.bfloat16))]
+    batch = collate_samples(samples)
+    assert batch["hidden_states"].dtype == torch.bfloat16
+    assert torch.equal(batch["hidden_states"].float(), torch.full((3, 3, 4), 0.75))
+    assert torch.equal(batch["aux_hidden_states"].float(), torch.full((3, 3, 8), 2.5))

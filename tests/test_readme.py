@@ -29,3 +29,18 @@ def test_every_cli_command_has_a_module_and_help():
     help_text = parser.format_help()
     for name in COMMANDS:
         assert name in help_text, f"`draftdata {name}` is not available"
+
+
+def test_demo_and_vocab_refuse_bad_arguments_in_one_line(tmp_path, capsys):
+    """Mistakes a user makes with the first command's options: a missing prompts file, a hold-out
+    that leaves nothing to train on or evaluate, a directory as `vocab --out`."""
+    from draftdata.cli import main
+
+    assert main(["demo", "--prompts", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "d")]) == 2
+    assert "nope.jsonl: no such file" in capsys.readouterr().err
+    for holdout in ("0", "999"):
+        assert main(["demo", "--holdout", holdout, "--out", str(tmp_path / "d")]) == 2
+        assert f"--holdout {holdout}: keep between 1 and" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
+    assert main(["vocab", str(tmp_path), "-n", "10", "--out", str(tmp_path)]) == 2
+    assert "is a directory; name the file to write" in capsys.readouterr().err

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -425,3 +426,52 @@ def test_train_settings_out_of_range_are_refused():
         with pytest.raises(DraftdataError, match=f"--{name.replace('_', '-')} must be >= 0"):
             TrainConfig(**common, **{name: value}).validate()
     TrainConfig(**common, max_grad_norm=0.0).validate()            # 0: no clipping, as in HF Trainer
+
+
+def test_user_mistakes_are_one_line_errors_or_warnings(tmp_path, tiny_model, train_data, capsys):  # noqa: F811
+    """--device cuda without CUDA, --ttt-steps 0, a base model other than the collecting one (a
+    warning: a variant may be meant), and a dataset whose every sample is damaged (an error: the
+    run trained on nothing, no draft is written)."""
+    import shutil
+
+    args = ["train", "--data", train_data, "--model", str(tiny_model), "--eagle-config", str(eagle_file(tmp_path)),
+            "--batch-tokens", "256", "--no-plot"]
+    if not torch.cuda.is_available():
+        assert main(args + ["--output", str(tmp_path / "a"), "--steps", "1", "--device", "cuda"]) == 2
+        assert "--device cuda: no CUDA device is available" in capsys.readouterr().err
+    assert main(args + ["--output", str(tmp_path / "b"), "--steps", "1", "--device", "gpu"]) == 2
+    assert "--device 'gpu': expected cpu, cuda or cuda:N" in capsys.readouterr().err
+    assert main(args + ["--output", str(tmp_path / "c"), "--steps", "1", "--ttt-steps", "0"]) == 2
+    assert "--ttt-steps must be a positive integer" in capsys.readouterr().err
+    (tmp_path / "notes.txt").write_text("x")
+    assert main(args + ["--output", str(tmp_path / "notes.txt"), "--steps", "1"]) == 2
+    assert "notes.txt is a file" in capsys.readouterr().err
+
+    from draftdata.models import model_hash
+
+    hashed = tmp_path / "hashed"                        # as `collect` writes it: the base model's hash
+    shutil.copytree(train_data, hashed)
+    meta = json.loads((hashed / "dataset.json").read_text())
+    (hashed / "dataset.json").write_text(json.dumps({**meta, "base_model_hash": model_hash(tiny_model)}))
+    args[args.index(train_data)] = str(hashed)
+    assert main(args + ["--output", str(tmp_path / "d0"), "--steps", "1"]) == 0
+    assert "is not the model" not in capsys.readouterr().err
+    other = tmp_path / "other_model"
+    shutil.copytree(tiny_model, other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "_name_or_path": "a variant"}))
+    args[args.index(str(tiny_model))] = str(other)
+    assert main(args + ["--output", str(tmp_path / "d"), "--steps", "1"]) == 0
+    assert "is not the model" in capsys.readouterr().err
+    args[args.index(str(hashed))] = train_data
+
+    broken = tmp_path / "broken"
+    shutil.copytree(train_data, broken)
+    for shard in broken.glob("parts/*/hidden_states/c/0/0"):
+        data = bytearray(shard.read_bytes())
+        data[40] ^= 0x5A
+        shard.write_bytes(bytes(data))
+    args[args.index(train_data)] = str(broken)
+    assert main(args + ["--output", str(tmp_path / "e"), "--steps", "2"]) == 2
+    assert re.search(r"2 steps trained on nothing: \d+ damaged sample\(s\) were skipped", capsys.readouterr().err)
+    assert not (tmp_path / "e" / "final").exists()

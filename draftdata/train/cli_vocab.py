@@ -22,9 +22,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from draftdata.errors import DraftdataError
     from draftdata.store.fs import parse_storage_options
     from draftdata.train.vocab import build_draft_vocab, save_draft_vocab
 
+    if Path(args.out).is_dir():
+        raise DraftdataError(f"--out {args.out} is a directory; name the file to write (e.g. {args.out}/vocab.safetensors)")
     vocab = build_draft_vocab(args.url, args.draft_vocab_size, parse_storage_options(args.storage_option),
                               all_tokens=args.all_tokens, workers=args.workers)
     path = save_draft_vocab(args.out, vocab)

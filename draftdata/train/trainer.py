@@ -121,7 +121,7 @@ class TrainConfig:
         if (self.steps is None) == (self.epochs is None):
             raise DraftdataError("give exactly one of --steps and --epochs")
         for name in ("steps", "epochs", "grad_accum", "batch_tokens", "save_every", "log_every", "max_seq_len",
-                     "val_every"):
+                     "val_every", "ttt_steps"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 1):
                 raise DraftdataError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
@@ -172,6 +172,10 @@ class Dist:
 
 def setup_distributed(device_spec: str) -> tuple[Dist, torch.device]:
     """Join torch.distributed when launched by torchrun (or already joined under Ray Train)."""
+    if device_spec != "auto":
+        from draftdata.models import check_device
+
+        check_device(device_spec)          # one line, not a CUDA traceback, for --device cuda on a CPU box
     info = Dist()
     if dist.is_available() and dist.is_initialized():
         info = Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
@@ -389,7 +393,7 @@ def check_val_schema(train_schema: Any, val_schema: Any, train_url: str, val_url
         if mine is not None and theirs is not None and mine != theirs:
             raise DraftdataError(f"--val-data {val_url}: its {name} is {theirs!r}, the training data's ({train_url}) "
                                  f"is {mine!r}; collect the held-out conversations with the same --model and "
-                                 "--eagle-config")
+                                 "--aux-layers")
 
 
 def validation_metrics(module: Any, dataset: Any, *, device: torch.device, info: Dist,
@@ -476,7 +480,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from draftdata.loaders import HiddenStateDataset
-    from draftdata.models import compute_dtype, resolve_model
+    from draftdata.models import compute_dtype, model_hash, resolve_model
     from draftdata.train.losses import EagleTTT, step_token_counts
     from draftdata.train.model import build_draft, count_parameters, save_draft
 
@@ -490,6 +494,8 @@ def train(cfg: TrainConfig) -> TrainResult:
                         "eagle_config": eagle.to_dict(), "max_seq_len": cfg.max_seq_len or cfg.batch_tokens}
         for k in ("resume", "progress", "plot", "device", "output", "storage_options"):  # no secrets on disk
             run_settings.pop(k)
+        if output.exists() and not output.is_dir():
+            raise DraftdataError(f"--output {output} is a file; training writes a directory there (choose another path)")
         ckpt = latest_checkpoint(output) if cfg.resume else None
         if not cfg.resume and latest_checkpoint(output) is not None:
             raise DraftdataError(f"{output} already holds checkpoints; pass --resume to continue that run, "
@@ -561,6 +567,10 @@ def train(cfg: TrainConfig) -> TrainResult:
         # -- 3. model ----------------------------------------------------------------------------
         torch.manual_seed(cfg.seed)                      # identical initial draft on every rank
         base_dir = resolve_model(cfg.model)
+        if schema.base_model_hash and model_hash(base_dir) != schema.base_model_hash:
+            _log(f"warning: --model {cfg.model} is not the model {cfg.data} was collected with (the dataset says "
+                 f"{schema.base_model_id!r}; config or weight files differ): the draft would learn that model's "
+                 "hidden states against this model's head. Train with the collecting model.", info)
         compute = compute_dtype(cfg.dtype, device)
         frozen_dtype = torch.bfloat16 if compute == "bf16" else torch.float32
         draft, head = build_draft(base_dir, eagle, schema, cfg.draft_vocab, frozen_dtype, device)
@@ -585,6 +595,7 @@ def train(cfg: TrainConfig) -> TrainResult:
 
         # -- 5. resume ---------------------------------------------------------------------------
         step, epoch, consumed, tokens_seen, elapsed_before, corrupt_seen = 0, 0, 0, 0, 0.0, 0
+        loss_tokens_seen: int | None = 0
         if ckpt is not None:
             from safetensors.torch import load_file
 
@@ -603,6 +614,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             step, epoch, consumed = state["step"], state["epoch"], state["items_consumed"]
             tokens_seen, elapsed_before = state["tokens_seen"], state["elapsed_s"]
             corrupt_seen = state.get("corrupt_samples", 0)
+            loss_tokens_seen = state.get("loss_tokens_seen")      # None: written by an older draftdata
             _set_rng_state(state["rng"][info.rank], device)
             _log(f"resumed from {ckpt} at step {step} (epoch {epoch}, {consumed} batches into it)", info)
         else:
@@ -684,6 +696,8 @@ def train(cfg: TrainConfig) -> TrainResult:
                 _all_reduce(total, info)
                 dt = time.perf_counter() - t0
                 tokens_seen += int(tokens)
+                if loss_tokens_seen is not None:
+                    loss_tokens_seen += int(counts[0].item())
                 denom = counts.clamp_min(1)
                 record = {
                     "step": step, "epoch": epoch, "loss": total.item(),
@@ -729,6 +743,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                              "items_consumed": 0 if end_of_epoch else consumed,
                              "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                              "tokens_seen": tokens_seen, "corrupt_samples": corrupt_seen,
+                             "loss_tokens_seen": loss_tokens_seen,
                              "part_ids": dataset.part_ids,
                              "elapsed_s": elapsed_before + time.perf_counter() - started}
                     rng = [None] * info.world_size
@@ -752,6 +767,10 @@ def train(cfg: TrainConfig) -> TrainResult:
         metrics.close()
 
         # -- 7. final artifacts ------------------------------------------------------------------
+        if loss_tokens_seen == 0:
+            why = (f"{corrupt_seen} damaged sample(s) were skipped (run `draftdata verify {cfg.data}`)" if corrupt_seen
+                   else "no batch had a loss position (is the loss mask empty?)")
+            raise DraftdataError(f"{cfg.data}: {step} steps trained on nothing: {why}; no draft was written")
         final = output / FINAL
         if info.main:
             save_draft(final, draft)

@@ -20,7 +20,7 @@ import torch
 
 from draftdata.collect.backends.base import Backend, BaseModelInfo
 from draftdata.errors import DraftdataError
-from draftdata.models import compute_dtype
+from draftdata.models import check_device, compute_dtype
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -124,20 +124,6 @@ class HFBackend(Backend):
         self.model = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-
-
-def check_device(device: str) -> torch.device:
-    """The --device flag as a torch.device, refused with a one-line message when unusable here."""
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise DraftdataError(f"--device {device!r}: expected cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise DraftdataError(f"--device {device}: no CUDA device is available (torch {torch.__version__}); "
-                             "use --device cpu")
-    if dev.type not in ("cpu", "cuda"):
-        raise DraftdataError(f"--device {device!r}: expected cpu, cuda or cuda:N")
-    return dev
 
 
 def _decoder_layers(model: torch.nn.Module, num_layers: int) -> torch.nn.ModuleList:
