@@ -345,6 +345,12 @@ class EagleConfig:
                 hint = f" ({base_keys} come from the base model and may not be set)"
             elif arch_keys:
                 hint = f" ({arch_keys} belong inside \"eagle_architecture_config\")"
+            else:
+                import difflib
+
+                close = {k: difflib.get_close_matches(k, names, n=1) for k in unknown}
+                close = {k: v[0] for k, v in close.items() if v}
+                hint = (f" (did you mean {close}?)" if close else "") + f"; known: {sorted(names)}"
             raise ConfigError(f"{source}: unknown EagleConfig field(s) {unknown}{hint}")
         try:
             return cls(**copy.deepcopy(d))

@@ -118,7 +118,7 @@ def test_eagle_config_override_file(tmp_path):
         ({"eagle_decoder_type": "kimik2"}, "'kimik2' is not supported"),
         ({"eagle_architecture_config": {"num_hidden_layers": 2}}, "num_hidden_layers=2 is not supported"),
         ({"eagle_architecture_config": {"intermediat_size": 2}}, "unknown eagle_architecture_config"),
-        ({"eagle_ttt_step": 2}, "unknown EagleConfig field"),
+        ({"eagle_ttt_step": 2}, r"unknown EagleConfig field.*did you mean.*'eagle_ttt_steps'.*known: \['eagle_architecture_config'"),
     ]:
         f.write_text(json.dumps(bad))
         with pytest.raises(ConfigError, match=words) as e:
