@@ -178,6 +178,15 @@ save_file({k: v.contiguous() for k, v in result.draft.draft_state_dict().items()
 """
 
 
+def run_ddp(tmp_path: Path, cfg: dict) -> subprocess.CompletedProcess:
+    """`train(TrainConfig(**cfg))` on two gloo ranks under torchrun; each rank saves its weights."""
+    script = tmp_path / "ddp_train.py"
+    script.write_text(textwrap.dedent(DDP_SCRIPT))
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           "--master-port", str(free_port()), str(script), json.dumps(cfg)],
+                          capture_output=True, text=True, env=env(), timeout=180)
+
+
 def test_bf16_autocast_on_the_cpu(tmp_path, tiny_model, train_data, capsys, monkeypatch):  # noqa: F811
     """--dtype bf16 trains on the CPU under bf16 autocast (fp32 master weights, the frozen base
     tensors in bf16): the first loss is the fp32 run's within bf16 rounding, and it learns. oneDNN's
@@ -213,11 +222,7 @@ def test_ddp_two_gloo_processes(tmp_path, tiny_model, train_data):  # noqa: F811
     cfg = dict(data=train_data, model=str(tiny_model), output=str(out), steps=3, batch_tokens=512, seed=7,
                eagle_config={"eagle_architecture_config": TINY_ARCH}, log_every=1, progress=False, plot=False,
                lr=1e-3)
-    script = tmp_path / "ddp_train.py"
-    script.write_text(textwrap.dedent(DDP_SCRIPT))
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                          "--master-port", str(free_port()), str(script), json.dumps(cfg)],
-                         capture_output=True, text=True, env=env(), timeout=180)
+    run = run_ddp(tmp_path, cfg)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "2 rank(s) on cpu" in run.stderr
     r0, r1 = load_file(str(out / "rank0.safetensors")), load_file(str(out / "rank1.safetensors"))
@@ -359,11 +364,7 @@ def test_ddp_stand_in_step_for_a_damaged_batch(tmp_path, tiny_model, train_data)
     cfg = dict(data=url, model=str(tiny_model), output=str(out), steps=6, batch_tokens=64, seed=7,
                eagle_config={"eagle_architecture_config": TINY_ARCH}, log_every=1, progress=False, plot=False,
                lr=1e-3, ttt_steps=2)
-    script = tmp_path / "ddp_train.py"
-    script.write_text(textwrap.dedent(DDP_SCRIPT))
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                          "--master-port", str(free_port()), str(script), json.dumps(cfg)],
-                         capture_output=True, text=True, env=env(), timeout=180)
+    run = run_ddp(tmp_path, cfg)
     assert run.returncode == 0, run.stderr[-3000:]
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == list(range(1, 7)) and rows[0]["skipped_samples"] >= 1
