@@ -256,13 +256,14 @@ def test_cli_eval_json(tiny_model, prompts, tmp_path, capsys, monkeypatch):
     from draftdata.cli import main
 
     export = exported_draft(tmp_path, tiny_model)
-    out_file = tmp_path / "report.json"
+    out_file = tmp_path / "new" / "dir" / "report.json"             # a missing parent is created
     monkeypatch.setenv("DRAFTDATA_PROGRESS_INTERVAL", "0")  # stderr is not a terminal: plain progress lines
     rc = main(["eval", "--model", str(tiny_model), "--draft", str(export), "--prompts", str(prompts),
                "--steps", "3", "--max-new-tokens", "6", "--limit", "1", "--max-turns", "1", "--dtype", "float64",
                "--json", "--output", str(out_file)])
     assert rc == 0
     captured = capsys.readouterr()
+    assert "not the base the draft was trained for" not in captured.err
     report = json.loads(captured.out)
     line = [line for line in captured.err.splitlines() if line.startswith("eval: ")][-1]
     assert line.startswith("eval: 1/1 turns (100%), ") and f"acceptance {report['eagle']['acceptance_length']:.3f}" in line
@@ -272,3 +273,85 @@ def test_cli_eval_json(tiny_model, prompts, tmp_path, capsys, monkeypatch):
     assert len(report["eagle"]["acceptance_rate_per_position"]) == 3
     assert main(["eval", "--model", str(tiny_model), "--draft", str(tmp_path / "ckpt"),
                  "--prompts", str(prompts)]) == 2
+
+
+def run_cli(*argv: str) -> int:
+    from draftdata.cli import main
+
+    return main(["eval", *argv])
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda", "cuda:1"])
+def test_cli_eval_unusable_device_is_one_line(tiny_model, prompts, tmp_path, capsys, monkeypatch, device):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert run_cli("--model", str(tiny_model), "--draft", str(tmp_path), "--prompts", str(prompts),
+                   "--device", device) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"draftdata eval: error: --device {device!r}"
+                                                     if device == "gpu" else f"draftdata eval: error: --device {device}")
+    assert "cpu" in err
+
+
+def test_cli_eval_bad_output_is_refused_before_any_model_work(prompts, tmp_path, capsys):
+    """Checked first: --model does not even exist, yet the error is about --output."""
+    missing = str(tmp_path / "no-model")
+    assert run_cli("--model", missing, "--draft", missing, "--prompts", str(prompts), "--output", str(tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--output {tmp_path}: is a directory" in err
+    (tmp_path / "afile").write_text("x")
+    assert run_cli("--model", missing, "--draft", missing, "--prompts", str(prompts),
+                   "--output", str(tmp_path / "afile" / "r.json")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot create its directory" in err and "choose another --output" in err
+
+
+def test_missing_prompts_file_names_the_prompts_flag(tmp_path, capsys):
+    with pytest.raises(ev.DraftdataError, match=r"^--prompts .*nope\.jsonl: no such file"):
+        ev.read_prompts(str(tmp_path / "nope.jsonl"))
+    missing = str(tmp_path / "no-model")
+    assert run_cli("--model", missing, "--draft", missing, "--prompts", str(tmp_path / "nope.jsonl")) == 2
+    err = capsys.readouterr().err
+    assert "--prompts" in err and "--input" not in err
+
+
+def test_cli_eval_warns_when_base_is_not_the_drafts(tiny_model, prompts, tmp_path, capsys):
+    """The export records the base's model hash; another base is a warning on stderr, not an error."""
+    import shutil
+
+    export = exported_draft(tmp_path, tiny_model)
+    other = Path(shutil.copytree(tiny_model, tmp_path / "other"))
+    cfg = json.loads((other / "config.json").read_text())
+    cfg["rms_norm_eps"] = 1e-5 if cfg.get("rms_norm_eps") != 1e-5 else 1e-6   # e.g. a fine-tune's config
+    (other / "config.json").write_text(json.dumps(cfg))
+    draft_cfg = json.loads((export / "config.json").read_text())
+    assert ev.base_model_warnings(draft_cfg, tiny_model, 4) == []
+    assert run_cli("--model", str(other), "--draft", str(export), "--prompts", str(prompts), "--limit", "1",
+                   "--max-turns", "1", "--max-new-tokens", "2", "--no-prompt-lookup", "--dtype", "float64") == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "not the base the draft was trained for" in warnings[0]
+    assert draft_cfg["draftdata"]["base_model_hash"] in warnings[0]
+
+    del draft_cfg["draftdata"]["base_model_hash"]                 # older exports: cheap fields only
+    draft_cfg["draftdata"].update(base_model_id="org/other-model", base_num_hidden_layers=8)
+    got = ev.base_model_warnings(draft_cfg, tiny_model, 4)
+    assert len(got) == 2 and "org/other-model" in got[0] and "8" in got[1]
+
+
+def test_cli_eval_prints_the_report_before_writing_it(tiny_model, prompts, tmp_path, capsys, monkeypatch):
+    """A write that fails after the run (disk full) must not lose the report: it is on stdout already."""
+    export = exported_draft(tmp_path, tiny_model)
+    target = tmp_path / "report.json"
+    write_text = Path.write_text
+
+    def failing(self, *args, **kwargs):
+        if self == target:
+            raise OSError(28, "No space left on device")
+        return write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", failing)
+    assert run_cli("--model", str(tiny_model), "--draft", str(export), "--prompts", str(prompts), "--limit", "1",
+                   "--max-turns", "1", "--max-new-tokens", "2", "--no-prompt-lookup", "--dtype", "float64",
+                   "--output", str(target)) == 2
+    captured = capsys.readouterr()
+    assert "acceptance length" in captured.out
+    assert "No space left on device" in captured.err and "printed above" in captured.err

@@ -395,3 +395,46 @@ def test_training_output_dir_exports_final_then_last_step(tiny_model, tmp_path):
     assert find_checkpoint(out) == out / "checkpoints" / "step-00000020"
     make_checkpoint(tmp_path, tiny_model, dest=out / "final")
     assert find_checkpoint(out) == out / "final"
+
+
+def test_out_dir_that_is_not_an_export_is_refused(tiny_model, tmp_path, capsys):
+    """--out naming the base model's directory (or any non-empty one) must not overwrite its files;
+    a previous export, or what a killed export leaves, is overwritten; a file is a one-line error."""
+    import shutil
+
+    from draftdata.cli import main
+
+    ckpt = make_checkpoint(tmp_path, tiny_model)
+    base_copy = Path(shutil.copytree(tiny_model, tmp_path / "base"))
+    before = {p.name: p.read_bytes() for p in base_copy.iterdir()}
+    with pytest.raises(DraftdataError, match=r"--out .*base: not empty and not a draftdata export \(config.json: "
+                                             r"architectures \['LlamaForCausalLM'\]\).*choose another --out"):
+        export_draft(ckpt, base_copy)
+    assert {p.name: p.read_bytes() for p in base_copy.iterdir()} == before
+    assert main(["export", str(ckpt), "--out", str(base_copy)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "choose another --out" in err
+
+    out = export_draft(ckpt, tmp_path / "out")
+    cfg, _ = read_export(out)
+    assert cfg["draftdata"]["format"] == "draftdata-eagle3-export"
+    assert export_draft(ckpt, out, dtype="float32") == out           # a previous export: overwritten
+    assert read_export(out)[1]["fc.weight"][1] == "F32"
+
+    (out / "config.json").unlink()                                    # a killed export: weights, no config
+    (out / "model.safetensors.tmp").write_bytes(b"partial")
+    assert read_export(export_draft(ckpt, out))[0]["architectures"] == ["LlamaForCausalLMEagle3"]
+
+    (tmp_path / "afile").write_text("x")
+    assert main(["export", str(ckpt), "--out", str(tmp_path / "afile")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "afile: is a file, not a directory; choose another --out" in err
+
+
+def test_export_records_the_base_model_hash(tiny_model, tmp_path):
+    """The hash collect records as the dataset's base_model_hash, so `draftdata eval` can check its --model."""
+    from draftdata.models import model_hash
+
+    cfg, _ = read_export(export_draft(make_checkpoint(tmp_path, tiny_model), tmp_path / "out"))
+    assert cfg["draftdata"]["base_model_hash"] == model_hash(tiny_model)
+    assert cfg["draftdata"]["base_num_hidden_layers"] == 4

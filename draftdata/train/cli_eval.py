@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 from pathlib import Path
 
 
@@ -38,24 +40,55 @@ def run(args: argparse.Namespace) -> int:
         return _run(args, ev)
 
 
+def check_output(path: str) -> Path:
+    """--output FILE, checked before any model work: its directory is created when missing, and a
+    directory or an unwritable location is refused with a one-line DraftdataError."""
+    from draftdata.errors import DraftdataError
+
+    out = Path(path)
+    if out.is_dir():
+        raise DraftdataError(f"--output {path}: is a directory; name a file, e.g. {out / 'report.json'}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DraftdataError(f"--output {path}: cannot create its directory {out.parent}: "
+                             f"{e.strerror or e}; choose another --output") from None
+    if not os.access(out.parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise DraftdataError(f"--output {path}: not writable; choose another --output")
+    return out
+
+
 def _run(args: argparse.Namespace, ev) -> int:
     import torch
 
+    from draftdata.errors import DraftdataError
+
+    output = check_output(args.output) if args.output else None
     if args.threads:
         torch.set_num_threads(args.threads)
     device, dtype = ev.pick_device_dtype(args.device, args.dtype)
     conversations = ev.read_prompts(args.prompts, limit=args.limit)
     base, tokenizer, base_path = ev.load_base(args.model, device, dtype)
     draft = ev.load_exported_draft(args.draft, base, device=device, dtype=dtype)
+    bcfg = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+    for warning in ev.base_model_warnings(draft.config, base_path, bcfg.num_hidden_layers,
+                                          str(Path(args.draft) / "config.json")):
+        print(f"draftdata eval: warning: {warning}; expect a lower acceptance length unless this variant "
+              "(quantized, fine-tuned) is intended", file=sys.stderr)
     methods = ("greedy", "eagle") if args.no_prompt_lookup else ("greedy", "eagle", "prompt_lookup")
     report = ev.evaluate(base, tokenizer, draft, conversations, steps=args.steps,
-                      max_new_tokens=args.max_new_tokens, prompt_lookup_num_tokens=args.prompt_lookup_tokens,
-                      methods=methods, max_turns=args.max_turns)
+                         max_new_tokens=args.max_new_tokens, prompt_lookup_num_tokens=args.prompt_lookup_tokens,
+                         methods=methods, max_turns=args.max_turns)
     report = {"base_model": str(base_path), "draft": str(Path(args.draft)), "prompts": args.prompts, **report}
-    if args.output:
-        Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
     if args.json:
         print(json.dumps(report, indent=2))
     else:
         print(ev.format_report(report))
+    sys.stdout.flush()
+    if output is not None:
+        try:
+            output.write_text(json.dumps(report, indent=2) + "\n")
+        except OSError as e:
+            raise DraftdataError(f"--output {output}: cannot write the report ({e.strerror or e}); "
+                                 "the report is printed above") from None
     return 0

@@ -367,28 +367,40 @@ def read_prompts(path: str, limit: int | None = None) -> list[PromptConversation
     from draftdata.collect.conversations import Reject, read_conversations
 
     out, rejects = [], 0
-    for item in read_conversations(path, require_assistant=False):
-        if isinstance(item, Reject):
-            rejects += 1
-            print(f"draftdata eval: skipping {item}", file=sys.stderr)
-            continue
-        users = [m["content"] for m in item.messages if m["role"] == "user"]
-        if not users:
-            rejects += 1
-            print(f"draftdata eval: skipping {item.source}: no user turn", file=sys.stderr)
-            continue
-        out.append(PromptConversation(item.conversation_id,
-                                      [m for m in item.messages if m["role"] == "system"], users))
-        if limit is not None and len(out) >= limit:
-            break
+    try:
+        for item in read_conversations(path, require_assistant=False):
+            if isinstance(item, Reject):
+                rejects += 1
+                print(f"draftdata eval: skipping {item}", file=sys.stderr)
+                continue
+            users = [m["content"] for m in item.messages if m["role"] == "user"]
+            if not users:
+                rejects += 1
+                print(f"draftdata eval: skipping {item.source}: no user turn", file=sys.stderr)
+                continue
+            out.append(PromptConversation(item.conversation_id,
+                                          [m for m in item.messages if m["role"] == "system"], users))
+            if limit is not None and len(out) >= limit:
+                break
+    except DraftdataError as e:  # the reader is collect's, which names its own flag --input
+        msg = str(e)
+        if msg.startswith("--input "):
+            raise DraftdataError("--prompts " + msg[len("--input "):]) from None
+        raise
     if not out:
         raise DraftdataError(f"--prompts {path}: no usable conversation ({rejects} skipped)")
     return out
 
 
 def pick_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       "cpu" if device == "auto" else device)
+    """--device and --dtype as torch objects; an unusable device (cuda without CUDA, a typo) is a
+    one-line DraftdataError, as in collect."""
+    from draftdata.collect.backends.hf import check_device
+
+    if device == "auto":
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        dev = check_device(device)
     names = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
              "float16": torch.float16}
     if dtype == "auto":
@@ -409,6 +421,39 @@ def load_base(model: str | os.PathLike, device: torch.device, dtype: torch.dtype
     with quiet_transformers():
         base = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     return base, tok, path
+
+
+def base_model_warnings(config: dict[str, Any], base_path: str | os.PathLike, num_hidden_layers: int,
+                        source: str = "config.json") -> list[str]:
+    """Ways the --model base differs from the base the draft was trained for, per the export's
+    `draftdata` section (third-party exports record nothing: no warnings).
+
+    Compares `base_model_hash` (draftdata.models.model_hash, as collect records it: config.json
+    content plus weight file names and sizes, so cheap at any model size, but blind to different
+    weights of the same config and sizes), else `base_model_id` when it is a hub or GGUF id rather
+    than a local path (paths move); and always the base's layer count. These are warnings, not
+    errors: a quantized or fine-tuned variant of the base may be intended.
+    """
+    from draftdata.models import model_hash, model_identity
+
+    prov = config.get("draftdata") or {}
+    want_id, want_hash = str(prov.get("base_model_id") or ""), prov.get("base_model_hash")
+    got_id = model_identity(base_path)[0]
+    out = []
+    if want_hash:
+        try:
+            got_hash = model_hash(base_path)
+        except OSError:
+            got_hash = None
+        if got_hash is not None and got_hash != want_hash:
+            out.append(f"--model {got_id} (model hash {got_hash}) is not the base the draft was trained for "
+                       f"({want_id or 'unknown id'}, hash {want_hash} in {source})")
+    elif want_id and not Path(want_id).is_absolute() and want_id != got_id:
+        out.append(f"--model {got_id} is not the base the draft was trained for ({want_id} in {source})")
+    layers = prov.get("base_num_hidden_layers")
+    if layers is not None and int(layers) != num_hidden_layers:
+        out.append(f"--model has {num_hidden_layers} decoder layers; the draft's base had {layers} ({source})")
+    return out
 
 
 def eos_token_ids(base: Any, tokenizer: Any) -> set[int]:
@@ -566,6 +611,6 @@ def format_report(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["AuxCapture", "DecodeResult", "DraftRunner", "LoadedDraft", "PromptConversation", "eagle_generate", "evaluate",
-           "format_report", "hf_generate", "load_base", "load_exported_draft", "pick_device_dtype",
-           "read_prompts", "resolve_aux_layer_ids"]
+__all__ = ["AuxCapture", "DecodeResult", "DraftRunner", "LoadedDraft", "PromptConversation", "base_model_warnings",
+           "eagle_generate", "evaluate", "format_report", "hf_generate", "load_base", "load_exported_draft",
+           "pick_device_dtype", "read_prompts", "resolve_aux_layer_ids"]

@@ -134,6 +134,19 @@ def _base_special_tokens(base_model_path: str) -> dict[str, Any]:
     return {k: raw[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if raw.get(k) is not None}
 
 
+def _base_hash(base_model_path: str) -> str | None:
+    """draftdata.models.model_hash of the base training used (as collect records it in the dataset),
+    when that directory is still there; `draftdata eval` compares it with its --model."""
+    from draftdata.models import model_hash
+
+    if not base_model_path or not (Path(base_model_path) / "config.json").is_file():
+        return None
+    try:
+        return model_hash(base_model_path)
+    except OSError:
+        return None
+
+
 def build_export_config(cfg: Any, dtype: str = "bfloat16", modelopt_rope_scaling: bool = False) -> dict[str, Any]:
     """config.json of the export, from a trainer DraftConfig (see the module docstring)."""
     import transformers
@@ -198,6 +211,7 @@ def build_export_config(cfg: Any, dtype: str = "bfloat16", modelopt_rope_scaling
         "format_version": 1,
         "created_by": f"draftdata {__version__} (transformers {transformers.__version__})",
         "base_model_id": cfg.base_model_id,
+        "base_model_hash": _base_hash(cfg.base_model_path),
         "base_num_hidden_layers": cfg.base_num_hidden_layers,
         "aux_layer_ids": aux,
         "aux_layer_id_conventions": {
@@ -247,12 +261,49 @@ def export_tensors(state: dict[str, torch.Tensor], cfg: Any, dtype: torch.dtype,
     return out
 
 
+def _is_export(out: Path) -> bool:
+    """Whether `out` holds a previous draftdata export (its config.json), or only what a killed
+    export leaves behind (weights, temporary files, no config.json)."""
+    cfg_path = out / EXPORT_CONFIG
+    if not cfg_path.exists():
+        leftovers = {EXPORT_WEIGHTS, EXPORT_WEIGHTS + ".tmp", EXPORT_CONFIG + ".tmp"}
+        return all(p.name in leftovers for p in out.iterdir())
+    try:
+        config = json.loads(cfg_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return (isinstance(config, dict) and ARCHITECTURE in (config.get("architectures") or [])
+            and (config.get("draftdata") or {}).get("format") == EXPORT_FORMAT)
+
+
+def check_out_dir(out_dir: str | os.PathLike) -> Path:
+    """--out: a new or empty directory, or a previous draftdata export (overwritten). Anything else,
+    e.g. the base model's own directory, is refused with a one-line DraftdataError."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise DraftdataError(f"--out {out}: is a file, not a directory; choose another --out")
+    if not out.is_dir() or _is_export(out):
+        return out
+    names = sorted(p.name for p in out.iterdir())
+    shown = ", ".join(names[:5]) + (f", ... ({len(names)} entries)" if len(names) > 5 else "")
+    what = ""
+    try:
+        arch = json.loads((out / EXPORT_CONFIG).read_text()).get("architectures")
+        what = f" (config.json: architectures {arch})" if arch else ""
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        pass
+    raise DraftdataError(f"--out {out}: not empty and not a draftdata export{what}: holds {shown}; exporting "
+                         "would overwrite its config.json and model.safetensors; choose another --out "
+                         "(a new or empty directory)")
+
+
 def export_draft(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str = "bfloat16",
                  modelopt_rope_scaling: bool = False) -> Path:
     """Write `out_dir/config.json` + `out_dir/model.safetensors` from a trainer checkpoint.
 
-    Files are written under temporary names and renamed into place, config.json last, so a
-    killed export never leaves a directory that looks complete. Returns `out_dir`.
+    `out_dir` must be new, empty or a previous draftdata export (`check_out_dir`). Files are
+    written under temporary names and renamed into place, config.json last, so a killed export
+    never leaves a directory that looks complete. Returns `out_dir`.
     """
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -261,6 +312,7 @@ def export_draft(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, d
 
     if dtype not in DTYPES:
         raise DraftdataError(f"--dtype {dtype!r}: expected one of {sorted(DTYPES)}")
+    out = check_out_dir(out_dir)
     ckpt = find_checkpoint(checkpoint)
     cfg_path = ckpt / DRAFT_CONFIG
     try:
@@ -281,8 +333,10 @@ def export_draft(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, d
               "layer is captured) skip it and run this draft without its trained fc; vLLM applies it. Serve "
               "it with vLLM, or collect with 2+ aux layers (--aux-layers eagle) and retrain.", file=sys.stderr)
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DraftdataError(f"--out {out}: cannot create it ({e.strerror or e}); choose another --out") from None
     (out / EXPORT_CONFIG).unlink(missing_ok=True)  # an old config must not describe new weights
     tmp = out / (EXPORT_WEIGHTS + ".tmp")
     save_file(tensors, str(tmp), metadata={"format": "pt"})
@@ -293,5 +347,5 @@ def export_draft(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, d
     return out
 
 
-__all__ = ["ARCHITECTURE", "EXPORT_CONFIG", "EXPORT_WEIGHTS", "build_export_config", "expected_shapes",
-           "export_draft", "export_tensors", "find_checkpoint", "rope_fields"]
+__all__ = ["ARCHITECTURE", "EXPORT_CONFIG", "EXPORT_WEIGHTS", "build_export_config", "check_out_dir",
+           "expected_shapes", "export_draft", "export_tensors", "find_checkpoint", "rope_fields"]
