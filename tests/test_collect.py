@@ -348,6 +348,38 @@ def test_schema_mismatch_is_refused_with_what_differs(tiny_model, tmp_path, caps
     assert "already_committed 2" in capsys.readouterr().out
 
 
+def test_output_that_holds_something_else_is_refused(tiny_model, tmp_path, capsys):
+    inp = write_input(tmp_path / "in.jsonl", valid_conversations(2))
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("{}")
+    (model_dir / "tokenizer.json").write_text("{}")
+    assert main(collect_args(tiny_model, inp, str(model_dir))) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert f"--output {model_dir}: the directory already holds config.json, tokenizer.json and no dataset.json" in err
+    assert "choose a new or empty directory" in err
+    assert sorted(p.name for p in model_dir.iterdir()) == ["config.json", "tokenizer.json"]  # nothing written
+
+    assert main(collect_args(tiny_model, inp, inp)) == 2  # a file
+    err = capsys.readouterr().err
+    assert f"{inp} is a file, not a dataset directory" in err and "storage error" not in err, err
+
+    remote = f"memory://collect-out-{os.getpid()}"  # an object-store prefix: one listing
+    import fsspec
+
+    fsspec.filesystem("memory").pipe(f"{remote}/ds/weights.bin", b"x")
+    assert main(collect_args(tiny_model, inp, f"{remote}/ds")) == 2
+    assert "already holds weights.bin and no dataset.json" in capsys.readouterr().err
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(collect_args(tiny_model, inp, str(empty))) == 0  # an empty directory is fine
+    assert len(stored_ids(str(empty))) == 2
+    assert main(collect_args(tiny_model, inp, str(empty))) == 0  # and so is resuming the dataset in it
+    assert "already_committed 2" in capsys.readouterr().out
+
+
 def test_collect_to_s3_with_input_on_s3(tiny_model, s3_bucket, capsys):
     import fsspec
 

@@ -248,3 +248,16 @@ def test_endpoint_special_tokens_errors_and_settings(user_model, user_server, tm
     assert run_cli("--endpoint", user_server.url, "--tokenizer", user_model, "--output", tmp_path / "t.jsonl",
                    "--count", 1, "--retries", -1) == 2
     assert "--retries must be >= 0" in capsys.readouterr().err
+
+
+def test_output_without_settings_warns_naming_prompts(tiny_model, tmp_path, capsys):
+    out = tmp_path / "mine.jsonl"
+    out.write_text(json.dumps({"conversation_id": "mine-1", "conversations": [{"role": "user", "content": "hi"}]})
+                   + "\n" + '{"conversation_id": "mine-2", "conv')  # written elsewhere, torn last line
+    assert run_cli("--model", tiny_model, "--output", out, "--count", 1) == 0  # already enough: nothing to do
+    err = capsys.readouterr().err
+    assert "draftdata prompts: " in err and "removed a torn last line" in err
+    assert f"draftdata prompts: {out} has no settings.json" in err and "synthesize" not in err, err
+    out.write_text("not json\n")
+    assert run_cli("--model", tiny_model, "--output", out, "--count", 1) == 2
+    assert f"{out}:1: not a record written by prompts" in capsys.readouterr().err

@@ -16,8 +16,16 @@ import pytest
 import torch
 
 from draftdata.config import DatasetSchema
-from draftdata.errors import CorruptDataError, DatasetNotFoundError, SchemaMismatchError, StorageAccessError
+from draftdata.errors import (
+    CorruptDataError,
+    DatasetNotFoundError,
+    DraftdataError,
+    SchemaMismatchError,
+    StorageAccessError,
+)
 from draftdata.store import create_dataset, open_dataset
+from draftdata.store.dataset import list_entries
+from draftdata.store.fs import describe_storage_error
 from draftdata.store.verify import garbage_collect, verify_dataset
 
 H, K = 32, 3
@@ -300,6 +308,62 @@ def test_missing_dataset_errors():
         open_dataset("memory://nothing/here")
     with pytest.raises(StorageAccessError):
         open_dataset("nosuch://x")
+
+
+def one_line_cli_error(capsys, *args: str) -> str:
+    """Run `draftdata ARGS` in this process; assert it fails with exactly one line and return it."""
+    from draftdata.cli import main
+
+    assert main(list(args)) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_a_file_given_as_dataset_is_named_as_a_file(tmp_path, capsys):
+    conv = tmp_path / "conv.jsonl"
+    conv.write_text("{}\n")
+    for args in (["inspect", str(conv)], ["verify", str(conv)], ["inspect", f"{conv}/sub"]):
+        err = one_line_cli_error(capsys, *args)
+        assert f"{conv} is a file, not a dataset directory" in err and "storage error" not in err, err
+    with pytest.raises(DraftdataError, match="is a file, not a dataset directory"):
+        create_dataset(str(conv), schema())
+    with pytest.raises(DraftdataError, match="is a file, not a dataset directory"):
+        list_entries(str(conv))
+    assert "storage error" not in str(describe_storage_error("x", NotADirectoryError(20, "Not a directory")))
+
+
+def test_object_listed_as_itself_is_a_file_and_entries_skip_hidden_names():
+    import fsspec
+
+    base = f"memory://entries-{os.getpid()}"
+    fs = fsspec.filesystem("memory")
+    fs.pipe(f"{base}/conv.jsonl", b"{}\n")
+    fs.pipe(f"{base}/ds/.dataset.json.tmp-1", b"")
+    fs.pipe(f"{base}/ds/config.json", b"{}")
+    with pytest.raises(DraftdataError, match="is a file, not a dataset directory"):
+        list_entries(f"{base}/conv.jsonl")
+    assert list_entries(f"{base}/ds") == ["config.json"]
+    assert list_entries(f"{base}/nothing") == []
+
+
+@pytest.mark.parametrize("content, expect", [
+    ({"format": "draftdata", "format_version": 99}, "unsupported format_version 99"),
+    ({**schema().to_dict(), "format_version": "1"}, "unsupported format_version '1'"),
+    ({"format": "draftdata", "format_version": 1, "hidden_size": 32},
+     "missing field(s) base_model_id, aux_layer_ids, num_hidden_layers, vocab_size, max_seq_len"),
+    ({k: v for k, v in schema().to_dict().items() if k != "format_version"}, "missing field(s) format_version"),
+    ({**schema().to_dict(), "hidden_size": "32", "aux_layer_ids": [1, "2"]},
+     "malformed field(s): hidden_size is '32'; aux_layer_ids is [1, '2']"),
+    ({**schema().to_dict(), "extra": []}, "malformed field(s): extra is []"),
+])
+def test_malformed_dataset_json_is_one_line_naming_file_and_problem(tmp_path, capsys, content, expect):
+    (tmp_path / "ds").mkdir()
+    path = tmp_path / "ds" / "dataset.json"
+    path.write_text(json.dumps(content))
+    err = one_line_cli_error(capsys, "inspect", str(tmp_path / "ds"))
+    assert f"{path}: {expect}" in err and "TypeError" not in err, err
+    assert "collect again into a new directory" in err
 
 
 def test_stored_over_raw_is_close_to_one_for_raw_bf16(tmp_path):

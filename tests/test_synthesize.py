@@ -31,6 +31,7 @@ from draftdata.collect.synthesize import (
     Prompt,
     SynthSettings,
     TurnState,
+    _error_text,
     synthesize_conversations,
     turn_seed,
 )
@@ -582,6 +583,65 @@ def test_endpoint_errors_retries_and_api_key(chat_server, tmp_path, monkeypatch)
     with pytest.raises(DraftdataError, match="--request-timeout positive"):
         run_cli("--endpoint", chat_server.url, "--input", inp, "--output", tmp_path / "o4.jsonl",
                 "--request-timeout", 0)
+
+
+class NotFoundServer:
+    """Answers every request with HTTP 404 and a long multi-line HTML page (a wrong --endpoint URL)."""
+
+    PAGE = ("<!DOCTYPE html>\n<html>\n<head><title>404 Not Found</title>\n<style>body { color: red; }</style>"
+            "</head>\n<body>\n<h1>Not Found</h1>\n" + "<p>The requested URL was not found on this server.</p>\n" * 40
+            + "</body>\n</html>\n")
+
+    def __init__(self):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        page = self.PAGE.encode()
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                self.send_response(404)
+                self.send_header("Content-Type", "text/html")
+                self.send_header("Content-Length", str(len(page)))
+                self.end_headers()
+                self.wfile.write(page)
+
+            do_POST = do_GET
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_wrong_endpoint_url_says_so_in_one_short_line(tmp_path):
+    inp = write_jsonl(tmp_path / "in.jsonl", conversations())
+    server = NotFoundServer()
+    try:
+        with pytest.raises(DraftdataError) as e:
+            run_cli("--endpoint", server.url + "/api", "--input", inp, "--output", tmp_path / "o.jsonl")
+        msg = str(e.value)
+        assert "answered HTTP 404" in msg and "the URL is probably wrong" in msg and "http://host:8000" in msg
+        assert "pass --model" not in msg and "\n" not in msg and "<" not in msg and len(msg) < 500, msg
+        assert "(404 Not Found Not Found The requested URL was not found on this server." in msg
+        with pytest.raises(DraftdataError) as e:  # --model given: the POST answers 404, quoted as short
+            run_cli("--endpoint", server.url, "--model", "m", "--input", inp, "--output", tmp_path / "o.jsonl")
+        msg = str(e.value)
+        assert "HTTP 404" in msg and "\n" not in msg and len(msg) < 500, msg
+    finally:
+        server.close()
+
+
+def test_quoted_response_bodies_are_one_short_line():
+    assert _error_text({"error": {"message": "bad\n  request " + "x" * 500}}) == "bad request " + "x" * 185 + "..."
+    assert _error_text("<html><script>var a = 1;</script><b>Gone</b>\n</html>") == "Gone"
+    assert _error_text("") == "(empty body)"
 
 
 # ------------------------------------------------------------------ --ray

@@ -124,13 +124,24 @@ def check_output(settings: CollectSettings, schema: DatasetSchema) -> DatasetSch
     """Compare with a dataset already at the output URL (before any model work).
 
     Unset --format/--codec adopt the existing dataset's; any other difference is refused with
-    a message naming each field, both values and the flag that controls it.
+    a message naming each field, both values and the flag that controls it. An output that exists
+    and holds something other than a dataset (no dataset.json) is refused unless it is empty; on
+    object stores that check is one listing of the prefix.
     """
     from draftdata.store import open_dataset
+    from draftdata.store.dataset import SCHEMA_FILE, list_entries
 
     try:
         existing = open_dataset(settings.output, storage_options=settings.storage_options).schema
     except DatasetNotFoundError:
+        names = list_entries(settings.output, settings.storage_options)
+        if SCHEMA_FILE in names:  # a dataset.json that is not a draftdata schema: say so
+            raise
+        if names:
+            shown = ", ".join(names[:5]) + (f", ... ({len(names)} entries)" if len(names) > 5 else "")
+            raise DraftdataError(f"--output {settings.output}: the directory already holds {shown} and no "
+                                 f"{SCHEMA_FILE}, so it is not a draftdata dataset; choose a new or empty "
+                                 "directory") from None
         return schema
     if settings.format is None:
         schema.storage_format = existing.storage_format

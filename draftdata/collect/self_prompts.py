@@ -355,8 +355,8 @@ def run(settings: PromptSettings) -> int:
                                 temperature=settings.temperature, top_p=settings.top_p, api_key=settings.api_key,
                                 timeout=settings.request_timeout, retries=settings.retries)
         settings.model = client.model  # the served name, asked of the server when not given
-    with JsonlOutput(settings.output) as out:
-        check_settings(out, settings)
+    with JsonlOutput(settings.output, command="prompts") as out:
+        check_settings(out, settings, command="prompts")
         have = len(out.ids)
         if have >= settings.count:
             print(f"draftdata prompts: {out.path} already holds {have:,} prompts (--count {settings.count:,}); "

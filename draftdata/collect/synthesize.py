@@ -38,6 +38,7 @@ import hashlib
 import http.client
 import json
 import os
+import re
 import sys
 import threading
 import time
@@ -449,7 +450,7 @@ class HFGenerator:
                 raise DraftdataError(f"out of GPU memory generating for one prompt of {len(batch[0])} tokens; "
                                      "lower --max-new-tokens / --max-seq-len or use a bigger GPU") from None
         torch.cuda.empty_cache()
-        print(f"draftdata synthesize: out of memory on a batch of {len(batch)}; splitting it (lower "
+        print(f"draftdata: out of memory on a batch of {len(batch)}; splitting it (lower "
               "--batch-size to avoid this)", file=sys.stderr)
         half = len(batch) // 2
         return self._generate_split(batch[:half], seeds[:half]) + self._generate_split(batch[half:], seeds[half:])
@@ -536,11 +537,20 @@ class EndpointClient:
                             f"{last}. Check that the server is up; rerun the same command to resume")
 
     def _only_model(self) -> str:
+        """The served model name from GET /models, when the server serves exactly one."""
         status, payload = self._request("GET", "/models")
-        names = [m.get("id") for m in payload.get("data", [])] if status == 200 and isinstance(payload, dict) else []
+        if status == 404:
+            raise DraftdataError(f"--endpoint {self.base}: GET {self.base}/models answered HTTP 404 "
+                                 f"({_error_text(payload)}), so the URL is probably wrong: give the server root, "
+                                 "e.g. http://host:8000 (a trailing /v1 or /v1/chat/completions is fine too)")
+        if status in (401, 403):
+            raise DraftdataError(f"--endpoint {self.base}: GET /models answered HTTP {status} "
+                                 f"({_error_text(payload)}); check --api-key / $DRAFTDATA_API_KEY")
+        data = payload.get("data") if status == 200 and isinstance(payload, dict) else None
+        names = [m.get("id") for m in data if isinstance(m, dict)] if isinstance(data, list) else []
         if len(names) != 1 or not isinstance(names[0], str):
             raise DraftdataError(f"--endpoint {self.base}: pass --model NAME, the served model name "
-                                 f"(GET /v1/models answered {status}: {names or _error_text(payload)})")
+                                 f"(GET /models answered {status}: {_one_line(str(names)) if names else _error_text(payload)})")
         return names[0]
 
     def answer(self, prompt: Prompt) -> Answer:
@@ -557,7 +567,7 @@ class EndpointClient:
             text = choice["message"]["content"]
         except (KeyError, IndexError, TypeError):
             return Answer(reject=("endpoint_rejected", f"{where}: the response has no choices[0].message.content: "
-                                  f"{str(payload)[:200]}"))
+                                  f"{_one_line(str(payload))}"))
         if not isinstance(text, str):
             return Answer(reject=("endpoint_rejected", f"{where}: message.content is {text!r} (a reasoning "
                                   "parser or tool call on the server? serve the model without them)"))
@@ -580,7 +590,7 @@ class EndpointClient:
         except (KeyError, IndexError, TypeError):
             text = None
         if not isinstance(text, str):
-            return Answer(reject=("endpoint_rejected", f"the response has no choices[0].text: {str(payload)[:200]}"))
+            return Answer(reject=("endpoint_rejected", f"the response has no choices[0].text: {_one_line(str(payload))}"))
         return _answer(payload, choice, text)
 
     def _post(self, path: str, body: dict[str, Any]) -> tuple[int, Any]:
@@ -609,12 +619,21 @@ def _json_or_text(raw: bytes) -> Any:
 
 
 def _error_text(payload: Any) -> str:
+    """The error message of a response body (JSON `error.message`, else the text), as one short line."""
     if isinstance(payload, dict):
         err = payload.get("error", payload)
         if isinstance(err, dict):
-            return str(err.get("message", err))[:300]
-        return str(err)[:300]
-    return str(payload)[:300]
+            return _one_line(str(err.get("message", err)))
+        return _one_line(str(err))
+    return _one_line(str(payload))
+
+
+def _one_line(text: str, limit: int = 200) -> str:
+    """`text` (an HTML page's text without its tags) on one line of at most `limit` characters."""
+    if "<" in text and ">" in text:
+        text = re.sub(r"(?is)<(script|style)\b.*?</\1>|<[^>]*>", " ", text)
+    text = " ".join(text.split()) or "(empty body)"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 # ---------------------------------------------------------------- the generation loops
@@ -877,10 +896,10 @@ class JsonlOutput:
     so after a crash the file holds whole records plus at most one torn tail.
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, command: str = "synthesize"):
         import fcntl
 
-        self.path = Path(path)
+        self.path, self.command = Path(path), command
         if self.path.is_dir():
             raise DraftdataError(f"--output {path}: is a directory; give a .jsonl file path")
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -914,7 +933,7 @@ class JsonlOutput:
                         raise TypeError
                 except (ValueError, UnicodeDecodeError, KeyError, TypeError):
                     raise DraftdataError(
-                        f"{self.path}:{lineno}: not a record written by synthesize (a JSON object with a "
+                        f"{self.path}:{lineno}: not a record written by {self.command} (a JSON object with a "
                         f"string conversation_id); the file was changed by something else. Remove or fix that "
                         f"line, or write to a new --output") from None
                 if cid in ids:
@@ -924,7 +943,7 @@ class JsonlOutput:
         if size > good_end:
             os.ftruncate(self.fd, good_end)
             os.fsync(self.fd)
-            print(f"draftdata synthesize: {self.path}: removed a torn last line ({size - good_end:,} bytes) left by "
+            print(f"draftdata {self.command}: {self.path}: removed a torn last line ({size - good_end:,} bytes) left by "
                   f"an interrupted run; that conversation is generated again", file=sys.stderr)
         return ids, duplicates
 
@@ -963,10 +982,10 @@ class OutputSettings(Protocol):
     def report_dict(self) -> dict[str, Any]: ...
 
 
-def check_settings(output: JsonlOutput, settings: OutputSettings) -> None:
+def check_settings(output: JsonlOutput, settings: OutputSettings, command: str = "synthesize") -> None:
     """Refuse to append with generation settings other than those the file was written with
     (every key of `identity()` recorded in the file is compared; a key the file lacks was added
-    by a later draftdata version and cannot be checked)."""
+    by a later draftdata version and cannot be checked). `command` names the run in warnings."""
     path = sidecar_dir(output.path) / "settings.json"
     current = settings.identity()
     if output.ids and path.is_file():
@@ -984,7 +1003,7 @@ def check_settings(output: JsonlOutput, settings: OutputSettings) -> None:
                     + "; ".join(diffs) + ". Rerun with the same flags, or write to a new --output.")
             return
     if output.ids and not path.is_file():
-        print(f"draftdata synthesize: {output.path} has no {path.name} in {path.parent.name}/ (written by something "
+        print(f"draftdata {command}: {output.path} has no {path.name} in {path.parent.name}/ (written by something "
               f"else?); cannot check that its records used the same settings", file=sys.stderr)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")

@@ -12,6 +12,7 @@ a commit record is a crashed or running writer's garbage (`draftdata verify --gc
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import threading
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 
 from draftdata import __version__
-from draftdata.config import CODECS, FORMAT_NAME, STORAGE_FORMATS, DatasetSchema
+from draftdata.config import CODECS, FORMAT_NAME, FORMAT_VERSION, STORAGE_FORMATS, DatasetSchema
 from draftdata.errors import (
     CorruptDataError,
     DatasetNotFoundError,
@@ -35,7 +36,15 @@ from draftdata.errors import (
 )
 from draftdata.store import arrow_part, zarr_part
 from draftdata.store.codecs import bf16_to_bits, bits_to_bf16, fp8_decode, fp8_encode
-from draftdata.store.fs import describe_storage_error, get_fs, is_local_fs, normalize_url, put_atomic
+from draftdata.store.fs import (
+    describe_storage_error,
+    get_fs,
+    is_local,
+    is_local_fs,
+    local_path,
+    normalize_url,
+    put_atomic,
+)
 from draftdata.store.layout import HIDDEN_ARRAYS, SCALE_OF, commit_path, crc32c, part_dir
 
 SCHEMA_FILE = "dataset.json"
@@ -78,6 +87,36 @@ class PartInfo:
                    checksums={k: int(v["crc32c"]) for k, v in rec["arrays"].items()}, record=rec)
 
 
+_SCHEMA_TYPES: dict[str, tuple[type, ...]] = {
+    "base_model_id": (str,), "hidden_size": (int,), "num_hidden_layers": (int,), "vocab_size": (int,),
+    "max_seq_len": (int,), "aux_layer_ids": (list,), "storage_format": (str,), "codec": (str,), "extra": (dict,),
+}
+
+
+def parse_schema(d: dict[str, Any], where: str) -> DatasetSchema:
+    """A DatasetSchema from the dict of a dataset.json at `where`; one-line errors for what is wrong."""
+    fix = f"restore {SCHEMA_FILE} from a backup (docs/FORMAT.md lists its fields), or collect again into a new directory"
+    version = d.get("format_version")
+    if "format_version" in d and version != FORMAT_VERSION:
+        raise DraftdataError(f"{where}: unsupported format_version {version!r} (draftdata {__version__} reads "
+                             f"version {FORMAT_VERSION}); read it with the draftdata version that wrote it "
+                             f"(created_by: {d.get('created_by') or 'not recorded'}), or collect again into a "
+                             "new directory")
+    required = [f.name for f in dataclasses.fields(DatasetSchema)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [name for name in required + ["format_version"] if name not in d]
+    if missing:
+        raise CorruptDataError(f"{where}: missing field(s) {', '.join(missing)}; {fix}")
+    wrong = [f"{k} is {d[k]!r}" for k, types in _SCHEMA_TYPES.items()
+             if k in d and (not isinstance(d[k], types) or isinstance(d[k], bool))]
+    aux = d["aux_layer_ids"]
+    if isinstance(aux, list) and not all(isinstance(i, int) and not isinstance(i, bool) for i in aux):
+        wrong.append(f"aux_layer_ids is {aux!r}")
+    if wrong:
+        raise CorruptDataError(f"{where}: malformed field(s): {'; '.join(wrong)}; {fix}")
+    return DatasetSchema.from_dict(d)
+
+
 _LAST_ID_MS = [0]
 _ID_LOCK = threading.Lock()
 
@@ -116,20 +155,48 @@ class _Location:
         return self._fs[2]
 
     def read_schema(self) -> DatasetSchema | None:
+        """The dataset.json schema, None when there is none; a one-line error when it is unusable."""
         path = f"{self.root}/{SCHEMA_FILE}"
         try:
             raw = self.fs.cat_file(path)
         except FileNotFoundError:
             return None
+        except NotADirectoryError:
+            raise self.not_a_directory() from None
         except Exception as e:
             raise describe_storage_error(self.url, e) from None
         try:
             d = json.loads(raw)
         except ValueError:
             raise DatasetNotFoundError(f"{self.url}: {SCHEMA_FILE} is not valid JSON; not a draftdata dataset") from None
-        if d.get("format") != FORMAT_NAME:
+        if not isinstance(d, dict) or d.get("format") != FORMAT_NAME:
             raise DatasetNotFoundError(f"{self.url}: {SCHEMA_FILE} is not a draftdata dataset schema")
-        return DatasetSchema.from_dict(d)
+        return parse_schema(d, f"{self.url}/{SCHEMA_FILE}")
+
+    def not_a_directory(self) -> DraftdataError:
+        """The error for a dataset URL whose local path is (or runs through) a file."""
+        path = local_path(self.url) if is_local(self.url) else self.url
+        while is_local(self.url) and path != os.path.dirname(path) and not os.path.exists(path):
+            path = os.path.dirname(path)
+        return DraftdataError(f"{path} is a file, not a dataset directory; give the directory that holds "
+                              f"{SCHEMA_FILE} (`draftdata collect --output DIR` creates one in a new or empty DIR)")
+
+    def entries(self) -> list[str]:
+        """Names of the visible entries (not starting with '.') at the dataset URL; [] when it does not exist."""
+        try:
+            self.fs.invalidate_cache(self.root)
+            paths = self.fs.ls(self.root, detail=False)
+        except FileNotFoundError:
+            return []
+        except NotADirectoryError:
+            raise self.not_a_directory() from None
+        except Exception as e:
+            raise describe_storage_error(self.url, e) from None
+        paths = [str(p).rstrip("/") for p in paths]
+        if paths == [self.root] and self.fs.isfile(self.root):  # an object store lists an object as itself
+            raise self.not_a_directory()
+        names = (p.rsplit("/", 1)[-1] for p in paths)
+        return sorted(n for n in names if n and not n.startswith("."))
 
     def list_commits(self) -> list[str]:
         """Ids of the committed parts, listed afresh (object-store filesystems cache listings, and a
@@ -532,6 +599,12 @@ def _sample(cid: str, rows: dict[str, Any], s: int, e: int) -> dict[str, Any]:
         "aux_hidden_states": rows["aux_hidden_states"][s:e],
         "hidden_states": rows["hidden_states"][s:e],
     }
+
+
+def list_entries(url: str, storage_options: dict[str, Any] | None = None) -> list[str]:
+    """Names of what a dataset URL already holds (one listing, also on object stores); [] when it does
+    not exist. Hidden names (a crashed writer's temporary files) are left out; a file raises DraftdataError."""
+    return _Location(url, storage_options).entries()
 
 
 def open_dataset(url: str, *, storage_options: dict[str, Any] | None = None,

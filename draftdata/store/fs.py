@@ -76,6 +76,9 @@ def describe_storage_error(url: str, e: BaseException) -> DraftdataError:
         return e
     name = type(e).__name__
     msg = str(e).splitlines()[0] if str(e) else name
+    if isinstance(e, (NotADirectoryError, FileExistsError)):
+        return DraftdataError(f"{url}: a file is in the way where a directory is expected ({msg}); give a dataset "
+                              "directory, not a file")
     if name in ("NoCredentialsError", "PartialCredentialsError") or "credentials" in msg.lower():
         return StorageAccessError(f"{url}: no usable credentials ({msg}); set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
                                   "or pass storage options (key, secret, client_kwargs.endpoint_url)")
