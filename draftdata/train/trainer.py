@@ -767,7 +767,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         metrics.close()
 
         # -- 7. final artifacts ------------------------------------------------------------------
-        if loss_tokens_seen == 0:
+        if loss_tokens_seen == 0 and not out_of_time:  # (a --max-minutes stop may resume into real batches)
             why = (f"{corrupt_seen} damaged sample(s) were skipped (run `draftdata verify {cfg.data}`)" if corrupt_seen
                    else "no batch had a loss position (is the loss mask empty?)")
             raise DraftdataError(f"{cfg.data}: {step} steps trained on nothing: {why}; no draft was written")
