@@ -6,6 +6,7 @@ dicts per `<prefix>_<n>.pt` file, see docs/TRTLLM.md); nothing about the convers
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import os
 import pickle
@@ -251,6 +252,15 @@ def test_cli_collect_backend_trtllm_without_package(tiny_model, tmp_path):
     assert len(lines) == 1, proc.stderr
     assert INSTALL_HINT in lines[0]
     assert not out.exists(), "the install check must come before anything is written"
+    # With --ray the driver (often a CPU-only head node) does not need TensorRT-LLM: only the actors do.
+    from draftdata.collect.cli_collect import add_arguments
+    from draftdata.collect.job import settings_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--backend", "trtllm", "--ray", "--model", str(tiny_model), "--input", str(data),
+                              "--output", str(out)])
+    assert settings_from_args(args).backend == "trtllm"
 
 
 def test_cli_collect_parallel_flags_are_checked_before_any_work(tiny_model, tmp_path):

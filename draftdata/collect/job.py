@@ -85,7 +85,9 @@ def settings_from_args(args: argparse.Namespace) -> CollectSettings:
             raise DraftdataError(f"{flag} must be a positive integer")
     if tp and ep and tp % ep:
         raise DraftdataError(f"--moe-expert-parallel-size {ep} must divide --tensor-parallel-size {tp}")
-    if args.backend == "trtllm":  # fail before the tokenizer load and before anything is written
+    # Fail before the tokenizer load and before anything is written; with --ray only the GPU actors
+    # import TensorRT-LLM (the driver may run on a CPU-only head node) and raise the same hint.
+    if args.backend == "trtllm" and not getattr(args, "ray", False):
         from draftdata.collect.backends.trtllm import import_tensorrt_llm
 
         import_tensorrt_llm()
