@@ -346,6 +346,10 @@ def test_schema_mismatch_is_refused_with_what_differs(tiny_model, tmp_path, caps
     assert "loss_mask: dataset has 'assistant', this run has 'all'" in err
     assert main(collect_args(tiny_model, inp, out, "--aux-layers", "0,1")) == 0  # same settings: resumes
     assert "already_committed 2" in capsys.readouterr().out
+    # dataset.json's max_seq_len bounds every stored sample: a resume may lower it, never raise it
+    assert main(collect_args(tiny_model, inp, out, "--aux-layers", "0,1", "--max-seq-len", "99999")) == 2
+    assert "was collected with --max-seq-len 128; this run's 99999" in capsys.readouterr().err
+    assert main(collect_args(tiny_model, inp, out, "--aux-layers", "0,1", "--max-seq-len", "64")) == 0
 
 
 def test_output_that_holds_something_else_is_refused(tiny_model, tmp_path, capsys):

@@ -157,6 +157,11 @@ def check_output(settings: CollectSettings, schema: DatasetSchema) -> DatasetSch
             f"{settings.output} already holds a dataset written with different settings, so this run would "
             f"mix incompatible samples; refusing. Differences: " + "; ".join(lines)
             + ". Rerun with the dataset's settings, or write to a new --output.")
+    if schema.max_seq_len > existing.max_seq_len:  # dataset.json's value bounds every stored sample
+        raise SchemaMismatchError(
+            f"{settings.output} was collected with --max-seq-len {existing.max_seq_len}; this run's "
+            f"{schema.max_seq_len} would store longer samples than its dataset.json allows. Resume with "
+            f"--max-seq-len {existing.max_seq_len} or less, or write to a new --output.")
     return schema
 
 
