@@ -254,6 +254,27 @@ def test_pool_retries_elsewhere_and_reports_failed_units_with_their_items(ray_dr
 # ---------------------------------------------------------------- same content as single-process collect
 
 
+def test_await_actor_death_confirms_a_killed_actor(ray_driver):
+    """What the pool waits for before retrying a unit whose actor became unreachable: Ray's own
+    report that the actor is dead (a live one is not reported dead)."""
+    import ray
+
+    from draftdata.collect.ray_pool import await_actor_death
+
+    @ray.remote(num_cpus=0)
+    class Idle:
+        def ping(self) -> int:
+            return 1
+
+    alive, doomed = Idle.remote(), Idle.remote()
+    assert ray.get([alive.ping.remote(), doomed.ping.remote()]) == [1, 1]
+    ray.kill(doomed, no_restart=True)
+    t0 = time.monotonic()
+    assert await_actor_death(doomed, timeout=30) and time.monotonic() - t0 < 30
+    assert not await_actor_death(alive, timeout=1.5)
+    ray.kill(alive)
+
+
 def test_ray_collect_equals_single_process_and_writes_to_s3(tiny_model, ray_head, ray_driver, s3_bucket, tmp_path,
                                                            capsys):
     bucket, opts = s3_bucket

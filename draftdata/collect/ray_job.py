@@ -27,7 +27,8 @@ Exactly once, also under SIGKILL:
 - before a unit is retried the driver re-reads the commit records (only new ones) and tells the
   retry which of the unit's conversations an earlier attempt already committed; these are batched
   as before but not written again. A failed attempt can no longer write: Ray reports an actor's
-  death once its process is gone, and a unit that raised has already waited for its commits;
+  death once its process is gone (an actor that is only unreachable is killed and its death
+  awaited before the retry), and a unit that raised has already waited for its commits;
 - a driver restart (same command, same output) skips every committed conversation, like
   single-process resume. A lock (a named Ray actor per output URL) keeps two drivers from writing
   one dataset at once, and a new driver waits for a killed driver's actors to be reaped before it

@@ -480,6 +480,13 @@ class ActorPool:
                     if worker.alive:
                         report.workers_lost += 1
                         self._kill(worker)
+                        # Unavailable is not dead: the actor may still be committing this unit's parts.
+                        # Retry (and read the commit records for it) only once Ray reports it gone.
+                        if isinstance(e, ray.exceptions.ActorUnavailableError) and \
+                                not await_actor_death(worker.handle):
+                            raise PoolError(f"{worker.label()} became unreachable and could not be confirmed "
+                                            "stopped; stopping rather than risk writing its conversations twice "
+                                            "(rerun the same command: it resumes from what was committed)") from None
                         note(f"{worker.label()} died; starting a replacement")
                         self.start()
                     failed_attempt(unit, worker, e, died=True)
@@ -499,6 +506,24 @@ class ActorPool:
             if progress:
                 progress.set_units(source.produced, source.produced if source.exhausted else total_units)
         return report
+
+
+def await_actor_death(handle: Any, timeout: float = 60.0) -> bool:
+    """After `ray.kill(handle)`: wait until Ray reports the actor dead (True), or `timeout`
+    seconds pass (False). `ray.kill` only asks; an actor that was merely unreachable may run on
+    for a while, and nothing it was doing may be retried before it has stopped."""
+    import ray
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            ray.get(handle.__ray_ready__.remote(), timeout=min(5.0, max(0.1, deadline - time.monotonic())))
+        except ray.exceptions.ActorDiedError:
+            return True
+        except (ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError):
+            pass
+        time.sleep(0.2)
+    return False
 
 
 def named_actors_alive(prefix: str) -> list[str]:
