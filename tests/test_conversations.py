@@ -212,6 +212,18 @@ def test_mask_for_templates_that_render_the_last_reply_differently(tokenizer):
     assert masked_text(tokenizer, s) == ["yes<|im_end|>", "<think>\n\n</think>\n\nno<|im_end|>"]
 
 
+def test_reply_starting_like_the_generation_prompt_tail_is_found(tokenizer):
+    """DeepSeek-R1-style templates open a think block in the generation prompt ("<think>\\n") that
+    stored replies do not render: a reply starting with "<" (HTML, XML) is still located."""
+    r1 = ("{% for m in messages %}{% if m['role'] == 'user' %}<|im_start|>user\n{{ m['content'] }}<|im_end|>\n"
+          "{% else %}<|im_start|>assistant\n{{ m['content'].split('</think>')[-1] }}<|im_end|>\n{% endif %}"
+          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}")
+    chat = ChatTokenizer(tokenizer, chat_template=r1)
+    for reply in ("<b>42</b> is the answer.", "The answer is 42."):
+        (s,) = chat.tokenize([parse_record(conv(("user", "What is 12 plus 30?"), ("assistant", reply)))])
+        assert masked_text(tokenizer, s) == [reply + "<|im_end|>"]
+
+
 def test_named_chat_templates_use_the_default_one(tokenizer):
     """Hermes / Command-R tokenizers ship {"default": ..., "tool_use": ...}: the default renders."""
     import copy

@@ -347,6 +347,30 @@ def test_object_listed_as_itself_is_a_file_and_entries_skip_hidden_names():
     assert list_entries(f"{base}/nothing") == []
 
 
+def test_s3_folder_marker_is_not_an_entry(s3_bucket):
+    """The S3 console's "Create folder" leaves a zero-byte `prefix/` object: still an empty place."""
+    import boto3
+
+    bucket, opts = s3_bucket
+    boto3.client("s3", endpoint_url=opts["client_kwargs"]["endpoint_url"], aws_access_key_id="testing",
+                 aws_secret_access_key="testing", region_name="us-east-1").put_object(
+        Bucket=bucket[len("s3://"):], Key="ds/", Body=b"")
+    assert list_entries(f"{bucket}/ds", opts) == []
+
+
+def test_local_arrow_part_that_is_not_a_file_is_corruption(tmp_path):
+    """Damage on local disk (part.arrow replaced by a directory) is corruption, which
+    on_corrupt="skip" reads around, not a storage outage."""
+    url = str(tmp_path / "ds")
+    write(url, [make_sample(i) for i in range(4)], fmt="arrow")
+    victim = open_dataset(url).parts[0]
+    target = tmp_path / "ds" / "parts" / victim.id / "part.arrow"
+    target.unlink()
+    target.mkdir()
+    with pytest.raises(CorruptDataError, match="part.arrow is not a file"):
+        open_dataset(url).sample(0)
+
+
 @pytest.mark.parametrize("content, expect", [
     ({"format": "draftdata", "format_version": 99}, "unsupported format_version 99"),
     ({**schema().to_dict(), "format_version": "1"}, "unsupported format_version '1'"),

@@ -490,6 +490,13 @@ def test_output_that_is_an_input_file_is_refused(tiny_model, tmp_path):
         with pytest.raises(DraftdataError, match="would be read back as input"):
             run_cli("--model", tiny_model, "--input", src, "--output", tmp_path / "answers.jsonl")
     assert not (tmp_path / "answers.jsonl").exists()
+    # fsspec's "*" does not cross "/": an output in a subdirectory is never listed by the pattern
+    from types import SimpleNamespace
+
+    from draftdata.collect.synthesize import check_paths
+
+    check_paths(SimpleNamespace(input=str(tmp_path / "*.jsonl"), output=str(tmp_path / "out" / "answers.jsonl"),
+                                storage_options=None))
 
 
 def test_sigkill_at_several_moments_then_rerun_gives_each_id_once(tiny_model, tmp_path):

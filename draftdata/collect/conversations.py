@@ -314,9 +314,10 @@ class ChatTokenizer:
                 # The template renders this turn differently when it is not the last message (e.g.
                 # Qwen3 adds an empty think block to the last reply only, gpt-oss ends it with
                 # <|return|>): find the reply's text itself, after everything the conversation
-                # shares with its generation prompt, so that words of the system prompt or the
-                # user's message are never taken for the reply.
-                lo = max(cursor, len(os.path.commonprefix([prompt, text])))
+                # shares with the render of the messages before it, so that words of the system
+                # prompt or the user's message are never taken for the reply. (Not the generation
+                # prompt: its tail, e.g. R1's "<think>\n", can run on into a reply starting "<".)
+                lo = max(cursor, len(os.path.commonprefix([self.render(messages[:i]), text])))
                 start, end = self._find_reply(m["content"], text, lo)
                 if start < 0:
                     raise RecordError("template_error", f"cannot locate assistant turn {i} in the rendered "

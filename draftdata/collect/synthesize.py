@@ -1089,7 +1089,11 @@ def check_paths(settings: SynthSettings) -> None:
     if "://" not in src:
         inside = os.path.isdir(src) and os.path.dirname(target) == os.path.realpath(src) \
             and out.endswith(JSONL_SUFFIXES)
-        if inside or (any(c in src for c in "*?[") and fnmatch.fnmatch(target, os.path.realpath(src))):
+        # fnmatch's "*" crosses "/", fsspec's glob does not: match path component by component.
+        want, got = os.path.realpath(src).split(os.sep), target.split(os.sep)
+        globbed = any(c in src for c in "*?[") and len(want) == len(got) \
+            and all(fnmatch.fnmatchcase(g, w) for g, w in zip(got, want))
+        if inside or globbed:
             raise DraftdataError(f"--output {out} would be read back as input (--input {settings.input} "
                                  "covers it); write it outside the input directory or pattern")
 

@@ -10,6 +10,7 @@ memory map without copies; remote files by range reads or one whole-object GET.
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import fsspec
@@ -113,12 +114,16 @@ class ArrowPartReader:
         self._file: _TrackedFile | None = None
         try:
             if is_local_fs(fs):
+                if os.path.exists(path) and not os.path.isfile(path):  # pyarrow says only "OSError"
+                    raise CorruptDataError(f"part {part_id}: {FILE_NAME} is not a file ({self.where})")
                 source: Any = pa.memory_map(path, "r")
             elif whole:
                 source = pa.py_buffer(fs.cat_file(path))
             else:
                 self._file = _TrackedFile(fs.open(path, "rb", block_size=4 << 20))
                 source = pa.PythonFile(self._file, mode="r")
+        except CorruptDataError:
+            raise
         except Exception as e:
             raise self._read_error(e) from None
         try:

@@ -195,6 +195,7 @@ class _Location:
         paths = [str(p).rstrip("/") for p in paths]
         if paths == [self.root] and self.fs.isfile(self.root):  # an object store lists an object as itself
             raise self.not_a_directory()
+        paths = [p for p in paths if p != self.root]  # an S3 "folder" marker object (`prefix/`) is no entry
         names = (p.rsplit("/", 1)[-1] for p in paths)
         return sorted(n for n in names if n and not n.startswith("."))
 
@@ -222,9 +223,14 @@ class _Location:
             return []
         paths = [commit_path(self.root, p) for p in part_ids]
         try:
-            return list(self.fs.cat_ranges(paths, [None] * len(paths), [None] * len(paths), on_error="raise"))
+            out = list(self.fs.cat_ranges(paths, [None] * len(paths), [None] * len(paths), on_error="raise"))
         except Exception as e:
             raise describe_storage_error(self.url, e) from None
+        # Async filesystems of fsspec < 2026.6 ignore on_error and return the exception in place.
+        failed = next((r for r in out if isinstance(r, BaseException)), None)
+        if failed is not None:
+            raise describe_storage_error(self.url, failed)
+        return out
 
     def read_parts(self, part_ids: list[str], bad_records: list[str] | None = None) -> list[PartInfo]:
         """Parse the commit records of `part_ids`.
