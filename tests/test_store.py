@@ -517,3 +517,19 @@ def test_part_ids_of_one_process_sort_in_creation_order():
 
     ids = [new_part_id() for _ in range(200)]
     assert ids == sorted(ids) and len(set(i.split("-")[0] for i in ids)) == 200
+
+
+def test_dataset_json_is_created_exclusively_on_a_file_system(tmp_path):
+    """Of two creators racing on local disk, only one writes dataset.json; the other reads the
+    winner's schema back and is refused if it differs (no silent overwrite, no temporary left)."""
+    import fsspec
+
+    from draftdata.store.fs import put_atomic
+
+    fs = fsspec.filesystem("file")
+    target = str(tmp_path / "dataset.json")
+    assert put_atomic(fs, target, b"first", exclusive=True)
+    assert not put_atomic(fs, target, b"second", exclusive=True)
+    assert (tmp_path / "dataset.json").read_bytes() == b"first"
+    assert put_atomic(fs, target, b"third")                        # the default replaces
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dataset.json"]

@@ -88,11 +88,14 @@ def describe_storage_error(url: str, e: BaseException) -> DraftdataError:
                               "service, then retry")
 
 
-def put_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
-    """Write `data` so that readers see either nothing or all of it.
+def put_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes, *, exclusive: bool = False) -> bool:
+    """Write `data` so that readers see either nothing or all of it; returns whether it was written.
 
     Object stores make one PUT atomic; on a file system we write a hidden temporary file in the
-    same directory and rename it over the target (atomic on POSIX).
+    same directory and rename it over the target (atomic on POSIX). `exclusive=True` never
+    replaces an existing file: on a file system the temporary file is hard-linked into place,
+    which fails if the target exists (returns False); object stores have no portable
+    create-if-absent, so there the write happens and the caller's read-back has to catch a race.
     """
     if getattr(fs, "protocol", None) and set(_protocols(fs)) & set(LOCAL_PROTOCOLS):
         directory, name = os.path.split(path)
@@ -102,9 +105,22 @@ def put_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    else:
-        fs.pipe_file(path, data)
+        if not exclusive:
+            os.replace(tmp, path)
+            return True
+        try:
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        except OSError:  # no hard links on this file system (some FUSE/SMB mounts): plain rename
+            os.replace(tmp, path)
+            return True
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    fs.pipe_file(path, data)
+    return True
 
 
 def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
