@@ -1,8 +1,9 @@
 """The one `draftdata` command line.
 
 Each subcommand lives in the stage that owns it: the module named in COMMANDS defines
-`add_arguments(parser)` and `run(args) -> int`. Modules are imported lazily so that
-`draftdata --help` and light commands never import torch.
+`add_arguments(parser)` and `run(args) -> int`. Modules are imported lazily, so a command
+imports only what it uses; building the parser finds each command's module (which for the
+dataset commands imports the store package, and with it torch).
 """
 
 from __future__ import annotations

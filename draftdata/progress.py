@@ -20,6 +20,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from draftdata.errors import DraftdataError
+
 INTERVAL_ENV = "DRAFTDATA_PROGRESS_INTERVAL"
 DEFAULT_INTERVAL = 30.0
 
@@ -47,7 +49,11 @@ class JobProgress:
         from tqdm import tqdm
 
         if interval is None:
-            interval = float(os.environ.get(INTERVAL_ENV) or DEFAULT_INTERVAL)
+            raw = os.environ.get(INTERVAL_ENV) or str(DEFAULT_INTERVAL)
+            try:
+                interval = float(raw)
+            except ValueError:
+                raise DraftdataError(f"{INTERVAL_ENV}={raw!r}: expected a number of seconds, e.g. 30") from None
 
         self._file = file or sys.stderr
         self._lock = threading.Lock()

@@ -44,3 +44,14 @@ def test_demo_and_vocab_refuse_bad_arguments_in_one_line(tmp_path, capsys):
     assert not (tmp_path / "d").exists()
     assert main(["vocab", str(tmp_path), "-n", "10", "--out", str(tmp_path)]) == 2
     assert "is a directory; name the file to write" in capsys.readouterr().err
+
+
+def test_progress_interval_env_var_must_be_a_number(monkeypatch):
+    import pytest
+
+    from draftdata.errors import DraftdataError
+    from draftdata.progress import INTERVAL_ENV, JobProgress
+
+    monkeypatch.setenv(INTERVAL_ENV, "30s")
+    with pytest.raises(DraftdataError, match=rf"{INTERVAL_ENV}='30s': expected a number of seconds"):
+        JobProgress(total=1)

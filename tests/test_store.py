@@ -192,7 +192,7 @@ def test_sigkill_mid_part_leaves_nothing_visible_and_gc_cleans(tmp_path):
     out = subprocess.run([sys.executable, "-m", "draftdata.cli", "verify", url, "--gc", "--grace", "0"],
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "removed 1 uncommitted part" in out.stderr
+    assert "removed 1 leftover(s) of crashed writers" in out.stderr
     assert len(list(parts_dir.iterdir())) == 1
 
 
@@ -533,3 +533,39 @@ def test_dataset_json_is_created_exclusively_on_a_file_system(tmp_path):
     assert (tmp_path / "dataset.json").read_bytes() == b"first"
     assert put_atomic(fs, target, b"third")                        # the default replaces
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dataset.json"]
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "arrow"])
+def test_verify_checks_record_offsets_metadata_and_gc_keeps_damaged_records(tmp_path, fmt):
+    """verify compares the record's offsets with the part's own table, reports a record whose array
+    entries lack dtype/shape (no traceback) and a part without its conversation ids; --gc still runs
+    with a damaged record, keeps that committed part's data, and never deletes what it cannot date."""
+    url = str(tmp_path / "ds")
+    write(url, [make_sample(i) for i in range(9)], fmt=fmt, per_part=3)
+    ds = open_dataset(url)
+    commits = tmp_path / "ds" / "commits"
+    first, second, third = (commits / f"{p.id}.json" for p in ds.parts)
+    rec = json.loads(first.read_text())
+    rec["offsets"][1] += 1                                          # still a valid table, but not the part's
+    first.write_text(json.dumps(rec))
+    rec = json.loads(second.read_text())
+    del rec["arrays"]["input_ids"]["dtype"]
+    second.write_text(json.dumps(rec))
+    problems = verify_dataset(open_dataset(url))
+    assert any(ds.parts[0].id in x and "differ from the commit record's offsets" in x for x in problems), problems
+    assert any(ds.parts[1].id in x and "lacks a dtype or shape" in x for x in problems), problems
+    if fmt == "zarr":                                               # ids live in the group's attributes
+        meta_path = tmp_path / "ds" / "parts" / ds.parts[2].id / "zarr.json"
+        meta = json.loads(meta_path.read_text())
+        del meta["attributes"]["conversation_ids"]
+        meta_path.write_text(json.dumps(meta))
+        assert any("lacks its conversation ids" in x for x in verify_dataset(open_dataset(url)))
+
+    third.write_text(third.read_text()[:20])                        # a torn, unparseable record
+    (tmp_path / "ds" / "parts" / "0000000000001-undatable").mkdir()  # empty: dated by the directory itself
+    out = subprocess.run([sys.executable, "-m", "draftdata.cli", "verify", url, "--gc", "--grace", "0"],
+                         capture_output=True, text=True)
+    assert out.returncode == 1, out.stdout + out.stderr              # the damaged records are reported ...
+    assert "is malformed" in out.stdout + out.stderr and "removed 1 leftover(s)" in out.stderr
+    assert (tmp_path / "ds" / "parts" / ds.parts[2].id).is_dir()   # ... and the damaged record's part kept
+    assert not (tmp_path / "ds" / "parts" / "0000000000001-undatable").exists()

@@ -27,7 +27,8 @@ def run(args: argparse.Namespace) -> int:
     opts = parse_storage_options(args.storage_option)
     if args.gc:
         deleted = garbage_collect(args.url, storage_options=opts, grace_seconds=args.grace)
-        print(f"gc: removed {len(deleted)} uncommitted part(s)", file=sys.stderr)
+        print(f"gc: removed {len(deleted)} leftover(s) of crashed writers (uncommitted parts, temporary commit "
+              "records)", file=sys.stderr)
         for d in deleted:
             print(f"gc: removed {d}", file=sys.stderr)
     bad_records: list[str] = []

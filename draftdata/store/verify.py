@@ -39,7 +39,8 @@ def verify_part(ds: Dataset, p: int) -> list[str]:
         problems.append(f"{where}: format/codec {rec.get('format')}/{rec.get('codec')} disagree with dataset.json "
                         f"({ds.schema.storage_format}/{ds.schema.codec})")
     off = info.offsets
-    if len(off) != info.num_samples + 1 or off[0] != 0 or np.any(np.diff(off) <= 0) or off[-1] != info.num_tokens:
+    if len(off) != info.num_samples + 1 or not len(off) or off[0] != 0 or np.any(np.diff(off) <= 0) \
+            or off[-1] != info.num_tokens:
         problems.append(f"{where}: array offsets: not a strictly increasing 0..{info.num_tokens} table "
                         f"for {info.num_samples} samples")
     if len(info.conversation_ids) != info.num_samples:
@@ -54,8 +55,13 @@ def verify_part(ds: Dataset, p: int) -> list[str]:
             problems.append(f"{where}: array {name}: not part of a {ds.schema.codec} dataset")
             continue
         dtype, shape = expected[name]
-        if recorded[name]["dtype"] != dtype or tuple(recorded[name]["shape"]) != shape:
-            problems.append(f"{where}: array {name}: stored as {recorded[name]['dtype']}{tuple(recorded[name]['shape'])}, "
+        entry = recorded[name] if isinstance(recorded[name], dict) else {}
+        if not isinstance(entry.get("dtype"), str) or not isinstance(entry.get("shape"), list):
+            problems.append(f"{where}: array {name}: the commit record's entry lacks a dtype or shape "
+                            f"({recorded[name]!r})")
+            continue
+        if entry["dtype"] != dtype or tuple(entry["shape"]) != shape:
+            problems.append(f"{where}: array {name}: stored as {entry['dtype']}{tuple(entry['shape'])}, "
                             f"the schema needs {dtype}{shape} (hidden_size={ds.schema.hidden_size}, "
                             f"aux slots={ds.schema.num_aux_slots}, codec={ds.schema.codec})")
     if problems:
@@ -63,7 +69,7 @@ def verify_part(ds: Dataset, p: int) -> list[str]:
     try:
         reader = ds.reader(p, whole=True)
     except DraftdataError as e:
-        return [f"{where}: {e}"]
+        return [str(e) if str(e).startswith(where) else f"{where}: {e}"]
     for name in expected:
         try:
             a = reader.read(name)
@@ -76,9 +82,20 @@ def verify_part(ds: Dataset, p: int) -> list[str]:
         elif crc32c(a) != info.checksums.get(name):
             problems.append(f"{where}: array {name}: checksum mismatch (crc32c {crc32c(a)} != recorded "
                             f"{info.checksums.get(name)})")
-    if name_ids := reader.attrs.get("conversation_ids"):
-        if list(name_ids) != info.conversation_ids:
-            problems.append(f"{where}: conversation ids in the part differ from its commit record")
+    # Readers cut samples at the commit record's offsets: the part's own table must agree with them.
+    if not any("array offsets" in x for x in problems):
+        try:
+            stored = reader.read("offsets")
+            if not np.array_equal(stored, info.offsets):
+                problems.append(f"{where}: array offsets in the part differ from the commit record's offsets "
+                                "(readers would cut samples at the wrong tokens)")
+        except DraftdataError:
+            pass  # already reported above
+    name_ids = reader.attrs.get("conversation_ids")
+    if name_ids is None:
+        problems.append(f"{where}: the part's metadata lacks its conversation ids")
+    elif list(name_ids) != info.conversation_ids:
+        problems.append(f"{where}: conversation ids in the part differ from its commit record")
     return problems
 
 
@@ -106,9 +123,10 @@ def garbage_collect(url: str, *, storage_options: dict[str, Any] | None = None,
     The grace period protects writers that are still running: their parts are uncommitted too.
     Returns the deleted paths.
     """
-    ds = open_dataset(url, storage_options=storage_options)
+    ds = open_dataset(url, storage_options=storage_options, bad_records=[])
     loc: _Location = ds._loc
-    committed = {p.id for p in ds.parts}
+    # Every commit file counts, parseable or not: a damaged record's part is still committed data.
+    committed = set(loc.list_commits())
     fs, root = loc.fs, loc.root
     try:
         entries = fs.ls(f"{root}/parts", detail=True)
@@ -120,14 +138,16 @@ def garbage_collect(url: str, *, storage_options: dict[str, Any] | None = None,
         pid = e["name"].rstrip("/").rsplit("/", 1)[-1]
         if pid in committed:
             continue
-        if now - _newest_mtime(fs, e["name"]) < grace_seconds:
+        newest = _newest_mtime(fs, e["name"])
+        if newest is None or now - newest < grace_seconds:  # unknown age: it may be a running writer's
             continue
         fs.rm(e["name"], recursive=True)
         deleted.append(e["name"])
     try:
         for path in fs.ls(f"{root}/commits", detail=False):
             name = path.rstrip("/").rsplit("/", 1)[-1]
-            if name.startswith(".") and ".tmp-" in name and now - _newest_mtime(fs, path) >= grace_seconds:
+            newest = _newest_mtime(fs, path)
+            if name.startswith(".") and ".tmp-" in name and newest is not None and now - newest >= grace_seconds:
                 fs.rm(path)
                 deleted.append(path)
     except FileNotFoundError:
@@ -135,19 +155,22 @@ def garbage_collect(url: str, *, storage_options: dict[str, Any] | None = None,
     return deleted
 
 
-def _newest_mtime(fs: Any, path: str) -> float:
-    """Latest modification time below `path` (0 when the backend reports none)."""
-    newest = 0.0
+def _newest_mtime(fs: Any, path: str) -> float | None:
+    """Latest modification time below `path` (the path's own for an empty directory); None when the
+    backend reports no time at all, which garbage collection treats as "maybe still being written"."""
+    newest: float | None = None
     try:
-        infos = fs.find(path, detail=True, withdirs=False).values() if fs.isdir(path) else [fs.info(path)]
+        infos = list(fs.find(path, detail=True, withdirs=False).values()) if fs.isdir(path) else []
+        infos.append(fs.info(path))
     except FileNotFoundError:
-        return 0.0
+        return None
     for info in infos:
         m = info.get("mtime") or info.get("LastModified") or info.get("last_modified") or info.get("created")
         if hasattr(m, "timestamp"):
             m = m.timestamp()
         try:
-            newest = max(newest, float(m or 0))
+            if m:
+                newest = max(newest or 0.0, float(m))
         except (TypeError, ValueError):
             continue
     return newest
