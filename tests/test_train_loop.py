@@ -291,18 +291,13 @@ def damaged_copy(source: str, dest: Path, *, rank: int = 0, world_size: int = 1,
     hidden states; returns (url, {conversation id: stored length} of every damaged sample)."""
     import shutil
 
+    from test_train_support import damage_first_batch
+
     from draftdata.loaders import HiddenStateDataset
 
     url = str(dest)
     shutil.copytree(source, url)
-    ds = HiddenStateDataset(url, seed=seed, rank=rank, world_size=world_size, max_seq_len=batch_tokens,
-                            max_tokens_per_batch=batch_tokens)
-    plan = ds.plan()
-    victim = ds.store.parts[int(plan.part[plan.worker_windows(0, 1)[0].items[0][0]])]
-    shard = Path(url) / "parts" / victim.id / "hidden_states" / "c" / "0" / "0"
-    data = bytearray(shard.read_bytes())
-    data[40] ^= 0x5A
-    shard.write_bytes(bytes(data))
+    victim = damage_first_batch(url, seed=seed, batch_tokens=batch_tokens, rank=rank, world_size=world_size)
     with pytest.warns(UserWarning, match="skipping"):
         good = {s["conversation_id"] for s in HiddenStateDataset(url, shuffle=False, on_corrupt="skip")}
     damaged = {c: int(n) for c, n in zip(victim.conversation_ids, victim.lengths) if c not in good}
@@ -435,6 +430,8 @@ def test_user_mistakes_are_one_line_errors_or_warnings(tmp_path, tiny_model, tra
     run trained on nothing, no draft is written)."""
     import shutil
 
+    from test_train_support import damage_part
+
     args = ["train", "--data", train_data, "--model", str(tiny_model), "--eagle-config", str(eagle_file(tmp_path)),
             "--batch-tokens", "256", "--no-plot"]
     if not torch.cuda.is_available():
@@ -468,10 +465,8 @@ def test_user_mistakes_are_one_line_errors_or_warnings(tmp_path, tiny_model, tra
 
     broken = tmp_path / "broken"
     shutil.copytree(train_data, broken)
-    for shard in broken.glob("parts/*/hidden_states/c/0/0"):
-        data = bytearray(shard.read_bytes())
-        data[40] ^= 0x5A
-        shard.write_bytes(bytes(data))
+    for part in broken.glob("parts/*"):
+        damage_part(str(broken), part.name)
     args[args.index(train_data)] = str(broken)
     assert main(args + ["--output", str(tmp_path / "e"), "--steps", "2"]) == 2
     assert re.search(r"2 steps trained on nothing: \d+ damaged sample\(s\) were skipped", capsys.readouterr().err)

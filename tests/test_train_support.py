@@ -70,6 +70,27 @@ def make_dataset(url: str, model_dir: str | Path, *, n: int = 24, seed: int = 0,
     return schema
 
 
+def damage_part(url: str, part_id: str) -> None:
+    """Flip one byte inside the hidden-states shard of a zarr part: every sample of it fails its CRC."""
+    shard = Path(url) / "parts" / part_id / "hidden_states" / "c" / "0" / "0"
+    data = bytearray(shard.read_bytes())
+    data[40] ^= 0x5A
+    shard.write_bytes(bytes(data))
+
+
+def damage_first_batch(url: str, *, seed: int, batch_tokens: int, rank: int = 0, world_size: int = 1) -> Any:
+    """Damage the part that holds `rank`'s first batch of epoch 0 (as the trainer plans it with
+    `--batch-tokens`); returns that part's PartInfo."""
+    from draftdata.loaders import HiddenStateDataset
+
+    ds = HiddenStateDataset(url, seed=seed, rank=rank, world_size=world_size, max_seq_len=batch_tokens,
+                            max_tokens_per_batch=batch_tokens)
+    plan = ds.plan()
+    victim = ds.store.parts[int(plan.part[plan.worker_windows(0, 1)[0].items[0][0]])]
+    damage_part(url, victim.id)
+    return victim
+
+
 TINY_ARCH = {"num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "intermediate_size": 96}
 
 

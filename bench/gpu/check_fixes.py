@@ -73,7 +73,7 @@ def oom_split(work: Path, device: str) -> dict:
 
 def damaged_train(work: Path, device: str) -> dict:
     from conftest import make_tiny_model
-    from test_train_support import TINY_ARCH, make_dataset
+    from test_train_support import TINY_ARCH, damage_first_batch, make_dataset
 
     from draftdata.loaders import HiddenStateDataset
     from draftdata.train.trainer import TrainConfig, train
@@ -81,13 +81,8 @@ def damaged_train(work: Path, device: str) -> dict:
     model = make_tiny_model(work / "tiny64")
     url = str(work / "ds")
     make_dataset(url, model, n=48)
+    damage_first_batch(url, seed=5, batch_tokens=64)
     plan_ds = HiddenStateDataset(url, seed=5, max_seq_len=64, max_tokens_per_batch=64)
-    plan = plan_ds.plan()
-    victim = plan_ds.store.parts[int(plan.part[plan.worker_windows(0, 1)[0].items[0][0]])]
-    shard = Path(url) / "parts" / victim.id / "hidden_states" / "c" / "0" / "0"
-    data = bytearray(shard.read_bytes())
-    data[40] ^= 0x5A
-    shard.write_bytes(bytes(data))
     cfg = TrainConfig(data=url, model=str(model), output=str(work / "run"), epochs=1, batch_tokens=64, seed=5,
                       lr=2e-3, device=device, dtype="bf16", eagle_config={"eagle_architecture_config": TINY_ARCH},
                       save_every=1000, log_every=1000, progress=False, plot=False)

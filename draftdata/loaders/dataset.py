@@ -39,15 +39,17 @@ def _distributed(rank: int | None, world_size: int | None) -> tuple[int, int]:
 
 
 def _open(url: str, storage_options: dict[str, Any] | None, parts: list[str] | None):
+    """(the store, restricted to `parts` when given; the number of committed parts it leaves out)."""
     from draftdata.store import open_dataset
 
     store = open_dataset(url, storage_options=storage_options)
+    committed = len(store.parts)
     if parts is not None:
         store = store.subset(parts)
     if store.num_samples == 0:
         raise DraftdataError(f"{store.url}: the dataset has no committed samples yet "
                              "(is `draftdata collect` still running, or did every part fail?)")
-    return store
+    return store, committed - len(store.parts)
 
 
 class HiddenStateDataset(IterableDataset):
@@ -107,7 +109,7 @@ class HiddenStateDataset(IterableDataset):
         if prefetch_bytes < 1:
             raise DraftdataError(f"prefetch_bytes must be positive, got {prefetch_bytes}")
         self.rank, self.world_size = _distributed(rank, world_size)
-        self.store = _open(url, storage_options, parts)
+        self.store, self.parts_left_out = _open(url, storage_options, parts)  # committed, not in `parts`
         self.schema = self.store.schema
         self.shuffle, self.seed, self.max_seq_len = bool(shuffle), int(seed), max_seq_len
         self.batch_size, self.max_tokens_per_batch = batch_size, max_tokens_per_batch
@@ -328,7 +330,7 @@ class HiddenStateMapDataset(Dataset):
                  parts: list[str] | None = None):
         if max_seq_len is not None and max_seq_len < 1:
             raise DraftdataError(f"max_seq_len must be a positive integer, got {max_seq_len}")
-        self.store = _open(url, storage_options, parts)
+        self.store, _ = _open(url, storage_options, parts)
         self.schema = self.store.schema
         self.max_seq_len = max_seq_len
         self._starts = np.concatenate([[0], np.cumsum([p.num_samples for p in self.store.parts])]).astype(np.int64)

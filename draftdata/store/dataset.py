@@ -622,9 +622,16 @@ def open_dataset(url: str, *, storage_options: dict[str, Any] | None = None,
     A malformed commit record raises CorruptDataError naming it; with a `bad_records` list (what
     `draftdata verify` passes) it is described there and its part left out, so the rest can be checked.
     """
+    loc, schema = open_location(url, storage_options)
+    return Dataset(loc, schema, loc.read_parts(loc.list_commits(), bad_records))
+
+
+def open_location(url: str, storage_options: dict[str, Any] | None = None) -> tuple[_Location, DatasetSchema]:
+    """The dataset's location and schema, without reading any commit record (what garbage
+    collection needs: a listing of the commits, not their contents)."""
     loc = _Location(url, storage_options)
     schema = loc.read_schema()
     if schema is None:
         raise DatasetNotFoundError(f"{loc.url}: no dataset here ({SCHEMA_FILE} not found); "
                                    "create one with `draftdata collect --output URL`")
-    return Dataset(loc, schema, loc.read_parts(loc.list_commits(), bad_records))
+    return loc, schema

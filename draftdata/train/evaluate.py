@@ -395,7 +395,7 @@ def read_prompts(path: str, limit: int | None = None) -> list[PromptConversation
 def pick_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
     """--device and --dtype as torch objects; an unusable device (cuda without CUDA, a typo) is a
     one-line DraftdataError, as in collect."""
-    from draftdata.collect.backends.hf import check_device
+    from draftdata.models import check_device
 
     if device == "auto":
         dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -535,13 +535,9 @@ def train(cfg: TrainConfig) -> TrainResult:
             dist.broadcast_object_list(chosen, src=0)
             if chosen[0] != dataset.part_ids:
                 dataset = open_data(chosen[0])
-        if snapshot is not None and info.main:
-            from draftdata.store import open_dataset
-
-            newer = len(open_dataset(cfg.data, storage_options=cfg.storage_options or None).parts) - len(snapshot)
-            if newer > 0:
-                _log(f"resume: {newer} part(s) committed to {cfg.data} since the run started are not used (the "
-                     "run keeps its snapshot of the data); train a new run to include them", info)
+        if snapshot is not None and dataset.parts_left_out:
+            _log(f"resume: {dataset.parts_left_out} part(s) committed to {cfg.data} since the run started are not "
+                 "used (the run keeps its snapshot of the data); train a new run to include them", info)
         schema = dataset.schema
         val_dataset = None
         if cfg.val_data is not None:
