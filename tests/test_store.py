@@ -535,6 +535,40 @@ def test_dataset_json_is_created_exclusively_on_a_file_system(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dataset.json"]
 
 
+def test_dataset_json_is_created_exclusively_on_s3(s3_bucket):
+    """On S3 the create is a conditional PUT: a second creator's dataset.json is refused by the
+    store, not written over the first (moto implements If-None-Match like AWS)."""
+    from draftdata.store.fs import get_fs, put_atomic
+
+    bucket, opts = s3_bucket
+    fs, root = get_fs(f"{bucket}/ds", opts)
+    target = f"{root}/dataset.json"
+    assert put_atomic(fs, target, b"first", exclusive=True)
+    assert not put_atomic(fs, target, b"second", exclusive=True)
+    assert fs.cat_file(target) == b"first"
+    assert put_atomic(fs, target, b"third") and fs.cat_file(target) == b"third"
+
+
+def test_exclusive_put_falls_back_where_a_backend_has_no_create_mode():
+    """An fsspec backend whose pipe_file predates `mode` still gets dataset.json written (plain
+    PUT; the caller's read-back guards the race there)."""
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    from draftdata.store.fs import put_atomic
+
+    class OldBackend(MemoryFileSystem):
+        protocol = ("oldmem",)
+
+        def pipe_file(self, path, value, **kwargs):
+            if "mode" in kwargs:
+                raise TypeError("pipe_file() got an unexpected keyword argument 'mode'")
+            return super().pipe_file(path, value)
+
+    fs = OldBackend()
+    assert put_atomic(fs, "/b/dataset.json", b"first", exclusive=True)
+    assert fs.cat_file("/b/dataset.json") == b"first"
+
+
 @pytest.mark.parametrize("fmt", ["zarr", "arrow"])
 def test_verify_checks_record_offsets_metadata_and_gc_keeps_damaged_records(tmp_path, fmt):
     """verify compares the record's offsets with the part's own table, reports a record whose array

@@ -431,14 +431,15 @@ def create_dataset(url: str, schema: DatasetSchema, *, format: str = "zarr", cod
         return DatasetWriter(loc, existing)
     try:
         loc.fs.makedirs(loc.root, exist_ok=True)
-        # Exclusive on a file system: of two creators racing, exactly one writes dataset.json.
+        # Exclusive (a hard link locally, a conditional PUT on S3): of two creators racing, exactly
+        # one writes dataset.json.
         put_atomic(loc.fs, f"{loc.root}/{SCHEMA_FILE}", schema.to_json().encode(), exclusive=True)
     except DraftdataError:
         raise
     except Exception as e:
         raise describe_storage_error(loc.url, e) from None
-    # Two creators racing: whoever lost reads the winner's schema and must agree with it (on object
-    # stores, where the PUT is not exclusive, a later PUT can still replace an earlier one unseen).
+    # Two creators racing: whoever lost reads the winner's schema and must agree with it (on a store
+    # without conditional PUTs a later PUT can still replace an earlier one unseen).
     stored = loc.read_schema()
     if stored is not None and stored.differences(schema):
         raise SchemaMismatchError(f"{loc.url}: another writer created the dataset with a different schema: "

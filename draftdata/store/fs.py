@@ -94,8 +94,10 @@ def put_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes, *, exclusi
     Object stores make one PUT atomic; on a file system we write a hidden temporary file in the
     same directory and rename it over the target (atomic on POSIX). `exclusive=True` never
     replaces an existing file: on a file system the temporary file is hard-linked into place,
-    which fails if the target exists (returns False); object stores have no portable
-    create-if-absent, so there the write happens and the caller's read-back has to catch a race.
+    which fails if the target exists (returns False). On object stores it is a conditional PUT
+    (S3's `If-None-Match: *`, fsspec's `mode="create"`), refused by the store if the key exists;
+    a store that does not implement the condition gets a plain PUT, and the caller's read-back
+    has to catch a race there.
     """
     if getattr(fs, "protocol", None) and set(_protocols(fs)) & set(LOCAL_PROTOCOLS):
         directory, name = os.path.split(path)
@@ -119,8 +121,27 @@ def put_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes, *, exclusi
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+    if exclusive:
+        try:
+            fs.pipe_file(path, data, mode="create")
+            return True
+        except FileExistsError:
+            return False
+        except Exception as e:
+            if not _condition_unsupported(e):
+                raise
     fs.pipe_file(path, data)
     return True
+
+
+def _condition_unsupported(e: BaseException) -> bool:
+    """Whether a conditional PUT failed only because the store does not implement the condition
+    (older S3-compatible servers answer 501 NotImplemented; some fsspec backends lack `mode`)."""
+    if isinstance(e, TypeError) and "mode" in str(e):
+        return True
+    response = getattr(e.__cause__, "response", None) or getattr(e, "response", None) or {}
+    code = str(response.get("Error", {}).get("Code", "")) if isinstance(response, dict) else ""
+    return code in ("NotImplemented", "501") or "NotImplemented" in str(e) or "not implemented" in str(e).lower()
 
 
 def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
