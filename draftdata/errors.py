@@ -19,3 +19,8 @@ class CorruptDataError(DraftdataError):
 
 class StorageAccessError(DraftdataError):
     """The storage backend refused access (credentials, permissions, unknown scheme)."""
+
+
+def name_some(names: list[str], limit: int = 5) -> str:
+    """`a, b, c, d, e, ... (N entries)`: what a directory holds, short enough for a one-line error."""
+    return ", ".join(names[:limit]) + (f", ... ({len(names)} entries)" if len(names) > limit else "")

@@ -16,7 +16,7 @@ from typing import Any
 from draftdata.collect.backends.base import BaseModelInfo
 from draftdata.collect.conversations import ChatTokenizer, Reject, read_conversations, tokenize_stream
 from draftdata.config import DatasetSchema
-from draftdata.errors import DatasetNotFoundError, DraftdataError, SchemaMismatchError
+from draftdata.errors import DatasetNotFoundError, DraftdataError, SchemaMismatchError, name_some
 from draftdata.progress import JobProgress
 
 DEFAULT_FORMAT, DEFAULT_CODEC = "zarr", "bf16"
@@ -140,8 +140,7 @@ def check_output(settings: CollectSettings, schema: DatasetSchema) -> DatasetSch
         if SCHEMA_FILE in names:  # a dataset.json that is not a draftdata schema: say so
             raise
         if names:
-            shown = ", ".join(names[:5]) + (f", ... ({len(names)} entries)" if len(names) > 5 else "")
-            raise DraftdataError(f"--output {settings.output}: the directory already holds {shown} and no "
+            raise DraftdataError(f"--output {settings.output}: the directory already holds {name_some(names)} and no "
                                  f"{SCHEMA_FILE}, so it is not a draftdata dataset; choose a new or empty "
                                  "directory") from None
         return schema

@@ -361,9 +361,9 @@ class HFGenerator:
         import torch
         from transformers import AutoModelForCausalLM
 
-        from draftdata.collect.backends.hf import DTYPES, check_device
+        from draftdata.collect.backends.hf import DTYPES
         from draftdata.collect.conversations import ChatTokenizer
-        from draftdata.models import compute_dtype, quiet_transformers
+        from draftdata.models import check_device, compute_dtype, quiet_transformers
 
         self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
         self.device = check_device(device)

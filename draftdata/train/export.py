@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from draftdata.errors import DraftdataError
+from draftdata.errors import DraftdataError, name_some
 
 EXPORT_WEIGHTS = "model.safetensors"
 EXPORT_CONFIG = "config.json"
@@ -285,7 +285,7 @@ def check_out_dir(out_dir: str | os.PathLike) -> Path:
     if not out.is_dir() or _is_export(out):
         return out
     names = sorted(p.name for p in out.iterdir())
-    shown = ", ".join(names[:5]) + (f", ... ({len(names)} entries)" if len(names) > 5 else "")
+    shown = name_some(names)
     what = ""
     try:
         arch = json.loads((out / EXPORT_CONFIG).read_text()).get("architectures")

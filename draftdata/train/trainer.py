@@ -496,8 +496,8 @@ def train(cfg: TrainConfig) -> TrainResult:
             run_settings.pop(k)
         if output.exists() and not output.is_dir():
             raise DraftdataError(f"--output {output} is a file; training writes a directory there (choose another path)")
-        ckpt = latest_checkpoint(output) if cfg.resume else None
-        if not cfg.resume and latest_checkpoint(output) is not None:
+        ckpt = latest_checkpoint(output)
+        if not cfg.resume and ckpt is not None:
             raise DraftdataError(f"{output} already holds checkpoints; pass --resume to continue that run, "
                                  "or choose another --output")
         if ckpt is not None and (output / TRAIN_CONFIG).exists():
