@@ -153,10 +153,16 @@ class ArrowPartReader:
     def names(self) -> list[str]:
         return sorted([*self.reader.schema.names, "offsets"])
 
-    def _block(self, name: str, b: int) -> np.ndarray:
+    def _batch(self, b: int) -> pa.RecordBatch:
         failures = self._file.failures if self._file is not None else 0
         try:
-            col = self.reader.get_batch(b).column(name)
+            return self.reader.get_batch(b)
+        except Exception as e:
+            raise self._decode_error(e, f"block {b} is unreadable", failures) from None
+
+    def _column(self, batch: pa.RecordBatch, name: str, b: int) -> np.ndarray:
+        try:
+            col = batch.column(name)
             if isinstance(col, pa.FixedSizeListArray):
                 a = col.values.to_numpy(zero_copy_only=False).reshape(len(col), -1)
                 if self.codec == "zstd" and a.dtype == np.uint8 and name in ("aux_hidden_states", "hidden_states"):
@@ -164,22 +170,40 @@ class ArrowPartReader:
             else:
                 a = col.to_numpy(zero_copy_only=False)
         except Exception as e:
-            raise self._decode_error(e, f"array {name} block {b} is unreadable", failures) from None
+            raise self._decode_error(e, f"array {name} block {b} is unreadable", self._file.failures
+                                     if self._file is not None else 0) from None
         expected = self.meta["block_crc32c"][name][b]
         if crc32c(a) != expected:
             raise CorruptDataError(f"part {self.part_id}: array {name} block {b} fails its CRC-32C check")
         return a
 
     def read(self, name: str, start: int | None = None, stop: int | None = None) -> np.ndarray:
-        if name == "offsets":
-            return np.asarray(self.meta["offsets"], dtype=np.int64)[start:stop]
+        return self.read_columns([name], start, stop)[name]
+
+    def read_columns(self, names: list[str], start: int | None = None,
+                     stop: int | None = None) -> dict[str, np.ndarray]:
+        """Rows [start, stop) of several arrays, reading each record batch once for all of them
+        (a remote batch is one ranged GET; reading it per array multiplied the bytes fetched)."""
+        out: dict[str, np.ndarray] = {}
+        if "offsets" in names:
+            out["offsets"] = np.asarray(self.meta["offsets"], dtype=np.int64)[start:stop]
+        names = [n for n in names if n != "offsets"]
+        if not names:
+            return out
         rows = int(self.meta["offsets"][-1])
         start = 0 if start is None else max(0, start)
         stop = rows if stop is None else min(rows, stop)
         r = self.rows_per_chunk
         if stop <= start:
-            return self._block(name, 0)[:0]
-        blocks = [self._block(name, b) for b in range(start // r, (stop - 1) // r + 1)]
+            batch = self._batch(0)
+            return {**out, **{n: self._column(batch, n, 0)[:0] for n in names}}
+        blocks: dict[str, list[np.ndarray]] = {n: [] for n in names}
+        for b in range(start // r, (stop - 1) // r + 1):
+            batch = self._batch(b)
+            for n in names:
+                blocks[n].append(self._column(batch, n, b))
         first = (start // r) * r
-        a = blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
-        return a[start - first: stop - first]
+        for n, parts in blocks.items():
+            a = parts[0] if len(parts) == 1 else np.concatenate(parts)
+            out[n] = a[start - first: stop - first]
+        return out

@@ -526,20 +526,17 @@ class Dataset:
         except Exception as e:
             raise describe_storage_error(self.url, e) from None
 
-    def _decode(self, r: Any, name: str, start: int | None, stop: int | None) -> torch.Tensor:
-        stored = r.read(name, start, stop)
-        if self.schema.codec == "fp8":
-            return fp8_decode(stored, r.read(SCALE_OF[name], start, stop))
-        return bits_to_bf16(stored)
-
     def _rows(self, p: int, start: int | None, stop: int | None, whole: bool = False) -> dict[str, Any]:
         r = self.reader(p, whole=whole)
+        fp8 = self.schema.codec == "fp8"
+        names = ["input_ids", "loss_mask", *HIDDEN_ARRAYS, *([SCALE_OF[n] for n in HIDDEN_ARRAYS] if fp8 else [])]
+        got = r.read_columns(names, start, stop)
         out: dict[str, Any] = {
-            "input_ids": _writable(np.asarray(r.read("input_ids", start, stop), dtype=np.int32)),
-            "loss_mask": _writable(np.asarray(r.read("loss_mask", start, stop), dtype=np.uint8)),
+            "input_ids": _writable(np.asarray(got["input_ids"], dtype=np.int32)),
+            "loss_mask": _writable(np.asarray(got["loss_mask"], dtype=np.uint8)),
         }
         for name in HIDDEN_ARRAYS:
-            out[name] = self._decode(r, name, start, stop)
+            out[name] = fp8_decode(got[name], got[SCALE_OF[name]]) if fp8 else bits_to_bf16(got[name])
         return out
 
     def _read_rows(self, p: int, start: int | None, stop: int | None, whole: bool, context: str) -> dict[str, Any]:

@@ -113,6 +113,11 @@ class ZarrPartReader:
             raise CorruptDataError(
                 f"part {self.part_id}: array {name} ({where}) is unreadable: {type(e).__name__}: {e}") from None
 
+    def read_columns(self, names: list[str], start: int | None = None,
+                     stop: int | None = None) -> dict[str, np.ndarray]:
+        """Rows [start, stop) of several arrays (each array is its own shard object)."""
+        return {n: self.read(n, start, stop) for n in names}
+
     def _layout(self, name: str) -> dict[str, Any] | None:
         """Shard geometry of an array in our single-shard layout, or None for anything else.
 
