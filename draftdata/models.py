@@ -87,6 +87,9 @@ def check_device(device: str) -> torch.device:
                              "use --device cpu")
     if dev.type not in ("cpu", "cuda"):
         raise DraftdataError(f"--device {device!r}: expected cpu, cuda or cuda:N")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise DraftdataError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible "
+                             f"(cuda:0..cuda:{torch.cuda.device_count() - 1}); check CUDA_VISIBLE_DEVICES")
     return dev
 
 

@@ -251,14 +251,18 @@ def test_ray_train_torch_trainer(tmp_path, tiny_model, train_data):  # noqa: F81
     from draftdata.train.trainer import train_with_ray
 
     os.environ["RAY_AUTH_MODE"] = "disabled"
-    ray.init(address="local", num_cpus=2, object_store_memory=80 * 2**20, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}})
+    # The cluster claims 2 GPUs (a resource count; this machine has none): with --device cpu the
+    # workers must still be CPU workers in a gloo group (GPU workers would get an NCCL group).
+    ray.init(address="local", num_cpus=2, num_gpus=2, object_store_memory=80 * 2**20, include_dashboard=False,
+             log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}})
     try:
         t0 = time.time()
-        result = train_with_ray(TrainConfig(data=train_data, model=str(tiny_model), output=str(tmp_path / "ray"),
-                                            eagle_config={"eagle_architecture_config": TINY_ARCH}, steps=3,
-                                            batch_tokens=512, log_every=1, progress=False, plot=False),
-                                num_workers=2, use_gpu=False)
+        cfg = TrainConfig(data=train_data, model=str(tiny_model), output=str(tmp_path / "ray"), device="cpu",
+                          eagle_config={"eagle_architecture_config": TINY_ARCH}, steps=3,
+                          batch_tokens=512, log_every=1, progress=False, plot=False)
+        with pytest.raises(DraftdataError, match="--ray-gpus with --device cpu"):
+            train_with_ray(cfg, num_workers=2, use_gpu=True)
+        result = train_with_ray(cfg, num_workers=2)
         assert result.error is None
         print(f"ray run took {time.time() - t0:.1f}s")
     finally:

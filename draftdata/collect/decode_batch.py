@@ -137,6 +137,7 @@ def slot_layer_class() -> type:
         def write(self, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
             """Rows `keys`/`values` [b, h, n, d] into `slots`, right-aligned with the running rows."""
             n = keys.shape[-2]
+            slots = slots.to(self.kbuf.device)  # a model spread over GPUs keeps each layer's cache on its GPU
             self.kbuf[slots, :, self.end - n:self.end] = keys
             self.vbuf[slots, :, self.end - n:self.end] = values
 
@@ -145,6 +146,7 @@ def slot_layer_class() -> type:
             self._view()
 
         def keep(self, slots: torch.Tensor) -> None:
+            slots = slots.to(self.kbuf.device)
             self.kbuf, self.vbuf = self.kbuf[slots], self.vbuf[slots]
             self._view()
 
@@ -327,7 +329,7 @@ class RunningBatch:
                 for layer in self.cache.layers:
                     layer.keep(sel)
             else:
-                self.cache.batch_select_indices(sel)
+                self.cache.batch_select_indices(sel.cpu())  # CPU indices work on every layer's GPU
             self.mask, self.last_pos, self.logits, inputs = self.mask[sel], self.last_pos[sel], self.logits[sel], inputs[sel]
             for name in ("keys", "tokens", "budget", "rngs"):
                 values = getattr(self, name)

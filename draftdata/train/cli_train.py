@@ -66,7 +66,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-plot", action="store_true", help="skip training_curves.png")
     p.add_argument("--ray-workers", type=int, help="run on a Ray cluster with this many Ray Train workers")
     p.add_argument("--ray-gpus", action=argparse.BooleanOptionalAction, default=None,
-                   help="one GPU per Ray worker (default: if the cluster has GPUs)")
+                   help="one GPU per Ray worker (default: if the cluster has GPUs and --device is not cpu)")
     # Same flag as every dataset command (draftdata.store.fs.add_storage_option_argument), spelled
     # out here so that building the parser does not import the store (and torch).
     p.add_argument("--storage-option", "-S", action="append", default=[], metavar="KEY=VALUE",

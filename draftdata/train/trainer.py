@@ -175,7 +175,11 @@ def setup_distributed(device_spec: str) -> tuple[Dist, torch.device]:
     if device_spec != "auto":
         from draftdata.models import check_device
 
-        check_device(device_spec)          # one line, not a CUDA traceback, for --device cuda on a CPU box
+        joined = dist.is_available() and dist.is_initialized()
+        world = dist.get_world_size() if joined else int(os.environ.get("WORLD_SIZE", "1"))
+        if check_device(device_spec).index is not None and world > 1:
+            raise DraftdataError(f"--device {device_spec} puts every rank on the same GPU; with torchrun or "
+                                 "Ray Train pass --device cuda (each rank takes its local rank's GPU)")
     info = Dist()
     if dist.is_available() and dist.is_initialized():
         info = Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
@@ -195,8 +199,13 @@ def setup_distributed(device_spec: str) -> tuple[Dist, torch.device]:
 
 
 def _visible_cuda_index(info: Dist) -> int:
-    # Under Ray Train each worker sees only its own GPU(s); under torchrun all of the node's.
-    return info.local_rank % max(1, torch.cuda.device_count())
+    # Under Ray Train each worker may see only its own GPU (then local rank N uses cuda:0); under
+    # torchrun it sees all of the node's, and two ranks on one GPU would fail in NCCL.
+    count = torch.cuda.device_count()
+    if count > 1 and info.local_rank >= count:
+        raise DraftdataError(f"local rank {info.local_rank} but only {count} GPUs are visible on this node: "
+                             f"start at most {count} processes per node (torchrun --nproc-per-node)")
+    return info.local_rank % max(1, count)
 
 
 def param_groups(draft: Any, weight_decay: float) -> list[dict[str, Any]]:
@@ -820,8 +829,11 @@ def train_with_ray(cfg: TrainConfig, num_workers: int, *, use_gpu: bool | None =
         if (value := getattr(cfg, name)) and "://" not in value and Path(value).exists()})
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"))
-    if use_gpu is None:
-        use_gpu = bool(ray.cluster_resources().get("GPU", 0))
+    if use_gpu is None:  # --device cpu on a GPU cluster: CPU workers (an NCCL group cannot serve them)
+        use_gpu = cfg.device != "cpu" and bool(ray.cluster_resources().get("GPU", 0))
+    elif use_gpu and cfg.device == "cpu":
+        raise DraftdataError("--ray-gpus with --device cpu: Ray Train would give the workers GPUs and an NCCL "
+                             "group that CPU tensors cannot use; drop one of the two")
     storage = storage_path or str(Path(cfg.output).resolve() / "ray")
     trainer = TorchTrainer(
         ray_train_loop, train_loop_config=dataclasses.asdict(cfg),
