@@ -74,6 +74,15 @@ def auto_dtype(device: torch.device) -> str:
 ONEDNN_CACHE_ENV = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"
 
 
+def local_device(spec: str) -> str:
+    """--device auto: `cuda` when this process sees a GPU, else `cpu`; other values unchanged."""
+    if spec != "auto":
+        return spec
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def check_device(device: str) -> torch.device:
     """The --device flag as a torch.device, refused with a one-line message when unusable here."""
     import torch

@@ -254,6 +254,33 @@ def test_pool_retries_elsewhere_and_reports_failed_units_with_their_items(ray_dr
 # ---------------------------------------------------------------- same content as single-process collect
 
 
+def test_plan_workers_follows_the_device_flag_on_a_cluster_with_gpus(monkeypatch):
+    """--device auto (the default) takes one GPU per actor where the cluster has GPUs; an explicit
+    --device cpu means CPU actors there (it used to be turned into cuda), and cpu with GPU actors
+    is refused. The local cluster declares 2 GPUs (a resource count: no GPU is touched)."""
+    import ray
+
+    from draftdata.collect.ray_job import plan_workers
+    from draftdata.errors import DraftdataError
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(address="local", num_cpus=2, num_gpus=2, object_store_memory=80 * 2**20, include_dashboard=False,
+             logging_level="ERROR")
+    try:
+        for device in ("auto", "cuda", "cuda:1"):
+            plan = plan_workers(None, None, device)
+            assert (plan.num_workers, plan.num_gpus, plan.device) == (2, 1, "cuda"), device
+        plan = plan_workers(None, None, "cpu")
+        assert (plan.num_workers, plan.num_gpus, plan.device) == (1, 0, "cpu")
+        with pytest.raises(DraftdataError, match="--device cpu with --gpus-per-worker 1"):
+            plan_workers(None, 1, "cpu")
+        assert plan_workers(None, 0, "auto").device == "cpu"
+    finally:
+        ray.shutdown()
+
+
 def test_await_actor_death_confirms_a_killed_actor(ray_driver):
     """What the pool waits for before retrying a unit whose actor became unreachable: Ray's own
     report that the actor is dead (a live one is not reported dead)."""

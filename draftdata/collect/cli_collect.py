@@ -35,7 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
                    help="compute dtype of the base model; auto = bf16 on GPUs and on CPUs with native bf16, "
                         "else fp32 (stored states are always bf16)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (hf backend; default cpu)")
+    p.add_argument("--device", default="auto",
+                   help="auto, cpu, cuda or cuda:N (hf backend; default auto: cuda when a GPU is visible, else "
+                        "cpu; with --ray: the actors' own)")
     p.add_argument("--backend", choices=["hf", "trtllm"], default="hf", help="hf (transformers, default) or trtllm")
     p.add_argument("--tensor-parallel-size", "--tp", type=int, default=None, metavar="N",
                    help="trtllm: GPUs of one engine (default 1; with --ray: --gpus-per-worker)")
@@ -54,8 +56,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     ray = p.add_argument_group("Ray cluster (see docs/RAY.md)")
     ray.add_argument("--ray", action="store_true", help="run on a Ray cluster: one actor per worker")
     ray.add_argument("--ray-address", default=None, help="Ray address (default: auto / RAY_ADDRESS)")
-    ray.add_argument("--num-workers", type=int, default=None, help="Ray actors (default: one per GPU)")
-    ray.add_argument("--gpus-per-worker", type=float, default=None, help="GPUs per Ray actor")
+    ray.add_argument("--num-workers", type=int, default=None,
+                     help="Ray actors (default: one per --gpus-per-worker GPUs; 1 with CPU actors)")
+    ray.add_argument("--gpus-per-worker", type=float, default=None,
+                     help="GPUs per Ray actor (default 1 when the cluster has GPUs and --device is not cpu, else 0)")
     ray.add_argument("--max-retries", type=int, default=None, metavar="N",
                      help="retries of a failed work unit before it is reported and skipped (default 2)")
 

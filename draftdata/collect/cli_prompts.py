@@ -39,7 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     local.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
                        help="compute dtype; auto = bf16 on GPUs and on CPUs with native bf16 "
                             "(AVX512-BF16, AMX), else fp32")
-    local.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    local.add_argument("--device", default="auto",
+                       help="auto, cpu, cuda or cuda:N (default auto: cuda when a GPU is visible, else cpu)")
     remote = add_endpoint_arguments(
         p, "sample with POST URL/v1/completions (a token-id prompt) instead of loading the model",
         what="requests", concurrency=16)
@@ -53,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     from draftdata.collect.self_prompts import PromptSettings
     from draftdata.collect.self_prompts import run as run_prompts
     from draftdata.errors import DraftdataError
-    from draftdata.models import resolve_model
+    from draftdata.models import local_device, resolve_model
 
     if args.endpoint is None:
         if args.model is None:
@@ -72,6 +73,6 @@ def run(args: argparse.Namespace) -> int:
         system_prompt=args.system_prompt,
         chat_template=load_chat_template(args.chat_template) if args.chat_template else None,
         min_chars=args.min_chars, max_attempts=args.max_attempts, batch_size=args.batch_size, dtype=args.dtype,
-        device=args.device, endpoint=args.endpoint, api_key=endpoint_api_key(args),
+        device=local_device(args.device), endpoint=args.endpoint, api_key=endpoint_api_key(args),
         concurrency=args.concurrency, request_timeout=args.request_timeout, retries=args.retries)
     return run_prompts(settings)

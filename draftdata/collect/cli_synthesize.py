@@ -44,7 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     local.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
                        help="compute dtype; auto = bf16 on GPUs and on CPUs with native bf16 "
                             "(AVX512-BF16, AMX), else fp32")
-    local.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    local.add_argument("--device", default="auto",
+                       help="auto, cpu, cuda or cuda:N (default auto: cuda when a GPU is visible, else cpu; with "
+                            "--ray: the actors' own)")
     add_endpoint_arguments(p, "generate with POST URL/v1/chat/completions instead of loading the model",
                            what="conversations", concurrency=8)
     p.add_argument("--limit", type=int, default=None, metavar="N", help="read only the first N records")
@@ -56,8 +58,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     ray = p.add_argument_group("Ray cluster (see docs/SYNTHESIZE.md and docs/RAY.md)")
     ray.add_argument("--ray", action="store_true", help="run on a Ray cluster: one generating actor per worker")
     ray.add_argument("--ray-address", default=None, metavar="ADDR", help="Ray address (default: auto / RAY_ADDRESS)")
-    ray.add_argument("--num-workers", type=int, default=None, metavar="N", help="Ray actors (default: one per GPU)")
-    ray.add_argument("--gpus-per-worker", type=float, default=None, metavar="G", help="GPUs per Ray actor")
+    ray.add_argument("--num-workers", type=int, default=None, metavar="N",
+                     help="Ray actors (default: one per --gpus-per-worker GPUs; 1 with CPU actors)")
+    ray.add_argument("--gpus-per-worker", type=float, default=None, metavar="G",
+                     help="GPUs per Ray actor (default 1 when the cluster has GPUs and --device is not cpu, else 0)")
     ray.add_argument("--work-unit-size", type=int, default=None, metavar="N",
                      help="conversations per Ray work unit (default: 4 x --batch-size)")
 
@@ -94,7 +98,7 @@ def settings_from_args(args: argparse.Namespace):
     from draftdata.collect.conversations import load_chat_template
     from draftdata.collect.synthesize import SynthSettings
     from draftdata.errors import DraftdataError
-    from draftdata.models import resolve_model
+    from draftdata.models import local_device, resolve_model
     from draftdata.store.fs import parse_storage_options
 
     if args.endpoint is None and args.model is None:
@@ -110,7 +114,8 @@ def settings_from_args(args: argparse.Namespace):
         system_prompt=args.system_prompt, replace_system_prompt=args.replace_system_prompt,
         chat_template=load_chat_template(args.chat_template) if args.chat_template else None,
         max_seq_len=args.max_seq_len, batch_size=args.batch_size, concurrency=args.concurrency,
-        request_timeout=args.request_timeout, retries=args.retries, dtype=args.dtype, device=args.device,
+        request_timeout=args.request_timeout, retries=args.retries, dtype=args.dtype,
+        device=args.device if args.ray else local_device(args.device),
         limit=args.limit, strict=args.strict, rejects=args.rejects,
         storage_options=parse_storage_options(args.storage_option),
     )

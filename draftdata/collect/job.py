@@ -67,7 +67,7 @@ class CollectSettings:
 def settings_from_args(args: argparse.Namespace) -> CollectSettings:
     """Validate the collect flags and resolve the model (converting a GGUF once)."""
     from draftdata.collect.conversations import load_chat_template
-    from draftdata.models import parse_aux_layers, resolve_model
+    from draftdata.models import local_device, parse_aux_layers, resolve_model
     from draftdata.store.fs import parse_storage_options
 
     for name in ("max_seq_len", "batch_tokens"):
@@ -99,7 +99,7 @@ def settings_from_args(args: argparse.Namespace) -> CollectSettings:
         storage_options=parse_storage_options(args.storage_option), format=args.format, codec=args.codec,
         max_seq_len=args.max_seq_len, on_long=args.on_long, loss_mask=args.loss_mask,
         chat_template=load_chat_template(args.chat_template) if args.chat_template else None,
-        dtype=args.dtype, device=args.device, backend=args.backend, batch_tokens=args.batch_tokens,
+        dtype=args.dtype, device=args.device if args.ray else local_device(args.device), backend=args.backend, batch_tokens=args.batch_tokens,
         part_bytes=int(args.part_size * 2**20), limit=args.limit, strict=args.strict, rejects=args.rejects,
         tensor_parallel_size=tp, moe_expert_parallel_size=ep,
     )

@@ -239,7 +239,8 @@ def plan_workers(num_workers: int | None, gpus_per_worker: float | None, device:
     total = ray.cluster_resources()
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     total_gpus = float(total.get("GPU", 0))
-    g = gpus_per_worker if gpus_per_worker is not None else (1.0 if total_gpus >= 1 else 0.0)
+    # An explicit --device cpu means CPU actors even on a GPU cluster; auto and cuda take GPUs.
+    g = gpus_per_worker if gpus_per_worker is not None else (1.0 if total_gpus >= 1 and device != "cpu" else 0.0)
     if g > 0:
         if total_gpus < g:
             note = (f"the cluster has {total_gpus:g} GPUs now; actors wait for the autoscaler to add "
@@ -247,10 +248,12 @@ def plan_workers(num_workers: int | None, gpus_per_worker: float | None, device:
         else:
             note = ""
         n = num_workers or max(1, int(total_gpus // g))
-        if device == "cpu" or device.startswith("cuda:"):
-            device = "cuda"  # Ray sets CUDA_VISIBLE_DEVICES to the actor's own GPUs
+        if device == "cpu":
+            raise DraftdataError(f"--device cpu with --gpus-per-worker {g:g}: GPU actors run on their GPUs; "
+                                 "drop --device cpu, or give --gpus-per-worker 0 for CPU actors")
+        device = "cuda"  # auto / cuda / cuda:N: Ray sets CUDA_VISIBLE_DEVICES to the actor's own GPUs
         return RayPlan(n, 1, g, device, len(nodes), note)
-    if device != "cpu":
+    if device not in ("cpu", "auto"):
         raise DraftdataError(f"--device {device} with --ray needs GPU actors; the cluster has {total_gpus:g} GPUs "
                              f"(--gpus-per-worker {g:g}). Use --device cpu, or --gpus-per-worker 1 on a GPU cluster")
     n = num_workers or 1
