@@ -28,7 +28,7 @@ from draftdata.errors import DraftdataError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="demo_out", metavar="DIR", help="demo directory (default ./demo_out)")
+    p.add_argument("--out", "--output", default="demo_out", metavar="DIR", help="demo directory (default ./demo_out)")
     p.add_argument("--model", default="smollm2", help="base model (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--prompts", default=None, metavar="FILE",
                    help="chat JSONL (default: the ~50 prompts bundled with the package)")

@@ -292,6 +292,14 @@ def test_cli_eval_unusable_device_is_one_line(tiny_model, prompts, tmp_path, cap
     assert "cpu" in err
 
 
+def test_eval_dtype_accepts_collect_and_train_spellings():
+    from draftdata.train.evaluate import pick_device_dtype
+
+    for short, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16),
+                         ("float32", torch.float32)):
+        assert pick_device_dtype("cpu", short) == (torch.device("cpu"), dtype)
+
+
 def test_cli_eval_bad_output_is_refused_before_any_model_work(prompts, tmp_path, capsys):
     """Checked first: --model does not even exist, yet the error is about --output."""
     missing = str(tmp_path / "no-model")

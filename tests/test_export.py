@@ -383,6 +383,10 @@ def test_cli_export_picks_newest_checkpoint(tiny_model, tmp_path, capsys):
     assert cfg["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [0, 1, 3]
     assert new.parent.name == "step-2"
     assert main(["export", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
+    # collect's and train's spellings work too: --output, and bf16/fp16/fp32 for --dtype
+    assert main(["export", str(run), "--output", str(tmp_path / "out16"), "--dtype", "fp16"]) == 0
+    _, tensors = read_export(tmp_path / "out16")
+    assert tensors["fc.weight"][1] == "F16"
 
 
 def test_training_output_dir_exports_final_then_last_step(tiny_model, tmp_path):

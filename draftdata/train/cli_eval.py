@@ -24,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-prompt-lookup", action="store_true", help="skip the prompt-lookup baseline")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="auto",
-                   help="auto (bfloat16 on GPU, float32 on CPU), float32, float64, bfloat16, float16")
+                   help="auto (bfloat16 on GPU, float32 on CPU), float32, float64, bfloat16, float16 (or fp32, bf16, fp16)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="torch CPU threads (default: torch's choice; 1 is fastest for tiny models on a busy box)")
     p.add_argument("--json", action="store_true", help="print the full report as JSON on stdout")

@@ -11,13 +11,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", metavar="CKPT",
                    help="trainer checkpoint directory (draft.safetensors + draft_config.json), or a training "
                         "output directory (its final/, else its last checkpoints/step-*)")
-    p.add_argument("--out", required=True, metavar="DIR",
+    p.add_argument("--out", "--output", required=True, metavar="DIR",
                    help="output directory for config.json + model.safetensors (vLLM / SGLang / TRT-LLM)")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
-                   help="dtype of the exported weights (default bfloat16)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], type=_long_dtype,
+                   help="dtype of the exported weights (default bfloat16; bf16/fp16/fp32 also accepted)")
     p.add_argument("--modelopt-rope-scaling", action="store_true",
                    help="write the checkpoint's eagle_export_rope_scaling (ModelOpt's YaRN override) instead "
                         "of the RoPE the draft was trained with")
+
+
+def _long_dtype(name: str) -> str:
+    """bf16/fp16/fp32, the spelling of collect and train, as torch's dtype names."""
+    return {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(name, name)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -10,7 +10,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("url", help="dataset URL (file://, s3://, gs://, or a local path)")
     p.add_argument("--draft-vocab-size", "-n", type=int, required=True,
                    help="number of draft tokens N (e.g. 32000)")
-    p.add_argument("--out", "-o", required=True, help="output file (safetensors: d2t, t2d, token_counts)")
+    p.add_argument("--out", "--output", "-o", required=True, help="output file (safetensors: d2t, t2d, token_counts)")
     p.add_argument("--all-tokens", action="store_true",
                    help="count every stored token, not only loss_mask == 1 (assistant) tokens")
     p.add_argument("--workers", type=int, default=8, help="parts read in parallel (default 8)")

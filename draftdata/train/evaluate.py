@@ -402,7 +402,7 @@ def pick_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtyp
     else:
         dev = check_device(device)
     names = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
-             "float16": torch.float16}
+             "float16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     if dtype == "auto":
         return dev, torch.bfloat16 if dev.type == "cuda" else torch.float32
     if dtype not in names:
