@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import json
 import math
 import os
@@ -185,7 +186,9 @@ def setup_distributed(device_spec: str) -> tuple[Dist, torch.device]:
         info = Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
     elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
         use_cuda = torch.cuda.is_available() and device_spec != "cpu"
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        # Other ranks wait in a barrier while rank 0 saves checkpoints and the final draft, which on
+        # a slow shared file system can take longer than the default 10-minute collective timeout.
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=60))
         info = Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)), True)
     if device_spec == "auto":
         device = torch.device(f"cuda:{_visible_cuda_index(info)}" if torch.cuda.is_available() else "cpu")
