@@ -13,6 +13,43 @@ import pytest
 
 from draftdata.collect.backends.base import BaseModelInfo
 from draftdata.errors import DraftdataError
+
+
+def test_device_auto_and_gpu_index_checks(monkeypatch):
+    """--device auto follows what this process sees; cuda:N past the visible GPUs is one line."""
+    import torch
+
+    from draftdata.models import check_device, local_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert local_device("auto") == "cpu" and local_device("cuda:1") == "cuda:1"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert local_device("auto") == "cuda"
+    assert check_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(DraftdataError, match="only 2 CUDA device"):
+        check_device("cuda:2")
+
+
+def test_distributed_gpu_refusals(monkeypatch):
+    """cuda:N with several ranks, and more torchrun processes per node than GPUs, are refused."""
+    import torch
+
+    from draftdata.train.trainer import Dist, _visible_cuda_index, setup_distributed
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(DraftdataError, match="same GPU"):
+        setup_distributed("cuda:0")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
+    with pytest.raises(DraftdataError, match="3 processes per node but only 2"):
+        _visible_cuda_index(Dist(0, 3, 0))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert _visible_cuda_index(Dist(1, 2, 1)) == 1
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")
+    assert _visible_cuda_index(Dist(3, 4, 3)) == 1        # each process its own GPUs: modulo
 from draftdata.models import (
     default_aux_layers,
     model_hash,

@@ -469,6 +469,37 @@ def test_loss_definition(tiny_model):
     assert torch.isfinite(hard.loss) and hard.count[0] <= out.count[0]
 
 
+def test_target_distribution_is_computed_once_per_batch(tiny_model, monkeypatch):
+    """The TTT steps share one target projection of the loss positions (each row through the frozen
+    head once, not once per step); above TARGET_CACHE_BYTES the per-step path gives the same loss,
+    accuracies and gradients."""
+    from draftdata.train import losses
+
+    draft, head = build_draft(tiny_model, eagle(), schema_for(tiny_model))
+    randomize(draft, scale=0.2)
+    b = random_batch(b=2, t=18, lengths=[18, 11], seed=3)
+    b["loss_mask"][0, :6] = 0
+    rows_through_head = []
+    head.register_forward_hook(lambda m, args, out: rows_through_head.append(out.reshape(-1, out.shape[-1]).shape[0]))
+
+    def run():
+        rows_through_head.clear()
+        draft.zero_grad()
+        out = ttt_loss(draft, head, b, ttt_steps=3, decay=0.8)
+        out.loss.backward()
+        return out, [p.grad.clone() for p in draft.trainable_parameters()], sum(rows_through_head)
+
+    cached, cached_grads, cached_rows = run()
+    assert cached_rows == int((b["loss_mask"] > 0).sum())
+    monkeypatch.setattr(losses, "TARGET_CACHE_BYTES", 0)
+    per_step, grads, rows = run()
+    assert rows > 2 * cached_rows
+    assert cached.loss.item() == pytest.approx(per_step.loss.item(), rel=1e-6)
+    assert cached.step_accuracies() == per_step.step_accuracies()
+    for g1, g2 in zip(cached_grads, grads):
+        torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-7)
+
+
 def test_prenorm_dataset_applies_the_base_final_norm(tiny_model):
     from safetensors.torch import load_file
 

@@ -223,8 +223,9 @@ class RayPlan:
 def plan_workers(num_workers: int | None, gpus_per_worker: float | None, device: str) -> RayPlan:
     """Actor count and resources from the flags and the cluster (ray must be initialized).
 
-    GPUs: --gpus-per-worker G (default 1 when the cluster has GPUs), one actor per G GPUs
-    (default: all GPUs), each with 1 CPU, device cuda. No GPUs (or G=0): CPU actors (default 1),
+    GPUs: --gpus-per-worker G (default 1 when the cluster has GPUs and `device` is not cpu), one
+    actor per G GPUs (default: all GPUs), each with 1 CPU, device cuda. No GPUs, G=0 or
+    `device` cpu: CPU actors (default 1),
     each given an equal share of the CPUs of the largest node, and torch uses that many threads.
     """
     import ray

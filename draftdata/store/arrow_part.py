@@ -203,7 +203,8 @@ class ArrowPartReader:
             for n in names:
                 blocks[n].append(self._column(batch, n, b))
         first = (start // r) * r
-        for n, parts in blocks.items():
+        for n in names:                                  # free each array's blocks once joined
+            parts = blocks.pop(n)
             a = parts[0] if len(parts) == 1 else np.concatenate(parts)
             out[n] = a[start - first: stop - first]
         return out

@@ -51,9 +51,9 @@ def fp8_decode(q: np.ndarray, scale: np.ndarray) -> torch.Tensor:
     """(fp8 bits uint8 [T, slots*H], scales [T, slots]) -> bf16 [T, slots*H]."""
     rows, slots = scale.shape
     q, scale = np.array(q, copy=not q.flags.writeable), np.array(scale, copy=not scale.flags.writeable)
-    qt = torch.from_numpy(np.ascontiguousarray(q)).view(torch.float8_e4m3fn).float().view(rows, slots, -1)
+    qt = torch.from_numpy(np.ascontiguousarray(q)).view(torch.float8_e4m3fn).float().view(rows, slots, q.shape[1] // slots)
     out = qt * torch.from_numpy(np.ascontiguousarray(scale)).unsqueeze(2)
-    return out.view(rows, -1).to(torch.bfloat16)
+    return out.view(rows, q.shape[1]).to(torch.bfloat16)
 
 
 def shuffle_rows(bits: np.ndarray) -> np.ndarray:

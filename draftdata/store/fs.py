@@ -128,20 +128,37 @@ def put_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes, *, exclusi
         except FileExistsError:
             return False
         except Exception as e:
-            if not _condition_unsupported(e):
+            code = _error_code(e)
+            # 412 without s3fs's If-None-Match marker, or AWS's 409 for two conditional PUTs in
+            # flight: the key exists (or is being created); the caller reads back the winner.
+            if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
+                return False
+            if not _condition_unsupported(e, code):
                 raise
     fs.pipe_file(path, data)
     return True
 
 
-def _condition_unsupported(e: BaseException) -> bool:
-    """Whether a conditional PUT failed only because the store does not implement the condition
-    (older S3-compatible servers answer 501 NotImplemented; some fsspec backends lack `mode`)."""
-    if isinstance(e, TypeError) and "mode" in str(e):
+def _error_code(e: BaseException) -> str:
+    """The storage service's error code (`Error.Code` of a botocore response), or ''."""
+    for err in (e, e.__cause__):
+        response = getattr(err, "response", None)
+        if isinstance(response, dict):
+            return str(response.get("Error", {}).get("Code", ""))
+    return ""
+
+
+def _condition_unsupported(e: BaseException, code: str) -> bool:
+    """Whether a conditional PUT failed only because the store or client does not implement the
+    condition: older S3-compatible servers answer 501 NotImplemented; s3fs before 2024.12 passes
+    `mode` on to botocore, and botocore before 1.35.20 lacks IfNoneMatch (ParamValidationError);
+    some fsspec backends have no `mode` argument (TypeError)."""
+    text = f"{e} {e.__cause__ or ''}"
+    if isinstance(e, TypeError) and "mode" in text:
         return True
-    response = getattr(e.__cause__, "response", None) or getattr(e, "response", None) or {}
-    code = str(response.get("Error", {}).get("Code", "")) if isinstance(response, dict) else ""
-    return code in ("NotImplemented", "501") or "NotImplemented" in str(e) or "not implemented" in str(e).lower()
+    if "ParamValidationError" in (type(e).__name__, type(e.__cause__).__name__) or "Unknown parameter" in text:
+        return True
+    return code in ("NotImplemented", "501") or "NotImplemented" in text or "not implemented" in text.lower()
 
 
 def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:

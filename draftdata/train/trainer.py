@@ -202,12 +202,14 @@ def setup_distributed(device_spec: str) -> tuple[Dist, torch.device]:
 
 
 def _visible_cuda_index(info: Dist) -> int:
-    # Under Ray Train each worker may see only its own GPU (then local rank N uses cuda:0); under
-    # torchrun it sees all of the node's, and two ranks on one GPU would fail in NCCL.
+    # Under Ray Train (or a launcher that gives each process its own GPUs) a worker may see only
+    # its own GPU, so local rank N uses cuda:N mod count; under torchrun every process sees all of
+    # the node's GPUs, and more processes than GPUs would put two ranks on one GPU (NCCL fails).
     count = torch.cuda.device_count()
-    if count > 1 and info.local_rank >= count:
-        raise DraftdataError(f"local rank {info.local_rank} but only {count} GPUs are visible on this node: "
-                             f"start at most {count} processes per node (torchrun --nproc-per-node)")
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "0"))
+    if os.environ.get("TORCHELASTIC_RUN_ID") and per_node > count:
+        raise DraftdataError(f"{per_node} processes per node but only {count} GPU(s) are visible: start at most "
+                             f"{count} (torchrun --nproc-per-node), or pass --device cpu")
     return info.local_rank % max(1, count)
 
 
