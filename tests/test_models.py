@@ -13,6 +13,14 @@ import pytest
 
 from draftdata.collect.backends.base import BaseModelInfo
 from draftdata.errors import DraftdataError
+from draftdata.models import (
+    default_aux_layers,
+    model_hash,
+    model_identity,
+    parse_aux_layers,
+    resolve_model,
+    tokenizer_hash,
+)
 
 
 def test_device_auto_and_gpu_index_checks(monkeypatch):
@@ -50,14 +58,6 @@ def test_distributed_gpu_refusals(monkeypatch):
     assert _visible_cuda_index(Dist(1, 2, 1)) == 1
     monkeypatch.delenv("TORCHELASTIC_RUN_ID")
     assert _visible_cuda_index(Dist(3, 4, 3)) == 1        # each process its own GPUs: modulo
-from draftdata.models import (
-    default_aux_layers,
-    model_hash,
-    model_identity,
-    parse_aux_layers,
-    resolve_model,
-    tokenizer_hash,
-)
 
 
 def test_default_aux_layers_follow_eagle3():
