@@ -39,7 +39,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="draft training wall-clock budget in minutes (default 4; whichever ends first)")
     p.add_argument("--draft-vocab-size", type=int, default=4096, help="compressed draft vocabulary (default 4096)")
     p.add_argument("--eval-tokens", type=int, default=96, help="new tokens per eval turn (default 96)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--device", default="cpu",
+                   help="cpu, cuda or cuda:N for every step (default cpu, unlike the other commands' auto: the "
+                        "demo's timings and acceptance figures are CPU ones, and its eval checks exact greedy "
+                        "equality, which bf16 on a GPU breaks at near-ties)")
 
 
 def bundled_prompts() -> Path:
