@@ -289,6 +289,26 @@ def test_max_minutes_stops_with_a_checkpoint_and_resume_continues(tmp_path, tiny
     assert main(bad) == 2 and not (tmp_path / "bad").exists()       # bad value: one-line error, nothing written
 
 
+def test_pad_to_multiple_of_rounds_batches_and_is_fixed_for_the_run(tmp_path, tiny_model, train_data):  # noqa: F811
+    """--pad-to-multiple-of reaches the loader (every batch's padded length is a multiple of it,
+    seen in the logged padding efficiency) and a resume with another value is refused."""
+    from draftdata.loaders import HiddenStateDataset
+
+    out = tmp_path / "run"
+    common = ["train", "--data", train_data, "--model", str(tiny_model), "--output", str(out),
+              "--eagle-config", str(eagle_file(tmp_path)), "--steps", "4", "--batch-tokens", "512",
+              "--save-every", "2", "--no-plot"]
+    assert main(common + ["--pad-to-multiple-of", "96", "--max-minutes", "0.0001"]) == 0
+    assert json.loads((out / "train_config.json").read_text())["pad_to_multiple_of"] == 96
+    batches = list(HiddenStateDataset(train_data, shuffle=True, seed=0, max_tokens_per_batch=512,
+                                      max_seq_len=512, pad_to_multiple_of=96))
+    first = batches[0]
+    assert first["input_ids"].shape[1] % 96 == 0
+    assert read_metrics(out)[0]["padding_efficiency"] == pytest.approx(
+        int(first["lengths"].sum()) / first["input_ids"].numel())
+    assert main(common + ["--pad-to-multiple-of", "64", "--resume"]) == 2
+
+
 def damaged_copy(source: str, dest: Path, *, rank: int = 0, world_size: int = 1, batch_tokens: int = 64,
                  seed: int = 5) -> tuple[str, dict[str, int]]:
     """A copy of dataset `source` whose part holding `rank`'s first batch has a flipped byte in its

@@ -70,7 +70,7 @@ PLOT = "training_curves.png"
 
 # Settings that must not change across --resume, or the resumed run is not the same run.
 RESUME_FIXED = ("data", "model", "eagle_config", "draft_vocab", "batch_tokens", "max_seq_len", "grad_accum",
-                "seed", "shuffle", "num_workers", "world_size")
+                "seed", "shuffle", "num_workers", "world_size", "pad_to_multiple_of")
 
 
 @dataclass
@@ -94,6 +94,7 @@ class TrainConfig:
     grad_accum: int = 1
     batch_tokens: int = 8192
     max_seq_len: int | None = None           # None: batch_tokens
+    pad_to_multiple_of: int | None = None    # round each batch's padded length up (fewer distinct shapes)
     draft_vocab: str | None = None
     ttt_steps: int | None = None             # overrides eagle_ttt_steps
     resume: bool = False
@@ -122,7 +123,7 @@ class TrainConfig:
         if (self.steps is None) == (self.epochs is None):
             raise DraftdataError("give exactly one of --steps and --epochs")
         for name in ("steps", "epochs", "grad_accum", "batch_tokens", "save_every", "log_every", "max_seq_len",
-                     "val_every", "ttt_steps"):
+                     "val_every", "ttt_steps", "pad_to_multiple_of"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 1):
                 raise DraftdataError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
@@ -540,7 +541,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                 cfg.data, shuffle=cfg.shuffle, seed=cfg.seed, rank=info.rank, world_size=info.world_size,
                 max_seq_len=cfg.max_seq_len or cfg.batch_tokens, storage_options=cfg.storage_options or None,
                 max_tokens_per_batch=cfg.batch_tokens, pin_memory=False, on_corrupt=cfg.on_corrupt,
-                empty_batches=cfg.on_corrupt == "skip", parts=parts)
+                empty_batches=cfg.on_corrupt == "skip", parts=parts, pad_to_multiple_of=cfg.pad_to_multiple_of)
 
         snapshot = resume_state.get("part_ids") if resume_state else None
         dataset = open_data(snapshot)
@@ -558,7 +559,8 @@ def train(cfg: TrainConfig) -> TrainResult:
             val_dataset = HiddenStateDataset(
                 cfg.val_data, shuffle=False, rank=info.rank, world_size=info.world_size,
                 max_seq_len=cfg.max_seq_len or cfg.batch_tokens, storage_options=cfg.storage_options or None,
-                max_tokens_per_batch=cfg.batch_tokens, pin_memory=False, on_corrupt=cfg.on_corrupt)
+                max_tokens_per_batch=cfg.batch_tokens, pin_memory=False, on_corrupt=cfg.on_corrupt,
+                pad_to_multiple_of=cfg.pad_to_multiple_of)
             check_val_schema(schema, val_dataset.schema, cfg.data, cfg.val_data)
         val_every = cfg.val_every or cfg.save_every
 
@@ -664,6 +666,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                                          "the dataset change while training?)") from None
                 skipped = [reason for b in raw for reason in b.get("skipped", ())]
                 real_tokens = sum(int(b["lengths"].sum()) for b in raw)
+                batch_slots = sum(int(b["input_ids"].numel()) for b in raw)   # padding included
                 # A batch whose samples were all damaged arrives empty: run a stand-in without loss
                 # positions instead, so that this rank's backward still joins DDP's all-reduce.
                 raw = [b if b["input_ids"].shape[0] else stand_in_batch(schema, module.ttt_steps) for b in raw]
@@ -698,8 +701,8 @@ def train(cfg: TrainConfig) -> TrainResult:
                 step += 1
                 consumed += cfg.grad_accum
 
-                tokens, n_skipped = _all_reduce(torch.tensor([float(real_tokens), float(len(skipped))],
-                                                             device=device), info).tolist()
+                tokens, slots, n_skipped = _all_reduce(torch.tensor(
+                    [float(real_tokens), float(batch_slots), float(len(skipped))], device=device), info).tolist()
                 n_skipped = int(n_skipped)
                 _all_reduce(loss_sum, info)
                 _all_reduce(correct, info)
@@ -715,6 +718,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                     "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "tokens": int(tokens),
                     "loss_tokens": int(counts[0].item()), "tokens_per_s": tokens / max(dt, 1e-9),
                     "tokens_seen": tokens_seen, "skipped_samples": n_skipped,
+                    "padding_efficiency": tokens / max(slots, 1.0),
                     "elapsed_s": elapsed_before + time.perf_counter() - started,
                     "peak_mem_gb": _peak_memory_gb(device),
                 }
