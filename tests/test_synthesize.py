@@ -435,6 +435,23 @@ def test_resume_with_other_settings_is_refused(tiny_model, tmp_path):
                    "--max-seq-len", 64) == 0
 
 
+def test_resume_on_another_device_with_dtype_auto_warns(tiny_model, tmp_path, capsys):
+    """--dtype auto resolves by device, so resuming a file written on a GPU on the CPU (or the
+    reverse) would mix compute dtypes silently: the run says so."""
+    inp = write_jsonl(tmp_path / "in.jsonl", conversations()[:1])
+    out = tmp_path / "out.jsonl"
+    assert run_cli("--model", tiny_model, "--input", inp, "--output", out, "--max-new-tokens", MAX_NEW) == 0
+    settings = tmp_path / "out.jsonl.synth" / "settings.json"
+    recorded = json.loads(settings.read_text())
+    assert recorded["settings"]["device"] == "cpu"       # --device auto, resolved on this machine
+    recorded["settings"]["device"] = "cuda"               # as if written on a GPU machine
+    settings.write_text(json.dumps(recorded))
+    capsys.readouterr()
+    more = write_jsonl(tmp_path / "more.jsonl", conversations()[:2])
+    assert run_cli("--model", tiny_model, "--input", more, "--output", out, "--max-new-tokens", MAX_NEW) == 0
+    assert "was written on cuda, this run is on cpu with --dtype auto" in capsys.readouterr().err
+
+
 def test_bad_input_rejected_with_file_line_and_strict(tiny_model, tmp_path, capsys):
     good = conversations()[:2]
     inp = write_jsonl(tmp_path / "in.jsonl", [good[0], "{not json", {"conversation_id": "none", "conversations": [

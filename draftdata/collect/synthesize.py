@@ -990,9 +990,10 @@ def check_settings(output: JsonlOutput, settings: OutputSettings, command: str =
     current = settings.identity()
     if output.ids and path.is_file():
         try:
-            recorded = json.loads(path.read_text()).get("identity", {})
+            saved = json.loads(path.read_text())
+            recorded, saved_settings = saved.get("identity", {}), saved.get("settings") or {}
         except (OSError, ValueError, AttributeError):
-            recorded = None
+            recorded, saved_settings = None, {}
         if recorded is not None:
             diffs = [f"{k}: file has {recorded.get(k)!r}, this run has {current.get(k)!r}"
                      for k in sorted(recorded) if recorded.get(k) != current.get(k)]
@@ -1001,6 +1002,7 @@ def check_settings(output: JsonlOutput, settings: OutputSettings, command: str =
                     f"--output {output.path} already holds {len(output.ids):,} conversations written with other "
                     f"settings, so appending would mix two generation setups; refusing. Differences: "
                     + "; ".join(diffs) + ". Rerun with the same flags, or write to a new --output.")
+            _warn_other_device(saved_settings, settings, output.path, command)
             return
     if output.ids and not path.is_file():
         print(f"draftdata {command}: {output.path} has no {path.name} in {path.parent.name}/ (written by something "
@@ -1009,6 +1011,17 @@ def check_settings(output: JsonlOutput, settings: OutputSettings, command: str =
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps({"identity": current, "settings": settings.report_dict()}, indent=2) + "\n")
     os.replace(tmp, path)
+
+
+def _warn_other_device(saved: dict[str, Any], settings: OutputSettings, path: str, command: str) -> None:
+    """--dtype auto resolves by device (bf16 on a GPU, fp32 on most CPUs), so a resume on another
+    kind of device appends answers of another compute dtype although the recorded settings agree."""
+    was, now = str(saved.get("device") or "auto"), str(getattr(settings, "device", None) or "auto")
+    if "auto" in (was, now) or was.split(":")[0] == now.split(":")[0] or saved.get("dtype") != "auto":
+        return
+    print(f"draftdata {command}: warning: {path} was written on {was}, this run is on {now} with --dtype auto, "
+          f"which resolves differently there; pass --device {was} (or an explicit --dtype) to keep one setup",
+          file=sys.stderr)
 
 
 def write_reports(output: str | os.PathLike, stats: SynthStats, rejects: Any, settings: SynthSettings) -> str | None:
