@@ -257,6 +257,17 @@ def test_padding_efficiency_counts_pad_to_multiple_of(local_ds):
         assert ds.padding_efficiency() == pytest.approx(ds.stats["tokens"] / padded)
 
 
+def test_token_budget_counts_the_rounded_length(local_ds):
+    """With pad_to_multiple_of the budget holds for the batches as padded (it counted the unrounded
+    length, so rounding could nearly double a batch); a lone sample over the budget stays alone."""
+    url, _ = local_ds
+    ds = HiddenStateDataset(url, max_tokens_per_batch=96, max_seq_len=40, pad_to_multiple_of=32, seed=3)
+    shapes = [tuple(b["input_ids"].shape) for b in ds]
+    assert all(t % 32 == 0 and (b * t <= 96 or b == 1) for b, t in shapes)
+    assert sum(b for b, _ in shapes) == ds.num_samples
+    assert max(b * t for b, t in shapes) > 64                  # the budget is used, not just one sample
+
+
 def test_samples_are_views_of_the_stored_bits(local_ds):
     url, ref = local_ds
     ds = HiddenStateDataset(url, shuffle=False)

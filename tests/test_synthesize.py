@@ -450,6 +450,16 @@ def test_resume_on_another_device_with_dtype_auto_warns(tiny_model, tmp_path, ca
     more = write_jsonl(tmp_path / "more.jsonl", conversations()[:2])
     assert run_cli("--model", tiny_model, "--input", more, "--output", out, "--max-new-tokens", MAX_NEW) == 0
     assert "was written on cuda, this run is on cpu with --dtype auto" in capsys.readouterr().err
+    # nothing to warn about: the same device type, an explicit dtype, or answers from an endpoint
+    from types import SimpleNamespace
+
+    from draftdata.collect.synthesize import _warn_other_device
+    for saved, now in (({"device": "cuda:1", "dtype": "auto"}, {"device": "cuda"}),
+                       ({"device": "cuda", "dtype": "fp32"}, {"device": "cpu"}),
+                       ({"device": "cuda", "dtype": "auto", "endpoint": "http://h/v1"},
+                        {"device": "cpu", "endpoint": "http://h/v1"})):
+        _warn_other_device(saved, SimpleNamespace(**{"endpoint": None, **now}), "out.jsonl", "synthesize")
+    assert capsys.readouterr().err == ""
 
 
 def test_bad_input_rejected_with_file_line_and_strict(tiny_model, tmp_path, capsys):

@@ -1016,6 +1016,8 @@ def check_settings(output: JsonlOutput, settings: OutputSettings, command: str =
 def _warn_other_device(saved: dict[str, Any], settings: OutputSettings, path: str, command: str) -> None:
     """--dtype auto resolves by device (bf16 on a GPU, fp32 on most CPUs), so a resume on another
     kind of device appends answers of another compute dtype although the recorded settings agree."""
+    if saved.get("endpoint") or getattr(settings, "endpoint", None):  # nothing is computed here
+        return
     was, now = str(saved.get("device") or "auto"), str(getattr(settings, "device", None) or "auto")
     if "auto" in (was, now) or was.split(":")[0] == now.split(":")[0] or saved.get("dtype") != "auto":
         return

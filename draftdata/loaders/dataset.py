@@ -86,7 +86,8 @@ class HiddenStateDataset(IterableDataset):
             damaged as a 0-row batch (with its `skipped` list) instead of leaving it out, so every
             rank yields exactly `len(ds)` items: what a DDP loop with a fixed step count and a
             global items_consumed cursor need (see docs/LOADER.md, Errors).
-        pad_to_multiple_of: round each batch's padded length up to a multiple of this.
+        pad_to_multiple_of: round each batch's padded length up to a multiple of this (the token
+            budget counts the rounded length).
     """
 
     def __init__(self, url: str, *, shuffle: bool = True, seed: int = 0, rank: int | None = None,
@@ -145,9 +146,12 @@ class HiddenStateDataset(IterableDataset):
         return self.store.num_samples
 
     def _settings(self) -> dict[str, Any]:
-        return {"shuffle": self.shuffle, "seed": self.seed, "max_seq_len": self.max_seq_len,
-                "batch_size": self.batch_size, "max_tokens_per_batch": self.max_tokens_per_batch,
-                "shuffle_window": self.shuffle_window, "prefetch_bytes": self.prefetch_bytes}
+        out = {"shuffle": self.shuffle, "seed": self.seed, "max_seq_len": self.max_seq_len,
+               "batch_size": self.batch_size, "max_tokens_per_batch": self.max_tokens_per_batch,
+               "shuffle_window": self.shuffle_window, "prefetch_bytes": self.prefetch_bytes}
+        if self.pad_to_multiple_of and self.max_tokens_per_batch:  # it shapes the batches (absent: older plans)
+            out["pad_to_multiple_of"] = self.pad_to_multiple_of
+        return out
 
     def fingerprint(self) -> str:
         return planning.fingerprint(self.part_ids, self._counts, self._settings())
@@ -159,7 +163,8 @@ class HiddenStateDataset(IterableDataset):
             shuffle=self.shuffle, rank=self.rank if rank is None else rank, world_size=self.world_size,
             token_bytes=self.token_bytes, window_bytes=max(1, self.prefetch_bytes // 2),
             window_samples=self.shuffle_window, batch_size=self.batch_size,
-            max_tokens_per_batch=self.max_tokens_per_batch, max_seq_len=self.max_seq_len)
+            max_tokens_per_batch=self.max_tokens_per_batch, max_seq_len=self.max_seq_len,
+            pad_to_multiple_of=self.pad_to_multiple_of)
 
     def __len__(self) -> int:
         """Items (samples, or batches when batching) this rank yields in the current epoch."""

@@ -117,7 +117,7 @@ def bytes_per_token(hidden_size: int, num_aux_slots: int) -> int:
 def rank_plan(counts: np.ndarray | list[int], lengths: list[np.ndarray], *, seed: int, epoch: int, shuffle: bool,
               rank: int, world_size: int, token_bytes: int, window_bytes: int, window_samples: int | None = None,
               batch_size: int | None = None, max_tokens_per_batch: int | None = None,
-              max_seq_len: int | None = None) -> RankPlan:
+              max_seq_len: int | None = None, pad_to_multiple_of: int | None = None) -> RankPlan:
     """Plan one epoch of one rank. `counts[p]`/`lengths[p]`: samples / token lengths of part p."""
     counts = np.asarray(counts, dtype=np.int64)
     order = part_order(len(counts), seed=seed, epoch=epoch, shuffle=shuffle)
@@ -145,7 +145,7 @@ def rank_plan(counts: np.ndarray | list[int], lengths: list[np.ndarray], *, seed
     windows = _cut_windows(stored * token_bytes, part, window_bytes, window_samples, unit)
     for w in windows:
         w.items = _window_items(w, length, seed=seed, epoch=epoch, stream_lo=lo, shuffle=shuffle,
-                                batch_size=batch_size, max_tokens=max_tokens_per_batch)
+                                batch_size=batch_size, max_tokens=max_tokens_per_batch, multiple=pad_to_multiple_of or 1)
     if shuffle and windows:
         perm = _rng(seed, epoch, _TAG_WINDOW_ORDER, rank, world_size).permutation(len(windows))
         windows = [windows[i] for i in perm]
@@ -189,20 +189,21 @@ def _cut_windows(sample_bytes: np.ndarray, part: np.ndarray, window_bytes: int, 
 
 
 def _window_items(w: Window, length: np.ndarray, *, seed: int, epoch: int, stream_lo: int, shuffle: bool,
-                  batch_size: int | None, max_tokens: int | None) -> list[np.ndarray]:
+                  batch_size: int | None, max_tokens: int | None, multiple: int = 1) -> list[np.ndarray]:
     idx = np.arange(w.lo, w.hi, dtype=np.int64)
     rng = _rng(seed, epoch, _TAG_WINDOW, stream_lo + w.lo)
     if shuffle:
         idx = rng.permutation(idx)
     if max_tokens:
         # Bucketing: sort by length (ties keep the shuffled order), pack greedily under the padded
-        # budget (samples x longest), then shuffle the batch order so lengths do not trend.
+        # budget (samples x longest, rounded up to `multiple` as the collator pads), then shuffle the
+        # batch order so lengths do not trend.
         idx = idx[np.argsort(length[idx], kind="stable")]
         batches, cur, longest = [], [], 0
         for i in idx.tolist():
             li = int(length[i])
             full = batch_size is not None and len(cur) >= batch_size
-            if cur and (full or (len(cur) + 1) * max(longest, li) > max_tokens):
+            if cur and (full or (len(cur) + 1) * (-(-max(longest, li) // multiple) * multiple) > max_tokens):
                 batches.append(np.array(cur, dtype=np.int64))
                 cur, longest = [], 0
             cur.append(i)

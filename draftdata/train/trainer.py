@@ -718,7 +718,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                     "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "tokens": int(tokens),
                     "loss_tokens": int(counts[0].item()), "tokens_per_s": tokens / max(dt, 1e-9),
                     "tokens_seen": tokens_seen, "skipped_samples": n_skipped,
-                    "padding_efficiency": tokens / max(slots, 1.0),
+                    "padding_efficiency": tokens / slots if slots else float("nan"),  # nan: no batch
                     "elapsed_s": elapsed_before + time.perf_counter() - started,
                     "peak_mem_gb": _peak_memory_gb(device),
                 }
