@@ -34,8 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-seq-len", type=int, help="truncate samples to this many tokens (default --batch-tokens)")
     p.add_argument("--pad-to-multiple-of", type=int, metavar="N",
                    help="round each batch's padded length up to a multiple of N: fewer distinct shapes (GPU "
-                        "kernels, torch.compile; on the CPU in bf16, fewer cached oneDNN primitives: -0.7 GiB at "
-                        "0.96x tokens/s with 64, bench/train/results.md). Default: no rounding")
+                        "kernels, torch.compile; on the CPU in bf16, fewer cached oneDNN primitives: -1 GiB at "
+                        "0.97x tokens/s with 64, bench/train/results.md). Default: no rounding")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
     p.add_argument("--draft-vocab", metavar="FILE", help="d2t/t2d file from `draftdata vocab` (compressed vocab)")
     p.add_argument("--ttt-steps", type=int, help="training-time-test steps (default: eagle_ttt_steps = 3)")
