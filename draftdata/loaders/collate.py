@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch.utils.data import get_worker_info
 
+from draftdata.loaders.plan import padded_length
+
 _PIN_WARNED = False
 HUGE_PAGE = 2 << 20
 
@@ -65,9 +67,7 @@ def collate_samples(samples: list[dict[str, Any]], *, pad_to_multiple_of: int | 
     if not samples:
         raise ValueError("cannot collate an empty list of samples")
     lengths = [int(s["input_ids"].shape[0]) for s in samples]
-    b, t = len(samples), max(lengths)
-    if pad_to_multiple_of:
-        t = -(-t // pad_to_multiple_of) * pad_to_multiple_of
+    b, t = len(samples), padded_length(max(lengths), pad_to_multiple_of)
     h = int(samples[0]["hidden_states"].shape[-1])
     kh = int(samples[0]["aux_hidden_states"].shape[-1])
     shared = get_worker_info() is not None

@@ -104,9 +104,16 @@ class RankPlan:
         real = int(self.length.sum())
         if not self.batched:
             return real, real
-        m = int(pad_to_multiple_of or 1)
-        padded = sum(len(it) * (-(-int(self.length[it].max()) // m) * m) for w in self.windows for it in w.items)
+        padded = sum(len(it) * padded_length(int(self.length[it].max()), pad_to_multiple_of)
+                     for w in self.windows for it in w.items)
         return real, padded
+
+
+def padded_length(longest: int, pad_to_multiple_of: int | None) -> int:
+    """A batch's padded length: its longest sample, rounded up to a multiple of `pad_to_multiple_of`
+    (the rule `collate_samples` pads by and the token budget counts)."""
+    m = int(pad_to_multiple_of or 1)
+    return -(-longest // m) * m
 
 
 def bytes_per_token(hidden_size: int, num_aux_slots: int) -> int:
@@ -145,7 +152,7 @@ def rank_plan(counts: np.ndarray | list[int], lengths: list[np.ndarray], *, seed
     windows = _cut_windows(stored * token_bytes, part, window_bytes, window_samples, unit)
     for w in windows:
         w.items = _window_items(w, length, seed=seed, epoch=epoch, stream_lo=lo, shuffle=shuffle,
-                                batch_size=batch_size, max_tokens=max_tokens_per_batch, multiple=pad_to_multiple_of or 1)
+                                batch_size=batch_size, max_tokens=max_tokens_per_batch, multiple=pad_to_multiple_of)
     if shuffle and windows:
         perm = _rng(seed, epoch, _TAG_WINDOW_ORDER, rank, world_size).permutation(len(windows))
         windows = [windows[i] for i in perm]
@@ -189,7 +196,7 @@ def _cut_windows(sample_bytes: np.ndarray, part: np.ndarray, window_bytes: int, 
 
 
 def _window_items(w: Window, length: np.ndarray, *, seed: int, epoch: int, stream_lo: int, shuffle: bool,
-                  batch_size: int | None, max_tokens: int | None, multiple: int = 1) -> list[np.ndarray]:
+                  batch_size: int | None, max_tokens: int | None, multiple: int | None = None) -> list[np.ndarray]:
     idx = np.arange(w.lo, w.hi, dtype=np.int64)
     rng = _rng(seed, epoch, _TAG_WINDOW, stream_lo + w.lo)
     if shuffle:
@@ -203,7 +210,7 @@ def _window_items(w: Window, length: np.ndarray, *, seed: int, epoch: int, strea
         for i in idx.tolist():
             li = int(length[i])
             full = batch_size is not None and len(cur) >= batch_size
-            if cur and (full or (len(cur) + 1) * (-(-max(longest, li) // multiple) * multiple) > max_tokens):
+            if cur and (full or (len(cur) + 1) * padded_length(max(longest, li), multiple) > max_tokens):
                 batches.append(np.array(cur, dtype=np.int64))
                 cur, longest = [], 0
             cur.append(i)

@@ -169,9 +169,9 @@ class ArrowPartReader:
                     a = unshuffle_rows(a)
             else:
                 a = col.to_numpy(zero_copy_only=False)
-        except Exception as e:
-            raise self._decode_error(e, f"array {name} block {b} is unreadable", self._file.failures
-                                     if self._file is not None else 0) from None
+        except Exception as e:  # the batch is in memory: only its bytes can be wrong
+            raise CorruptDataError(f"part {self.part_id}: array {name} block {b} is unreadable "
+                                   f"({type(e).__name__}: {e})") from None
         expected = self.meta["block_crc32c"][name][b]
         if crc32c(a) != expected:
             raise CorruptDataError(f"part {self.part_id}: array {name} block {b} fails its CRC-32C check")

@@ -395,12 +395,9 @@ def read_prompts(path: str, limit: int | None = None) -> list[PromptConversation
 def pick_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
     """--device and --dtype as torch objects; an unusable device (cuda without CUDA, a typo) is a
     one-line DraftdataError, as in collect."""
-    from draftdata.models import check_device
+    from draftdata.models import check_device, local_device
 
-    if device == "auto":
-        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        dev = check_device(device)
+    dev = check_device(local_device(device))
     names = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
              "float16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     if dtype == "auto":

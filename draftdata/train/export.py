@@ -284,8 +284,7 @@ def check_out_dir(out_dir: str | os.PathLike) -> Path:
         raise DraftdataError(f"--out {out}: is a file, not a directory; choose another --out")
     if not out.is_dir() or _is_export(out):
         return out
-    names = sorted(p.name for p in out.iterdir())
-    shown = name_some(names)
+    shown = name_some(sorted(p.name for p in out.iterdir()))
     what = ""
     try:
         arch = json.loads((out / EXPORT_CONFIG).read_text()).get("architectures")

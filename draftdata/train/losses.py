@@ -17,11 +17,11 @@ with accuracy = argmax agreement over the same positions. Targets are restricted
 vocabulary (a softmax over those ids only) when it is compressed.
 
 Memory: the lm_head and the cross-entropy are fused and run over chunks of the positions that
-are in the loss (`head_cross_entropy`): neither the [T, vocab] draft logits nor the target
-distribution ever exist whole, and nothing of vocabulary width is kept for backward (the
-gradient with respect to the draft state is formed during the forward pass). The target
-distribution of the loss positions is computed once per batch and shared by the TTT steps while
-it fits TARGET_CACHE_BYTES (`target_cache`); beyond that, once per step and chunk.
+are in the loss (`head_cross_entropy`): the [T, vocab] draft logits never exist whole, and
+nothing of vocabulary width is kept for backward (the gradient with respect to the draft state
+is formed during the forward pass). The target distribution of the loss positions is computed
+once per batch and shared by the TTT steps while it fits TARGET_CACHE_BYTES (`target_cache`);
+beyond that, once per step and chunk, so it never exists whole either.
 """
 
 from __future__ import annotations
@@ -165,12 +165,17 @@ class HeadCrossEntropy(torch.autograd.Function):
 def head_cross_entropy(h: torch.Tensor, weight: torch.Tensor, row_weight: torch.Tensor, targets,
                        chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused lm_head + soft cross-entropy over rows of h (see HeadCrossEntropy)."""
-    if chunk is None:                         # ~32 MiB per [chunk, V] fp32 temporary
-        chunk = max(16, (32 << 20) // (4 * weight.shape[0]))
+    if chunk is None:
+        chunk = chunk_rows(weight.shape[0])
     return HeadCrossEntropy.apply(h, weight, row_weight, targets, chunk)
 
 
 TARGET_CACHE_BYTES = 256 << 20
+
+
+def chunk_rows(vocab: int) -> int:
+    """Rows per chunk of vocabulary-wide work: ~32 MiB per [chunk, vocab] fp32 temporary."""
+    return max(16, (32 << 20) // (4 * vocab))
 
 
 def target_cache(head: TargetHead, final_hidden: torch.Tensor, loss_mask: torch.Tensor, vocab: int,
@@ -191,7 +196,7 @@ def target_cache(head: TargetHead, final_hidden: torch.Tensor, loss_mask: torch.
     flat = final_hidden.reshape(b * t, -1)
     probs = torch.empty(n, vocab, dtype=torch.float32, device=final_hidden.device)
     top = torch.empty(n, dtype=torch.long, device=final_hidden.device)
-    chunk = max(16, (32 << 20) // (4 * vocab))
+    chunk = chunk_rows(vocab)
     for s in range(0, n, chunk):
         logits = head(flat.index_select(0, needed[s:s + chunk])).float()
         top[s:s + chunk] = logits.argmax(-1)

@@ -174,16 +174,16 @@ class Dist:
 
 def setup_distributed(device_spec: str) -> tuple[Dist, torch.device]:
     """Join torch.distributed when launched by torchrun (or already joined under Ray Train)."""
+    joined = dist.is_available() and dist.is_initialized()
     if device_spec != "auto":
         from draftdata.models import check_device
 
-        joined = dist.is_available() and dist.is_initialized()
         world = dist.get_world_size() if joined else int(os.environ.get("WORLD_SIZE", "1"))
         if check_device(device_spec).index is not None and world > 1:
             raise DraftdataError(f"--device {device_spec} puts every rank on the same GPU; with torchrun or "
                                  "Ray Train pass --device cuda (each rank takes its local rank's GPU)")
     info = Dist()
-    if dist.is_available() and dist.is_initialized():
+    if joined:
         info = Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
     elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
         use_cuda = torch.cuda.is_available() and device_spec != "cpu"
@@ -709,14 +709,15 @@ def train(cfg: TrainConfig) -> TrainResult:
                 _all_reduce(total, info)
                 dt = time.perf_counter() - t0
                 tokens_seen += int(tokens)
+                loss_tokens = int(counts[0].item())
                 if loss_tokens_seen is not None:
-                    loss_tokens_seen += int(counts[0].item())
+                    loss_tokens_seen += loss_tokens
                 denom = counts.clamp_min(1)
                 record = {
                     "step": step, "epoch": epoch, "loss": total.item(),
                     "step_loss": (loss_sum / denom).tolist(), "step_acc": (correct / denom).tolist(),
                     "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "tokens": int(tokens),
-                    "loss_tokens": int(counts[0].item()), "tokens_per_s": tokens / max(dt, 1e-9),
+                    "loss_tokens": loss_tokens, "tokens_per_s": tokens / max(dt, 1e-9),
                     "tokens_seen": tokens_seen, "skipped_samples": n_skipped,
                     "padding_efficiency": tokens / slots if slots else float("nan"),  # nan: no batch
                     "elapsed_s": elapsed_before + time.perf_counter() - started,
@@ -843,7 +844,7 @@ def train_with_ray(cfg: TrainConfig, num_workers: int, *, use_gpu: bool | None =
     elif use_gpu and cfg.device == "cpu":
         raise DraftdataError("--ray-gpus with --device cpu: Ray Train would give the workers GPUs and an NCCL "
                              "group that CPU tensors cannot use; drop one of the two")
-    storage = storage_path or str(Path(cfg.output).resolve() / "ray")
+    storage = storage_path or str(Path(cfg.output) / "ray")             # cfg.output is absolute now
     trainer = TorchTrainer(
         ray_train_loop, train_loop_config=dataclasses.asdict(cfg),
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
