@@ -352,6 +352,32 @@ def test_schema_mismatch_is_refused_with_what_differs(tiny_model, tmp_path, caps
     assert main(collect_args(tiny_model, inp, out, "--aux-layers", "0,1", "--max-seq-len", "64")) == 0
 
 
+def test_resume_tells_other_weights_apart_and_reads_old_fingerprints(tiny_model, tmp_path, capsys):
+    """Appending with a same-shape model with other weights (a fine-tune) is refused; a dataset
+    whose dataset.json carries an earlier build's fingerprint (`sha256:`, names and sizes only)
+    still resumes with its own model, and keeps that fingerprint."""
+    from test_models import same_shape_other_weights
+
+    from draftdata.models import model_hash
+
+    inp = write_input(tmp_path / "in.jsonl", valid_conversations(3))
+    first = write_input(tmp_path / "first.jsonl", valid_conversations(3)[:2])
+    out = str(tmp_path / "ds")
+    assert main(collect_args(tiny_model, first, out)) == 0
+    tuned = same_shape_other_weights(tiny_model, tmp_path / "tuned")
+    capsys.readouterr()
+    assert main(collect_args(tuned, inp, out)) == 2
+    assert "base_model_hash: dataset has 'sampled-sha256:" in capsys.readouterr().err
+
+    meta_file = Path(out) / "dataset.json"
+    old = model_hash(tiny_model, like="sha256:")
+    meta_file.write_text(json.dumps({**json.loads(meta_file.read_text()), "base_model_hash": old}))
+    assert main(collect_args(tiny_model, inp, out)) == 0
+    assert "already_committed 2" in capsys.readouterr().out
+    assert open_dataset(out).num_samples == 3
+    assert json.loads(meta_file.read_text())["base_model_hash"] == old
+
+
 def test_output_that_holds_something_else_is_refused(tiny_model, tmp_path, capsys):
     inp = write_input(tmp_path / "in.jsonl", valid_conversations(2))
     model_dir = tmp_path / "model"

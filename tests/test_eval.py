@@ -338,6 +338,11 @@ def test_cli_eval_warns_when_base_is_not_the_drafts(tiny_model, prompts, tmp_pat
     warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
     assert len(warnings) == 1 and "not the base the draft was trained for" in warnings[0]
     assert draft_cfg["draftdata"]["base_model_hash"] in warnings[0]
+    from draftdata.models import model_hash  # an export from an earlier build: compared in its scheme
+
+    old = {**draft_cfg, "draftdata": {**draft_cfg["draftdata"], "base_model_hash": model_hash(tiny_model, like="sha256:")}}
+    assert ev.base_model_warnings(old, tiny_model, 4) == []
+    assert len(ev.base_model_warnings(old, str(other), 4)) == 1
 
     del draft_cfg["draftdata"]["base_model_hash"]                 # older exports: cheap fields only
     draft_cfg["draftdata"].update(base_model_id="org/other-model", base_num_hidden_layers=8)

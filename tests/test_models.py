@@ -126,6 +126,33 @@ def test_hub_id_from_the_local_cache_only(tiny_model, tmp_path, monkeypatch):
         resolve_model("acme/not-here")
 
 
+def same_shape_other_weights(model_dir: Path, dest: Path) -> Path:
+    """A copy of `model_dir` with one weight byte changed mid-file (same config, names and sizes)."""
+    copy = Path(shutil.copytree(model_dir, dest))
+    weights = copy / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    return copy
+
+
+def test_model_hash_sees_other_weights_of_the_same_shape(tiny_model, tmp_path):
+    """A fine-tune keeps config, file names and sizes; the fingerprint still tells it apart. A
+    fingerprint recorded by earlier builds (`sha256:`, names and sizes only) is reproduced with
+    `like=` so that datasets written then still compare."""
+    from draftdata.models import same_model_hash
+
+    tuned = same_shape_other_weights(tiny_model, tmp_path / "tuned")
+    assert model_hash(tuned).startswith("sampled-sha256:")
+    assert model_hash(tuned) != model_hash(tiny_model)
+    old = model_hash(tiny_model, like="sha256:0")
+    assert old.startswith("sha256:") and model_hash(tuned, like=old) == old   # the old scheme cannot tell
+    assert model_hash(tiny_model, like=model_hash(tiny_model)) == model_hash(tiny_model)
+    assert same_model_hash(model_hash(tuned), model_hash(tiny_model)) is False
+    assert same_model_hash(model_hash(tiny_model), model_hash(tiny_model)) is True
+    assert same_model_hash(old, model_hash(tiny_model)) is None and same_model_hash(None, old) is None
+
+
 def test_fingerprints_change_with_what_matters(tiny_model, tmp_path):
     copy = Path(shutil.copytree(tiny_model, tmp_path / "copy"))
     assert model_hash(copy) == model_hash(tiny_model)

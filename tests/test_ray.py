@@ -438,6 +438,10 @@ def test_driver_sigkilled_then_rerun_resumes_with_exactly_one_copy(tiny_model, r
         proc.wait()
     first = stored_ids(out)
     assert 4 <= len(first) < len(good)
+    from draftdata.models import model_hash  # as an earlier build recorded it: driver and actors compare so
+
+    meta = json.loads((out / "dataset.json").read_text())
+    (out / "dataset.json").write_text(json.dumps({**meta, "base_model_hash": model_hash(tiny_model, like="sha256:")}))
     done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     held = re.search(r"already holds ([\d,]+) conversations", done.stderr)

@@ -433,6 +433,15 @@ def test_resume_with_other_settings_is_refused(tiny_model, tmp_path):
     more = write_jsonl(tmp_path / "more.jsonl", conversations()[:3])
     assert run_cli("--model", tiny_model, "--input", more, "--output", out, "--max-new-tokens", MAX_NEW,
                    "--max-seq-len", 64) == 0
+    # an earlier build's model fingerprint (config, names and sizes) is compared in its own scheme
+    from draftdata.models import model_hash
+
+    recorded = json.loads(settings.read_text())
+    recorded["identity"]["model_hash"] = model_hash(tiny_model, like="sha256:")
+    settings.write_text(json.dumps(recorded))
+    most = write_jsonl(tmp_path / "most.jsonl", conversations()[:4])
+    assert run_cli("--model", tiny_model, "--input", most, "--output", out, "--max-new-tokens", MAX_NEW,
+                   "--max-seq-len", 64) == 0
 
 
 def test_resume_on_another_device_with_dtype_auto_warns(tiny_model, tmp_path, capsys):

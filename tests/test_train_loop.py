@@ -309,6 +309,13 @@ def test_pad_to_multiple_of_rounds_batches_and_is_fixed_for_the_run(tmp_path, ti
     assert main(common + ["--pad-to-multiple-of", "64", "--resume"]) == 2
 
 
+def test_pad_to_multiple_of_one_is_no_rounding():
+    """Rounding to a multiple of 1 is the run without rounding, for API callers as for the CLI, so a
+    resume with 1 of a run from before the setting existed is not refused as a changed setting."""
+    assert TrainConfig(data="d", model="m", output="o", pad_to_multiple_of=1).pad_to_multiple_of is None
+    assert TrainConfig(data="d", model="m", output="o", pad_to_multiple_of=8).pad_to_multiple_of == 8
+
+
 def damaged_copy(source: str, dest: Path, *, rank: int = 0, world_size: int = 1, batch_tokens: int = 64,
                  seed: int = 5) -> tuple[str, dict[str, int]]:
     """A copy of dataset `source` whose part holding `rank`'s first batch has a flipped byte in its
@@ -478,6 +485,11 @@ def test_user_mistakes_are_one_line_errors_or_warnings(tmp_path, tiny_model, tra
     args[args.index(train_data)] = str(hashed)
     assert main(args + ["--output", str(tmp_path / "d0"), "--steps", "1"]) == 0
     assert "is not the model" not in capsys.readouterr().err
+    legacy = {**meta, "base_model_hash": model_hash(tiny_model, like="sha256:")}  # an earlier build's scheme
+    (hashed / "dataset.json").write_text(json.dumps(legacy))
+    assert main(args + ["--output", str(tmp_path / "d1"), "--steps", "1"]) == 0
+    assert "is not the model" not in capsys.readouterr().err
+    (hashed / "dataset.json").write_text(json.dumps({**meta, "base_model_hash": model_hash(tiny_model)}))
     other = tmp_path / "other_model"
     shutil.copytree(tiny_model, other)
     config = json.loads((other / "config.json").read_text())

@@ -148,6 +148,10 @@ def check_output(settings: CollectSettings, schema: DatasetSchema) -> DatasetSch
         schema.storage_format = existing.storage_format
     if settings.codec is None:
         schema.codec = existing.codec
+    if existing.base_model_hash:  # compare in the dataset's fingerprint scheme (older versions hashed less)
+        from draftdata.models import model_hash
+
+        schema.base_model_hash = model_hash(settings.model_path, like=existing.base_model_hash)
     diffs = [name for name in DatasetSchema.IDENTITY_FIELDS if getattr(existing, name) != getattr(schema, name)]
     if diffs:
         lines = [f"{name}: dataset has {getattr(existing, name)!r}, this run has {getattr(schema, name)!r}"

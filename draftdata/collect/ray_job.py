@@ -109,7 +109,7 @@ class CollectWorker:
         self.node = ray.util.get_node_ip_address()
         model_path = resolve_model(settings.model)
         local = dataclasses.replace(settings, model_path=str(model_path))
-        mine = make_schema(local, BaseModelInfo.from_model_dir(model_path))
+        mine = make_schema(local, BaseModelInfo.from_model_dir(model_path, hash_like=schema.base_model_hash))
         mine.storage_format, mine.codec = schema.storage_format, schema.codec
         diffs = schema.differences(mine)
         if diffs:

@@ -977,6 +977,8 @@ def sidecar_dir(output: str | os.PathLike) -> Path:
 class OutputSettings(Protocol):
     """What check_settings needs of a run's settings (SynthSettings, self_prompts.PromptSettings)."""
 
+    model_path: str | None
+
     def identity(self) -> dict[str, Any]: ...
 
     def report_dict(self) -> dict[str, Any]: ...
@@ -995,6 +997,10 @@ def check_settings(output: JsonlOutput, settings: OutputSettings, command: str =
         except (OSError, ValueError, AttributeError):
             recorded, saved_settings = None, {}
         if recorded is not None:
+            if recorded.get("model_hash") and current.get("model_hash"):  # in the file's fingerprint scheme
+                from draftdata.models import model_hash
+
+                current["model_hash"] = model_hash(settings.model_path, like=recorded["model_hash"])
             diffs = [f"{k}: file has {recorded.get(k)!r}, this run has {current.get(k)!r}"
                      for k in sorted(recorded) if recorded.get(k) != current.get(k)]
             if diffs:

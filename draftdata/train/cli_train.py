@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         epochs=args.epochs, max_minutes=args.max_minutes, lr=args.lr, warmup_steps=args.warmup_steps,
         schedule=args.schedule, min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay,
         max_grad_norm=args.max_grad_norm, grad_accum=args.grad_accum,
-        batch_tokens=args.batch_tokens, max_seq_len=args.max_seq_len, pad_to_multiple_of=args.pad_to_multiple_of if args.pad_to_multiple_of != 1 else None,
+        batch_tokens=args.batch_tokens, max_seq_len=args.max_seq_len, pad_to_multiple_of=args.pad_to_multiple_of,
         draft_vocab=args.draft_vocab, ttt_steps=args.ttt_steps, resume=args.resume, save_every=args.save_every,
         keep_checkpoints=args.keep_checkpoints, log_every=args.log_every, seed=args.seed,
         shuffle=not args.no_shuffle, device=args.device, dtype=args.dtype, num_workers=args.num_workers,

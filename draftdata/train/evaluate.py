@@ -425,10 +425,10 @@ def base_model_warnings(config: dict[str, Any], base_path: str | os.PathLike, nu
     """Ways the --model base differs from the base the draft was trained for, per the export's
     `draftdata` section (third-party exports record nothing: no warnings).
 
-    Compares `base_model_hash` (draftdata.models.model_hash, as collect records it: config.json
-    content plus weight file names and sizes, so cheap at any model size, but blind to different
-    weights of the same config and sizes), else `base_model_id` when it is a hub or GGUF id rather
-    than a local path (paths move); and always the base's layer count. These are warnings, not
+    Compares `base_model_hash` (draftdata.models.model_hash, as collect records it: config.json,
+    weight file names and sizes, and windows of the weight bytes, so cheap at any model size),
+    else `base_model_id` when it is a hub or GGUF id rather than a local path (paths move); and
+    always the base's layer count. These are warnings, not
     errors: a quantized or fine-tuned variant of the base may be intended.
     """
     from draftdata.models import model_hash, model_identity
@@ -439,7 +439,7 @@ def base_model_warnings(config: dict[str, Any], base_path: str | os.PathLike, nu
     out = []
     if want_hash:
         try:
-            got_hash = model_hash(base_path)
+            got_hash = model_hash(base_path, like=want_hash)
         except OSError:
             got_hash = None
         if got_hash is not None and got_hash != want_hash:

@@ -113,6 +113,10 @@ class TrainConfig:
     val_every: int | None = None             # None: every save_every steps (and at the last step)
     on_corrupt: str = "skip"                 # skip (and report) damaged samples | raise
 
+    def __post_init__(self) -> None:
+        if self.pad_to_multiple_of == 1:  # rounding to 1 is no rounding: the same run as before the flag existed
+            self.pad_to_multiple_of = None
+
     def eagle(self) -> EagleConfig:
         cfg = dict(self.eagle_config)
         if self.ttt_steps is not None:
@@ -403,8 +407,12 @@ VAL_MATCH = ("base_model_hash", "tokenizer_hash", "hidden_size", "aux_layer_ids"
 
 def check_val_schema(train_schema: Any, val_schema: Any, train_url: str, val_url: str) -> None:
     """Refuse a held-out dataset captured from another base model or other layers."""
+    from draftdata.models import same_model_hash
+
     for name in VAL_MATCH:
         mine, theirs = getattr(train_schema, name), getattr(val_schema, name)
+        if name == "base_model_hash" and same_model_hash(mine, theirs) is None:
+            continue  # one is missing, or written by an older draftdata that hashed less
         if mine is not None and theirs is not None and mine != theirs:
             raise DraftdataError(f"--val-data {val_url}: its {name} is {theirs!r}, the training data's ({train_url}) "
                                  f"is {mine!r}; collect the held-out conversations with the same --model and "
@@ -579,7 +587,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         # -- 3. model ----------------------------------------------------------------------------
         torch.manual_seed(cfg.seed)                      # identical initial draft on every rank
         base_dir = resolve_model(cfg.model)
-        if schema.base_model_hash and model_hash(base_dir) != schema.base_model_hash:
+        if schema.base_model_hash and model_hash(base_dir, like=schema.base_model_hash) != schema.base_model_hash:
             _log(f"warning: --model {cfg.model} is not the model {cfg.data} was collected with (the dataset says "
                  f"{schema.base_model_id!r}; config or weight files differ): the draft would learn that model's "
                  "hidden states against this model's head. Train with the collecting model.", info)

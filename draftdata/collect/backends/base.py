@@ -26,9 +26,11 @@ class BaseModelInfo:
     final_hidden_prenorm: bool = False
 
     @classmethod
-    def from_model_dir(cls, model_dir: str | os.PathLike, *, final_hidden_prenorm: bool = False) -> BaseModelInfo:
+    def from_model_dir(cls, model_dir: str | os.PathLike, *, final_hidden_prenorm: bool = False,
+                       hash_like: str | None = None) -> BaseModelInfo:
         """Read it from an HF directory's files without loading weights (cheap; used to check a
-        dataset's schema before spending minutes loading the model)."""
+        dataset's schema before spending minutes loading the model). `hash_like`: a recorded
+        `base_model_hash` whose scheme the model hash follows (see `models.model_hash`)."""
         from draftdata.models import model_hash, model_identity, tokenizer_hash
 
         d = Path(model_dir)
@@ -41,7 +43,7 @@ class BaseModelInfo:
         if missing:
             raise DraftdataError(f"{d / 'config.json'}: missing {missing}; not a decoder-only language model?")
         model_id, revision = model_identity(d)
-        return cls(model_id=model_id, revision=revision, model_hash=model_hash(d), tokenizer_hash=tokenizer_hash(d),
+        return cls(model_id=model_id, revision=revision, model_hash=model_hash(d, like=hash_like), tokenizer_hash=tokenizer_hash(d),
                    num_hidden_layers=int(text["num_hidden_layers"]), hidden_size=int(text["hidden_size"]),
                    vocab_size=int(text["vocab_size"]), final_hidden_prenorm=final_hidden_prenorm)
 
