@@ -6,6 +6,7 @@ import glob
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -444,7 +445,7 @@ def uncommitted_part(out: Path) -> bool:
     return bool(parts - done)
 
 
-def test_sigkill_at_several_points_then_rerun_gives_exactly_one_copy(tiny_model, tmp_path):
+def test_sigkill_at_several_points_then_rerun_gives_exactly_one_copy(tiny_model, tmp_path, capsys):
     good = valid_conversations(90, seed=3)
     bad = ["{oops\n", conv("r", ("user", "q"), ("robot", "a"))]
     inp = write_input(tmp_path / "in.jsonl", good[:40] + bad + good[40:])
@@ -453,13 +454,15 @@ def test_sigkill_at_several_points_then_rerun_gives_exactly_one_copy(tiny_model,
                                                                 "--batch-tokens", "256")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
-    def kill_when(condition, what):
+    def kill_when(condition, what, meanwhile=None):
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 120
         while not condition():
             assert proc.poll() is None, f"run finished before {what}: {proc.stderr.read().decode()[-2000:]}"
             assert time.monotonic() < deadline, f"timed out waiting for {what}"
             time.sleep(0.002)
+        if meanwhile is not None:
+            meanwhile(proc)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         return commits(out)
@@ -468,7 +471,13 @@ def test_sigkill_at_several_points_then_rerun_gives_exactly_one_copy(tiny_model,
     # record); 3: further on, mid-stream
     n1 = kill_when(lambda: commits(out) >= 1, "first commit")
     n2 = kill_when(lambda: commits(out) > n1 and uncommitted_part(out), "a part being written")
-    kill_when(lambda: commits(out) >= n2 + 5, "five more commits")
+
+    def second_writer_is_refused(proc):  # it would skip the same committed ids and store the rest twice
+        capsys.readouterr()
+        assert main(cmd[3:]) == 2
+        assert f"another draftdata collect (pid {proc.pid}) is writing to it" in capsys.readouterr().err
+
+    kill_when(lambda: commits(out) >= n2 + 5, "five more commits", meanwhile=second_writer_is_refused)
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "already_committed" in done.stdout
@@ -478,6 +487,22 @@ def test_sigkill_at_several_points_then_rerun_gives_exactly_one_copy(tiny_model,
     assert main(["verify", str(out)]) == 0
     assert main(["verify", str(out), "--gc", "--grace", "0"]) == 0
     assert not uncommitted_part(out)
+
+
+def test_a_run_that_finds_ids_committed_twice_says_so_and_fails(tiny_model, tmp_path, capsys):
+    """Object stores have no lock: two writers there can commit one conversation twice. Every run
+    ends by checking the commit records; here a second copy of a part stands in for the other writer."""
+    inp = write_input(tmp_path / "in.jsonl", valid_conversations(3))
+    out = tmp_path / "ds"
+    assert main(collect_args(tiny_model, inp, str(out))) == 0
+    (record,) = (out / "commits").glob("*.json")
+    copy_id = record.stem[:-1] + ("0" if record.stem[-1] != "0" else "1")
+    shutil.copytree(out / "parts" / record.stem, out / "parts" / copy_id)
+    (out / "commits" / f"{copy_id}.json").write_text(record.read_text().replace(record.stem, copy_id))
+    capsys.readouterr()
+    assert main(collect_args(tiny_model, inp, str(out))) == 1
+    err = capsys.readouterr().err
+    assert "DUPLICATES 3 conversation ids are committed more than once" in err and str(out) in err
 
 
 # ---------------------------------------------------------------- the demo (real SmolLM2)

@@ -271,6 +271,17 @@ def test_part_disagreeing_with_schema_is_named(tmp_path):
     out = subprocess.run([sys.executable, "-m", "draftdata.cli", "verify", url], capture_output=True, text=True)
     assert out.returncode == 1
     assert f"part {pid}: array hidden_states" in out.stdout and "hidden_size=48" in out.stdout
+    # reads through the store API check too, in both formats, for a sample, a part and a range
+    for fmt in ("zarr", "arrow"):
+        other = str(tmp_path / f"ds-{fmt}")
+        write(other, [make_sample(i) for i in range(3)], fmt=fmt)
+        meta = json.loads((tmp_path / f"ds-{fmt}" / "dataset.json").read_text())
+        meta["aux_layer_ids"] = meta["aux_layer_ids"][:-1]               # one aux slot fewer than stored
+        (tmp_path / f"ds-{fmt}" / "dataset.json").write_text(json.dumps(meta))
+        bad = open_dataset(other)
+        for read, args in ((bad.sample, (0,)), (bad.read_part, (0,)), (bad.read_samples, (0, 0, 1))):
+            with pytest.raises(CorruptDataError, match=f"part {bad.parts[0].id}: array aux_hidden_states has shape"):
+                read(*args)
 
 
 def test_inspect_json_and_errors(tmp_path, s3_bucket):

@@ -216,6 +216,87 @@ def validate_input(settings: CollectSettings, chat: ChatTokenizer) -> int:
     return n
 
 
+class CommitLedger:
+    """The dataset's committed parts and conversation ids, re-read incrementally.
+
+    `refresh()` lists the commit records and reads only those it has not seen, so the driver can
+    poll before every retry without rereading a large dataset.
+    """
+
+    def __init__(self, writer: Any):
+        self._writer = writer
+        self.parts: dict[str, Any] = {}
+        self.where: dict[str, str] = {}  # conversation id -> first part holding it
+        self.duplicates: dict[str, list[str]] = {}  # conversation id -> every part holding it
+        self.refresh()
+
+    def refresh(self) -> list[Any]:
+        new = self._writer.committed_parts(known=self.parts.keys())
+        for info in sorted(new, key=lambda p: p.id):
+            self.parts[info.id] = info
+            for cid in info.conversation_ids:
+                if cid in self.where:
+                    self.duplicates.setdefault(cid, [self.where[cid]]).append(info.id)
+                else:
+                    self.where[cid] = info.id
+        return new
+
+
+LOCK_FILE = ".collect.lock"
+
+
+class OutputLock:
+    """Exclusive hold of a local output directory for one collect run.
+
+    Two runs on one output would each skip the ids committed when they started and then store
+    the same conversations. An flock on `<output>/.collect.lock` (a hidden name that readers
+    ignore) stops the second with a one-line error; the kernel drops it when the holder dies,
+    even by SIGKILL, so a crash never leaves a stale lock. Object stores have no such lock: the
+    duplicate check at the end of every run reports what two writers did there.
+    """
+
+    def __init__(self, url: str):
+        import os
+
+        from draftdata.store.fs import is_local, local_path
+
+        self.url, self.fd = url, -1
+        self.path = os.path.join(local_path(url), LOCK_FILE) if is_local(url) else None
+        if self.path and os.path.isdir(os.path.dirname(self.path)):  # a resume: refuse before the model loads
+            self.take()
+
+    def take(self) -> None:
+        """Hold the lock (once the output directory exists); a no-op when held or not local."""
+        import fcntl
+        import os
+
+        if self.fd >= 0 or self.path is None:
+            return
+        url = self.url
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise DraftdataError(f"--output {url}: cannot create {self.path} ({e.strerror or e}); is the "
+                                 "directory writable?") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise DraftdataError(f"--output {url}: another draftdata collect (pid {holder}) is writing to it; "
+                                 "wait for it to finish, or write to another --output") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+
+    def release(self) -> None:
+        import os
+
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
 def run_local(settings: CollectSettings) -> int:
     """The single-process collect: returns the exit status (0, also when records were rejected)."""
     from draftdata.collect.backends import get_backend
@@ -235,37 +316,54 @@ def run_local(settings: CollectSettings) -> int:
     input_files(settings.input, settings.storage_options)  # fail on a missing input before creating anything
     chat = chat_tokenizer(settings)
     total = validate_input(settings, chat) if settings.strict else None
-    backend = get_backend(settings.backend, settings.model_path, **backend_options(settings))
-    for name in ("hidden_size", "num_hidden_layers", "final_hidden_prenorm"):
-        if getattr(backend.info, name) != getattr(info, name):  # the schema was made from the files
-            raise DraftdataError(f"--backend {settings.backend} reports {name}={getattr(backend.info, name)!r}, "
-                                 f"the model files say {getattr(info, name)!r}")
-    writer = open_output(settings, schema)  # after the model loaded: a failed load leaves nothing behind
-    committed = writer.committed_ids()
-    if committed:
-        print(f"draftdata collect: {writer.url} already holds {len(committed):,} conversations; they are "
-              "skipped", file=sys.stderr)
-    options = CollectOptions(aux_layer_ids=list(settings.aux_layer_ids), batch_tokens=settings.batch_tokens,
-                             part_bytes=settings.part_bytes)
-    stats = CollectStats()
-    rejects = RejectLog(stats)
-    if total is None:
-        total = count_records(settings.input, settings.storage_options, settings.limit)
-    bar = JobProgress(total=total, desc="collect", unit="conv")  # thread-safe: the reader thread reports too
-    interrupted = True
-    try:
-        samples = prepare_samples(read_input(settings), chat, skip_ids=committed, stats=stats,
-                                  on_reject=rejects, progress=bar.update)
-        collect_records(samples, backend, writer, options, progress=bar.update, stats=stats)
-        interrupted = False
+    lock = OutputLock(settings.output)
+    try:  # the lock is released on every way out (an in-process caller may run again)
+        backend = get_backend(settings.backend, settings.model_path, **backend_options(settings))
+        for name in ("hidden_size", "num_hidden_layers", "final_hidden_prenorm"):
+            if getattr(backend.info, name) != getattr(info, name):  # the schema was made from the files
+                raise DraftdataError(f"--backend {settings.backend} reports {name}={getattr(backend.info, name)!r}, "
+                                     f"the model files say {getattr(info, name)!r}")
+        writer = open_output(settings, schema)  # after the model loaded: a failed load leaves nothing behind
+        lock.take()  # before reading what is committed: no second run may skip the same ids
+        ledger = CommitLedger(writer)
+        committed = set(ledger.where)
+        if committed:
+            print(f"draftdata collect: {writer.url} already holds {len(committed):,} conversations; they are "
+                  "skipped", file=sys.stderr)
+        options = CollectOptions(aux_layer_ids=list(settings.aux_layer_ids), batch_tokens=settings.batch_tokens,
+                                 part_bytes=settings.part_bytes)
+        stats = CollectStats()
+        rejects = RejectLog(stats)
+        if total is None:
+            total = count_records(settings.input, settings.storage_options, settings.limit)
+        bar = JobProgress(total=total, desc="collect", unit="conv")  # thread-safe: the reader thread reports too
+        interrupted = True
+        try:
+            samples = prepare_samples(read_input(settings), chat, skip_ids=committed, stats=stats,
+                                      on_reject=rejects, progress=bar.update)
+            collect_records(samples, backend, writer, options, progress=bar.update, stats=stats)
+            interrupted = False
+        finally:
+            bar.close()
+            backend.close()
+            stats.seconds = time.perf_counter() - t_start
+            where = write_reports(writer.url, settings.storage_options, stats, rejects, settings.report_dict(),
+                                  settings.rejects)
+            print(stats.format(writer.url, settings.input, where))
+            if interrupted:
+                print("draftdata collect: stopped early; committed parts are kept, rerun the same command to "
+                      "resume", file=sys.stderr)
+        ledger.refresh()
+        if ledger.duplicates:
+            report_duplicates(ledger, writer.url)
+            return 1
+        return 0
     finally:
-        bar.close()
-        backend.close()
-        stats.seconds = time.perf_counter() - t_start
-        where = write_reports(writer.url, settings.storage_options, stats, rejects, settings.report_dict(),
-                              settings.rejects)
-        print(stats.format(writer.url, settings.input, where))
-        if interrupted:
-            print("draftdata collect: stopped early; committed parts are kept, rerun the same command to "
-                  "resume", file=sys.stderr)
-    return 0
+        lock.release()
+
+
+def report_duplicates(ledger: CommitLedger, url: str) -> None:
+    """One line on stderr about conversation ids committed more than once (two writers on one output)."""
+    dup = sorted(ledger.duplicates)
+    print(f"  DUPLICATES {len(dup)} conversation ids are committed more than once (e.g. {dup[:5]}); was another "
+          f"collect writing to {url} at the same time? See 'One writer per output' in docs/COLLECT.md", file=sys.stderr)

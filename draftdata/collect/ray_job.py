@@ -54,7 +54,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from draftdata.collect.job import CollectSettings
+from draftdata.collect.job import CollectSettings, CommitLedger, OutputLock, report_duplicates
 from draftdata.collect.runner import CollectOptions, CollectStats
 from draftdata.config import DatasetSchema
 from draftdata.errors import DraftdataError, SchemaMismatchError
@@ -174,32 +174,6 @@ class _OutputLock:
 
 
 # ------------------------------------------------------------------------------------------- driver
-
-
-class CommitLedger:
-    """The dataset's committed parts and conversation ids, re-read incrementally.
-
-    `refresh()` lists the commit records and reads only those it has not seen, so the driver can
-    poll before every retry without rereading a large dataset.
-    """
-
-    def __init__(self, writer: Any):
-        self._writer = writer
-        self.parts: dict[str, Any] = {}
-        self.where: dict[str, str] = {}  # conversation id -> first part holding it
-        self.duplicates: dict[str, list[str]] = {}  # conversation id -> every part holding it
-        self.refresh()
-
-    def refresh(self) -> list[Any]:
-        new = self._writer.committed_parts(known=self.parts.keys())
-        for info in sorted(new, key=lambda p: p.id):
-            self.parts[info.id] = info
-            for cid in info.conversation_ids:
-                if cid in self.where:
-                    self.duplicates.setdefault(cid, [self.where[cid]]).append(info.id)
-                else:
-                    self.where[cid] = info.id
-        return new
 
 
 @dataclasses.dataclass
@@ -379,7 +353,7 @@ def run_ray_collect(args: argparse.Namespace) -> int:
     import ray
 
     connected = connect(args.ray_address)
-    lock = pool = None
+    lock = pool = local_lock = None
     try:
         plan = plan_workers(args.num_workers, args.gpus_per_worker, settings.device)
         tp = settings.tensor_parallel_size
@@ -387,6 +361,8 @@ def run_ray_collect(args: argparse.Namespace) -> int:
             raise DraftdataError(f"--tensor-parallel-size {tp} != --gpus-per-worker {plan.num_gpus:g}: each Ray "
                                  "actor runs one engine over its own GPUs; set them equal (or drop --tp)")
         writer = open_output(settings, schema)
+        local_lock = OutputLock(writer.url)  # also excludes a single-process collect on a local output
+        local_lock.take()
         lock, worker_prefix = acquire_output_lock(writer.url)
         options = CollectOptions(aux_layer_ids=list(settings.aux_layer_ids), batch_tokens=settings.batch_tokens,
                                  part_bytes=settings.part_bytes)
@@ -407,6 +383,8 @@ def run_ray_collect(args: argparse.Namespace) -> int:
             pool.close()
         if lock is not None:
             ray.kill(lock)
+        if local_lock is not None:
+            local_lock.release()
         if connected:
             ray.shutdown()
 
@@ -506,9 +484,7 @@ def _drive(settings: CollectSettings, writer: Any, chat: Any, plan: RayPlan, poo
                   f"{stats.written:,} new ones in {writer.url}: is --output a local path that is not shared by "
                   "every node? Use s3://, gs:// or a shared file system", file=sys.stderr)
         if ledger.duplicates:
-            dup = sorted(ledger.duplicates)
-            print(f"  DUPLICATES {len(dup)} conversation ids are committed more than once (e.g. {dup[:5]}); was "
-                  f"another job writing to {writer.url}? See docs/RAY.md", file=sys.stderr)
+            report_duplicates(ledger, writer.url)
         if interrupted:
             print("draftdata collect: stopped early; committed parts are kept, rerun the same command to resume",
                   file=sys.stderr)

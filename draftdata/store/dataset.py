@@ -535,8 +535,21 @@ class Dataset:
             "input_ids": _writable(np.asarray(got["input_ids"], dtype=np.int32)),
             "loss_mask": _writable(np.asarray(got["loss_mask"], dtype=np.uint8)),
         }
-        for name in HIDDEN_ARRAYS:
-            out[name] = fp8_decode(got[name], got[SCALE_OF[name]]) if fp8 else bits_to_bf16(got[name])
+        info = self.parts[p]
+        try:
+            for name in HIDDEN_ARRAYS:
+                out[name] = fp8_decode(got[name], got[SCALE_OF[name]]) if fp8 else bits_to_bf16(got[name])
+        except (ValueError, RuntimeError) as e:  # e.g. scales that do not fit their rows
+            raise CorruptDataError(f"part {info.id}: {name} cannot be decoded ({e})") from None
+        # the arrays must be what dataset.json and the commit record describe, whatever their own metadata says
+        n = (int(info.offsets[-1]) if stop is None else min(stop, int(info.offsets[-1]))) - (start or 0)
+        h, k = self.schema.hidden_size, self.schema.num_aux_slots
+        expect = {"input_ids": (n,), "loss_mask": (n,), "hidden_states": (n, h), "aux_hidden_states": (n, k * h)}
+        for name, shape in expect.items():
+            if tuple(out[name].shape) != shape:
+                raise CorruptDataError(f"part {info.id}: array {name} has shape {tuple(out[name].shape)} for rows "
+                                       f"{start or 0}..{n + (start or 0) - 1}; dataset.json and the commit record say "
+                                       f"{shape}")
         return out
 
     def _read_rows(self, p: int, start: int | None, stop: int | None, whole: bool, context: str) -> dict[str, Any]:
