@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,6 +21,15 @@ def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text()
     # .ci/run runs the same installs and pytest (pip's -q aside)
     assert test.replace("pip install ", "pip install -q ") in ci
+
+
+def test_makefile_runs_the_readme_commands():
+    """`make install` is the README's test install, `make test` is CI's entry point."""
+    make = (ROOT / "Makefile").read_text()
+    readme = (ROOT / "README.md").read_text()
+    install = re.search(r"^install:\n\t(.+)$", make, re.M).group(1)
+    assert f"{install} && python -m pytest -q" in readme
+    assert re.search(r"^test:\n\t\.ci/run$", make, re.M)
 
 
 def test_every_cli_command_has_a_module_and_help():

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Collection, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import torch
@@ -403,7 +403,7 @@ def write_reports(output_url: str, storage_options: dict | None, stats: CollectS
     """
     import fsspec
 
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     folder = f"{output_url.rstrip('/')}/_reports/collect-{stamp}-{os.getpid()}"
 
     def opts(url: str) -> dict:

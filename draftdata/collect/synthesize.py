@@ -48,7 +48,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -1035,7 +1035,7 @@ def _warn_other_device(saved: dict[str, Any], settings: OutputSettings, path: st
 def write_reports(output: str | os.PathLike, stats: SynthStats, rejects: Any, settings: SynthSettings) -> str | None:
     """summary-<time>-<pid>.json (always) and the rejects (when any) in <OUT>.synth/ (or --rejects);
     returns where the rejects are."""
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     folder = sidecar_dir(output)
     where = None
     summary: dict[str, Any] = {"stats": stats.to_dict(), "settings": settings.report_dict(), "finished_at": stamp}

@@ -84,7 +84,9 @@ def count_tokens(url: str, storage_options: dict[str, Any] | None = None, *, all
                  workers: int = 8, progress: bool = True) -> tuple[torch.Tensor, Any]:
     """Count stored input_ids with loss_mask == 1 (every token if `all_tokens`) over all parts.
 
-    Reads only the input_ids and loss_mask arrays of each part (never the hidden states).
+    Reads only the input_ids and loss_mask arrays of each part: Zarr and local Arrow never touch
+    the hidden states; a remote Arrow part is one GET of the whole file (its record batches hold
+    every column, so ranged reads would fetch the same bytes in more requests).
     Returns (counts int64 [vocab_size], dataset).
     """
     from tqdm import tqdm
