@@ -379,6 +379,34 @@ def test_resume_tells_other_weights_apart_and_reads_old_fingerprints(tiny_model,
     assert json.loads(meta_file.read_text())["base_model_hash"] == old
 
 
+def test_parts_record_how_they_were_computed_and_a_resume_in_another_dtype_warns(tiny_model, tmp_path, capsys):
+    """--dtype auto resolves per machine (bf16 on GPUs and native-bf16 CPUs, else fp32): each commit
+    record says what was used, a resume that would mix dtypes warns, inspect counts the parts."""
+    from draftdata.store.cli_inspect import summarize
+
+    inp = write_input(tmp_path / "in.jsonl", valid_conversations(4))
+    out = str(tmp_path / "ds")
+    assert main(collect_args(tiny_model, inp, out, "--limit", "2")) == 0       # --dtype fp32
+    (part,) = open_dataset(out).parts
+    assert part.producer == {"backend": "hf", "compute_dtype": "fp32", "device": "cpu"}
+    capsys.readouterr()
+    assert main(collect_args(tiny_model, inp, out, "--limit", "3")) == 0       # same dtype: quiet
+    assert "warning" not in capsys.readouterr().err
+    bf16 = collect_args(tiny_model, inp, out)
+    bf16[bf16.index("fp32")] = "bf16"
+    assert main(bf16) == 0
+    err = capsys.readouterr().err
+    assert f"warning: {out} holds states computed in fp32 (2 parts); this run computes in bf16" in err
+    assert "pass --dtype fp32 to match" in err
+    assert summarize(out)["computed_as"] == {"fp32 on cpu (hf)": 2, "bf16 on cpu (hf)": 1}
+    assert main(["inspect", out]) == 0
+    assert "computed as    bf16 on cpu (hf): 1 part, fp32 on cpu (hf): 2 parts" in capsys.readouterr().out
+    from draftdata.collect.job import warn_mixed_compute  # what the --ray driver says at the end
+
+    warn_mixed_compute(out, open_dataset(out).parts)
+    assert f"warning: {out} now mixes states computed in bf16 (1 part), fp32 (2 parts)" in capsys.readouterr().err
+
+
 def test_output_that_holds_something_else_is_refused(tiny_model, tmp_path, capsys):
     inp = write_input(tmp_path / "in.jsonl", valid_conversations(2))
     model_dir = tmp_path / "model"

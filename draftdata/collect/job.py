@@ -242,6 +242,31 @@ class CommitLedger:
         return new
 
 
+def compute_dtypes(parts: Any) -> dict[str, int]:
+    """Parts per compute dtype, from the commit records' `producer` (parts written before it was
+    recorded are left out)."""
+    out: dict[str, int] = {}
+    for info in parts:
+        dtype = (info.producer or {}).get("compute_dtype")
+        if dtype:
+            out[dtype] = out.get(dtype, 0) + 1
+    return out
+
+
+def warn_mixed_compute(url: str, parts: Any, mine: str | None = None) -> None:
+    """Warn when a dataset's parts were (or this run's would be) computed in different dtypes:
+    `--dtype auto` resolves per machine, and bf16 and fp32 states differ by about 1% relative."""
+    kinds = compute_dtypes(parts)
+    held = ", ".join(f"{d} ({n:,} part{'s' if n != 1 else ''})" for d, n in sorted(kinds.items()))
+    if mine is not None and kinds and set(kinds) != {mine}:
+        print(f"draftdata collect: warning: {url} holds states computed in {held}; this run computes in {mine}, "
+              f"so the dataset would mix numerics; pass --dtype {max(kinds, key=kinds.get)} to match",
+              file=sys.stderr)
+    elif mine is None and len(kinds) > 1:
+        print(f"draftdata collect: warning: {url} now mixes states computed in {held} (workers resolved --dtype "
+              "differently); pass an explicit --dtype to get one", file=sys.stderr)
+
+
 LOCK_FILE = ".collect.lock"
 
 
@@ -330,6 +355,7 @@ def run_local(settings: CollectSettings) -> int:
         if committed:
             print(f"draftdata collect: {writer.url} already holds {len(committed):,} conversations; they are "
                   "skipped", file=sys.stderr)
+            warn_mixed_compute(writer.url, ledger.parts.values(), backend.producer().get("compute_dtype"))
         options = CollectOptions(aux_layer_ids=list(settings.aux_layer_ids), batch_tokens=settings.batch_tokens,
                                  part_bytes=settings.part_bytes)
         stats = CollectStats()

@@ -54,7 +54,13 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from draftdata.collect.job import CollectSettings, CommitLedger, OutputLock, report_duplicates
+from draftdata.collect.job import (
+    CollectSettings,
+    CommitLedger,
+    OutputLock,
+    report_duplicates,
+    warn_mixed_compute,
+)
 from draftdata.collect.runner import CollectOptions, CollectStats
 from draftdata.config import DatasetSchema
 from draftdata.errors import DraftdataError, SchemaMismatchError
@@ -74,6 +80,7 @@ class _ComputeBackend:
     def __init__(self, backend: Any, compute: Any):
         self._backend, self._compute = backend, compute
         self.info = backend.info
+        self.producer = backend.producer
 
     def forward(self, batch: list[list[int]], aux_layer_ids: list[int]) -> Any:
         return self._compute.run(self._backend.forward, batch, aux_layer_ids)
@@ -485,6 +492,7 @@ def _drive(settings: CollectSettings, writer: Any, chat: Any, plan: RayPlan, poo
                   "every node? Use s3://, gs:// or a shared file system", file=sys.stderr)
         if ledger.duplicates:
             report_duplicates(ledger, writer.url)
+        warn_mixed_compute(writer.url, ledger.parts.values())
         if interrupted:
             print("draftdata collect: stopped early; committed parts are kept, rerun the same command to resume",
                   file=sys.stderr)

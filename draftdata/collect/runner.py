@@ -257,8 +257,9 @@ class BackgroundWriter:
     """
 
     def __init__(self, writer: Any, *, part_bytes: int, work_unit: str | None, queue_batches: int,
-                 stats: CollectStats):
+                 stats: CollectStats, producer: dict[str, Any] | None = None):
         self._writer, self._part_bytes, self._work_unit, self._stats = writer, part_bytes, work_unit, stats
+        self._producer = producer
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, queue_batches))
         self._commits = ThreadPoolExecutor(max_workers=1, thread_name_prefix="draftdata-commit")
         self._pending: Future | None = None
@@ -307,7 +308,7 @@ class BackgroundWriter:
                     break
                 for sample in item:
                     if part is None:
-                        part = self._writer.open_part(self._work_unit)
+                        part = self._writer.open_part(self._work_unit, self._producer)
                     part.add(sample)
                     if part.nbytes >= self._part_bytes:
                         self._commit(part)
@@ -362,7 +363,7 @@ def collect_records(samples: Iterable[TokenizedSample], backend: Backend, writer
     stats = stats if stats is not None else CollectStats()
     t0 = time.perf_counter()
     out = BackgroundWriter(writer, part_bytes=options.part_bytes, work_unit=work_unit,
-                           queue_batches=options.queue_batches, stats=stats)
+                           queue_batches=options.queue_batches, stats=stats, producer=backend.producer())
     try:
         for window in _windows(_prefetched(samples, options.prefetch_samples), options.window_tokens):
             for batch in token_batches(window, options.batch_tokens, options.max_padding):

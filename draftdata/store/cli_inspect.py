@@ -36,8 +36,20 @@ def summarize(url: str, storage_options: dict[str, Any] | None = None) -> dict[s
         "bytes_per_token": (stored / tokens) if tokens else None,
         "mean_tokens_per_sample": (tokens / ds.num_samples) if ds.num_samples else None,
         "work_units": len({p.work_unit for p in ds.parts if p.work_unit is not None}),
+        "computed_as": _producers(ds.parts),
         "schema": s.to_dict(),
     }
+
+
+def _producers(parts: Any) -> dict[str, int]:
+    """Parts per way of computing ("bf16 on cuda (hf)"; "unrecorded" before commit records had it)."""
+    out: dict[str, int] = {}
+    for p in parts:
+        q = p.producer or {}
+        key = f"{q.get('compute_dtype') or '?'} on {q.get('device') or '?'} ({q.get('backend') or '?'})" if q \
+            else "unrecorded"
+        out[key] = out.get(key, 0) + 1
+    return out
 
 
 def format_text(info: dict[str, Any]) -> str:
@@ -65,6 +77,9 @@ def format_text(info: dict[str, Any]) -> str:
         f"final hidden   {'pre-norm' if s['final_hidden_prenorm'] else 'post-norm'}   loss mask {s['loss_mask']}"
         f"   max length {s['max_seq_len']}",
     ]
+    if info["computed_as"]:
+        lines.append("computed as    " + ", ".join(f"{k}: {n:,} part{'s' if n != 1 else ''}"
+                                                 for k, n in sorted(info["computed_as"].items())))
     return "\n".join(lines)
 
 

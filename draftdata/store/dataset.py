@@ -61,6 +61,7 @@ class PartInfo:
     offsets: np.ndarray
     work_unit: str | None
     stored_bytes: int
+    producer: dict[str, Any] | None = None        # how collect computed it (backend, compute dtype, device)
     checksums: dict[str, int] = field(default_factory=dict)
     record: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -83,6 +84,7 @@ class PartInfo:
             raise TypeError("part_id must be a string and arrays an object")
         return cls(id=rec["part_id"], num_samples=int(rec["num_samples"]), num_tokens=int(rec["num_tokens"]),
                    conversation_ids=list(ids), offsets=offsets, work_unit=rec.get("work_unit"),
+                   producer=rec["producer"] if isinstance(rec.get("producer"), dict) else None,
                    stored_bytes=int(rec.get("stored_bytes") or 0),
                    checksums={k: int(v["crc32c"]) for k, v in rec["arrays"].items()}, record=rec)
 
@@ -274,8 +276,9 @@ class PartWriter:
     they share nothing but the dataset.json they only read.
     """
 
-    def __init__(self, loc: _Location, schema: DatasetSchema, work_unit: str | None):
-        self._loc, self.schema, self.work_unit = loc, schema, work_unit
+    def __init__(self, loc: _Location, schema: DatasetSchema, work_unit: str | None,
+                 producer: dict[str, Any] | None = None):
+        self._loc, self.schema, self.work_unit, self.producer = loc, schema, work_unit, producer
         self.part_id = new_part_id()
         self._ids: list[str] = []
         self._cols: dict[str, list[np.ndarray]] = {"input_ids": [], "loss_mask": [], **{k: [] for k in HIDDEN_ARRAYS}}
@@ -358,7 +361,7 @@ class PartWriter:
             "part_id": self.part_id, "format": schema.storage_format, "codec": schema.codec,
             "num_samples": len(self._ids), "num_tokens": int(arrays["offsets"][-1]),
             "conversation_ids": self._ids, "offsets": arrays["offsets"].tolist(),
-            "work_unit": self.work_unit, "stored_bytes": stored,
+            "work_unit": self.work_unit, "stored_bytes": stored, "producer": self.producer,
             "arrays": {k: {"dtype": str(a.dtype), "shape": list(a.shape), "crc32c": crc32c(a)} for k, a in arrays.items()},
             "created_by": f"draftdata {__version__}", "committed_at": time.time(),
         }
@@ -396,8 +399,9 @@ class DatasetWriter:
     def url(self) -> str:
         return self._loc.url
 
-    def open_part(self, work_unit: str | None = None) -> PartWriter:
-        return PartWriter(self._loc, self.schema, work_unit)
+    def open_part(self, work_unit: str | None = None, producer: dict[str, Any] | None = None) -> PartWriter:
+        """A new part; `work_unit` and `producer` (how it was computed) go into its commit record."""
+        return PartWriter(self._loc, self.schema, work_unit, producer)
 
     def committed_parts(self, known: Collection[str] = ()) -> list[PartInfo]:
         """Committed parts; ids in `known` (parts the caller already read) are not read again,

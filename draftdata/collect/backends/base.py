@@ -6,6 +6,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -62,6 +63,15 @@ class Backend:
         The k aux slots are concatenated in ascending layer order.
         """
         raise NotImplementedError
+
+    def producer(self) -> dict[str, Any]:
+        """How this backend computes, recorded in every part's commit record (`producer`): two
+        runs that resolve `--dtype auto` differently (a GPU, a CPU with or without native bf16)
+        store hidden states that differ by about 1% relative, and resumes say so."""
+        device = getattr(self, "device", None)
+        return {"backend": type(self).__name__.removesuffix("Backend").lower(),
+                "compute_dtype": getattr(self, "dtype", None),
+                "device": getattr(device, "type", None) if device is not None else None}
 
     def close(self) -> None:
         """Release the model (GPU memory, worker processes)."""
