@@ -163,6 +163,24 @@ def test_assistant_mask_covers_replies_and_end_of_turn_only(tokenizer):
     assert s.input_ids.tolist() == tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+@pytest.mark.parametrize("template", [None, "qwen3"])
+def test_tokenizers_without_offsets_get_the_same_mask(tokenizer, template):
+    """Slow tokenizers return no character offsets; the mask then comes from token counts of the
+    text before each reply's edges, and must equal the offsets path's."""
+    records = [conv(("system", "You are terse."), ("user", "What is 12 plus 30?"), ("assistant", "42"),
+                    ("user", "And the fox?"), ("assistant", "The quick brown fox jumps.")),
+               conv(("user", "naïve café? 東京"), ("assistant", "déjà vu, 東京 ✓"),
+                    ("user", "again"), ("assistant", "a\nb\n\nc"))]
+    kw = {"chat_template": QWEN3_LIKE} if template else {}
+    fast = ChatTokenizer(tokenizer, max_seq_len=512, **kw)
+    slow = ChatTokenizer(tokenizer, max_seq_len=512, **kw)
+    slow._fast = False                       # the path a tokenizer without offsets takes
+    got = [(fast.tokenize([parse_record(r)])[0], slow.tokenize([parse_record(r)])[0]) for r in records]
+    for a, b in got:
+        assert a.input_ids.tolist() == b.input_ids.tolist()
+        assert a.loss_mask.tolist() == b.loss_mask.tolist() and a.loss_mask.any()
+
+
 def test_loss_mask_all_and_prompt_only(tokenizer):
     chat = ChatTokenizer(tokenizer, loss_mask="all")
     (s,) = chat.tokenize([parse_record(conv(("user", "hello world")))])

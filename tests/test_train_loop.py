@@ -309,6 +309,28 @@ def test_pad_to_multiple_of_rounds_batches_and_is_fixed_for_the_run(tmp_path, ti
     assert main(common + ["--pad-to-multiple-of", "64", "--resume"]) == 2
 
 
+def test_tensorboard_logs_every_step_once_across_a_resume(tmp_path, tiny_model, train_data):  # noqa: F811
+    """With tensorboard installed (the dev extra) the run also writes TensorBoard scalars for
+    every step, and a resumed run continues the same curves (each step once)."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    common = ["train", "--data", train_data, "--model", str(tiny_model), "--output", str(out),
+              "--eagle-config", str(eagle_file(tmp_path)), "--batch-tokens", "512", "--log-every", "1",
+              "--save-every", "2", "--no-plot"]
+    assert main(common + ["--steps", "3"]) == 0
+    assert main(common + ["--steps", "5", "--resume"]) == 0
+
+    def scalars(tag: str) -> list[int]:
+        acc = EventAccumulator(str(out / "tensorboard"))
+        acc.Reload()
+        return sorted(e.step for e in acc.Scalars(tag))
+
+    assert scalars("train/loss") == scalars("train/acc_ttt0") == [1, 2, 3, 4, 5]
+    assert scalars("train/tokens_per_s") == [1, 2, 3, 4, 5]
+
+
 def test_pad_to_multiple_of_one_is_no_rounding():
     """Rounding to a multiple of 1 is the run without rounding, for API callers as for the CLI, so a
     resume with 1 of a run from before the setting existed is not refused as a changed setting."""
