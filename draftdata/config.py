@@ -11,6 +11,9 @@ from typing import Any
 
 from draftdata.errors import DraftdataError
 
+# draftdata.models.model_hash's prefix for fingerprints that read the weight bytes
+SAMPLED_MODEL_HASH = "sampled-sha256:"
+
 FORMAT_NAME = "draftdata"
 FORMAT_VERSION = 1
 LAYER_ID_CONVENTION = "decoder_layer_output_0based"
@@ -77,14 +80,30 @@ class DatasetSchema:
         "layer_id_convention", "hidden_dtype", "storage_format", "codec", "format_version",
     )
 
-    def differences(self, other: DatasetSchema) -> list[str]:
-        """Human-readable list of identity fields where `other` differs from self (empty if compatible)."""
+    def differing_fields(self, other: DatasetSchema) -> list[str]:
+        """Identity fields where `other` differs from self (empty if the two may share a dataset).
+
+        A base model identified by its directory (`base_model_id` an absolute path) may move: when
+        both sides carry the same content fingerprint (`sampled-sha256:`, which reads the weight
+        bytes), the paths are not compared, so a copy on local disk or another mount resumes.
+        """
         out = []
         for name in self.IDENTITY_FIELDS:
             a, b = getattr(self, name), getattr(other, name)
-            if a != b:
-                out.append(f"{name}: dataset has {a!r}, this run has {b!r}")
+            if a != b and not (name == "base_model_id" and self.same_model_elsewhere(other)):
+                out.append(name)
         return out
+
+    def same_model_elsewhere(self, other: DatasetSchema) -> bool:
+        """Both name their base by a directory path, and the weights' content fingerprints agree."""
+        return (str(self.base_model_id).startswith("/") and str(other.base_model_id).startswith("/")
+                and bool(self.base_model_hash) and str(self.base_model_hash).startswith(SAMPLED_MODEL_HASH)
+                and self.base_model_hash == other.base_model_hash)
+
+    def differences(self, other: DatasetSchema) -> list[str]:
+        """Human-readable list of identity fields where `other` differs from self (empty if compatible)."""
+        return [f"{name}: dataset has {getattr(self, name)!r}, this run has {getattr(other, name)!r}"
+                for name in self.differing_fields(other)]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from draftdata.config import SAMPLED_MODEL_HASH
 from draftdata.errors import DraftdataError
 
 if TYPE_CHECKING:
@@ -239,7 +240,7 @@ def model_identity(model_dir: str | os.PathLike) -> tuple[str, str | None]:
 # cheap at any model size, and a fine-tune, even one that changed a sixth of the tensors, changes some
 # window with probability above 1 - 1e-5.
 HASH_WINDOWS, HASH_WINDOW_BYTES = 64, 16 << 10
-SAMPLED_PREFIX, SIZES_PREFIX = "sampled-sha256:", "sha256:"
+SAMPLED_PREFIX, SIZES_PREFIX = SAMPLED_MODEL_HASH, "sha256:"
 
 
 def model_hash(model_dir: str | os.PathLike, like: str | None = None) -> str:

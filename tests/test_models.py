@@ -207,3 +207,22 @@ def test_smollm2_is_converted_once_even_by_concurrent_processes(tmp_path, monkey
     monkeypatch.setenv("DRAFTDATA_CACHE", str(tmp_path / "cache"))
     assert resolve_model("smollm2") == path
     assert "converting" not in capfd.readouterr().err
+
+
+def test_a_moved_copy_of_the_base_resumes_its_dataset(tiny_model, tmp_path, capsys):
+    """A base identified by its directory may move (a copy on local disk, another mount): with the
+    same weights (content fingerprint) collect resumes and the dataset keeps its recorded id."""
+    from test_collect import collect_args, valid_conversations, write_input
+
+    from draftdata.cli import main
+    from draftdata.store import open_dataset
+
+    inp = write_input(tmp_path / "in.jsonl", valid_conversations(3))
+    first = write_input(tmp_path / "first.jsonl", valid_conversations(3)[:2])
+    out = str(tmp_path / "ds")
+    assert main(collect_args(tiny_model, first, out)) == 0
+    recorded = open_dataset(out).schema.base_model_id
+    moved = Path(shutil.copytree(tiny_model, tmp_path / "elsewhere" / "model"))
+    assert main(collect_args(moved, inp, out)) == 0
+    ds = open_dataset(out)
+    assert ds.num_samples == 3 and ds.schema.base_model_id == recorded == str(Path(tiny_model).resolve())

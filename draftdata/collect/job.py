@@ -152,7 +152,9 @@ def check_output(settings: CollectSettings, schema: DatasetSchema) -> DatasetSch
         from draftdata.models import model_hash
 
         schema.base_model_hash = model_hash(settings.model_path, like=existing.base_model_hash)
-    diffs = [name for name in DatasetSchema.IDENTITY_FIELDS if getattr(existing, name) != getattr(schema, name)]
+    diffs = existing.differing_fields(schema)
+    if existing.same_model_elsewhere(schema):  # the same weights in another directory: keep the dataset's name
+        schema.base_model_id = existing.base_model_id
     if diffs:
         lines = [f"{name}: dataset has {getattr(existing, name)!r}, this run has {getattr(schema, name)!r}"
                  + (f" (set by {FIELD_FLAGS[name]})" if name in FIELD_FLAGS else "") for name in diffs]
