@@ -26,7 +26,7 @@ from draftdata.errors import (
 from draftdata.store import create_dataset, open_dataset
 from draftdata.store.dataset import list_entries
 from draftdata.store.fs import describe_storage_error
-from draftdata.store.verify import garbage_collect, verify_dataset
+from draftdata.store.verify import garbage_collect, leftovers, verify_dataset
 
 H, K = 32, 3
 FP8_REL_ERR = 1 / 8 + 1e-3  # e4m3 has 3 mantissa bits: relative rounding error <= 2^-4, bf16 rounding on top
@@ -188,8 +188,14 @@ def test_sigkill_mid_part_leaves_nothing_visible_and_gc_cleans(tmp_path):
     assert len(list(parts_dir.iterdir())) == 2  # the committed part + the killed writer's garbage
     ds = open_dataset(url)
     assert ds.num_samples == 4 and verify_dataset(ds) == []
-    # a young leftover survives the default grace period (it could be a running writer) ...
-    assert garbage_collect(url) == []
+    # verify says the leftover is there and how to remove it (it is not a problem: exit 0)
+    out = subprocess.run([sys.executable, "-m", "draftdata.cli", "verify", url], capture_output=True, text=True)
+    assert out.returncode == 0 and "note: 1 uncommitted leftover(s)" in out.stderr and "--gc" in out.stderr
+    # a young leftover survives the default grace period (it could be a running writer), and says so ...
+    ((path, age),) = leftovers(url)
+    assert age < 3600 and garbage_collect(url) == ([], [path])
+    out = subprocess.run([sys.executable, "-m", "draftdata.cli", "verify", url, "--gc"], capture_output=True, text=True)
+    assert "removed 0 leftover(s)" in out.stderr and "kept 1 younger than --grace 3600 s" in out.stderr
     # ... and the CLI removes it with --grace 0; the dataset still verifies
     out = subprocess.run([sys.executable, "-m", "draftdata.cli", "verify", url, "--gc", "--grace", "0"],
                          capture_output=True, text=True)
@@ -344,6 +350,23 @@ def test_a_file_given_as_dataset_is_named_as_a_file(tmp_path, capsys):
     with pytest.raises(DraftdataError, match="is a file, not a dataset directory"):
         list_entries(str(conv))
     assert "storage error" not in str(describe_storage_error("x", NotADirectoryError(20, "Not a directory")))
+
+
+def test_local_disk_errors_get_local_advice(tmp_path):
+    """A full or read-only local disk is not a network problem: the message says what to do there;
+    object stores keep the endpoint/network advice."""
+    import errno
+
+    url = str(tmp_path / "ds")
+    full = str(describe_storage_error(url, OSError(errno.ENOSPC, "No space left on device")))
+    assert f"{url}: No space left on device; free disk space" in full
+    assert f"draftdata verify {url} --gc --grace 0" in full and "network" not in full
+    ro = str(describe_storage_error(f"file://{url}", OSError(errno.EROFS, "Read-only file system")))
+    assert "the file system is read-only: write to another directory" in ro and "network" not in ro
+    denied = str(describe_storage_error(url, PermissionError(errno.EACCES, "Permission denied")))
+    assert "check the directory's owner and mode" in denied and "bucket policy" not in denied
+    remote = str(describe_storage_error("s3://b/ds", OSError(errno.ENOSPC, "No space left on device")))
+    assert "check the endpoint, network and storage service" in remote
 
 
 def test_object_listed_as_itself_is_a_file_and_entries_skip_hidden_names():

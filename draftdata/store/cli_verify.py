@@ -22,15 +22,25 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from draftdata.store import open_dataset
-    from draftdata.store.verify import garbage_collect, verify_dataset
+    from draftdata.store.verify import garbage_collect, leftovers, verify_dataset
 
     opts = parse_storage_options(args.storage_option)
     if args.gc:
-        deleted = garbage_collect(args.url, storage_options=opts, grace_seconds=args.grace)
+        deleted, kept = garbage_collect(args.url, storage_options=opts, grace_seconds=args.grace)
         print(f"gc: removed {len(deleted)} leftover(s) of crashed writers (uncommitted parts, temporary commit "
               "records)", file=sys.stderr)
         for d in deleted:
             print(f"gc: removed {d}", file=sys.stderr)
+        if kept:
+            print(f"gc: kept {len(kept)} younger than --grace {args.grace:g} s (or of unknown age): a running "
+                  "writer's work, or a crash within the grace period; use --grace 0 only when no writer runs",
+                  file=sys.stderr)
+    else:
+        found = leftovers(args.url, storage_options=opts)
+        if found:
+            print(f"note: {len(found)} uncommitted leftover(s) (crashed writers' or a running writer's; readers "
+                  f"never see them); `draftdata verify {args.url} --gc` removes those older than --grace",
+                  file=sys.stderr)
     bad_records: list[str] = []
     ds = open_dataset(args.url, storage_options=opts, bad_records=bad_records)
     with tqdm(total=len(ds.parts), desc="verify", unit="part", disable=None, file=sys.stderr) as bar:

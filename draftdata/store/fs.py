@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import errno
 import os
 import uuid
 from typing import Any
@@ -70,6 +71,17 @@ def is_storage_error(e: BaseException) -> bool:
     return type(e).__module__.split(".")[0] in _STORAGE_PACKAGES
 
 
+# Local disk errors: what to do, instead of the object-store advice (endpoint, network, credentials).
+_GC_HINT = "then `draftdata verify {url} --gc --grace 0` (with no writer running) removes a half-written part"
+LOCAL_ERRNO_ADVICE = {
+    errno.ENOSPC: f"free disk space or write elsewhere; {_GC_HINT}",
+    errno.EDQUOT: f"the disk quota is used up: free space or write elsewhere; {_GC_HINT}",
+    errno.EROFS: "the file system is read-only: write to another directory",
+    errno.EACCES: "no permission: check the directory's owner and mode, or write elsewhere",
+    errno.EPERM: "not permitted: check the directory's owner and mode, or write elsewhere",
+}
+
+
 def describe_storage_error(url: str, e: BaseException) -> DraftdataError:
     """Turn a backend exception (credentials, permissions, endpoint) into a one-line error."""
     if isinstance(e, DraftdataError):
@@ -82,6 +94,8 @@ def describe_storage_error(url: str, e: BaseException) -> DraftdataError:
     if name in ("NoCredentialsError", "PartialCredentialsError") or "credentials" in msg.lower():
         return StorageAccessError(f"{url}: no usable credentials ({msg}); set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
                                   "or pass storage options (key, secret, client_kwargs.endpoint_url)")
+    if is_local(url) and isinstance(e, OSError) and e.errno in LOCAL_ERRNO_ADVICE:
+        return StorageAccessError(f"{url}: {e.strerror or msg}; {LOCAL_ERRNO_ADVICE[e.errno].format(url=url)}")
     if isinstance(e, PermissionError) or "AccessDenied" in msg or "Forbidden" in msg:
         return StorageAccessError(f"{url}: access denied ({msg}); check the credentials and bucket policy")
     return StorageAccessError(f"{url}: storage error: {name}: {msg}; check the endpoint, network and storage "

@@ -111,42 +111,50 @@ def verify_dataset(ds: Dataset, progress: Callable[[int], Any] | None = None) ->
     return problems
 
 
-def garbage_collect(url: str, *, storage_options: dict[str, Any] | None = None,
-                    grace_seconds: float = 3600.0) -> list[str]:
-    """Delete part directories that have no commit record and are older than `grace_seconds`.
-
-    The grace period protects writers that are still running: their parts are uncommitted too.
-    Returns the deleted paths.
-    """
+def leftovers(url: str, *, storage_options: dict[str, Any] | None = None) -> list[tuple[str, float | None]]:
+    """Uncommitted part directories and temporary commit records, each with its age in seconds
+    (None when the backend reports no time): crashed writers' garbage, or a running writer's work."""
     loc, _ = open_location(url, storage_options)
     # Every commit file counts, parseable or not: a damaged record's part is still committed data.
     committed = set(loc.list_commits())
     fs, root = loc.fs, loc.root
+    now = time.time()
+    found: list[tuple[str, float | None]] = []
     try:
         entries = fs.ls(f"{root}/parts", detail=True)
     except FileNotFoundError:
         entries = []
-    deleted = []
-    now = time.time()
     for e in entries:
-        pid = e["name"].rstrip("/").rsplit("/", 1)[-1]
-        if pid in committed:
-            continue
-        newest = _newest_mtime(fs, e["name"])
-        if newest is None or now - newest < grace_seconds:  # unknown age: it may be a running writer's
-            continue
-        fs.rm(e["name"], recursive=True)
-        deleted.append(e["name"])
+        if e["name"].rstrip("/").rsplit("/", 1)[-1] not in committed:
+            newest = _newest_mtime(fs, e["name"])
+            found.append((e["name"], None if newest is None else now - newest))
     try:
         for path in fs.ls(f"{root}/commits", detail=False):
             name = path.rstrip("/").rsplit("/", 1)[-1]
-            newest = _newest_mtime(fs, path)
-            if name.startswith(".") and ".tmp-" in name and newest is not None and now - newest >= grace_seconds:
-                fs.rm(path)
-                deleted.append(path)
+            if name.startswith(".") and ".tmp-" in name:
+                newest = _newest_mtime(fs, path)
+                found.append((path, None if newest is None else now - newest))
     except FileNotFoundError:
         pass
-    return deleted
+    return found
+
+
+def garbage_collect(url: str, *, storage_options: dict[str, Any] | None = None,
+                    grace_seconds: float = 3600.0) -> tuple[list[str], list[str]]:
+    """Delete the `leftovers` older than `grace_seconds`; returns (deleted, kept) paths.
+
+    The grace period protects writers that are still running: their parts are uncommitted too,
+    and so is anything of unknown age.
+    """
+    fs = open_location(url, storage_options)[0].fs
+    deleted, kept = [], []
+    for path, age in leftovers(url, storage_options=storage_options):
+        if age is None or age < grace_seconds:
+            kept.append(path)
+            continue
+        fs.rm(path, recursive=True)
+        deleted.append(path)
+    return deleted, kept
 
 
 def _newest_mtime(fs: Any, path: str) -> float | None:
