@@ -313,6 +313,17 @@ def test_cli_eval_bad_output_is_refused_before_any_model_work(prompts, tmp_path,
     assert err.count("\n") == 1 and "cannot create its directory" in err and "choose another --output" in err
 
 
+def test_cli_eval_bad_counts_and_a_training_run_as_draft_are_one_line(tiny_model, prompts, tmp_path, capsys):
+    """--limit 0 used to evaluate one conversation; a training run given as --draft says to export it."""
+    missing = str(tmp_path / "no-model")
+    for flag in ("--limit", "--max-turns", "--threads", "--prompt-lookup-tokens"):
+        assert run_cli("--model", missing, "--draft", missing, "--prompts", str(prompts), flag, "0") == 2
+        assert f"{flag} must be >= 1, got 0" in capsys.readouterr().err
+    exported_draft(tmp_path, tiny_model)                    # leaves the trainer checkpoint in tmp_path/ckpt
+    with pytest.raises(ev.DraftdataError, match=r"this is a training run: run `draftdata export .*ckpt --out DIR`"):
+        ev.load_exported_draft(tmp_path / "ckpt", None)
+
+
 def test_missing_prompts_file_names_the_prompts_flag(tmp_path, capsys):
     with pytest.raises(ev.DraftdataError, match=r"^--prompts .*nope\.jsonl: no such file"):
         ev.read_prompts(str(tmp_path / "nope.jsonl"))

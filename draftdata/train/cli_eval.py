@@ -24,7 +24,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-prompt-lookup", action="store_true", help="skip the prompt-lookup baseline")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="auto",
-                   help="auto (bfloat16 on GPU, float32 on CPU), float32, float64, bfloat16, float16 (or fp32, bf16, fp16)")
+                   help="auto (bfloat16 on GPU; float32 on every CPU, unlike collect/train, so CPU outputs "
+                        "compare exactly with greedy), float32, float64, bfloat16, float16 (or fp32, bf16, fp16)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="torch CPU threads (default: torch's choice; 1 is fastest for tiny models on a busy box)")
     p.add_argument("--json", action="store_true", help="print the full report as JSON on stdout")
@@ -63,6 +64,10 @@ def _run(args: argparse.Namespace, ev) -> int:
 
     from draftdata.errors import DraftdataError
 
+    for flag in ("limit", "max_turns", "threads", "prompt_lookup_tokens"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise DraftdataError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
     output = check_output(args.output) if args.output else None
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -14,7 +14,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", "--output", required=True, metavar="DIR",
                    help="output directory for config.json + model.safetensors (vLLM / SGLang / TRT-LLM)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], type=_long_dtype,
-                   help="dtype of the exported weights (default bfloat16; bf16/fp16/fp32 also accepted)")
+                   metavar="{bfloat16,float16,float32,bf16,fp16,fp32}",
+                   help="dtype of the exported weights (default bfloat16)")
     p.add_argument("--modelopt-rope-scaling", action="store_true",
                    help="write the checkpoint's eagle_export_rope_scaling (ModelOpt's YaRN override) instead "
                         "of the RoPE the draft was trained with")

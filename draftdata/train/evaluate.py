@@ -111,8 +111,8 @@ def load_exported_draft(export_dir: str | os.PathLike, base: Any, device: torch.
     path = Path(export_dir)
     cfg_path, weights_path = path / "config.json", path / "model.safetensors"
     if not cfg_path.exists():
-        hint = (" (this is a trainer checkpoint: run `draftdata export` first)"
-                if (path / "draft_config.json").exists() else "")
+        hint = (f" (this is a training run: run `draftdata export {path} --out DIR` first and pass DIR)"
+                if (path / "train_config.json").exists() or (path / "draft_config.json").exists() else "")
         raise DraftdataError(f"{cfg_path} not found: --draft must be an exported draft directory{hint}")
     try:
         config = json.loads(cfg_path.read_text())
