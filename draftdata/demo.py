@@ -74,10 +74,17 @@ def run(args: argparse.Namespace) -> int:
         raise DraftdataError(f"--holdout {args.holdout}: keep between 1 and {len(lines) - 1} of the {len(lines)} "
                              f"prompts in {source} for the evaluation (the rest train the draft)")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise DraftdataError(f"--out {out}: is a file; the demo writes its outputs into a directory: give a new or "
+                             "existing directory (default ./demo_out)")
     train_prompts, eval_prompts = out / "train_prompts.jsonl", out / "eval_prompts.jsonl"
-    train_prompts.write_text("\n".join(lines[:-args.holdout]) + "\n")
-    eval_prompts.write_text("\n".join(lines[-args.holdout:]) + "\n")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        train_prompts.write_text("\n".join(lines[:-args.holdout]) + "\n")
+        eval_prompts.write_text("\n".join(lines[-args.holdout:]) + "\n")
+    except OSError as e:
+        raise DraftdataError(f"--out {out}: cannot write into it ({e.strerror or e}); give a writable "
+                             "directory") from None
     dataset, conversations = str(out / "dataset"), str(out / "synthesized.jsonl")
     vocab, train_dir, draft = str(out / "d2t.safetensors"), str(out / "train"), str(out / "draft")
     timings: dict[str, float] = {}

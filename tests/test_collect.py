@@ -331,6 +331,132 @@ def test_strict_fails_before_any_model_work(tiny_model, tmp_path, capsys):
     assert len(stored_ids(str(out))) == 2
 
 
+def test_strict_says_it_validates_and_shows_progress(tiny_model, tmp_path, capsys, monkeypatch):
+    """--strict reads and tokenizes everything before the model loads (minutes on a large input):
+    a line says so, and progress lines follow like the collection's own."""
+    monkeypatch.setenv("DRAFTDATA_PROGRESS_INTERVAL", "0")  # stderr is not a terminal: plain progress lines
+    inp = write_input(tmp_path / "in.jsonl", valid_conversations(3))
+    assert main(collect_args(tiny_model, inp, str(tmp_path / "ds"), "--strict")) == 0
+    err = capsys.readouterr().err.splitlines()
+    start = err.index("draftdata collect: --strict: validating 3 records before loading the model")
+    validate = [line for line in err if line.startswith("validate: ")]
+    assert validate and validate[-1].startswith("validate: 3/3 records (100%), ") and " tok/s" in validate[-1]
+    assert err.index(validate[-1]) > start
+    assert err.index(validate[-1]) < next(i for i, line in enumerate(err) if line.startswith("collect: "))
+
+
+def test_empty_input_warns_and_creates_no_dataset(tiny_model, tmp_path, capsys):
+    inp = write_input(tmp_path / "empty.jsonl", ["\n", "  \n"])
+    out = tmp_path / "ds"
+    assert main(collect_args(tiny_model, inp, str(out))) == 0
+    err = capsys.readouterr().err
+    assert f"warning: no records were read from --input {inp}" in err and "nothing to collect" in err
+    assert not out.exists()
+    # a resume with nothing new leaves the dataset as it is
+    full = write_input(tmp_path / "in.jsonl", valid_conversations(2))
+    assert main(collect_args(tiny_model, full, str(out))) == 0
+    parts = [p.id for p in open_dataset(str(out)).parts]
+    assert main(collect_args(tiny_model, full, str(out), "--limit", "0")) == 0
+    assert "(--limit 0); nothing to collect" in capsys.readouterr().err
+    assert [p.id for p in open_dataset(str(out)).parts] == parts
+
+
+def test_rejects_path_is_checked_first_and_never_costs_the_summary(tiny_model, tmp_path, capsys):
+    from draftdata.collect.conversations import read_conversations
+    from draftdata.collect.runner import CollectStats, RejectLog, write_reports
+
+    inp = write_input(tmp_path / "in.jsonl", ["{broken\n"] + valid_conversations(2))
+    out = tmp_path / "ds"
+    folder = tmp_path / "indir"
+    folder.mkdir()
+    (tmp_path / "a-file").write_text("x")
+    for rejects, says in ((folder, "is a directory; give a file path"),
+                          (tmp_path / "a-file" / "rejects.jsonl", "is a file, not a directory")):
+        assert main(collect_args(tiny_model, inp, str(out), "--rejects", str(rejects))) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"draftdata collect: error: --rejects {rejects}: ") and says in err
+        assert len(err.splitlines()) == 1 and not out.exists()  # refused before any model work
+    assert main(["synthesize", "--model", str(tiny_model), "--input", inp, "--output", str(tmp_path / "s.jsonl"),
+                 "--rejects", str(folder)]) == 2
+    assert "--rejects" in capsys.readouterr().err and not (tmp_path / "s.jsonl").exists()
+    assert main(collect_args(tiny_model, inp, str(out), "--rejects", str(tmp_path / "new" / "r.jsonl"))) == 0
+    assert len((tmp_path / "new" / "r.jsonl").read_text().splitlines()) == 1
+    capsys.readouterr()
+
+    # a rejects file that cannot be written (the place changed during the run) is a warning, and
+    # summary.json is still written, saying what happened
+    stats = CollectStats(read=1)
+    log = RejectLog(stats)
+    (reject,) = read_conversations(inp, limit=1)
+    log(reject)
+    where = write_reports(str(out), None, stats, log, {"k": 1}, str(folder))
+    assert where is None
+    assert "warning: could not write the 1 rejected records to" in capsys.readouterr().err
+    (summary,) = [p for p in glob.glob(f"{out}/_reports/*/summary.json")
+                  if "rejects_error" in json.loads(Path(p).read_text())]
+    assert json.loads(Path(summary).read_text())["stats"]["skipped"] == {"malformed_json": 1}
+
+
+def test_unreadable_weights_are_named_in_one_line(tiny_model, tmp_path, capsys):
+    """A truncated model.safetensors (an interrupted download) is one line naming the file, for
+    collect, synthesize and prompts alike; nothing is created."""
+    bad = tmp_path / "badw"
+    shutil.copytree(tiny_model, bad)
+    weights = bad / "model.safetensors"
+    os.truncate(weights, weights.stat().st_size // 2)
+    inp = write_input(tmp_path / "in.jsonl", valid_conversations(2))
+    runs = [collect_args(bad, inp, str(tmp_path / "ds")),
+            ["synthesize", "--model", str(bad), "--input", inp, "--output", str(tmp_path / "s.jsonl"),
+             "--max-new-tokens", "4"],
+            ["prompts", "--model", str(bad), "--output", str(tmp_path / "p.jsonl"), "--count", "2"]]
+    for argv in runs:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"draftdata {argv[0]}: error: --model {bad}: {weights} is not a readable safetensors "
+                              "file") and "truncated or corrupt" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "ds").exists()
+
+
+def test_chat_template_syntax_error_stops_at_startup(tiny_model, tmp_path, capsys):
+    """A template that does not compile used to reject every record as template_error and leave an
+    empty dataset; now every command that takes --chat-template stops with the file and line."""
+    bad = tmp_path / "bad.jinja"
+    bad.write_text("{% for m in messages %}\n{{ m['content'] }\n{% endfor %}")
+    as_json = tmp_path / "bad.json"
+    as_json.write_text(json.dumps({"chat_template": bad.read_text()}))
+    inp = write_input(tmp_path / "in.jsonl", valid_conversations(2))
+    out = tmp_path / "ds"
+    runs = [collect_args(tiny_model, inp, str(out)),
+            ["synthesize", "--model", str(tiny_model), "--input", inp, "--output", str(tmp_path / "s.jsonl")],
+            ["prompts", "--model", str(tiny_model), "--output", str(tmp_path / "p.jsonl"), "--count", "2"]]
+    for argv in runs:
+        assert main([*argv, "--chat-template", str(bad)]) == 2
+        err = capsys.readouterr().err
+        assert err == f"draftdata {argv[0]}: error: --chat-template {bad}:2: Jinja syntax error: unexpected '}}'; " \
+                      "fix the template\n"
+    assert main([*runs[0], "--chat-template", str(as_json)]) == 2
+    assert f"--chat-template {as_json}: its chat_template string, line 2: Jinja syntax error" in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "s.jsonl").exists() and not (tmp_path / "p.jsonl").exists()
+
+
+def test_summary_labels_the_collecting_and_the_overall_rate():
+    from draftdata.collect.runner import CollectStats
+
+    stats = CollectStats(written=2, tokens=40_000, parts=1, seconds=40.0, collect_seconds=1.0)
+    assert "(40,000 tokens/s collecting, 1,000 overall incl. model load)" in stats.format("out")
+    stats.collect_seconds = 0.0  # not measured (the Ray driver): only the overall rate, labelled as such
+    assert "(1,000 tokens/s overall, incl. model load)" in stats.format("out")
+
+
+def test_demo_out_that_is_a_file_is_refused(tmp_path, capsys):
+    out = tmp_path / "conv.jsonl"
+    out.write_text("{}\n")
+    assert main(["demo", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"draftdata demo: error: --out {out}: is a file") and len(err.splitlines()) == 1
+    assert out.read_text() == "{}\n"
+
+
 def test_schema_mismatch_is_refused_with_what_differs(tiny_model, tmp_path, capsys):
     inp = write_input(tmp_path / "in.jsonl", valid_conversations(2))
     out = str(tmp_path / "ds")

@@ -107,6 +107,26 @@ def test_rejects_name_file_line_and_reason(tmp_path):
     assert count_records(str(path), limit=0) == 0
 
 
+def test_reject_details_say_what_is_wrong(tmp_path, tokenizer):
+    """A JSON error gives the column in its line (not JSON's own "line 2", which next to file:LINE
+    reads as another line of the file); an assistant-first conversation says so, instead of the
+    template's "empty conversation" of the prefix render."""
+    path = write_jsonl(tmp_path / "in.jsonl", ['{"id": "cut", "messages": ', "{broken"])
+    details = [r.detail for r in read_conversations(str(path))]
+    assert details == ["Expecting value at column 28 (the end of the line: the record is cut short)",
+                       "Expecting property name enclosed in double quotes at column 2"]
+    chat = ChatTokenizer(tokenizer)
+    first = Conversation("a1", [{"role": "assistant", "content": "Hi! How can I help?"},
+                                {"role": "user", "content": "hello"}], "f.jsonl:2")
+    (r,) = chat.tokenize([first])
+    assert isinstance(r, Reject) and r.reason == "assistant_first" and r.source == "f.jsonl:2"
+    assert "starts with an assistant message" in r.detail and "empty conversation" not in r.detail
+    # after a system message the reply has a prompt to follow: kept, and so is any with --loss-mask all
+    after_system = Conversation("a2", [{"role": "system", "content": "Be brief."}] + first.messages, "f.jsonl:3")
+    assert not isinstance(chat.tokenize([after_system])[0], Reject)
+    assert not isinstance(ChatTokenizer(tokenizer, loss_mask="all").tokenize([first])[0], Reject)
+
+
 def test_directory_glob_gzip_and_fsspec_inputs(tmp_path):
     import fsspec
 

@@ -497,6 +497,46 @@ def test_bad_input_rejected_with_file_line_and_strict(tiny_model, tmp_path, caps
     assert strict_out.read_text() == ""
 
 
+def test_unwritable_output_is_one_line_before_any_model_work(tiny_model, tmp_path):
+    """synthesize and prompts refuse an --output they cannot create (a read-only directory, a path
+    through a file) with one line naming it, before the model loads, instead of an OSError traceback."""
+    from draftdata.cli import build_parser
+    from draftdata.collect import cli_prompts
+
+    inp = write_jsonl(tmp_path / "in.jsonl", conversations()[:1])
+    (tmp_path / "a-file").write_text("x")
+    places = [tmp_path / "a-file" / "s.jsonl"]
+    if os.geteuid() != 0:  # root writes into read-only directories
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o555)
+        places.append(ro / "s.jsonl")
+    for out in places:
+        says = rf"^--output {re.escape(str(out))}: cannot create or append to it"
+        with pytest.raises(DraftdataError, match=says):
+            run_cli("--model", tiny_model, "--input", inp, "--output", out)
+        with pytest.raises(DraftdataError, match=says):
+            cli_prompts.run(build_parser().parse_args(["prompts", "--model", str(tiny_model), "--output", str(out),
+                                                       "--count", "1"]))
+    # the same through the CLI: one line, exit 2
+    assert main(["synthesize", "--model", str(tiny_model), "--input", str(inp), "--output", str(places[0])]) == 2
+
+
+def test_leading_assistant_messages_are_reported(tiny_model, tmp_path, capsys):
+    """An assistant message before any user message answers nothing and is left out of the output;
+    the summary says how many conversations lost one (it used to vanish silently)."""
+    inp = write_jsonl(tmp_path / "in.jsonl", [
+        {"conversation_id": "greet", "conversations": [{"role": "assistant", "content": "Hi! How can I help?"},
+                                                         {"role": "user", "content": "What is 12 plus 30?"}]},
+        {"conversation_id": "plain", "conversations": [{"role": "user", "content": "hello"}]}])
+    out = tmp_path / "out.jsonl"
+    assert run_cli("--model", tiny_model, "--input", inp, "--output", out, "--max-new-tokens", 4) == 0
+    assert [m["role"] for m in by_id(read_output(out))["greet"]] == ["user", "assistant"]
+    summary = capsys.readouterr().out
+    assert "  dropped    assistant messages before the first user message, in 1 conversation (" in summary
+    (report,) = (tmp_path / "out.jsonl.synth").glob("summary-*.json")
+    assert json.loads(report.read_text())["stats"]["leading_assistant"] == 1
+
+
 def test_torn_last_line_is_cut_and_foreign_lines_refused(tmp_path, capsys):
     path = tmp_path / "out.jsonl"
     whole = json.dumps({"conversation_id": "a", "conversations": []}) + "\n"

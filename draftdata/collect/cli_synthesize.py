@@ -96,6 +96,7 @@ def endpoint_api_key(args: argparse.Namespace) -> str | None:
 def settings_from_args(args: argparse.Namespace):
     """Validate the flags and resolve the model (converting a GGUF once)."""
     from draftdata.collect.conversations import load_chat_template
+    from draftdata.collect.runner import check_rejects_path
     from draftdata.collect.synthesize import SynthSettings
     from draftdata.errors import DraftdataError
     from draftdata.models import local_device, resolve_model
@@ -106,6 +107,7 @@ def settings_from_args(args: argparse.Namespace):
     if args.endpoint is not None and args.chat_template is not None:
         raise DraftdataError("--chat-template applies to local generation; with --endpoint the server applies its "
                              "own template (set it when starting the server)")
+    check_rejects_path(args.rejects)  # before any model work: the rejects are written at the end
     return SynthSettings(
         input=args.input, output=args.output, model=args.model,
         model_path=None if args.endpoint else str(resolve_model(args.model)),

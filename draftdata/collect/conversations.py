@@ -48,6 +48,8 @@ REASONS = {
     "bad_id": "the id is empty or not a string/number",
     "duplicate_id": "an earlier record in the input has the same id (the first one is kept)",
     "no_assistant_turn": "no assistant message, so --loss-mask assistant would train on nothing",
+    "assistant_first": "the first message is an assistant turn, which answers nothing (--loss-mask assistant needs "
+                       "a user or system message first)",
     "template_error": "the chat template failed on this conversation",
     "too_long": "longer than --max-seq-len tokens (--on-long skip, or nothing left to train after truncation)",
 }
@@ -162,7 +164,10 @@ def read_conversations(input: str, storage_options: dict | None = None, *, limit
             source = f"{name}:{lineno}"
             try:
                 obj = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            except json.JSONDecodeError as e:
+                yield Reject(source, "malformed_json", json_error_detail(e))
+                continue
+            except UnicodeDecodeError as e:
                 yield Reject(source, "malformed_json", str(e))
                 continue
             try:
@@ -180,6 +185,15 @@ def read_conversations(input: str, storage_options: dict | None = None, *, limit
                              "to keep prompt-only conversations", conv.conversation_id)
                 continue
             yield conv
+
+
+def json_error_detail(error: json.JSONDecodeError) -> str:
+    """JSON's message with the column in the line: its own "line 2 column 1" counts the line's
+    newline as a second line, which next to `file:LINE` reads as another line of the file."""
+    where = f"at column {error.pos + 1}"
+    if error.pos >= len(error.doc.rstrip()):
+        where += " (the end of the line: the record is cut short)"
+    return f"{error.msg} {where}"
 
 
 def parse_record(obj: Any, source: str = "") -> Conversation:
@@ -254,8 +268,26 @@ def content_id(messages: list[dict[str, str]]) -> str:
 
 # ---------------------------------------------------------------- tokenization
 
+def template_syntax_error(template: str) -> tuple[int, str] | None:
+    """(line, message) of a Jinja syntax error in a chat template, else None. It is compiled as
+    transformers compiles it (same environment and extensions), so a broken template stops a run
+    at startup instead of rejecting every record as template_error."""
+    from jinja2 import TemplateSyntaxError
+
+    try:  # private in transformers (pinned < 5.15): without it the check is skipped, never wrong
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+    except ImportError:
+        return None
+    try:
+        _compile_jinja_template(template)
+    except TemplateSyntaxError as e:
+        return e.lineno, e.message or "syntax error"
+    return None
+
+
 def load_chat_template(path: str | os.PathLike) -> str:
-    """A Jinja chat template from a file: raw Jinja, or JSON with a "chat_template" string."""
+    """A Jinja chat template from a file: raw Jinja, or JSON with a "chat_template" string.
+    Its syntax is checked here (an error names the file and the template line)."""
     p = Path(path)
     try:
         text = p.read_text()
@@ -267,6 +299,10 @@ def load_chat_template(path: str | os.PathLike) -> str:
         except (json.JSONDecodeError, KeyError, TypeError):
             raise DraftdataError(f"--chat-template {path}: a .json template file must be an object with "
                                  f"a 'chat_template' string") from None
+    error = template_syntax_error(text)
+    if error is not None:
+        where = f"{path}: its chat_template string, line {error[0]}" if p.suffix == ".json" else f"{path}:{error[0]}"
+        raise DraftdataError(f"--chat-template {where}: Jinja syntax error: {error[1]}; fix the template")
     return text
 
 
@@ -287,6 +323,11 @@ class ChatTokenizer:
             self.template = self.template["default"]
         if not self.template:
             raise DraftdataError("the model's tokenizer has no chat template; pass --chat-template FILE")
+        error = template_syntax_error(self.template)
+        if error is not None:
+            whose = "the chat template" if chat_template else "the model's chat template"
+            raise DraftdataError(f"{whose}, line {error[0]}: Jinja syntax error: {error[1]}; pass a fixed "
+                                 "--chat-template FILE")
         self.tokenizer = tokenizer
         self.loss_mask = loss_mask
         self.max_seq_len = max_seq_len
@@ -306,6 +347,10 @@ class ChatTokenizer:
         for i, m in enumerate(messages):
             if m["role"] != "assistant":
                 continue
+            if i == 0:  # its prompt would be the render of no messages, which templates refuse
+                raise RecordError("assistant_first", "the conversation starts with an assistant message, which "
+                                  "answers nothing; start it with a user or system message (or drop that "
+                                  "message), or use --loss-mask all")
             prompt = self.render(messages[:i], add_generation_prompt=True)
             turn = self.render(messages[: i + 1])
             if turn.startswith(prompt) and text.startswith(turn) and len(prompt) >= cursor:

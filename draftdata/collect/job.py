@@ -67,6 +67,7 @@ class CollectSettings:
 def settings_from_args(args: argparse.Namespace) -> CollectSettings:
     """Validate the collect flags and resolve the model (converting a GGUF once)."""
     from draftdata.collect.conversations import load_chat_template
+    from draftdata.collect.runner import check_rejects_path
     from draftdata.models import local_device, parse_aux_layers, resolve_model
     from draftdata.store.fs import parse_storage_options
 
@@ -91,6 +92,7 @@ def settings_from_args(args: argparse.Namespace) -> CollectSettings:
         from draftdata.collect.backends.trtllm import import_tensorrt_llm
 
         import_tensorrt_llm()
+    check_rejects_path(args.rejects)  # before any model work: the rejects are written at the very end
     model_path = resolve_model(args.model)
     info = BaseModelInfo.from_model_dir(model_path)
     return CollectSettings(
@@ -208,14 +210,34 @@ def read_input(settings: CollectSettings):
                               require_assistant=settings.loss_mask == "assistant")
 
 
-def validate_input(settings: CollectSettings, chat: ChatTokenizer) -> int:
-    """--strict: read and tokenize the whole input, fail on the first bad record; returns the count."""
+def validate_input(settings: CollectSettings, chat: ChatTokenizer, total: int | None = None) -> int:
+    """--strict: read and tokenize the whole input, fail on the first bad record; returns the count.
+
+    This runs before the model loads and can take minutes on a large input, so it says so and
+    shows progress like the collection itself. `total`: the records to expect, when counted."""
+    from draftdata.collect.conversations import count_records
+
+    if total is None:
+        total = count_records(settings.input, settings.storage_options, settings.limit)
+    print(f"draftdata collect: --strict: validating {total:,} records before loading the model", file=sys.stderr)
+    bar = JobProgress(total=total, desc="validate", unit="record")
     n = 0
-    for item in tokenize_stream(read_input(settings), chat):
-        if isinstance(item, Reject):
-            raise DraftdataError(f"{item} (--strict stops at the first bad record, before any model work)")
-        n += 1
+    try:
+        for item in tokenize_stream(read_input(settings), chat):
+            if isinstance(item, Reject):
+                raise DraftdataError(f"{item} (--strict stops at the first bad record, before any model work)")
+            n += 1
+            bar.update(1, item.length)
+    finally:
+        bar.close()
     return n
+
+
+def warn_no_records(settings: CollectSettings) -> None:
+    """An input without records would otherwise end in a summary of zeros (and an empty dataset)."""
+    why = "--limit 0" if settings.limit == 0 else "its files are empty or hold only blank lines"
+    print(f"draftdata collect: warning: no records were read from --input {settings.input} ({why}); nothing to "
+          "collect", file=sys.stderr)
 
 
 class CommitLedger:
@@ -342,7 +364,12 @@ def run_local(settings: CollectSettings) -> int:
     schema = check_output(settings, make_schema(settings, info))
     input_files(settings.input, settings.storage_options)  # fail on a missing input before creating anything
     chat = chat_tokenizer(settings)
-    total = validate_input(settings, chat) if settings.strict else None
+    total = count_records(settings.input, settings.storage_options, settings.limit)
+    if total == 0:  # nothing would be written: load no model and leave --output as it is
+        warn_no_records(settings)
+        return 0
+    if settings.strict:
+        total = validate_input(settings, chat, total)
     lock = OutputLock(settings.output)
     try:  # the lock is released on every way out (an in-process caller may run again)
         backend = get_backend(settings.backend, settings.model_path, **backend_options(settings))
@@ -362,9 +389,8 @@ def run_local(settings: CollectSettings) -> int:
                                  part_bytes=settings.part_bytes)
         stats = CollectStats()
         rejects = RejectLog(stats)
-        if total is None:
-            total = count_records(settings.input, settings.storage_options, settings.limit)
         bar = JobProgress(total=total, desc="collect", unit="conv")  # thread-safe: the reader thread reports too
+        t_loop = time.perf_counter()
         interrupted = True
         try:
             samples = prepare_samples(read_input(settings), chat, skip_ids=committed, stats=stats,
@@ -374,6 +400,7 @@ def run_local(settings: CollectSettings) -> int:
         finally:
             bar.close()
             backend.close()
+            stats.collect_seconds = time.perf_counter() - t_loop
             stats.seconds = time.perf_counter() - t_start
             where = write_reports(writer.url, settings.storage_options, stats, rejects, settings.report_dict(),
                                   settings.rejects)

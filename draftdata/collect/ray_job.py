@@ -335,6 +335,7 @@ def run_ray_collect(args: argparse.Namespace) -> int:
         make_schema,
         open_output,
         settings_from_args,
+        warn_no_records,
     )
 
     settings = settings_from_args(args)
@@ -384,6 +385,8 @@ def run_ray_collect(args: argparse.Namespace) -> int:
             chat = chat_tokenizer(settings)
         if total is None:
             total = count_records(settings.input, settings.storage_options, settings.limit)
+        if total == 0:
+            warn_no_records(settings)
         return _drive(settings, writer, chat, plan, pool, options, total, t_start)
     finally:
         if pool is not None:

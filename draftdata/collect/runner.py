@@ -75,13 +75,22 @@ class CollectStats(RunStats):
     raw_bytes: int = 0  # raw bytes (bf16 + ids + mask) of the committed parts
     parts: int = 0
     forward_seconds: float = 0.0
+    collect_seconds: float = 0.0  # wall clock of the collection loop, after the model loaded (0: not measured)
+
+    def rates(self) -> str:
+        """Tokens/s while collecting (what the progress line shows) and over the whole run, which
+        includes the model load and so reads much lower on short runs: both, labelled."""
+        overall = self.tokens / self.seconds if self.seconds > 0 else 0.0
+        if self.collect_seconds <= 0:
+            return f"{overall:,.0f} tokens/s overall, incl. model load"
+        return (f"{self.tokens / self.collect_seconds:,.0f} tokens/s collecting, "
+                f"{overall:,.0f} overall incl. model load")
 
     def format(self, output: str, input: str | None = None, rejects: str | None = None) -> str:
         """The human-readable summary printed at the end of a run."""
-        rate = self.tokens / self.seconds if self.seconds > 0 else 0.0
         lines = self.summary_lines("collect", [
             f"  written    {self.written:,} conversations, {self.tokens:,} tokens in {self.parts:,} "
-            f"part{'' if self.parts == 1 else 's'} ({rate:,.0f} tokens/s)",
+            f"part{'' if self.parts == 1 else 's'} ({self.rates()})",
             f"  bytes      {_size(self.stored_bytes)} stored, {_size(self.raw_bytes)} raw"], input)
         if self.truncated:
             lines.append(f"  truncated  {self.truncated:,} (cut to --max-seq-len, kept)")
@@ -394,13 +403,45 @@ def _store_sample(s: TokenizedSample, aux: torch.Tensor, final: torch.Tensor) ->
             "loss_mask": torch.from_numpy(s.loss_mask), "aux_hidden_states": aux, "hidden_states": final}
 
 
+def check_rejects_path(path: str | None) -> None:
+    """--rejects PATH must be a file this run can create or overwrite. Rejects are written at the
+    end of a run, so this is checked before any model work: by opening the file for appending
+    (removed again if it was new) when its folder exists, else by the permissions of the nearest
+    existing folder. Object-store URLs are not checked."""
+    if path is None or ("://" in path and not path.startswith("file://")):
+        return
+    local = os.path.abspath(path[len("file://"):] if path.startswith("file://") else path)
+    if os.path.isdir(local):
+        raise DraftdataError(f"--rejects {path}: is a directory; give a file path, e.g. "
+                             f"{os.path.join(path, 'rejects.jsonl')}")
+    folder = os.path.dirname(local)
+    while not os.path.exists(folder):  # the nearest existing folder (the rest is created at the end)
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise DraftdataError(f"--rejects {path}: {folder} is a file, not a directory; give another path")
+    if folder != os.path.dirname(local):
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise DraftdataError(f"--rejects {path}: cannot create folders in {folder} (read-only file system or "
+                                 "no permission); give a writable path")
+        return
+    existed = os.path.exists(local)
+    try:
+        with open(local, "ab"):
+            pass
+    except OSError as e:
+        raise DraftdataError(f"--rejects {path}: cannot write it ({e.strerror or e}); give a writable path") from None
+    if not existed:
+        os.remove(local)
+
+
 def write_reports(output_url: str, storage_options: dict | None, stats: CollectStats, rejects: RejectLog,
                   settings: dict[str, Any], rejects_path: str | None = None) -> str | None:
     """Write summary.json (always) and rejects.jsonl (when there are rejects) for this run.
 
     They go to `<output>/_reports/collect-<UTC time>-<pid>/` so they travel with the dataset
     (also on object storage); readers and `verify` ignore `_reports/`. `rejects_path` writes the
-    rejects to that file instead. Returns where the rejects are, if any.
+    rejects to that file instead. Returns where the rejects are, if they were written. A failure
+    to write the rejects is a warning and never keeps summary.json from being written.
     """
     import fsspec
 
@@ -412,14 +453,19 @@ def write_reports(output_url: str, storage_options: dict | None, stats: CollectS
 
     summary: dict[str, Any] = {"stats": stats.to_dict(), "settings": settings, "finished_at": stamp}
     where = None
-    try:
-        if rejects.rejects:
-            where = rejects_path or f"{folder}/rejects.jsonl"
-            with fsspec.open(where, "wb", auto_mkdir=True, **opts(where)) as f:
+    if rejects.rejects:
+        target = rejects_path or f"{folder}/rejects.jsonl"
+        try:
+            with fsspec.open(target, "wb", auto_mkdir=True, **opts(target)) as f:
                 f.write(rejects.to_jsonl())
-            summary["rejects"] = where
+            where = summary["rejects"] = target
+        except Exception as e:  # noqa: BLE001 - a report failure must not fail a finished run
+            summary["rejects_error"] = f"{target}: {e}"
+            print(f"draftdata collect: warning: could not write the {len(rejects.rejects):,} rejected records to "
+                  f"{target}: {e}", file=sys.stderr)
+    try:
         with fsspec.open(f"{folder}/summary.json", "wb", auto_mkdir=True, **opts(folder)) as f:
             f.write((json.dumps(summary, indent=2) + "\n").encode())
     except Exception as e:  # noqa: BLE001 - a report failure must not fail a finished run
-        print(f"draftdata collect: warning: could not write the run report to {folder}: {e}", file=sys.stderr)
+        print(f"draftdata collect: warning: could not write the run summary to {folder}: {e}", file=sys.stderr)
     return where

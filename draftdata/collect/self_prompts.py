@@ -365,23 +365,23 @@ def run(settings: PromptSettings) -> int:
         if have:
             print(f"draftdata prompts: {out.path} already holds {have:,} prompts; writing "
                   f"{settings.count - have:,} more", file=sys.stderr)
+        generator = None
+        if fmt is None:  # load the model before the progress bar: a failed load prints no progress line
+            generator = HFGenerator(settings.model_path, max_new_tokens=settings.max_new_tokens,
+                                    temperature=settings.temperature, top_p=settings.top_p,
+                                    dtype=settings.dtype, device=settings.device,
+                                    chat_template=settings.chat_template)
         bar = JobProgress(total=settings.count - have, desc="prompts", unit="prompt")
         try:
-            if fmt is not None:
+            if generator is None:
                 stats = generate_prompts(client, settings, out, fmt=fmt, progress=bar)
             else:
-                generator = HFGenerator(settings.model_path, max_new_tokens=settings.max_new_tokens,
-                                        temperature=settings.temperature, top_p=settings.top_p,
-                                        dtype=settings.dtype, device=settings.device,
-                                        chat_template=settings.chat_template)
                 generator.on_step = lambda t: bar.update(0, t)
-                bar.start()
-                try:
-                    stats = generate_prompts(generator, settings, out, progress=bar)
-                finally:
-                    generator.close()
+                stats = generate_prompts(generator, settings, out, progress=bar)
         finally:
             bar.close()
+            if generator is not None:
+                generator.close()
         total = len(out.ids)
         print(stats.format(str(out.path), settings.count, total))
         (sidecar_dir(out.path) / f"prompts-summary-{int(time.time())}.json").write_text(

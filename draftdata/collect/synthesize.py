@@ -157,6 +157,7 @@ class SynthStats(RunStats):
 
     answers: int = 0  # assistant turns generated
     generate_seconds: float = 0.0
+    leading_assistant: int = 0  # written conversations whose assistant messages before any user message were dropped
 
     def format(self, output: str, input: str | None = None, rejects: str | None = None) -> str:
         rate = self.tokens / self.generate_seconds if self.generate_seconds > 0 else 0.0
@@ -165,6 +166,10 @@ class SynthStats(RunStats):
                                    input)
         if self.truncated:
             lines.append(f"  truncated  {self.truncated:,} answers hit --max-new-tokens (kept as generated)")
+        if self.leading_assistant:
+            n = self.leading_assistant
+            lines.append(f"  dropped    assistant messages before the first user message, in {n:,} "
+                         f"conversation{'' if n == 1 else 's'} (they answer nothing, so no answer replaces them)")
         return "\n".join(lines + self.where_lines(output, rejects))
 
 
@@ -200,6 +205,9 @@ class TurnState:
     def __init__(self, conv: Conversation, *, seed: int = 0, system_prompt: str | None = None,
                  replace_system_prompt: bool = False):
         kept = [m for m in conv.messages if m["role"] != "assistant"]
+        first_user = next((i for i, m in enumerate(conv.messages) if m["role"] == "user"), len(conv.messages))
+        # assistant messages before the first user message answer nothing, so no answer replaces them
+        self.leading_assistant = sum(m["role"] == "assistant" for m in conv.messages[:first_user])
         if system_prompt is not None:
             if replace_system_prompt:
                 kept = [m for m in kept if m["role"] != "system"]
@@ -359,9 +367,10 @@ class HFGenerator:
                  top_p: float = 1.0, dtype: str = "auto", device: str = "cpu", chat_template: str | None = None,
                  max_seq_len: int | None = None):
         import torch
+        from safetensors import SafetensorError
         from transformers import AutoModelForCausalLM
 
-        from draftdata.collect.backends.hf import DTYPES
+        from draftdata.collect.backends.hf import DTYPES, load_error
         from draftdata.collect.conversations import ChatTokenizer
         from draftdata.models import check_device, compute_dtype, quiet_transformers
 
@@ -381,8 +390,8 @@ class HFGenerator:
                 self.model = AutoModelForCausalLM.from_pretrained(
                     str(model_path), dtype=DTYPES[dtype], device_map=device_map,
                     attn_implementation=_register_gqa_attention()).eval()
-        except (OSError, ValueError) as e:
-            raise DraftdataError(f"--model {model_path}: cannot load with transformers: {e}") from None
+        except (OSError, ValueError, SafetensorError) as e:
+            raise load_error(model_path, e) from None
         self.model.requires_grad_(False)
         self.input_device = self.model.get_input_embeddings().weight.device
         config = self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") \
@@ -687,6 +696,7 @@ def _start(conv: Conversation, settings: SynthSettings, on_reject: Callable[[Rej
 
 def _finish(state: TurnState, stats: SynthStats) -> dict[str, Any]:
     stats.answers += state.turn
+    stats.leading_assistant += int(state.leading_assistant > 0)
     stats.tokens += state.tokens
     stats.truncated += state.truncated
     return state.record()
@@ -902,8 +912,15 @@ class JsonlOutput:
         self.path, self.command = Path(path), command
         if self.path.is_dir():
             raise DraftdataError(f"--output {path}: is a directory; give a .jsonl file path")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        except OSError as e:
+            what = e.strerror or str(e)
+            if e.filename and os.path.abspath(e.filename) != os.path.abspath(self.path):
+                what += f": {e.filename}"  # a folder on the way, e.g. a file where a directory should be
+            raise DraftdataError(f"--output {path}: cannot create or append to it ({what}); give a path in a "
+                                 "writable directory") from None
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -1013,10 +1030,14 @@ def check_settings(output: JsonlOutput, settings: OutputSettings, command: str =
     if output.ids and not path.is_file():
         print(f"draftdata {command}: {output.path} has no {path.name} in {path.parent.name}/ (written by something "
               f"else?); cannot check that its records used the same settings", file=sys.stderr)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps({"identity": current, "settings": settings.report_dict()}, indent=2) + "\n")
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps({"identity": current, "settings": settings.report_dict()}, indent=2) + "\n")
+        os.replace(tmp, path)
+    except OSError as e:
+        raise DraftdataError(f"--output {output.path}: cannot write {path} ({e.strerror or e}), where the run's "
+                             "settings are kept next to the output; give a path in a writable directory") from None
 
 
 def _warn_other_device(saved: dict[str, Any], settings: OutputSettings, path: str, command: str) -> None:
@@ -1039,16 +1060,21 @@ def write_reports(output: str | os.PathLike, stats: SynthStats, rejects: Any, se
     folder = sidecar_dir(output)
     where = None
     summary: dict[str, Any] = {"stats": stats.to_dict(), "settings": settings.report_dict(), "finished_at": stamp}
+    if rejects.rejects:  # a failure here is a warning and never keeps the summary from being written
+        target = settings.rejects or str(folder / f"rejects-{stamp}-{os.getpid()}.jsonl")
+        try:
+            Path(target).parent.mkdir(parents=True, exist_ok=True)
+            Path(target).write_bytes(rejects.to_jsonl())
+            where = summary["rejects"] = target
+        except OSError as e:
+            summary["rejects_error"] = f"{target}: {e}"
+            print(f"draftdata synthesize: warning: could not write the {len(rejects.rejects):,} rejected records to "
+                  f"{target}: {e}", file=sys.stderr)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        if rejects.rejects:
-            where = settings.rejects or str(folder / f"rejects-{stamp}-{os.getpid()}.jsonl")
-            Path(where).parent.mkdir(parents=True, exist_ok=True)
-            Path(where).write_bytes(rejects.to_jsonl())
-            summary["rejects"] = where
         (folder / f"summary-{stamp}-{os.getpid()}.json").write_text(json.dumps(summary, indent=2) + "\n")
     except OSError as e:
-        print(f"draftdata synthesize: warning: could not write the run report to {folder}: {e}", file=sys.stderr)
+        print(f"draftdata synthesize: warning: could not write the run summary to {folder}: {e}", file=sys.stderr)
     return where
 
 

@@ -17,12 +17,33 @@ import os
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from draftdata.collect.backends.base import Backend, BaseModelInfo
 from draftdata.errors import DraftdataError
 from draftdata.models import check_device, compute_dtype
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def load_error(model_path: str | os.PathLike, error: Exception) -> DraftdataError:
+    """The one-line error for a model transformers failed to load. A safetensors error does not
+    say which file is broken: the weight files' headers are read to name it (a truncated or
+    corrupt download is the usual cause)."""
+    if isinstance(error, SafetensorError):
+        from pathlib import Path
+
+        from safetensors import safe_open
+
+        for file in sorted(Path(model_path).glob("*.safetensors")):
+            try:
+                with safe_open(str(file), framework="pt"):
+                    pass
+            except (SafetensorError, OSError) as e:
+                return DraftdataError(f"--model {model_path}: {file} is not a readable safetensors file ({e}); it is "
+                                      "probably truncated or corrupt: download or save it again")
+    message = " ".join(str(error).split())
+    return DraftdataError(f"--model {model_path}: cannot load with transformers: {type(error).__name__}: {message}")
 
 
 class HFBackend(Backend):
@@ -50,8 +71,8 @@ class HFBackend(Backend):
         try:
             with quiet_transformers():  # the load report lists lm_head.weight as unused: expected
                 self.model = AutoModel.from_pretrained(str(model_path), **kwargs).eval()
-        except (OSError, ValueError) as e:
-            raise DraftdataError(f"--model {model_path}: cannot load with transformers: {e}") from None
+        except (OSError, ValueError, SafetensorError) as e:
+            raise load_error(model_path, e) from None
         self.model.requires_grad_(False)
         self.input_device = self.model.get_input_embeddings().weight.device
         self.layers = _decoder_layers(self.model, self.info.num_hidden_layers)
