@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train_support import TINY_ARCH, train_data  # noqa: F401 (fixture)
+from test_train_support import TINY_ARCH, train_data, unwritable_dir  # noqa: F401 (fixture)
 
 from draftdata.cli import main
 from draftdata.errors import DraftdataError
 from draftdata.train.model import load_draft
-from draftdata.train.trainer import TrainConfig, train
+from draftdata.train.trainer import TrainConfig, lr_lambda, normalize_location, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -64,7 +64,9 @@ def test_cli_train_end_to_end(tmp_path, tiny_model, train_data):  # noqa: F811
     first = sum(r["step_loss"][0] for r in rows[:3]) / 3
     last = sum(r["step_loss"][0] for r in rows[-3:]) / 3
     assert last < first, (first, last)
-    assert rows[0]["lr"] < 3e-3 and rows[-1]["lr"] == pytest.approx(0.0, abs=1e-9)     # warmup + cosine
+    # The lr each step used (2% warmup of 10 steps is none, then cosine): 3e-3 at step 1, not the next step's.
+    assert [r["lr"] for r in rows] == pytest.approx([3e-3 * lr_lambda(0, 10, "cosine", 0.0)(s) for s in range(10)])
+    assert rows[0]["lr"] == pytest.approx(3e-3) and rows[-1]["lr"] > 0
     assert (out / "training_curves.png").stat().st_size > 10_000
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000008", "step-00000010"]
     draft = load_draft(out / "final")
@@ -170,7 +172,7 @@ def test_held_out_validation_is_reported_and_leaves_the_run_unchanged(tmp_path, 
 DDP_SCRIPT = """
 import json, sys, torch, torch.distributed as dist
 from safetensors.torch import save_file
-from draftdata.train.trainer import TrainConfig, train
+from draftdata.train.trainer import TrainConfig, lr_lambda, normalize_location, train
 cfg = TrainConfig(**json.loads(sys.argv[1]))
 result = train(cfg)
 rank = int(__import__("os").environ["RANK"])
@@ -529,3 +531,123 @@ def test_user_mistakes_are_one_line_errors_or_warnings(tmp_path, tiny_model, tra
     assert main(args + ["--output", str(tmp_path / "e"), "--steps", "2"]) == 2
     assert re.search(r"2 steps trained on nothing: \d+ damaged sample\(s\) were skipped", capsys.readouterr().err)
     assert not (tmp_path / "e" / "final").exists()
+
+
+def test_resume_accepts_the_same_paths_spelled_differently(tmp_path, tiny_model, train_data, monkeypatch,  # noqa: F811
+                                                           capsys):
+    """train_config.json records local paths as absolute real paths, and --resume compares them so:
+    relative and absolute spellings, from another working directory, and an older run's relative
+    paths are the same run; another model is still refused. Hub ids and URLs stay strings."""
+    import shutil
+
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    common = ["--eagle-config", str(eagle_file(tmp_path)), "--steps", "4", "--batch-tokens", "512",
+              "--save-every", "100", "--schedule", "constant", "--no-plot"]
+    first = ["train", "--data", os.path.relpath(train_data), "--model", os.path.relpath(tiny_model),
+             "--output", "../run", "--max-minutes", "0.0001"]
+    assert main(first + common) == 0                                  # stops after step 1 with a checkpoint
+    config = tmp_path / "run" / "train_config.json"
+    saved = json.loads(config.read_text())
+    assert saved["data"] == os.path.realpath(train_data) and saved["model"] == os.path.realpath(tiny_model)
+
+    monkeypatch.chdir(tmp_path)                                       # elsewhere, spelled otherwise
+    again = ["train", "--data", train_data, "--model", "./" + os.path.relpath(tiny_model), "--output", "run",
+             "--resume", "--max-minutes", "0.0001"]
+    assert main(again + common) == 0
+    assert "resumed from" in capsys.readouterr().err
+    # A train_config.json from before paths were normalized holds them as given: read relative to here.
+    config.write_text(json.dumps({**saved, "data": os.path.relpath(train_data),
+                                  "model": os.path.relpath(tiny_model)}))
+    assert main(["train", "--data", train_data, "--model", str(tiny_model), "--output", "run", "--resume"]
+                + common) == 0
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2, 3, 4]
+
+    other = tmp_path / "other_model"
+    shutil.copytree(tiny_model, other)
+    assert main(["train", "--data", train_data, "--model", str(other), "--output", "run", "--resume"] + common) == 2
+    assert "model: checkpoint run had" in capsys.readouterr().err
+    for name in ("smollm2", "HuggingFaceTB/SmolLM2-135M-Instruct", "s3://bucket/ds", None):
+        assert normalize_location(name) == name
+
+
+def test_bad_inputs_and_outputs_are_refused_before_anything_is_written(tmp_path, tiny_model, train_data,  # noqa: F811
+                                                                       capsys, unwritable_dir):  # noqa: F811
+    """A missing model, dataset or draft vocabulary, a truncated base weights file, a model's own
+    directory as --output and an --output that cannot be written: one line each, and no output
+    directory (nor anything inside the model's) is written."""
+    import shutil
+
+    def run(output: Path, **override: str) -> str:
+        flags = {"--data": train_data, "--model": str(tiny_model), "--eagle-config": str(eagle_file(tmp_path)),
+                 "--steps": "2", "--batch-tokens": "256", **override}
+        assert main(["train", "--output", str(output), "--no-plot", *[x for kv in flags.items() for x in kv]]) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and err.splitlines()[-1].startswith("draftdata train: error: ")
+        return err.splitlines()[-1]
+
+    damaged = tmp_path / "damaged_model"
+    shutil.copytree(tiny_model, damaged)
+    weights = damaged / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])                  # a download cut short
+    out = tmp_path / "out"
+    for flag, value, words in (("--model", tmp_path / "nope", "--model"), ("--data", tmp_path / "nope", "no dataset"),
+                               ("--draft-vocab", tmp_path / "nope.safetensors", "nope.safetensors not found"),
+                               ("--model", damaged, f"{weights}: cannot read the base model's weights")):
+        assert words in run(out, **{flag: str(value)})
+        assert not out.exists(), (flag, value)
+
+    base_copy = tmp_path / "base_copy"
+    shutil.copytree(tiny_model, base_copy)
+    before = sorted(p.name for p in base_copy.iterdir())
+    assert "holds a model (config.json, model.safetensors), not a train run" in run(base_copy)
+    assert sorted(p.name for p in base_copy.iterdir()) == before
+
+    assert f"--output {unwritable_dir / 'run'}: cannot write there" in run(unwritable_dir / "run")
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path, tiny_model, train_data, capsys):  # noqa: F811
+    """SIGINT stops `draftdata train` at the end of the step it is in, with a checkpoint at that
+    step (none was due: --save-every 500), says which one is kept, and --resume continues there."""
+    out = tmp_path / "run"
+    args = ["train", "--data", train_data, "--model", str(tiny_model), "--output", str(out),
+            "--eagle-config", str(eagle_file(tmp_path)), "--batch-tokens", "256", "--save-every", "500",
+            "--log-every", "1", "--schedule", "constant", "--no-plot"]
+    proc = subprocess.Popen([sys.executable, "-m", "draftdata.cli", *args, "--steps", "1000"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env())
+    for line in proc.stdout:
+        if line.startswith("step 3/"):
+            proc.send_signal(signal.SIGINT)
+            break
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    stopped = re.search(r"draftdata train: interrupted at step (\d+)/1000: kept checkpoint (\S+); the same "
+                        r"command with --resume continues from it", err)
+    assert stopped, err[-2000:]
+    step = int(stopped.group(1))
+    assert step >= 3 and Path(stopped.group(2)) == out / "checkpoints" / f"step-{step:08d}"
+    assert [r["step"] for r in read_metrics(out)] == list(range(1, step + 1))
+    assert not (out / "final").exists()
+
+    assert main(args + ["--steps", str(step + 2), "--resume"]) == 0
+    assert f"at step {step} " in capsys.readouterr().err
+    assert [r["step"] for r in read_metrics(out)] == list(range(1, step + 3))
+
+
+def test_training_on_nothing_stops_early_and_says_why(tmp_path, tiny_model, train_data, capsys):  # noqa: F811
+    """--batch-tokens 8 (so --max-seq-len 8) cuts every sample before its assistant tokens: the
+    start-up log says how many samples are cut, and the run stops after 10 steps without a loss
+    token, naming the cause, instead of after all 200."""
+    out = tmp_path / "run"
+    assert main(["train", "--data", train_data, "--model", str(tiny_model), "--output", str(out),
+                 "--eagle-config", str(eagle_file(tmp_path)), "--steps", "200", "--batch-tokens", "8",
+                 "--no-plot"]) == 2
+    err = capsys.readouterr().err
+    cut = re.search(r"(\d+) of 48 samples are longer than --max-seq-len 8 \(default: --batch-tokens\) and are cut "
+                    r"to their first 8 tokens: [\d.]+% of the tokens are left out", err)
+    assert cut and int(cut.group(1)) == 48, err
+    last = err.splitlines()[-1]
+    assert last.startswith("draftdata train: error: ") and "the first 10 of 200 steps trained on nothing" in last
+    assert "raise --max-seq-len or --batch-tokens" in last
+    assert len(read_metrics(out)) == 10 and not (out / "final").exists()

@@ -249,6 +249,27 @@ def test_base_parts_and_frozen_head(tmp_path, tiny_model):
         build_draft(tiny_model, eagle(draft_vocab_size=100), schema_for(tiny_model))
 
 
+def test_damaged_base_weights_are_one_line_errors_naming_the_file(tmp_path, tiny_model):
+    """A truncated base model.safetensors (a download cut short) is a DraftdataError naming the
+    file, both when its header is cut and when its data is; check_base_model finds it before
+    any tensor is read."""
+    import shutil
+
+    from draftdata.train.model import check_base_model
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tiny_model, damaged)
+    weights = damaged / "model.safetensors"
+    whole = weights.read_bytes()
+    for size in (100, len(whole) // 2):
+        weights.write_bytes(whole[:size])
+        pattern = f"{weights}: cannot read the base model's weights \\(.+\\); the file is damaged or incomplete"
+        with pytest.raises(DraftdataError, match=pattern):
+            load_base_parts(damaged)
+        with pytest.raises(DraftdataError, match=pattern):
+            check_base_model(damaged, eagle(), schema_for(tiny_model))
+
+
 def _write_sparse_safetensors(path: Path, tensors: dict[str, tuple[list[int], torch.Tensor | None]]) -> None:
     """A safetensors file whose `None` tensors are holes (sparse: big on paper, nothing on disk)."""
     header, offset = {}, 0

@@ -8,6 +8,7 @@ final = hidden_states[-1], post-norm). No tests live here.
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -106,3 +107,29 @@ def train_data(tiny_model, tmp_path_factory) -> str:
         make_dataset(url, tiny_model, n=48)
         _DATASETS["train"] = url
     return _DATASETS["train"]
+
+
+def _can_create_files_in(directory: Path) -> bool:
+    probe = directory / "draftdata-write-probe"
+    try:
+        probe.touch()
+    except OSError:
+        return False
+    probe.unlink()
+    return True
+
+
+@pytest.fixture
+def unwritable_dir(tmp_path) -> Iterator[Path]:
+    """A directory this process cannot create files in: a read-only (0555) one, or, for root, whom
+    permissions do not stop, /sys (the kernel refuses new files there); skipped if neither is."""
+    read_only = tmp_path / "read_only"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    try:
+        found = next((d for d in (read_only, Path("/sys")) if d.is_dir() and not _can_create_files_in(d)), None)
+        if found is None:
+            pytest.skip("no directory this process cannot write into")
+        yield found
+    finally:
+        read_only.chmod(0o755)

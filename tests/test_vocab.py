@@ -7,12 +7,12 @@ import json
 import numpy as np
 import pytest
 import torch
-from test_train_support import TINY_ARCH, make_dataset, train_data  # noqa: F401 (fixture)
+from test_train_support import TINY_ARCH, make_dataset, train_data, unwritable_dir  # noqa: F401 (fixture)
 
 from draftdata.cli import main
 from draftdata.store import open_dataset
 from draftdata.train.model import load_base_parts, load_draft
-from draftdata.train.vocab import load_draft_vocab, select_draft_vocab
+from draftdata.train.vocab import load_draft_vocab, save_draft_vocab, select_draft_vocab
 
 
 def assistant_counts(url: str, storage_options=None) -> np.ndarray:
@@ -55,6 +55,21 @@ def test_vocab_cli_selects_top_assistant_tokens(tmp_path, train_data, capsys):  
 
     assert main(["vocab", train_data, "-n", "401", "--out", str(out)]) == 2
     assert "between 1 and the vocabulary size 400" in capsys.readouterr().err
+
+
+def test_unwritable_out_is_refused_before_counting(tmp_path, train_data, capsys, unwritable_dir):  # noqa: F811
+    """An --out that cannot be written is one line, found before the dataset is read (even a missing
+    dataset is reported after it), and a write that fails anyway is one line too, not a traceback."""
+    from draftdata.errors import DraftdataError
+
+    out = unwritable_dir / "sub" / "v.safetensors"
+    for url in (train_data, str(tmp_path / "no_dataset")):
+        assert main(["vocab", url, "-n", "60", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"draftdata vocab: error: --out {out}: cannot write there") and err.count("\n") == 1
+    assert not out.parent.exists()
+    with pytest.raises(DraftdataError, match=f"cannot write {unwritable_dir / 'v.safetensors'} "):
+        save_draft_vocab(unwritable_dir / "v.safetensors", select_draft_vocab(torch.ones(400), 60))
 
 
 def test_select_draft_vocab_ties_and_identity():

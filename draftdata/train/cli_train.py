@@ -81,7 +81,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from draftdata.config import ConfigError
     from draftdata.store.fs import parse_storage_options
-    from draftdata.train.trainer import TrainConfig, train, train_with_ray
+    from draftdata.train.trainer import TrainConfig, TrainInterrupted, train, train_with_ray
 
     eagle: dict = {}
     if args.eagle_config:
@@ -111,5 +111,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"draftdata train: Ray Train failed: {result.error}", file=sys.stderr)
             return 1
         return 0
-    train(cfg)
+    try:
+        train(cfg)
+    except TrainInterrupted as e:   # Ctrl-C: say which checkpoint --resume continues from
+        print(f"draftdata train: {e}", file=sys.stderr)
+        return 130
     return 0

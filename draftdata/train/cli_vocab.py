@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -22,14 +24,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from draftdata.errors import DraftdataError
     from draftdata.store.fs import parse_storage_options
     from draftdata.train.vocab import build_draft_vocab, save_draft_vocab
 
     if Path(args.out).is_dir():
         raise DraftdataError(f"--out {args.out} is a directory; name the file to write (e.g. {args.out}/vocab.safetensors)")
+    check_writable(Path(args.out))
     vocab = build_draft_vocab(args.url, args.draft_vocab_size, parse_storage_options(args.storage_option),
                               all_tokens=args.all_tokens, workers=args.workers)
     path = save_draft_vocab(args.out, vocab)
@@ -38,3 +39,21 @@ def run(args: argparse.Namespace) -> int:
           f"tokens ({m['counted']}), {m['distinct_tokens']} distinct; coverage {float(m['coverage']):.2%} "
           f"-> {path}", file=sys.stderr)
     return 0
+
+
+def check_writable(out: Path) -> None:
+    """Refuse an --out that cannot be written (read-only file system, no permission, a file where a
+    directory should be) before the dataset is counted, not after: create and remove a probe file
+    in the nearest directory that exists (nothing is left behind, no directory is created)."""
+    from draftdata.errors import DraftdataError
+
+    parent = out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    probe = parent / f".{out.name}.probe-{os.getpid()}"
+    try:
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise DraftdataError(f"--out {out}: cannot write there ({e.strerror or e} in {parent}); choose a "
+                             "writable path") from None

@@ -542,13 +542,27 @@ def draft_step(draft: Eagle3Draft, input_ids: torch.Tensor, hidden: torch.Tensor
 # Reading base tensors and building / saving / loading the draft
 # ---------------------------------------------------------------------------------------------
 
+def _open_weights(path: Path) -> Any:
+    """safe_open `path`, turning a missing, truncated or foreign file into one line naming it."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError) as e:
+        reason = " ".join(str(e).split())
+        raise DraftdataError(f"{path}: cannot read the base model's weights ({reason}); the file is damaged or "
+                             "incomplete: download or convert the model again") from None
+
+
 def _tensor_files(base_dir: Path) -> dict[str, Path]:
     """Tensor name -> safetensors file, from the index of a sharded checkpoint or file headers."""
-    from safetensors import safe_open
-
     index = base_dir / "model.safetensors.index.json"
     if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise DraftdataError(f"{index}: not a readable safetensors index ({type(e).__name__}: {e}); "
+                                 "download or convert the model again") from None
         return {name: base_dir / file for name, file in weight_map.items()}
     files = sorted(base_dir.glob("*.safetensors"))
     if not files:
@@ -556,7 +570,7 @@ def _tensor_files(base_dir: Path) -> dict[str, Path]:
                              "checkpoint (convert .bin/.gguf models with `draftdata.models.resolve_model`)")
     out = {}
     for f in files:
-        with safe_open(f, framework="pt") as st:
+        with _open_weights(f) as st:
             out.update(dict.fromkeys(st.keys(), f))
     return out
 
@@ -564,9 +578,7 @@ def _tensor_files(base_dir: Path) -> dict[str, Path]:
 def _read_tensor(files: dict[str, Path], name: str, rows: torch.Tensor | None = None,
                  chunk_rows: int = 8192) -> torch.Tensor:
     """Read one tensor (optionally only `rows` of it, sorted) from its file, chunk by chunk."""
-    from safetensors import safe_open
-
-    with safe_open(files[name], framework="pt") as st:
+    with _open_weights(files[name]) as st:
         if rows is None:
             return st.get_tensor(name)
         sl = st.get_slice(name)
@@ -608,6 +620,23 @@ def load_base_parts(base_dir: str | Path, rows: torch.Tensor | None = None,
     return out
 
 
+def check_base_model(base_dir: str | Path, eagle: EagleConfig, schema: DatasetSchema,
+                     draft_vocab: Any = None) -> DraftConfig:
+    """The draft's config for this base model and dataset, after every check that reads no tensor
+    data: config.json against the dataset, the draft vocabulary's size (`draft_vocab`: a loaded
+    DraftVocab or None) and the safetensors headers (a truncated download). `draftdata train` runs
+    it before it writes anything, so bad inputs leave no output directory behind."""
+    cfg = resolve_draft_config(base_dir, eagle, schema,
+                               draft_vocab_size=None if draft_vocab is None else draft_vocab.draft_vocab_size)
+    if draft_vocab is not None and draft_vocab.vocab_size != cfg.vocab_size:
+        raise DraftdataError(f"draft vocabulary was built for vocab_size {draft_vocab.vocab_size}, the base "
+                             f"model has {cfg.vocab_size}")
+    files = _tensor_files(Path(base_dir))
+    if not any(n in files for n in EMBED_NAMES):
+        raise DraftdataError(f"{base_dir}: no embedding tensor found (looked for {list(EMBED_NAMES)})")
+    return cfg
+
+
 def build_draft(base_dir: str | Path, eagle: EagleConfig, schema: DatasetSchema,
                 draft_vocab: Any = None, frozen_dtype: torch.dtype = torch.float32,
                 device: str | torch.device = "cpu") -> tuple[Eagle3Draft, TargetHead]:
@@ -621,11 +650,7 @@ def build_draft(base_dir: str | Path, eagle: EagleConfig, schema: DatasetSchema,
 
     if draft_vocab is not None and not isinstance(draft_vocab, DraftVocab):
         draft_vocab = load_draft_vocab(draft_vocab)
-    cfg = resolve_draft_config(base_dir, eagle, schema,
-                               draft_vocab_size=None if draft_vocab is None else draft_vocab.draft_vocab_size)
-    if draft_vocab is not None and draft_vocab.vocab_size != cfg.vocab_size:
-        raise DraftdataError(f"draft vocabulary was built for vocab_size {draft_vocab.vocab_size}, the base "
-                             f"model has {cfg.vocab_size}")
+    cfg = check_base_model(base_dir, eagle, schema, draft_vocab)
     rows = None
     if draft_vocab is not None and cfg.draft_vocab_size < cfg.vocab_size:
         rows = draft_vocab.target_ids()

@@ -12,6 +12,9 @@
    with `val_data`, the same loss and accuracy over a held-out dataset every `val_every` steps
 7. end: final/ checkpoint and training_curves.png
 
+Every input is checked (step 1-3) before the output directory is first written. Ctrl-C in a
+single process stops at the end of the current step with a checkpoint there (StopOnInterrupt).
+
 Output directory:
     train_config.json                 the run's settings (checked on --resume)
     metrics.jsonl                     one JSON object per optimizer step (val_* keys on held-out steps)
@@ -47,7 +50,9 @@ import os
 import random
 import resource
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,7 +63,7 @@ import torch
 import torch.distributed as dist
 
 from draftdata.config import EagleConfig
-from draftdata.errors import DraftdataError
+from draftdata.errors import DraftdataError, name_some
 
 CHECKPOINTS = "checkpoints"
 FINAL = "final"
@@ -71,6 +76,10 @@ PLOT = "training_curves.png"
 # Settings that must not change across --resume, or the resumed run is not the same run.
 RESUME_FIXED = ("data", "model", "eagle_config", "draft_vocab", "batch_tokens", "max_seq_len", "grad_accum",
                 "seed", "shuffle", "num_workers", "world_size", "pad_to_multiple_of")
+# Settings that may name a local path: recorded and compared as absolute real paths.
+PATH_SETTINGS = ("data", "model", "draft_vocab", "val_data")
+# What marks a directory as a model (weights next to config.json), which --output must not write into.
+MODEL_WEIGHTS = ("*.safetensors", "*.bin", "*.gguf", "*.index.json")
 
 
 @dataclass
@@ -291,6 +300,97 @@ def _log(msg: str, info: Dist) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
+def describe_truncation(lengths: np.ndarray, max_seq_len: int, from_batch_tokens: bool) -> str | None:
+    """One line saying how many samples are longer than max_seq_len (the loader keeps their first
+    max_seq_len tokens) and what share of all tokens that cuts; None when no sample is."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    long = lengths > max_seq_len
+    if not long.any():
+        return None
+    cut = int((lengths[long] - max_seq_len).sum()) / int(lengths.sum())
+    flag = f"--max-seq-len {max_seq_len}" + (" (default: --batch-tokens)" if from_batch_tokens else "")
+    return (f"{int(long.sum())} of {len(lengths)} samples are longer than {flag} and are cut to their first "
+            f"{max_seq_len} tokens: {cut:.1%} of the tokens are left out")
+
+
+def normalize_location(value: str | None) -> str | None:
+    """A local path as its absolute real path, so `base`, `./base` and `/abs/base` (or the same
+    path given from another directory) record and compare as one; URLs (`://`), hub ids and
+    `smollm2`, which name no local file, stay as given."""
+    if value is None or "://" in value or value.lower() == "smollm2":
+        return value
+    path = os.path.expanduser(value)
+    return os.path.realpath(path) if os.path.exists(path) else value
+
+
+def check_output_dir(output: Path) -> None:
+    """Refuse an --output that is a file, or a model's directory (config.json and weights, no
+    train_config.json): checkpoints and train_config.json would be written into the model."""
+    if output.exists() and not output.is_dir():
+        raise DraftdataError(f"--output {output} is a file; training writes a directory there (choose another path)")
+    if not output.is_dir() or (output / TRAIN_CONFIG).exists() or not (output / "config.json").is_file():
+        return
+    weights = sorted(p.name for pattern in MODEL_WEIGHTS for p in output.glob(pattern))
+    if weights:
+        raise DraftdataError(f"--output {output}: holds a model (config.json, {name_some(weights)}), not a train "
+                             "run; training would write its checkpoints into it; choose another --output (a new "
+                             "or empty directory)")
+
+
+def write_run_config(output: Path, settings: dict[str, Any]) -> None:
+    """Create the output directory and write train_config.json atomically (on --resume under DDP
+    the other ranks read it at the same time); a directory that cannot be written is one line."""
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        tmp = output / f".{TRAIN_CONFIG}.tmp-{os.getpid()}"
+        tmp.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, output / TRAIN_CONFIG)
+    except OSError as e:
+        raise DraftdataError(f"--output {output}: cannot write there ({e.strerror or e}); choose a writable "
+                             "directory") from None
+
+
+class TrainInterrupted(KeyboardInterrupt):
+    """Ctrl-C ended `train`; the message says which checkpoint is kept for --resume."""
+
+
+class StopOnInterrupt:
+    """Once installed, the first Ctrl-C (SIGINT) only asks the loop to stop at the end of the
+    current step, so that it saves a checkpoint there; a second one interrupts at once.
+
+    Only where that is safe: one process (under torchrun the launcher signals the ranks again and
+    kills them soon after), in the main thread (Ray Train runs `train` in another), and when SIGINT
+    would otherwise raise KeyboardInterrupt (not when the launcher ignores it)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.requested = False
+        self.enabled = enabled
+        self.installed = False
+
+    def install(self) -> None:
+        if (self.enabled and threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+            signal.signal(signal.SIGINT, self._handle)
+            self.installed = True
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        print("Ctrl-C: stopping at the end of this step with a checkpoint (Ctrl-C again stops at once, "
+              "without one)", file=sys.stderr, flush=True)
+
+    def remove(self) -> None:
+        if self.installed:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            self.installed = False
+
+
+def _ignore_sigint(worker_id: int) -> None:
+    """DataLoader worker init: a terminal's Ctrl-C reaches the workers too; leave it to the main
+    process, which stops at a step boundary and then shuts the workers down."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 # ---------------------------------------------------------------------------------------------
 # Checkpoints
 # ---------------------------------------------------------------------------------------------
@@ -325,6 +425,8 @@ def save_checkpoint(output: Path, step: int, draft, state: dict[str, Any], rng_s
 
 
 def _check_resume_config(saved: dict[str, Any], now: dict[str, Any], path: Path) -> list[str]:
+    # Paths recorded by an older draftdata may be relative: read them from here, as best we can.
+    saved = {**saved, **{k: normalize_location(saved[k]) for k in PATH_SETTINGS if k in saved}}
     diffs = [f"{k}: checkpoint run had {saved.get(k)!r}, now {now.get(k)!r}"
              for k in RESUME_FIXED if saved.get(k) != now.get(k)]
     if diffs:
@@ -499,26 +601,31 @@ def plot_metrics(metrics_path: str | Path, out_png: str | Path) -> Path | None:
 # ---------------------------------------------------------------------------------------------
 
 def train(cfg: TrainConfig) -> TrainResult:
-    """Train a draft as described in the module docstring; returns where the result is."""
+    """Train a draft as described in the module docstring; returns where the result is.
+
+    Every input (settings, output directory, dataset, base model, draft vocabulary) is checked
+    before the output directory is written, so a mistake leaves nothing behind."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from draftdata.loaders import HiddenStateDataset
     from draftdata.models import compute_dtype, model_hash, resolve_model
     from draftdata.train.losses import EagleTTT, step_token_counts
-    from draftdata.train.model import build_draft, count_parameters, save_draft
+    from draftdata.train.model import build_draft, check_base_model, count_parameters, save_draft
+    from draftdata.train.vocab import load_draft_vocab
 
     cfg.validate()
     eagle = cfg.eagle()
     info, device = setup_distributed(cfg.device)
     output = Path(cfg.output)
+    stop_request = StopOnInterrupt(info.world_size == 1)
     try:
         # -- 1. run settings and resume point ---------------------------------------------------
         run_settings = {**dataclasses.asdict(cfg), "world_size": info.world_size,
                         "eagle_config": eagle.to_dict(), "max_seq_len": cfg.max_seq_len or cfg.batch_tokens}
         for k in ("resume", "progress", "plot", "device", "output", "storage_options"):  # no secrets on disk
             run_settings.pop(k)
-        if output.exists() and not output.is_dir():
-            raise DraftdataError(f"--output {output} is a file; training writes a directory there (choose another path)")
+        run_settings.update({k: normalize_location(run_settings[k]) for k in PATH_SETTINGS})
+        check_output_dir(output)
         ckpt = latest_checkpoint(output)
         if not cfg.resume and ckpt is not None:
             raise DraftdataError(f"{output} already holds checkpoints; pass --resume to continue that run, "
@@ -533,21 +640,17 @@ def train(cfg: TrainConfig) -> TrainResult:
         elif cfg.resume:
             _log(f"resume: no checkpoint in {output / CHECKPOINTS}; starting from scratch", info)
         resume_state = torch.load(ckpt / TRAINER_STATE, map_location="cpu", weights_only=True) if ckpt else None
-        if info.main:
-            output.mkdir(parents=True, exist_ok=True)
-            # Atomically: on --resume under DDP the other ranks read it at the same time.
-            tmp = output / f".{TRAIN_CONFIG}.tmp-{os.getpid()}"
-            tmp.write_text(json.dumps(run_settings, indent=2, sort_keys=True) + "\n")
-            os.replace(tmp, output / TRAIN_CONFIG)
 
         # -- 2. data -----------------------------------------------------------------------------
         # The run trains on one snapshot of the committed parts (collection may still be adding
         # some): every rank uses rank 0's, and --resume the checkpoint's, so the plan and the
         # checkpoint's batch cursor keep meaning the same batches.
+        max_seq_len = cfg.max_seq_len or cfg.batch_tokens
+
         def open_data(parts: list[str] | None) -> HiddenStateDataset:
             return HiddenStateDataset(
                 cfg.data, shuffle=cfg.shuffle, seed=cfg.seed, rank=info.rank, world_size=info.world_size,
-                max_seq_len=cfg.max_seq_len or cfg.batch_tokens, storage_options=cfg.storage_options or None,
+                max_seq_len=max_seq_len, storage_options=cfg.storage_options or None,
                 max_tokens_per_batch=cfg.batch_tokens, pin_memory=False, on_corrupt=cfg.on_corrupt,
                 empty_batches=cfg.on_corrupt == "skip", parts=parts, pad_to_multiple_of=cfg.pad_to_multiple_of)
 
@@ -562,11 +665,14 @@ def train(cfg: TrainConfig) -> TrainResult:
             _log(f"resume: {dataset.parts_left_out} part(s) committed to {cfg.data} since the run started are not "
                  "used (the run keeps its snapshot of the data); train a new run to include them", info)
         schema = dataset.schema
+        truncation = describe_truncation(dataset.store.sample_lengths(), max_seq_len, cfg.max_seq_len is None)
+        if truncation:
+            _log(truncation, info)
         val_dataset = None
         if cfg.val_data is not None:
             val_dataset = HiddenStateDataset(
                 cfg.val_data, shuffle=False, rank=info.rank, world_size=info.world_size,
-                max_seq_len=cfg.max_seq_len or cfg.batch_tokens, storage_options=cfg.storage_options or None,
+                max_seq_len=max_seq_len, storage_options=cfg.storage_options or None,
                 max_tokens_per_batch=cfg.batch_tokens, pin_memory=False, on_corrupt=cfg.on_corrupt,
                 pad_to_multiple_of=cfg.pad_to_multiple_of)
             check_val_schema(schema, val_dataset.schema, cfg.data, cfg.val_data)
@@ -585,15 +691,20 @@ def train(cfg: TrainConfig) -> TrainResult:
                                  f"({info.world_size} ranks); lower --batch-tokens or --grad-accum")
 
         # -- 3. model ----------------------------------------------------------------------------
-        torch.manual_seed(cfg.seed)                      # identical initial draft on every rank
+        # Config, draft vocabulary and weight headers first: only then is the output written.
         base_dir = resolve_model(cfg.model)
+        draft_vocab = load_draft_vocab(cfg.draft_vocab) if cfg.draft_vocab is not None else None
+        check_base_model(base_dir, eagle, schema, draft_vocab)
+        if info.main:
+            write_run_config(output, run_settings)
+        torch.manual_seed(cfg.seed)                      # identical initial draft on every rank
         if schema.base_model_hash and model_hash(base_dir, like=schema.base_model_hash) != schema.base_model_hash:
             _log(f"warning: --model {cfg.model} is not the model {cfg.data} was collected with (the dataset says "
                  f"{schema.base_model_id!r}; config or weight files differ): the draft would learn that model's "
                  "hidden states against this model's head. Train with the collecting model.", info)
         compute = compute_dtype(cfg.dtype, device)
         frozen_dtype = torch.bfloat16 if compute == "bf16" else torch.float32
-        draft, head = build_draft(base_dir, eagle, schema, cfg.draft_vocab, frozen_dtype, device)
+        draft, head = build_draft(base_dir, eagle, schema, draft_vocab, frozen_dtype, device)
         module = EagleTTT(draft, head, ttt_steps=eagle.eagle_ttt_steps, decay=eagle.eagle_loss_decay_factor,
                           mix_hidden_states=eagle.eagle_mix_hidden_states,
                           self_logit_distillation=eagle.eagle_self_logit_distillation)
@@ -652,13 +763,26 @@ def train(cfg: TrainConfig) -> TrainResult:
         # On a terminal only: in a log file the metric lines (every --log-every steps) are the progress.
         bar = tqdm(total=total_steps, initial=step, desc="train", unit="step",
                    disable=None if cfg.progress and info.main else True, file=sys.stderr)
-        out_of_time = False
-        while step < total_steps and not out_of_time:
+
+        def trained_on_nothing(when: str) -> DraftdataError:
+            reasons = [f"{corrupt_seen} damaged sample(s) were skipped (run `draftdata verify {cfg.data}`)"] \
+                if corrupt_seen else []
+            if truncation:
+                reasons.append(f"{truncation}, which can leave no assistant token to learn from; raise "
+                               "--max-seq-len or --batch-tokens")
+            why = "; ".join(reasons) or "no batch had a loss position (is the loss mask empty?)"
+            return DraftdataError(f"{cfg.data}: {when} trained on nothing: {why}; no draft was written")
+
+        out_of_time = interrupted = False
+        kept: Path | None = None                        # the newest checkpoint this process saved
+        stop_request.install()
+        while step < total_steps and not out_of_time and not interrupted:
             dataset.set_epoch(epoch)
             if consumed:
                 dataset.load_state_dict({"epoch": epoch, "items_consumed": consumed})
             loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers,
-                                                 pin_memory=device.type == "cuda")
+                                                 pin_memory=device.type == "cuda",
+                                                 worker_init_fn=_ignore_sigint if cfg.num_workers else None)
             # The iterator draws a seed from the global RNG: keep that draw out of the run's own stream
             # (hidden-state mixing), which a resumed run restores from the checkpoint before this point.
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -703,6 +827,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf)
                 if counts[0] == 0:  # no loss position on any rank (all damaged): the step counts, the weights stay
                     optimizer.zero_grad(set_to_none=True)
+                lr = scheduler.get_last_lr()[0]                  # the rate this step uses (log it, not the next)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -724,7 +849,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                 record = {
                     "step": step, "epoch": epoch, "loss": total.item(),
                     "step_loss": (loss_sum / denom).tolist(), "step_acc": (correct / denom).tolist(),
-                    "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "tokens": int(tokens),
+                    "lr": lr, "grad_norm": float(grad_norm), "tokens": int(tokens),
                     "loss_tokens": loss_tokens, "tokens_per_s": tokens / max(dt, 1e-9),
                     "tokens_seen": tokens_seen, "skipped_samples": n_skipped,
                     "padding_efficiency": tokens / slots if slots else float("nan"),  # nan: no batch
@@ -751,6 +876,8 @@ def train(cfg: TrainConfig) -> TrainResult:
                 losses.append(record["loss"])
                 metrics.write(record)
                 bar.update(1)
+                if loss_tokens_seen == 0 and step >= min(10, total_steps):  # say so now, not after the last step
+                    raise trained_on_nothing(f"the first {step} of {total_steps} steps")
                 if info.main and (step % cfg.log_every == 0 or step == 1 or step == total_steps):
                     accs = " ".join(f"{a:.3f}" for a in record["step_acc"])
                     print(f"step {step}/{total_steps} epoch {epoch} loss {record['loss']:.4f} acc [{accs}] "
@@ -760,7 +887,8 @@ def train(cfg: TrainConfig) -> TrainResult:
                     accs = " ".join(f"{a:.3f}" for a in record["val_step_acc"])
                     print(f"val step {step}: loss {record['val_loss']:.4f} acc [{accs}] over "
                           f"{record['val_tokens']:,} held-out tokens", flush=True)
-                if step % cfg.save_every == 0 or step == total_steps or out_of_time:
+                interrupted = stop_request.requested and step < total_steps
+                if step % cfg.save_every == 0 or step == total_steps or out_of_time or interrupted:
                     end_of_epoch = consumed // cfg.grad_accum >= epoch_steps
                     state = {"step": step, "epoch": epoch + 1 if end_of_epoch else epoch,
                              "items_consumed": 0 if end_of_epoch else consumed,
@@ -777,23 +905,28 @@ def train(cfg: TrainConfig) -> TrainResult:
                     if info.main:
                         path = save_checkpoint(output, step, draft, state, rng, cfg.keep_checkpoints)
                         bar.write(f"saved checkpoint {path}", file=sys.stderr)
+                        kept = path
                     if info.world_size > 1:
                         dist.barrier()
                 if out_of_time:
                     _log(f"--max-minutes {cfg.max_minutes:g} reached at step {step}/{total_steps}; checkpoint "
                          "saved (--resume continues the same run)", info)
                     break
+                if interrupted:
+                    break
             del batches, loader
             if consumed // cfg.grad_accum >= epoch_steps:
                 epoch, consumed = epoch + 1, 0
+        stop_request.remove()
         bar.close()
         metrics.close()
+        if interrupted:
+            raise TrainInterrupted(f"interrupted at step {step}/{total_steps}: kept checkpoint {kept}; "
+                                   "the same command with --resume continues from it")
 
         # -- 7. final artifacts ------------------------------------------------------------------
         if loss_tokens_seen == 0 and not out_of_time:  # (a --max-minutes stop may resume into real batches)
-            why = (f"{corrupt_seen} damaged sample(s) were skipped (run `draftdata verify {cfg.data}`)" if corrupt_seen
-                   else "no batch had a loss position (is the loss mask empty?)")
-            raise DraftdataError(f"{cfg.data}: {step} steps trained on nothing: {why}; no draft was written")
+            raise trained_on_nothing(f"{step} steps")
         final = output / FINAL
         if info.main:
             save_draft(final, draft)
@@ -808,7 +941,16 @@ def train(cfg: TrainConfig) -> TrainResult:
         if info.world_size > 1:
             dist.barrier()
         return TrainResult(output=output, steps=step, final_checkpoint=final, losses=losses, draft=draft)
+    except KeyboardInterrupt as e:
+        if isinstance(e, TrainInterrupted) or not info.main:
+            raise
+        newest = latest_checkpoint(output) if output.is_dir() else None
+        if newest is None:
+            raise TrainInterrupted("interrupted before a checkpoint was saved; nothing to resume") from None
+        raise TrainInterrupted(f"interrupted; kept checkpoint {newest}: the same command with --resume continues "
+                               "from it") from None
     finally:
+        stop_request.remove()
         if info.owns_group and dist.is_initialized():
             dist.destroy_process_group()
 

@@ -16,6 +16,7 @@ File format (`draftdata vocab --out FILE`, a safetensors file):
 
 from __future__ import annotations
 
+import contextlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,16 +136,22 @@ def build_draft_vocab(url: str, draft_vocab_size: int, storage_options: dict[str
 
 def save_draft_vocab(path: str | Path, vocab: DraftVocab) -> Path:
     """Write the safetensors file described in the module docstring (atomically)."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {"d2t": vocab.d2t.to(torch.int64).contiguous(), "t2d": vocab.t2d.to(torch.bool).contiguous()}
     if vocab.token_counts is not None:
         tensors["token_counts"] = vocab.token_counts.to(torch.int64).contiguous()
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={k: str(v) for k, v in vocab.metadata.items()})
-    tmp.replace(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(tmp), metadata={k: str(v) for k, v in vocab.metadata.items()})
+        tmp.replace(path)
+    except (OSError, SafetensorError) as e:
+        with contextlib.suppress(OSError):   # a partly written temporary file
+            tmp.unlink(missing_ok=True)
+        raise DraftdataError(f"cannot write {path} ({' '.join(str(e).split())}); choose a writable path") from None
     return path
 
 
