@@ -19,6 +19,7 @@ half-written directory.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -249,20 +250,31 @@ def model_hash(model_dir: str | os.PathLike, like: str | None = None) -> str:
 
     `like` is a fingerprint recorded earlier: the result uses its scheme, so a dataset written
     by a version before the sampled windows (`sha256:`, names and sizes only) still compares.
+    A run asks several times (settings, schema checks, the backend): the result is kept per
+    process for as long as the directory's files keep their sizes and modification times.
     """
-    d = Path(model_dir)
+    d = Path(model_dir).resolve()
     sampled = not (like or "").startswith(SIZES_PREFIX)
+    files = tuple((p.name, st.st_size, st.st_mtime_ns) for p in sorted(d.iterdir())
+                  if p.is_file() and (p.name == "config.json" or p.name.endswith(WEIGHT_SUFFIXES))
+                  for st in [p.stat()])
+    return _model_hash(str(d), sampled, files)
+
+
+@functools.lru_cache(maxsize=64)
+def _model_hash(directory: str, sampled: bool, files: tuple[tuple[str, int, int], ...]) -> str:
+    d = Path(directory)
     h = hashlib.sha256()
     h.update((d / "config.json").read_bytes())
-    for p in sorted(d.iterdir()):
-        if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES):
-            size = p.stat().st_size
-            h.update(f"\n{p.name}:{size}".encode())
-            if sampled:
-                with open(p, "rb") as f:
-                    for offset in sorted({size * i // HASH_WINDOWS for i in range(HASH_WINDOWS)}):
-                        f.seek(offset)
-                        h.update(f.read(HASH_WINDOW_BYTES))
+    for name, size, _ in files:
+        if name == "config.json":
+            continue
+        h.update(f"\n{name}:{size}".encode())
+        if sampled:
+            with open(d / name, "rb") as f:
+                for offset in sorted({size * i // HASH_WINDOWS for i in range(HASH_WINDOWS)}):
+                    f.seek(offset)
+                    h.update(f.read(HASH_WINDOW_BYTES))
     return (SAMPLED_PREFIX if sampled else SIZES_PREFIX) + h.hexdigest()[:32]
 
 

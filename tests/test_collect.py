@@ -529,7 +529,7 @@ def test_parts_record_how_they_were_computed_and_a_resume_in_another_dtype_warns
     assert "computed as    bf16 on cpu (hf): 1 part, fp32 on cpu (hf): 2 parts" in capsys.readouterr().out
     from draftdata.collect.job import warn_mixed_compute  # what the --ray driver says at the end
 
-    warn_mixed_compute(out, open_dataset(out).parts)
+    warn_mixed_compute(out, open_dataset(out).parts, after_ray_run=True)
     assert f"warning: {out} now mixes states computed in bf16 (1 part), fp32 (2 parts)" in capsys.readouterr().err
 
 
@@ -643,20 +643,35 @@ def test_sigkill_at_several_points_then_rerun_gives_exactly_one_copy(tiny_model,
     assert not uncommitted_part(out)
 
 
-def test_a_run_that_finds_ids_committed_twice_says_so_and_fails(tiny_model, tmp_path, capsys):
+def test_ids_committed_twice_fail_the_run_that_committed_them_only(tiny_model, tmp_path, capsys):
     """Object stores have no lock: two writers there can commit one conversation twice. Every run
-    ends by checking the commit records; here a second copy of a part stands in for the other writer."""
+    ends by checking the commit records: duplicates among its own new parts fail it (exit 1);
+    duplicates that were there before it started are a note, so later resumes still succeed.
+    A second copy of a part stands in for the other writer."""
+    from draftdata.collect.job import CommitLedger, report_duplicates
+    from draftdata.store import create_dataset
+
     inp = write_input(tmp_path / "in.jsonl", valid_conversations(3))
     out = tmp_path / "ds"
     assert main(collect_args(tiny_model, inp, str(out))) == 0
-    (record,) = (out / "commits").glob("*.json")
-    copy_id = record.stem[:-1] + ("0" if record.stem[-1] != "0" else "1")
-    shutil.copytree(out / "parts" / record.stem, out / "parts" / copy_id)
-    (out / "commits" / f"{copy_id}.json").write_text(record.read_text().replace(record.stem, copy_id))
+
+    def copy_the_part():
+        (record,) = [r for r in (out / "commits").glob("*.json")][:1]
+        copy_id = record.stem[:-1] + ("0" if record.stem[-1] != "0" else "1")
+        shutil.copytree(out / "parts" / record.stem, out / "parts" / copy_id)
+        (out / "commits" / f"{copy_id}.json").write_text(record.read_text().replace(record.stem, copy_id))
+
+    ledger = CommitLedger(create_dataset(str(out), open_dataset(str(out)).schema))
+    before = set(ledger.parts)
+    copy_the_part()                                    # "the other writer", while this run was going on
+    ledger.refresh()
     capsys.readouterr()
-    assert main(collect_args(tiny_model, inp, str(out))) == 1
+    assert report_duplicates(ledger, str(out), before) is True
+    assert "DUPLICATES 3 conversation ids were committed more than once in this run" in capsys.readouterr().err
+    assert main(collect_args(tiny_model, inp, str(out))) == 0       # a later resume: a note, not a failure
     err = capsys.readouterr().err
-    assert "DUPLICATES 3 conversation ids are committed more than once" in err and str(out) in err
+    assert "DUPLICATES" not in err and "3 conversation ids were already committed more than once" in err
+    assert f"draftdata verify {out}" in err
 
 
 # ---------------------------------------------------------------- the demo (real SmolLM2)

@@ -348,6 +348,16 @@ def test_strict_ray_collect_stops_at_a_bad_record_before_it_touches_ray(tiny_mod
     assert rc == 2 and "--strict stops at the first bad record" in err and "connect" not in err, err
 
 
+def test_ray_collect_of_an_empty_input_touches_neither_ray_nor_the_output(tiny_model, tmp_path, capsys):
+    """As in a single-process run: a warning, exit 0, no dataset; the unreachable address is never tried."""
+    inp = write_input(tmp_path / "in.jsonl", ["\n"])
+    for extra in ([], ["--strict"]):
+        rc = main(collect_args(tiny_model, inp, tmp_path / "ds", *extra, "--ray", "--ray-address", "127.0.0.1:9"))
+        err = capsys.readouterr().err
+        assert rc == 0 and "no records were read" in err and "connect" not in err, err
+        assert not (tmp_path / "ds").exists()
+
+
 # ---------------------------------------------------------------- faults
 
 

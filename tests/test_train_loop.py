@@ -335,9 +335,15 @@ def test_tensorboard_logs_every_step_once_across_a_resume(tmp_path, tiny_model, 
 
 def test_pad_to_multiple_of_one_is_no_rounding():
     """Rounding to a multiple of 1 is the run without rounding, for API callers as for the CLI, so a
-    resume with 1 of a run from before the setting existed is not refused as a changed setting."""
+    resume with 1 of a run from before the setting existed is not refused as a changed setting, and
+    a run that recorded 1 (an API run before the mapping) resumes without it."""
+    from draftdata.train.trainer import _check_resume_config
+
     assert TrainConfig(data="d", model="m", output="o", pad_to_multiple_of=1).pad_to_multiple_of is None
     assert TrainConfig(data="d", model="m", output="o", pad_to_multiple_of=8).pad_to_multiple_of == 8
+    assert _check_resume_config({"pad_to_multiple_of": 1}, {"pad_to_multiple_of": None}, Path("run")) == []
+    with pytest.raises(DraftdataError, match="pad_to_multiple_of: checkpoint run had 8, now None"):
+        _check_resume_config({"pad_to_multiple_of": 8}, {"pad_to_multiple_of": None}, Path("run"))
 
 
 def damaged_copy(source: str, dest: Path, *, rank: int = 0, world_size: int = 1, batch_tokens: int = 64,

@@ -8,6 +8,7 @@ per work unit and `runner.write_reports` for the merged stats.
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -277,16 +278,17 @@ def compute_dtypes(parts: Any) -> dict[str, int]:
     return out
 
 
-def warn_mixed_compute(url: str, parts: Any, mine: str | None = None) -> None:
-    """Warn when a dataset's parts were (or this run's would be) computed in different dtypes:
-    `--dtype auto` resolves per machine, and bf16 and fp32 states differ by about 1% relative."""
+def warn_mixed_compute(url: str, parts: Any, mine: str | None = None, *, after_ray_run: bool = False) -> None:
+    """Warn when a dataset's parts were (or this run's, computing in `mine`, would be) computed in
+    different dtypes: `--dtype auto` resolves per machine, and bf16 and fp32 states differ by
+    about 1% relative. `after_ray_run`: the check after a --ray run, whose workers resolved it."""
     kinds = compute_dtypes(parts)
     held = ", ".join(f"{d} ({n:,} part{'s' if n != 1 else ''})" for d, n in sorted(kinds.items()))
     if mine is not None and kinds and set(kinds) != {mine}:
         print(f"draftdata collect: warning: {url} holds states computed in {held}; this run computes in {mine}, "
               f"so the dataset would mix numerics; pass --dtype {max(kinds, key=kinds.get)} to match",
               file=sys.stderr)
-    elif mine is None and len(kinds) > 1:
+    elif after_ray_run and len(kinds) > 1:
         print(f"draftdata collect: warning: {url} now mixes states computed in {held} (workers resolved --dtype "
               "differently); pass an explicit --dtype to get one", file=sys.stderr)
 
@@ -334,6 +336,15 @@ class OutputLock:
             os.close(fd)
             raise DraftdataError(f"--output {url}: another draftdata collect (pid {holder}) is writing to it; "
                                  "wait for it to finish, or write to another --output") from None
+        except OSError as e:  # a file system without flock (some NFS and FUSE mounts, Lustre without -o flock)
+            os.close(fd)
+            if e.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                raise DraftdataError(f"--output {url}: cannot lock {self.path} ({e.strerror or e})") from None
+            print(f"draftdata collect: warning: {self.path}: the file system offers no lock ({e.strerror}); make "
+                  "sure no other collect writes to this output (the duplicate check at the end still runs)",
+                  file=sys.stderr)
+            self.path = None  # unlocked: take() is a no-op from here on
+            return
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self.fd = fd
@@ -350,6 +361,32 @@ def run_local(settings: CollectSettings) -> int:
     """The single-process collect: returns the exit status (0, also when records were rejected)."""
     from draftdata.collect.backends import get_backend
     from draftdata.collect.conversations import count_records, input_files
+
+    t_start = time.perf_counter()
+    info = BaseModelInfo.from_model_dir(settings.model_path)
+    schema = check_output(settings, make_schema(settings, info))
+    lock = OutputLock(settings.output)  # a resume while another run writes: refused before any other work
+    try:  # the lock is released on every way out (an in-process caller may run again)
+        input_files(settings.input, settings.storage_options)  # fail on a missing input before creating anything
+        chat = chat_tokenizer(settings)
+        total = count_records(settings.input, settings.storage_options, settings.limit)
+        if total == 0:  # nothing would be written: load no model and leave --output as it is
+            warn_no_records(settings)
+            return 0
+        if settings.strict:
+            total = validate_input(settings, chat, total)
+        backend = get_backend(settings.backend, settings.model_path, **backend_options(settings))
+        try:  # the model is released on every way out too (GPU memory of an in-process caller)
+            return _collect_with(settings, schema, info, backend, lock, chat, total, t_start)
+        finally:
+            backend.close()
+    finally:
+        lock.release()
+
+
+def _collect_with(settings: CollectSettings, schema: DatasetSchema, info: BaseModelInfo, backend: Any,
+                  lock: OutputLock, chat: ChatTokenizer, total: int, t_start: float) -> int:
+    """run_local's part with the model loaded and the output lock held (or about to be)."""
     from draftdata.collect.runner import (
         CollectOptions,
         CollectStats,
@@ -359,66 +396,56 @@ def run_local(settings: CollectSettings) -> int:
         write_reports,
     )
 
-    t_start = time.perf_counter()
-    info = BaseModelInfo.from_model_dir(settings.model_path)
-    schema = check_output(settings, make_schema(settings, info))
-    input_files(settings.input, settings.storage_options)  # fail on a missing input before creating anything
-    chat = chat_tokenizer(settings)
-    total = count_records(settings.input, settings.storage_options, settings.limit)
-    if total == 0:  # nothing would be written: load no model and leave --output as it is
-        warn_no_records(settings)
-        return 0
-    if settings.strict:
-        total = validate_input(settings, chat, total)
-    lock = OutputLock(settings.output)
-    try:  # the lock is released on every way out (an in-process caller may run again)
-        backend = get_backend(settings.backend, settings.model_path, **backend_options(settings))
-        for name in ("hidden_size", "num_hidden_layers", "final_hidden_prenorm"):
-            if getattr(backend.info, name) != getattr(info, name):  # the schema was made from the files
-                raise DraftdataError(f"--backend {settings.backend} reports {name}={getattr(backend.info, name)!r}, "
-                                     f"the model files say {getattr(info, name)!r}")
-        writer = open_output(settings, schema)  # after the model loaded: a failed load leaves nothing behind
-        lock.take()  # before reading what is committed: no second run may skip the same ids
-        ledger = CommitLedger(writer)
-        committed = set(ledger.where)
-        if committed:
-            print(f"draftdata collect: {writer.url} already holds {len(committed):,} conversations; they are "
-                  "skipped", file=sys.stderr)
-            warn_mixed_compute(writer.url, ledger.parts.values(), backend.producer().get("compute_dtype"))
-        options = CollectOptions(aux_layer_ids=list(settings.aux_layer_ids), batch_tokens=settings.batch_tokens,
-                                 part_bytes=settings.part_bytes)
-        stats = CollectStats()
-        rejects = RejectLog(stats)
-        bar = JobProgress(total=total, desc="collect", unit="conv")  # thread-safe: the reader thread reports too
-        t_loop = time.perf_counter()
-        interrupted = True
-        try:
-            samples = prepare_samples(read_input(settings), chat, skip_ids=committed, stats=stats,
-                                      on_reject=rejects, progress=bar.update)
-            collect_records(samples, backend, writer, options, progress=bar.update, stats=stats)
-            interrupted = False
-        finally:
-            bar.close()
-            backend.close()
-            stats.collect_seconds = time.perf_counter() - t_loop
-            stats.seconds = time.perf_counter() - t_start
-            where = write_reports(writer.url, settings.storage_options, stats, rejects, settings.report_dict(),
-                                  settings.rejects)
-            print(stats.format(writer.url, settings.input, where))
-            if interrupted:
-                print("draftdata collect: stopped early; committed parts are kept, rerun the same command to "
-                      "resume", file=sys.stderr)
-        ledger.refresh()
-        if ledger.duplicates:
-            report_duplicates(ledger, writer.url)
-            return 1
-        return 0
+    for name in ("hidden_size", "num_hidden_layers", "final_hidden_prenorm"):
+        if getattr(backend.info, name) != getattr(info, name):  # the schema was made from the files
+            raise DraftdataError(f"--backend {settings.backend} reports {name}={getattr(backend.info, name)!r}, "
+                                 f"the model files say {getattr(info, name)!r}")
+    writer = open_output(settings, schema)  # after the model loaded: a failed load leaves nothing behind
+    lock.take()  # before reading what is committed: no second run may skip the same ids
+    ledger = CommitLedger(writer)
+    parts_before = set(ledger.parts)
+    committed = set(ledger.where)
+    if committed:
+        print(f"draftdata collect: {writer.url} already holds {len(committed):,} conversations; they are "
+              "skipped", file=sys.stderr)
+        warn_mixed_compute(writer.url, ledger.parts.values(), backend.producer().get("compute_dtype"))
+    options = CollectOptions(aux_layer_ids=list(settings.aux_layer_ids), batch_tokens=settings.batch_tokens,
+                             part_bytes=settings.part_bytes)
+    stats = CollectStats()
+    rejects = RejectLog(stats)
+    bar = JobProgress(total=total, desc="collect", unit="conv")  # thread-safe: the reader thread reports too
+    t_loop = time.perf_counter()
+    interrupted = True
+    try:
+        samples = prepare_samples(read_input(settings), chat, skip_ids=committed, stats=stats,
+                                  on_reject=rejects, progress=bar.update)
+        collect_records(samples, backend, writer, options, progress=bar.update, stats=stats)
+        interrupted = False
     finally:
-        lock.release()
+        bar.close()
+        stats.collect_seconds = time.perf_counter() - t_loop
+        stats.seconds = time.perf_counter() - t_start
+        where = write_reports(writer.url, settings.storage_options, stats, rejects, settings.report_dict(),
+                              settings.rejects)
+        print(stats.format(writer.url, settings.input, where))
+        if interrupted:
+            print("draftdata collect: stopped early; committed parts are kept, rerun the same command to "
+                  "resume", file=sys.stderr)
+    ledger.refresh()
+    return 1 if report_duplicates(ledger, writer.url, parts_before) else 0
 
 
-def report_duplicates(ledger: CommitLedger, url: str) -> None:
-    """One line on stderr about conversation ids committed more than once (two writers on one output)."""
-    dup = sorted(ledger.duplicates)
-    print(f"  DUPLICATES {len(dup)} conversation ids are committed more than once (e.g. {dup[:5]}); was another "
-          f"collect writing to {url} at the same time? See 'One writer per output' in docs/COLLECT.md", file=sys.stderr)
+def report_duplicates(ledger: CommitLedger, url: str, parts_before: set[str]) -> bool:
+    """Report conversation ids committed more than once; True when this run's parts are among
+    them (two writers on one output: the run fails). Duplicates that were there before it
+    started are a note, so that a dataset damaged once does not fail every later resume."""
+    new = sorted(cid for cid, parts in ledger.duplicates.items() if not set(parts) <= parts_before)
+    old = len(ledger.duplicates) - len(new)
+    if new:
+        print(f"  DUPLICATES {len(new)} conversation ids were committed more than once in this run (e.g. {new[:5]}); "
+              f"was another collect writing to {url} at the same time? See 'One writer per output' in "
+              "docs/COLLECT.md", file=sys.stderr)
+    if old:
+        print(f"  note       {old} conversation ids were already committed more than once before this run; "
+              f"`draftdata verify {url}` lists them", file=sys.stderr)
+    return bool(new)

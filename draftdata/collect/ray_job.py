@@ -353,6 +353,10 @@ def run_ray_collect(args: argparse.Namespace) -> int:
 
         chat = chat_tokenizer(settings)
         total = validate_input(settings, chat)
+    if total == 0 or (total is None and count_records(settings.input, settings.storage_options,
+                                                      1 if settings.limit is None else min(1, settings.limit)) == 0):
+        warn_no_records(settings)  # like run_local: no Ray, no model, --output left as it is
+        return 0
     max_retries = getattr(args, "max_retries", None)
     max_retries = MAX_RETRIES if max_retries is None else max_retries
     if max_retries < 0:
@@ -385,8 +389,6 @@ def run_ray_collect(args: argparse.Namespace) -> int:
             chat = chat_tokenizer(settings)
         if total is None:
             total = count_records(settings.input, settings.storage_options, settings.limit)
-        if total == 0:
-            warn_no_records(settings)
         return _drive(settings, writer, chat, plan, pool, options, total, t_start)
     finally:
         if pool is not None:
@@ -493,10 +495,9 @@ def _drive(settings: CollectSettings, writer: Any, chat: Any, plan: RayPlan, poo
             print(f"  MISSING    the workers committed {reported_written:,} conversations but the driver sees only "
                   f"{stats.written:,} new ones in {writer.url}: is --output a local path that is not shared by "
                   "every node? Use s3://, gs:// or a shared file system", file=sys.stderr)
-        if ledger.duplicates:
-            report_duplicates(ledger, writer.url)
-        warn_mixed_compute(writer.url, ledger.parts.values())
+        new_duplicates = report_duplicates(ledger, writer.url, parts_before)
+        warn_mixed_compute(writer.url, ledger.parts.values(), after_ray_run=True)
         if interrupted:
             print("draftdata collect: stopped early; committed parts are kept, rerun the same command to resume",
                   file=sys.stderr)
-    return 1 if failed or ledger.duplicates or invisible else 0
+    return 1 if failed or new_duplicates or invisible else 0

@@ -404,34 +404,12 @@ def _store_sample(s: TokenizedSample, aux: torch.Tensor, final: torch.Tensor) ->
 
 
 def check_rejects_path(path: str | None) -> None:
-    """--rejects PATH must be a file this run can create or overwrite. Rejects are written at the
-    end of a run, so this is checked before any model work: by opening the file for appending
-    (removed again if it was new) when its folder exists, else by the permissions of the nearest
-    existing folder. Object-store URLs are not checked."""
-    if path is None or ("://" in path and not path.startswith("file://")):
-        return
-    local = os.path.abspath(path[len("file://"):] if path.startswith("file://") else path)
-    if os.path.isdir(local):
-        raise DraftdataError(f"--rejects {path}: is a directory; give a file path, e.g. "
-                             f"{os.path.join(path, 'rejects.jsonl')}")
-    folder = os.path.dirname(local)
-    while not os.path.exists(folder):  # the nearest existing folder (the rest is created at the end)
-        folder = os.path.dirname(folder)
-    if not os.path.isdir(folder):
-        raise DraftdataError(f"--rejects {path}: {folder} is a file, not a directory; give another path")
-    if folder != os.path.dirname(local):
-        if not os.access(folder, os.W_OK | os.X_OK):
-            raise DraftdataError(f"--rejects {path}: cannot create folders in {folder} (read-only file system or "
-                                 "no permission); give a writable path")
-        return
-    existed = os.path.exists(local)
-    try:
-        with open(local, "ab"):
-            pass
-    except OSError as e:
-        raise DraftdataError(f"--rejects {path}: cannot write it ({e.strerror or e}); give a writable path") from None
-    if not existed:
-        os.remove(local)
+    """--rejects PATH must be a file this run can create or overwrite: rejects are written at the
+    end of a run, so this is checked before any model work."""
+    from draftdata.store.fs import check_writable_file
+
+    if path is not None:
+        check_writable_file(path, "--rejects")
 
 
 def write_reports(output_url: str, storage_options: dict | None, stats: CollectStats, rejects: RejectLog,

@@ -36,6 +36,35 @@ def local_path(url: str) -> str:
     return url[len("file://"):] if url.startswith("file://") else url
 
 
+def check_writable_file(path: str, flag: str) -> None:
+    """Refuse a local output FILE that the run could not write at its end (a directory, a file
+    where a folder should be, a read-only file system, no permission): checked before any long
+    work, and nothing is left behind (a probe file is created and removed in the nearest existing
+    folder; an existing file is opened for appending). Object-store URLs are not checked."""
+    if not is_local(path):
+        return
+    local = os.path.abspath(os.path.expanduser(local_path(path)))
+    if os.path.isdir(local):
+        raise DraftdataError(f"{flag} {path}: is a directory; give a file path, e.g. {os.path.join(path, 'out')}")
+    folder = os.path.dirname(local)
+    while not os.path.exists(folder):  # the nearest existing folder (the rest is created at the end)
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise DraftdataError(f"{flag} {path}: {folder} is a file, not a directory; give another path")
+    try:
+        if os.path.exists(local):
+            with open(local, "ab"):
+                pass
+        else:
+            probe = os.path.join(folder, f".{os.path.basename(local)}.probe-{os.getpid()}")
+            with open(probe, "wb"):
+                pass
+            os.remove(probe)
+    except OSError as e:
+        raise DraftdataError(f"{flag} {path}: cannot write there ({e.strerror or e} in {folder}); give a "
+                             "writable path") from None
+
+
 def get_fs(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """(filesystem, path inside it) for a dataset URL, with one-line errors for unusable URLs."""
     try:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -42,18 +41,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def check_writable(out: Path) -> None:
-    """Refuse an --out that cannot be written (read-only file system, no permission, a file where a
-    directory should be) before the dataset is counted, not after: create and remove a probe file
-    in the nearest directory that exists (nothing is left behind, no directory is created)."""
-    from draftdata.errors import DraftdataError
+    """Refuse an --out that cannot be written before the dataset is counted, not after."""
+    from draftdata.store.fs import check_writable_file
 
-    parent = out.absolute().parent
-    while not parent.exists():
-        parent = parent.parent
-    probe = parent / f".{out.name}.probe-{os.getpid()}"
-    try:
-        probe.touch()
-        probe.unlink()
-    except OSError as e:
-        raise DraftdataError(f"--out {out}: cannot write there ({e.strerror or e} in {parent}); choose a "
-                             "writable path") from None
+    check_writable_file(str(out), "--out")

@@ -376,8 +376,10 @@ class StopOnInterrupt:
     def _handle(self, signum: int, frame: Any) -> None:
         self.requested = True
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        print("Ctrl-C: stopping at the end of this step with a checkpoint (Ctrl-C again stops at once, "
-              "without one)", file=sys.stderr, flush=True)
+        # os.write, not print: the main thread may be inside a write to stderr (a reentrant
+        # buffered write raises RuntimeError and would kill the run this handler is saving)
+        os.write(2, b"Ctrl-C: stopping at the end of this step with a checkpoint (Ctrl-C again stops at once, "
+                    b"without one)\n")
 
     def remove(self) -> None:
         if self.installed:
@@ -427,6 +429,8 @@ def save_checkpoint(output: Path, step: int, draft, state: dict[str, Any], rng_s
 def _check_resume_config(saved: dict[str, Any], now: dict[str, Any], path: Path) -> list[str]:
     # Paths recorded by an older draftdata may be relative: read them from here, as best we can.
     saved = {**saved, **{k: normalize_location(saved[k]) for k in PATH_SETTINGS if k in saved}}
+    if saved.get("pad_to_multiple_of") == 1:  # an API run recorded 1 before TrainConfig mapped it to None
+        saved["pad_to_multiple_of"] = None
     diffs = [f"{k}: checkpoint run had {saved.get(k)!r}, now {now.get(k)!r}"
              for k in RESUME_FIXED if saved.get(k) != now.get(k)]
     if diffs:
