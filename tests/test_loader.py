@@ -365,8 +365,17 @@ def test_resume_refuses_a_different_setup(local_ds):
     state = ds.state_dict()
     with pytest.raises(DraftdataError, match="world_size"):
         HiddenStateDataset(url, rank=0, world_size=3).load_state_dict(state)
-    with pytest.raises(DraftdataError, match="settings"):
+    with pytest.raises(DraftdataError, match="seed=0 when saved, 1 now"):          # names the difference
         HiddenStateDataset(url, rank=0, world_size=2, seed=1).load_state_dict(state)
+    with pytest.raises(DraftdataError, match="max_tokens_per_batch=None when saved, 300 now"):
+        HiddenStateDataset(url, rank=0, world_size=2, max_tokens_per_batch=300).load_state_dict(state)
+    fewer = HiddenStateDataset(url, rank=0, world_size=2, parts=ds.part_ids[:-1])
+    with pytest.raises(DraftdataError, match=f"{len(ds.part_ids)} committed parts when saved, "
+                                             f"{len(ds.part_ids) - 1} now"):
+        fewer.load_state_dict(state)
+    old = {k: v for k, v in state.items() if k not in ("settings", "parts")}  # saved by an earlier version
+    with pytest.raises(DraftdataError, match="committed parts or the loader settings differ"):
+        HiddenStateDataset(url, rank=0, world_size=2, seed=1).load_state_dict(old)
     other = HiddenStateDataset(url, rank=0, world_size=2)
     other.load_state_dict({**state, "items_yielded": 1})
     with pytest.raises(DraftdataError, match="num_workers"):

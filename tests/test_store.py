@@ -702,3 +702,19 @@ def test_verify_checks_record_offsets_metadata_and_gc_keeps_damaged_records(tmp_
     assert "is malformed" in out.stdout + out.stderr and "removed 1 leftover(s)" in out.stderr
     assert (tmp_path / "ds" / "parts" / ds.parts[2].id).is_dir()   # ... and the damaged record's part kept
     assert not (tmp_path / "ds" / "parts" / "0000000000001-undatable").exists()
+
+
+def test_writing_to_a_missing_bucket_never_creates_it(s3_bucket):
+    """s3fs creates a bucket for a "directory" under a missing one: a typo in the URL would quietly
+    make a new bucket. The writer creates no directories on object stores and says what is wrong."""
+    import uuid
+
+    import fsspec
+
+    _, opts = s3_bucket
+    missing = f"s3://nobkt-{uuid.uuid4().hex[:10]}"
+    with pytest.raises(StorageAccessError, match="the bucket does not exist .*create it first"):
+        create_dataset(f"{missing}/ds", schema(), storage_options=opts)
+    fs = fsspec.filesystem("s3", **opts)
+    fs.invalidate_cache()
+    assert missing[len("s3://"):] not in [b.rstrip("/") for b in fs.ls("")]

@@ -107,7 +107,7 @@ class CollectWorker:
         from draftdata.collect.backends.base import BaseModelInfo
         from draftdata.collect.job import backend_options, make_schema
         from draftdata.collect.ray_pool import ComputeThread, actor_cpu_threads
-        from draftdata.errors import DatasetNotFoundError
+        from draftdata.errors import DatasetNotFoundError, StorageAccessError
         from draftdata.models import resolve_model
         from draftdata.store import create_dataset, open_dataset
 
@@ -130,6 +130,11 @@ class CollectWorker:
             raise DraftdataError(f"worker on {self.node} ({socket.gethostname()}) cannot see the dataset the driver "
                                  f"created at {settings.output}; with several nodes the output must be shared "
                                  "storage (s3://, gs://, or a file system mounted on every node)") from None
+        except StorageAccessError as e:  # the driver's shell had credentials the workers' processes lack
+            raise StorageAccessError(f"worker on {self.node}: {e}. Workers read credentials from their own "
+                                     "environment, not the driver's shell: pass -S key=... -S secret=..., or "
+                                     "set them for the cluster (ray job submit --runtime-env-json "
+                                     "'{\"env_vars\": {\"AWS_ACCESS_KEY_ID\": ...}}', docs/RAY.md)") from None
         self.writer = create_dataset(settings.output, schema, format=schema.storage_format, codec=schema.codec,
                                      storage_options=settings.storage_options)
         opts = backend_options(local)

@@ -207,7 +207,7 @@ class HiddenStateDataset(IterableDataset):
                 yielded, logical = self._cursor_point(self.plan(), int(state["items_consumed"]), wid, nw)
         return {"format": STATE_FORMAT, "epoch": self.epoch, "rank": self.rank, "world_size": self.world_size,
                 "worker_id": wid, "logical_worker": logical, "num_workers": nw, "items_yielded": yielded,
-                "fingerprint": self.fingerprint()}
+                "fingerprint": self.fingerprint(), "settings": self._settings(), "parts": len(self.part_ids)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume exactly where a state left off (the next iteration of that epoch skips what was seen).
@@ -229,10 +229,25 @@ class HiddenStateDataset(IterableDataset):
                 raise DraftdataError(f"cannot resume: the state was saved with {key}={state[key]}, this dataset "
                                      f"has {key}={getattr(self, key)}; exact resume needs the same world size")
         if "fingerprint" in state and state["fingerprint"] != self.fingerprint():
-            raise DraftdataError("cannot resume: the dataset's committed parts or the loader settings differ from "
-                                 "when the state was saved; open the same parts (parts=...) with the same settings")
+            raise DraftdataError(f"cannot resume: {self._state_differences(state)}; open the same parts (parts=...) "
+                                 "with the same settings")
         self.epoch = int(state["epoch"])
         self._resume = dict(state)
+
+    def _state_differences(self, state: dict[str, Any]) -> str:
+        """What differs from when `state` was saved, as far as the state says (older states: only
+        that something does)."""
+        then, now = state.get("settings"), self._settings()
+        diffs = [f"{k}={then.get(k)!r} when saved, {now.get(k)!r} now" for k in sorted(set(then) | set(now))
+                 if then.get(k) != now.get(k)] if isinstance(then, dict) else []
+        if "parts" in state and state["parts"] != len(self.part_ids):
+            diffs.append(f"{state['parts']} committed parts when saved, {len(self.part_ids)} now (a dataset still "
+                         "being written: pin its parts)")
+        if diffs:
+            return "the loader settings or the dataset differ from when the state was saved: " + "; ".join(diffs)
+        if isinstance(then, dict):
+            return "the dataset's committed parts differ from when the state was saved (same count, other parts)"
+        return "the dataset's committed parts or the loader settings differ from when the state was saved"
 
     def _resume_point(self, plan: planning.RankPlan, wid: int, nw: int) -> tuple[int, int]:
         """(items to skip, logical worker) for DataLoader worker `wid` of `nw` starting this iteration.

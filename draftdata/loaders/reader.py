@@ -93,8 +93,8 @@ def read_segment(store: Any, p: int, j0: int, j1: int, on_corrupt: str) -> tuple
         except CorruptDataError as e:
             reason = f"{_describe(store, p, j)} of {store.url} is corrupt: {e}"
             if on_corrupt == "raise":
-                raise CorruptDataError(f"{reason}. Run `draftdata verify {store.url}` to list every damaged part "
-                                       "(a HiddenStateDataset with on_corrupt='skip' reads around it).") from None
+                raise CorruptDataError(f"{reason} (verify lists every damaged part; a HiddenStateDataset with "
+                                       "on_corrupt='skip' reads around them)") from None
             bad[j] = reason
     for reason in bad.values():
         warnings.warn(f"skipping {reason}", stacklevel=2)

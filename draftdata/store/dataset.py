@@ -33,12 +33,14 @@ from draftdata.errors import (
     DraftdataError,
     SchemaMismatchError,
     StorageAccessError,
+    name_some,
 )
 from draftdata.store import arrow_part, zarr_part
 from draftdata.store.codecs import bf16_to_bits, bits_to_bf16, fp8_decode, fp8_encode
 from draftdata.store.fs import (
     describe_storage_error,
     get_fs,
+    is_bucket_fs,
     is_local,
     is_local_fs,
     local_path,
@@ -434,7 +436,8 @@ def create_dataset(url: str, schema: DatasetSchema, *, format: str = "zarr", cod
                                       + ". Write to a new URL, or rerun with the dataset's settings.")
         return DatasetWriter(loc, existing)
     try:
-        loc.fs.makedirs(loc.root, exist_ok=True)
+        if not is_bucket_fs(loc.fs):  # on S3 a "directory" under a missing bucket would create the bucket
+            loc.fs.makedirs(loc.root, exist_ok=True)
         # Exclusive (a hard link locally, a conditional PUT on S3): of two creators racing, exactly
         # one writes dataset.json.
         put_atomic(loc.fs, f"{loc.root}/{SCHEMA_FILE}", schema.to_json().encode(), exclusive=True)
@@ -578,7 +581,7 @@ class Dataset:
     def read_part(self, p: int) -> dict[str, Any]:
         """All arrays of part p at once (one sequential read per array): the fast path for loaders."""
         info = self.parts[p]
-        rows = self._read_rows(p, None, None, True, f"samples {info.conversation_ids[:3]}...")
+        rows = self._read_rows(p, None, None, True, f"the whole part: {name_some(info.conversation_ids, 3)}")
         rows["offsets"] = info.offsets
         rows["conversation_ids"] = info.conversation_ids
         return rows
@@ -589,7 +592,7 @@ class Dataset:
         if j0 == 0 and j1 == info.num_samples:
             return self.read_part(p)
         s, e = int(info.offsets[j0]), int(info.offsets[j1])
-        rows = self._read_rows(p, s, e, False, f"samples {j0}..{j1 - 1}: {info.conversation_ids[j0:j0 + 3]}...")
+        rows = self._read_rows(p, s, e, False, f"samples {j0}..{j1 - 1}: {name_some(info.conversation_ids[j0:j1], 3)}")
         rows["offsets"] = info.offsets[j0:j1 + 1] - s
         rows["conversation_ids"] = info.conversation_ids[j0:j1]
         return rows

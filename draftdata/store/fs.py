@@ -18,6 +18,8 @@ import fsspec
 from draftdata.errors import DraftdataError, StorageAccessError
 
 LOCAL_PROTOCOLS = ("file", "local")
+# Object stores: prefixes need no directories, and creating one there can create a bucket (s3fs).
+BUCKET_PROTOCOLS = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss")
 
 
 def normalize_url(url: str) -> str:
@@ -123,6 +125,9 @@ def describe_storage_error(url: str, e: BaseException) -> DraftdataError:
     if name in ("NoCredentialsError", "PartialCredentialsError") or "credentials" in msg.lower():
         return StorageAccessError(f"{url}: no usable credentials ({msg}); set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
                                   "or pass storage options (key, secret, client_kwargs.endpoint_url)")
+    if name == "NoSuchBucket" or "bucket does not exist" in msg.lower():
+        return StorageAccessError(f"{url}: the bucket does not exist ({msg}); create it first, or check the URL "
+                                  "(draftdata never creates buckets)")
     if is_local(url) and isinstance(e, OSError) and e.errno in LOCAL_ERRNO_ADVICE:
         return StorageAccessError(f"{url}: {e.strerror or msg}; {LOCAL_ERRNO_ADVICE[e.errno].format(url=url)}")
     if isinstance(e, PermissionError) or "AccessDenied" in msg or "Forbidden" in msg:
@@ -211,6 +216,10 @@ def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
 
 def is_local_fs(fs: fsspec.AbstractFileSystem) -> bool:
     return bool(set(_protocols(fs)) & set(LOCAL_PROTOCOLS))
+
+
+def is_bucket_fs(fs: fsspec.AbstractFileSystem) -> bool:
+    return bool(set(_protocols(fs)) & set(BUCKET_PROTOCOLS))
 
 
 def parse_storage_options(items: list[str] | None) -> dict[str, Any]:

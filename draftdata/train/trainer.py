@@ -54,6 +54,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -609,6 +610,12 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     Every input (settings, output directory, dataset, base model, draft vocabulary) is checked
     before the output directory is written, so a mistake leaves nothing behind."""
+    with warnings.catch_warnings():  # the loader's per-sample warnings: logged per step here instead
+        warnings.filterwarnings("ignore", message="skipping part ", category=UserWarning)
+        return _train(cfg)
+
+
+def _train(cfg: TrainConfig) -> TrainResult:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from draftdata.loaders import HiddenStateDataset
