@@ -241,7 +241,7 @@ def model_identity(model_dir: str | os.PathLike) -> tuple[str, str | None]:
 # cheap at any model size, and a fine-tune, even one that changed a sixth of the tensors, changes some
 # window with probability above 1 - 1e-5.
 HASH_WINDOWS, HASH_WINDOW_BYTES = 64, 16 << 10
-SAMPLED_PREFIX, SIZES_PREFIX = SAMPLED_MODEL_HASH, "sha256:"
+SIZES_PREFIX = "sha256:"  # fingerprints of earlier builds: config, weight names and sizes only
 
 
 def model_hash(model_dir: str | os.PathLike, like: str | None = None) -> str:
@@ -275,7 +275,7 @@ def _model_hash(directory: str, sampled: bool, files: tuple[tuple[str, int, int]
                 for offset in sorted({size * i // HASH_WINDOWS for i in range(HASH_WINDOWS)}):
                     f.seek(offset)
                     h.update(f.read(HASH_WINDOW_BYTES))
-    return (SAMPLED_PREFIX if sampled else SIZES_PREFIX) + h.hexdigest()[:32]
+    return (SAMPLED_MODEL_HASH if sampled else SIZES_PREFIX) + h.hexdigest()[:32]
 
 
 def same_model_hash(a: str | None, b: str | None) -> bool | None:

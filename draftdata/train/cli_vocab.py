@@ -24,12 +24,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from draftdata.errors import DraftdataError
-    from draftdata.store.fs import parse_storage_options
+    from draftdata.store.fs import check_writable_file, parse_storage_options
     from draftdata.train.vocab import build_draft_vocab, save_draft_vocab
 
     if Path(args.out).is_dir():
         raise DraftdataError(f"--out {args.out} is a directory; name the file to write (e.g. {args.out}/vocab.safetensors)")
-    check_writable(Path(args.out))
+    check_writable_file(args.out, "--out")  # before counting, not after
     vocab = build_draft_vocab(args.url, args.draft_vocab_size, parse_storage_options(args.storage_option),
                               all_tokens=args.all_tokens, workers=args.workers)
     path = save_draft_vocab(args.out, vocab)
@@ -39,9 +39,3 @@ def run(args: argparse.Namespace) -> int:
           f"-> {path}", file=sys.stderr)
     return 0
 
-
-def check_writable(out: Path) -> None:
-    """Refuse an --out that cannot be written before the dataset is counted, not after."""
-    from draftdata.store.fs import check_writable_file
-
-    check_writable_file(str(out), "--out")
