@@ -166,6 +166,20 @@ def test_shuffle_is_deterministic_per_seed_and_epoch():
 # ---------------------------------------------------------------------------------- real data
 
 
+def test_persistent_workers_follow_set_epoch(local_ds):
+    """With persistent_workers=True the workers outlive one epoch; each epoch must still be that
+    epoch's order (a per-process epoch would repeat the first epoch's order forever)."""
+    url, _ = local_ds
+    ds = HiddenStateDataset(url, seed=5, max_tokens_per_batch=100, prefetch_bytes=50 * TOKEN_BYTES)
+    loader = DataLoader(ds, batch_size=None, num_workers=2, persistent_workers=True)
+    seen = []
+    for epoch in (0, 1, 2):
+        ds.set_epoch(epoch)
+        seen.append([ids_of(x) for x in loader])
+        assert seen[-1] == expected_order(ds, 2), epoch
+    assert seen[0] != seen[1] != seen[2]
+
+
 def test_exactly_once_two_ranks_two_workers(local_ds):
     url, ref = local_ds
     for kw in ({}, {"max_tokens_per_batch": 90}):

@@ -662,3 +662,108 @@ def test_training_on_nothing_stops_early_and_says_why(tmp_path, tiny_model, trai
     assert last.startswith("draftdata train: error: ") and "the first 10 of 200 steps trained on nothing" in last
     assert "raise --max-seq-len or --batch-tokens" in last
     assert len(read_metrics(out)) == 10 and not (out / "final").exists()
+
+
+def test_init_draft_starts_from_a_checkpoint_or_an_export_and_refuses_a_mismatch(tmp_path, tiny_model,  # noqa: F811
+                                                                                 train_data, capsys):  # noqa: F811
+    """--init-draft takes the weights of a training run or of an exported draft (the engines' names):
+    the new run starts from those weights, not a fresh draft's; a draft of another architecture or
+    vocabulary is refused in one line before anything is written."""
+    from safetensors.torch import load_file, save_file
+
+    common = ["--data", train_data, "--model", str(tiny_model), "--eagle-config", str(eagle_file(tmp_path)),
+              "--batch-tokens", "256", "--ttt-steps", "2", "--no-plot", "--log-every", "1"]
+    first = tmp_path / "first"
+    assert main(["train", *common, "--output", str(first), "--steps", "12", "--lr", "5e-3", "--seed", "1"]) == 0
+    exported = tmp_path / "exported"
+    assert main(["export", str(first), "--out", str(exported), "--dtype", "float32"]) == 0
+    trained = load_file(str(first / "final" / "draft.safetensors"))
+    # A third-party layout of the same draft: `layers.0.*` names and the embedding included (speculators).
+    renamed = tmp_path / "renamed"
+    renamed.mkdir()
+    (renamed / "config.json").write_text((exported / "config.json").read_text())
+    tensors = {k.replace("midlayer.", "layers.0.", 1): v for k, v in load_file(str(exported / "model.safetensors")).items()}
+    tensors["embed_tokens.weight"] = torch.zeros(400, 64)
+    save_file(tensors, str(renamed / "model.safetensors"))
+    for source in (first, exported, renamed):        # a training output (its final/), an export, a foreign export
+        out = tmp_path / f"from_{source.name}"
+        capsys.readouterr()
+        # A learning rate this small leaves Adam's first step ~1e-12 per weight: the run holds the source's weights.
+        assert main(["train", *common, "--output", str(out), "--steps", "1", "--lr", "1e-12",
+                     "--init-draft", str(source)]) == 0
+        assert f"draft initialized from {source}" in capsys.readouterr().err
+        again = load_file(str(out / "final" / "draft.safetensors"))
+        assert sorted(again) == sorted(trained)
+        for name, t in trained.items():
+            assert torch.allclose(again[name].float(), t.float(), atol=1e-6), name
+        assert json.loads((out / "train_config.json").read_text())["init_draft"] == os.path.realpath(source)
+
+    def refused(*flags: str) -> str:
+        out = tmp_path / "refused"
+        capsys.readouterr()
+        assert main(["train", *common, "--output", str(out), "--steps", "1", *flags]) == 2
+        assert not out.exists()
+        return capsys.readouterr().err.splitlines()[-1]
+
+    assert "does not exist" in refused("--init-draft", str(tmp_path / "nope"))
+    fc_norm = tmp_path / "fc_norm.json"
+    fc_norm.write_text(json.dumps({"eagle_architecture_config": {**TINY_ARCH, "fc_norm": True}}))
+    err = refused("--init-draft", str(first), "--eagle-config", str(fc_norm))
+    assert "missing ['fc_norm.0.weight', 'fc_norm.1.weight', 'fc_norm.2.weight']" in err
+    vocab = tmp_path / "vocab.safetensors"
+    assert main(["vocab", train_data, "--draft-vocab-size", "64", "--out", str(vocab)]) == 0
+    err = refused("--init-draft", str(exported), "--draft-vocab", str(vocab))
+    assert "the draft has a vocabulary of" in err and "pass the --draft-vocab file that draft was trained with" in err
+
+
+def test_init_from_base_copies_the_base_layer_after_the_top_aux_layer(tmp_path, tiny_model, train_data, capsys):  # noqa: F811
+    """--init-from-base: fc is the identity on the top aux slot, the decoder layer (state half of
+    q/k/v, o_proj, MLP, norms) is the base's next layer, the final norm the base's; the embedding
+    half of q/k/v keeps its random init. A draft not shaped like the base, or no layer after the
+    top aux layer, is refused before anything is written."""
+    import dataclasses
+
+    from safetensors.torch import load_file
+
+    from draftdata.config import EagleConfig
+    from draftdata.store import open_dataset
+    from draftdata.train.model import check_base_model
+    from draftdata.train.warm_start import read_base_layer_init
+
+    out = tmp_path / "run"
+    common = ["--data", train_data, "--model", str(tiny_model), "--batch-tokens", "256", "--ttt-steps", "2",
+              "--no-plot", "--steps", "1"]
+    assert main(["train", *common, "--output", str(out), "--lr", "1e-12", "--init-from-base"]) == 0
+    assert "draft initialized from the base's layer 3 (fc: identity on aux layer 2)" in capsys.readouterr().err
+    draft = load_file(str(out / "final" / "draft.safetensors"))
+    base = load_file(str(tiny_model / "model.safetensors"))
+    h = 64
+
+    def same(a, b):
+        return torch.allclose(a.float(), b.float(), atol=1e-6)
+
+    fc = torch.zeros(h, 3 * h)
+    fc[:, 2 * h:] = torch.eye(h)
+    assert same(draft["fc.weight"], fc)
+    assert same(draft["norm.weight"], base["model.norm.weight"])
+    assert same(draft["midlayer.hidden_norm.weight"], base["model.layers.3.input_layernorm.weight"])
+    assert same(draft["midlayer.input_layernorm.weight"], torch.ones(h))
+    for name in ("q_proj", "k_proj", "v_proj"):
+        w = draft[f"midlayer.self_attn.{name}.weight"]
+        assert same(w[:, h:], base[f"model.layers.3.self_attn.{name}.weight"])
+        assert 0 < float(w[:, :h].std()) < 0.05                            # the random embedding half
+    for name in ("self_attn.o_proj", "post_attention_layernorm", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
+        assert same(draft[f"midlayer.{name}.weight"], base[f"model.layers.3.{name}.weight"]), name
+
+    def refused(*flags: str) -> str:
+        bad = tmp_path / "refused"
+        capsys.readouterr()
+        assert main(["train", *common, "--output", str(bad), "--init-from-base", *flags]) == 2
+        assert not bad.exists()
+        return capsys.readouterr().err.splitlines()[-1]
+
+    assert "the draft must be shaped like the base" in refused("--eagle-config", str(eagle_file(tmp_path)))
+    assert "at most one of --init-draft and --init-from-base" in refused("--init-draft", str(out))
+    cfg = check_base_model(tiny_model, EagleConfig(), open_dataset(train_data).schema)
+    with pytest.raises(DraftdataError, match="layer 3 is the base's last"):
+        read_base_layer_init(tiny_model, dataclasses.replace(cfg, aux_layer_ids=[0, 1, 3]))

@@ -118,7 +118,9 @@ class HiddenStateDataset(IterableDataset):
         self.pin_memory, self.io_threads, self.on_corrupt = pin_memory, max(1, int(io_threads)), on_corrupt
         self.pad_to_multiple_of, self.empty_batches = pad_to_multiple_of, bool(empty_batches)
         self.token_bytes = planning.bytes_per_token(self.schema.hidden_size, self.schema.num_aux_slots)
-        self.epoch = 0
+        # The epoch lives in shared memory so that DataLoader workers started earlier (persistent_workers=True)
+        # see set_epoch / load_state_dict from the main process at their next iteration.
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         self._counts = [p.num_samples for p in self.store.parts]
         self._lengths = [p.lengths for p in self.store.parts]
         self._resume: dict[str, Any] | None = None
@@ -136,6 +138,15 @@ class HiddenStateDataset(IterableDataset):
                               stacklevel=2)
 
     # ------------------------------------------------------------------ plan and metadata
+    @property
+    def epoch(self) -> int:
+        """The epoch the next iteration reads (shared with DataLoader workers, persistent ones too)."""
+        return int(self._epoch)
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self._epoch.fill_(int(value))
+
     @property
     def part_ids(self) -> list[str]:
         return [p.id for p in self.store.parts]
@@ -181,7 +192,8 @@ class HiddenStateDataset(IterableDataset):
         return real / max(1, padded)
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch to iterate next (call before creating the DataLoader iterator)."""
+        """Select the epoch to iterate next (before creating the DataLoader iterator, or before the
+        next `iter(loader)` of a DataLoader with persistent workers)."""
         self.epoch = int(epoch)
         if self._resume is not None and self._resume["epoch"] != self.epoch:
             self._resume = None

@@ -40,6 +40,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft-vocab", metavar="FILE", help="d2t/t2d file from `draftdata vocab` (compressed vocab)")
     p.add_argument("--ttt-steps", type=int, help="training-time-test steps (default: eagle_ttt_steps = 3)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output")
+    p.add_argument("--init-draft", metavar="PATH",
+                   help="start from the weights of an existing draft (a draftdata checkpoint or training output, "
+                        "or an exported EAGLE3 directory such as a published draft) instead of a random one; "
+                        "optimizer, schedule and data order start fresh")
+    p.add_argument("--init-from-base", action="store_true",
+                   help="start the draft's decoder layer as a copy of the base's layer after the highest aux "
+                        "layer (fc: identity on that aux state; final norm: the base's) instead of random "
+                        "weights; Llama-style bases, draft shaped like the base")
     p.add_argument("--warmup-steps", type=int, help="linear warmup steps (default 2%% of the steps)")
     p.add_argument("--schedule", choices=("cosine", "linear", "constant"), default="cosine",
                    help="decay after warmup (default cosine)")
@@ -104,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
         shuffle=not args.no_shuffle, device=args.device, dtype=args.dtype, num_workers=args.num_workers,
         storage_options=parse_storage_options(args.storage_option), plot=not args.no_plot,
         val_data=args.val_data, val_every=args.val_every, on_corrupt=args.on_corrupt,
+        init_draft=args.init_draft, init_from_base=args.init_from_base,
     )
     if args.ray_workers:
         result = train_with_ray(cfg, args.ray_workers, use_gpu=args.ray_gpus)

@@ -48,10 +48,11 @@ MIDLAYER_TENSORS = (
 )
 
 
-def find_checkpoint(path: str | os.PathLike) -> Path:
-    """The checkpoint to export from `path`: `path` itself if it holds draft_config.json; for a
+def find_checkpoint(path: str | os.PathLike, command: str = "export") -> Path:
+    """The checkpoint to read from `path`: `path` itself if it holds draft_config.json; for a
     training output directory its `final/`, else its last `checkpoints/step-*`; else the newest
-    checkpoint up to two levels below. Directories named *.tmp (being written) are never used."""
+    checkpoint up to two levels below. Directories named *.tmp (being written) are never used.
+    The choice is printed when it is not `path` itself (`command` names who prints it)."""
     from draftdata.train.model import DRAFT_CONFIG, DRAFT_WEIGHTS
 
     path = Path(path)
@@ -73,7 +74,7 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
                                  "neither directly nor in a subdirectory")
         found = max(candidates, key=lambda p: (p / DRAFT_CONFIG).stat().st_mtime)
     if found != path:
-        print(f"draftdata export: using checkpoint {found}", file=sys.stderr)
+        print(f"draftdata {command}: using checkpoint {found}", file=sys.stderr)
     if not (found / DRAFT_WEIGHTS).exists():
         raise DraftdataError(f"{found / DRAFT_WEIGHTS} is missing (the checkpoint is incomplete)")
     return found

@@ -78,7 +78,7 @@ PLOT = "training_curves.png"
 RESUME_FIXED = ("data", "model", "eagle_config", "draft_vocab", "batch_tokens", "max_seq_len", "grad_accum",
                 "seed", "shuffle", "num_workers", "world_size", "pad_to_multiple_of")
 # Settings that may name a local path: recorded and compared as absolute real paths.
-PATH_SETTINGS = ("data", "model", "draft_vocab", "val_data")
+PATH_SETTINGS = ("data", "model", "draft_vocab", "val_data", "init_draft")
 # What marks a directory as a model (weights next to config.json), which --output must not write into.
 MODEL_WEIGHTS = ("*.safetensors", "*.bin", "*.gguf", "*.index.json")
 
@@ -122,6 +122,8 @@ class TrainConfig:
     val_data: str | None = None              # held-out dataset: loss/accuracy every val_every steps
     val_every: int | None = None             # None: every save_every steps (and at the last step)
     on_corrupt: str = "skip"                 # skip (and report) damaged samples | raise
+    init_draft: str | None = None            # start from this draft's weights (warm start; not a resume)
+    init_from_base: bool = False             # start the draft layer as the base's layer after the top aux layer
 
     def __post_init__(self) -> None:
         if self.pad_to_multiple_of == 1:  # rounding to 1 is no rounding: the same run as before the flag existed
@@ -156,6 +158,8 @@ class TrainConfig:
                 raise DraftdataError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise DraftdataError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.init_draft is not None and self.init_from_base:
+            raise DraftdataError("give at most one of --init-draft and --init-from-base")
         if self.val_every is not None and self.val_data is None:
             raise DraftdataError("--val-every needs --val-data (a held-out dataset collected like --data)")
         self.eagle()
@@ -623,6 +627,7 @@ def _train(cfg: TrainConfig) -> TrainResult:
     from draftdata.train.losses import EagleTTT, step_token_counts
     from draftdata.train.model import build_draft, check_base_model, count_parameters, save_draft
     from draftdata.train.vocab import load_draft_vocab
+    from draftdata.train.warm_start import apply_init_draft, read_base_layer_init, read_init_draft
 
     cfg.validate()
     eagle = cfg.eagle()
@@ -705,7 +710,15 @@ def _train(cfg: TrainConfig) -> TrainResult:
         # Config, draft vocabulary and weight headers first: only then is the output written.
         base_dir = resolve_model(cfg.model)
         draft_vocab = load_draft_vocab(cfg.draft_vocab) if cfg.draft_vocab is not None else None
-        check_base_model(base_dir, eagle, schema, draft_vocab)
+        draft_cfg = check_base_model(base_dir, eagle, schema, draft_vocab)
+        init_tensors, init_notes = None, []
+        if cfg.init_draft is not None and ckpt is None:   # a resumed run's weights come from its checkpoint
+            init_tensors, init_notes = read_init_draft(cfg.init_draft, draft_cfg,
+                                                       draft_vocab.d2t if draft_vocab is not None else None)
+            init_notes = [f"draft initialized from {cfg.init_draft}", *init_notes]
+        elif cfg.init_from_base and ckpt is None:
+            init_tensors, note = read_base_layer_init(base_dir, draft_cfg)
+            init_notes = [note]
         if info.main:
             write_run_config(output, run_settings)
         torch.manual_seed(cfg.seed)                      # identical initial draft on every rank
@@ -716,6 +729,9 @@ def _train(cfg: TrainConfig) -> TrainResult:
         compute = compute_dtype(cfg.dtype, device)
         frozen_dtype = torch.bfloat16 if compute == "bf16" else torch.float32
         draft, head = build_draft(base_dir, eagle, schema, draft_vocab, frozen_dtype, device)
+        if init_tensors is not None:
+            apply_init_draft(draft, init_tensors)
+            _log("; ".join(init_notes), info)
         module = EagleTTT(draft, head, ttt_steps=eagle.eagle_ttt_steps, decay=eagle.eagle_loss_decay_factor,
                           mix_hidden_states=eagle.eagle_mix_hidden_states,
                           self_logit_distillation=eagle.eagle_self_logit_distillation)
@@ -996,7 +1012,7 @@ def train_with_ray(cfg: TrainConfig, num_workers: int, *, use_gpu: bool | None =
     cfg.validate()
     # Ray Train workers run in a session directory of their own: hand them absolute local paths.
     cfg = dataclasses.replace(cfg, output=str(Path(cfg.output).resolve()), **{
-        name: str(Path(value).resolve()) for name in ("data", "val_data", "model", "draft_vocab")
+        name: str(Path(value).resolve()) for name in PATH_SETTINGS
         if (value := getattr(cfg, name)) and "://" not in value and Path(value).exists()})
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"))
