@@ -180,6 +180,28 @@ def test_persistent_workers_follow_set_epoch(local_ds):
     assert seen[0] != seen[1] != seen[2]
 
 
+def test_main_process_state_dict_while_workers_iterate_warns(local_ds):
+    """The main process's copy of the dataset does not advance when DataLoader workers read: its
+    state_dict() then would restart the epoch, so it warns (and not once the next epoch is set)."""
+    import warnings
+
+    url, _ = local_ds
+    ds = HiddenStateDataset(url, seed=5, max_tokens_per_batch=100, prefetch_bytes=50 * TOKEN_BYTES)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ds.state_dict()                                       # nothing iterated yet: no warning
+    it = iter(DataLoader(ds, batch_size=None, num_workers=2))
+    take(it, 3)
+    with pytest.warns(UserWarning, match="while DataLoader workers iterate epoch 0.*StatefulDataLoader"):
+        state = ds.state_dict()
+    assert state["items_yielded"] == 0
+    del it
+    ds.set_epoch(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ds.state_dict()["epoch"] == 1
+
+
 def test_exactly_once_two_ranks_two_workers(local_ds):
     url, ref = local_ds
     for kw in ({}, {"max_tokens_per_batch": 90}):

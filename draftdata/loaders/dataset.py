@@ -121,6 +121,7 @@ class HiddenStateDataset(IterableDataset):
         # The epoch lives in shared memory so that DataLoader workers started earlier (persistent_workers=True)
         # see set_epoch / load_state_dict from the main process at their next iteration.
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+        self._worker_epoch = torch.full((), -1, dtype=torch.int64).share_memory_()  # last epoch workers iterated
         self._counts = [p.num_samples for p in self.store.parts]
         self._lengths = [p.lengths for p in self.store.parts]
         self._resume: dict[str, Any] | None = None
@@ -209,6 +210,12 @@ class HiddenStateDataset(IterableDataset):
             wid, logical, nw = self._iter_worker
             yielded = self._yielded
         else:
+            if get_worker_info() is None and int(self._worker_epoch) == self.epoch:
+                warnings.warn(f"{self.store.url}: state_dict() in the main process while DataLoader workers iterate "
+                              f"epoch {self.epoch}: it is where the next iteration would start, not where the "
+                              "workers are; use torchdata's StatefulDataLoader, or count the items your loop "
+                              "consumed and resume with {'epoch': e, 'items_consumed': n} (docs/LOADER.md, Resume)",
+                              stacklevel=2)
             state = self._resume
             if state is not None and state["epoch"] == self.epoch and "items_consumed" not in state:
                 return dict(state)
@@ -294,6 +301,8 @@ class HiddenStateDataset(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        if info is not None:
+            self._worker_epoch.fill_(self.epoch)
         plan = self.plan()
         skip, logical = self._resume_point(plan, wid, nw)
         self._iter_worker, self._iter_pid, self._yielded = (wid, logical, nw), os.getpid(), skip
