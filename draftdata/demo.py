@@ -114,8 +114,8 @@ def run(args: argparse.Namespace) -> int:
     argv = ["train", "--data", dataset, "--model", args.model, "--output", train_dir, "--steps", str(args.train_steps),
             "--max-minutes", f"{args.train_minutes:g}", "--lr", "3e-3", "--schedule", "constant",
             "--warmup-steps", "10", "--batch-tokens", "2048", "--draft-vocab", vocab, "--save-every", "100",
-            "--device", args.device, "--resume"]
-    t = step(5, "train the EAGLE3 draft (base model layers never loaded)", argv)
+            "--device", args.device, "--init-from-base", "--resume"]
+    t = step(5, "train the EAGLE3 draft, its layer started as the base's next layer (the base never runs)", argv)
     draftdata(argv)
     timings["train"] = time.perf_counter() - t
 
