@@ -38,4 +38,3 @@ def run(args: argparse.Namespace) -> int:
           f"tokens ({m['counted']}), {m['distinct_tokens']} distinct; coverage {float(m['coverage']):.2%} "
           f"-> {path}", file=sys.stderr)
     return 0
-

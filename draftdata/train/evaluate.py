@@ -96,6 +96,29 @@ def _rope_of(config: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     return float(theta), merged
 
 
+def read_export(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], Path]:
+    """config.json and the tensors of an exported one-layer EAGLE3 draft (ours or third-party;
+    `layers.0.*` renamed to the trainer's `midlayer.*`): (config, tensors, weights file).
+    Used by `eval` and by `train --init-draft`; the caller checks that config.json exists."""
+    from draftdata.train.model import read_draft_weights
+
+    cfg_path, weights_path = path / "config.json", path / "model.safetensors"
+    try:
+        config = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise DraftdataError(f"{cfg_path}:{e.lineno}: invalid JSON: {e.msg}") from None
+    if int(config.get("num_hidden_layers", 1)) != 1:
+        raise DraftdataError(f"{cfg_path}: num_hidden_layers={config['num_hidden_layers']}; draftdata reads "
+                             "one-layer EAGLE3 drafts only")
+    if not weights_path.exists():
+        raise DraftdataError(f"{weights_path} not found (an exported draft holds config.json + model.safetensors)")
+    state = {k.replace("layers.0.", "midlayer.", 1) if k.startswith("layers.0.") else k: v
+             for k, v in read_draft_weights(weights_path).items()}
+    if "fc.weight" not in state:
+        raise DraftdataError(f"{weights_path}: no fc.weight (an EAGLE3 draft without aux hidden states?)")
+    return config, state, weights_path
+
+
 def load_exported_draft(export_dir: str | os.PathLike, base: Any, device: torch.device | str = "cpu",
                         dtype: torch.dtype = torch.float32) -> LoadedDraft:
     """Load `config.json` + `model.safetensors` of a LlamaForCausalLMEagle3 export into the trainer's
@@ -104,31 +127,18 @@ def load_exported_draft(export_dir: str | os.PathLike, base: Any, device: torch.
     Accepts `midlayer.*` or `layers.0.*` names (as the engines do), so third-party EAGLE3 drafts
     (SpecForge, ModelOpt exports) can be evaluated too.
     """
-    from safetensors.torch import load_file
-
     from draftdata.train.model import DraftConfig, Eagle3Draft
 
     path = Path(export_dir)
-    cfg_path, weights_path = path / "config.json", path / "model.safetensors"
+    cfg_path = path / "config.json"
     if not cfg_path.exists():
         hint = (f" (this is a training run: run `draftdata export {path} --out DIR` first and pass DIR)"
                 if (path / "train_config.json").exists() or (path / "draft_config.json").exists() else "")
         raise DraftdataError(f"{cfg_path} not found: --draft must be an exported draft directory{hint}")
-    try:
-        config = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise DraftdataError(f"{cfg_path}:{e.lineno}: invalid JSON: {e.msg}") from None
+    config, state, weights_path = read_export(path)
     if not set(config.get("architectures") or []) & set(ARCHITECTURES):
         raise DraftdataError(f"{cfg_path}: architectures {config.get('architectures')} is not an EAGLE3 "
                              f"Llama draft ({ARCHITECTURES[0]})")
-    if int(config.get("num_hidden_layers", 1)) != 1:
-        raise DraftdataError(f"{cfg_path}: num_hidden_layers={config['num_hidden_layers']}; draftdata eval "
-                             "runs one-layer EAGLE3 drafts only")
-    if not weights_path.exists():
-        raise DraftdataError(f"{weights_path} not found")
-    state = {k.replace("layers.0.", "midlayer.", 1) if k.startswith("layers.0.") else k: v
-             for k, v in load_file(str(weights_path)).items()}
-
     bcfg = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
     hidden = int(config["hidden_size"])
     if int(config.get("target_hidden_size", hidden)) != hidden or hidden != bcfg.hidden_size:
@@ -138,8 +148,6 @@ def load_exported_draft(export_dir: str | os.PathLike, base: Any, device: torch.
     vocab = int(config.get("vocab_size", bcfg.vocab_size))
     if vocab != bcfg.vocab_size:
         raise DraftdataError(f"{cfg_path}: vocab_size {vocab} differs from the base model's {bcfg.vocab_size}")
-    if "fc.weight" not in state:
-        raise DraftdataError(f"{weights_path}: no fc.weight (an EAGLE3 draft without aux hidden states?)")
     num_slots = state["fc.weight"].shape[1] // hidden
     aux = resolve_aux_layer_ids(config, bcfg.num_hidden_layers, num_slots, str(cfg_path))
     n_heads = int(config["num_attention_heads"])

@@ -554,6 +554,18 @@ def _open_weights(path: Path) -> Any:
                              "incomplete: download or convert the model again") from None
 
 
+def read_draft_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a draft's safetensors file (a checkpoint or an export); a damaged file is
+    one line naming it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise DraftdataError(f"{path}: cannot read the draft's weights ({' '.join(str(e).split())})") from None
+
+
 def _tensor_files(base_dir: Path) -> dict[str, Path]:
     """Tensor name -> safetensors file, from the index of a sharded checkpoint or file headers."""
     index = base_dir / "model.safetensors.index.json"

@@ -636,8 +636,9 @@ def _train(cfg: TrainConfig) -> TrainResult:
     stop_request = StopOnInterrupt(info.world_size == 1)
     try:
         # -- 1. run settings and resume point ---------------------------------------------------
+        max_seq_len = cfg.max_seq_len or cfg.batch_tokens
         run_settings = {**dataclasses.asdict(cfg), "world_size": info.world_size,
-                        "eagle_config": eagle.to_dict(), "max_seq_len": cfg.max_seq_len or cfg.batch_tokens}
+                        "eagle_config": eagle.to_dict(), "max_seq_len": max_seq_len}
         for k in ("resume", "progress", "plot", "device", "output", "storage_options"):  # no secrets on disk
             run_settings.pop(k)
         run_settings.update({k: normalize_location(run_settings[k]) for k in PATH_SETTINGS})
@@ -661,8 +662,6 @@ def _train(cfg: TrainConfig) -> TrainResult:
         # The run trains on one snapshot of the committed parts (collection may still be adding
         # some): every rank uses rank 0's, and --resume the checkpoint's, so the plan and the
         # checkpoint's batch cursor keep meaning the same batches.
-        max_seq_len = cfg.max_seq_len or cfg.batch_tokens
-
         def open_data(parts: list[str] | None) -> HiddenStateDataset:
             return HiddenStateDataset(
                 cfg.data, shuffle=cfg.shuffle, seed=cfg.seed, rank=info.rank, world_size=info.world_size,

@@ -23,47 +23,24 @@ import torch
 from draftdata.errors import DraftdataError
 
 
-def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError) as e:
-        raise DraftdataError(f"{path}: cannot read the draft's weights ({' '.join(str(e).split())})") from None
-
-
 def _read(path: Path, num_base_layers: int, hidden: int) -> tuple[dict[str, torch.Tensor], list[int], float, Path]:
     """(tensors in the trainer's names, aux layer ids in ModelOpt convention, rope_theta, weights file)."""
-    from draftdata.train.evaluate import _rope_of, resolve_aux_layer_ids
-    from draftdata.train.export import EXPORT_CONFIG, EXPORT_WEIGHTS, find_checkpoint
-    from draftdata.train.model import DRAFT_CONFIG, DRAFT_WEIGHTS, DraftConfig
+    from draftdata.train.evaluate import _rope_of, read_export, resolve_aux_layer_ids
+    from draftdata.train.export import EXPORT_CONFIG, find_checkpoint
+    from draftdata.train.model import DRAFT_CONFIG, DRAFT_WEIGHTS, DraftConfig, read_draft_weights
 
     if not path.exists():
         raise DraftdataError(f"--init-draft {path} does not exist")
     if (path / EXPORT_CONFIG).exists() and not (path / DRAFT_CONFIG).exists():
-        cfg_path, weights = path / EXPORT_CONFIG, path / EXPORT_WEIGHTS
-        if not weights.exists():
-            raise DraftdataError(f"{weights} not found (an exported draft holds {EXPORT_CONFIG} + {EXPORT_WEIGHTS})")
-        try:
-            config = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as e:
-            raise DraftdataError(f"{cfg_path}:{e.lineno}: invalid JSON: {e.msg}") from None
-        if int(config.get("num_hidden_layers", 1)) != 1:
-            raise DraftdataError(f"{cfg_path}: num_hidden_layers={config['num_hidden_layers']}; only one-layer "
-                                 "EAGLE3 drafts can start a run")
-        state = {k.replace("layers.0.", "midlayer.", 1) if k.startswith("layers.0.") else k: v
-                 for k, v in _load_safetensors(weights).items()}
-        if "fc.weight" not in state:
-            raise DraftdataError(f"{weights}: no fc.weight (not an EAGLE3 draft)")
+        config, state, weights = read_export(path)
         slots = max(1, state["fc.weight"].shape[1] // hidden)
-        aux = resolve_aux_layer_ids(config, num_base_layers, slots, str(cfg_path))
+        aux = resolve_aux_layer_ids(config, num_base_layers, slots, str(path / EXPORT_CONFIG))
         theta = _rope_of(config)[0]
     else:
         ckpt = find_checkpoint(path, command="train")
         weights = ckpt / DRAFT_WEIGHTS
         cfg = DraftConfig.from_dict(json.loads((ckpt / DRAFT_CONFIG).read_text()), source=str(ckpt / DRAFT_CONFIG))
-        state, aux, theta = _load_safetensors(weights), list(cfg.aux_layer_ids), float(cfg.rope_theta)
+        state, aux, theta = read_draft_weights(weights), list(cfg.aux_layer_ids), float(cfg.rope_theta)
     return {k: v for k, v in state.items() if not k.startswith("embed_tokens.")}, aux, theta, weights
 
 
