@@ -245,6 +245,31 @@ def test_load_accepts_layers0_names_and_vllm_only_ids(tiny_model, tmp_path):
         ev.load_exported_draft(export, base)
 
 
+def test_load_reads_a_pytorch_model_bin_draft_without_unpickling_objects(tiny_model, tmp_path):
+    """The EAGLE authors release drafts as config.json + pytorch_model.bin: read with weights_only,
+    so a file that pickles anything but tensors is refused in one line naming it."""
+    from safetensors.torch import load_file
+
+    export = exported_draft(tmp_path, tiny_model)
+    state = load_file(str(export / "model.safetensors"))
+    (export / "model.safetensors").unlink()
+    torch.save(state, export / "pytorch_model.bin")
+    base, _, _ = ev.load_base(tiny_model, torch.device("cpu"), torch.float32)
+    loaded = ev.load_exported_draft(export, base)
+    assert torch.equal(loaded.model.fc.weight, state["fc.weight"].float())
+
+    torch.save({"fc.weight": state["fc.weight"], "note": ev.PromptConversation("x", [], [])},
+               export / "pytorch_model.bin")
+    with pytest.raises(ev.DraftdataError, match=r"pytorch_model\.bin: cannot read .* plain tensor"):
+        ev.load_exported_draft(export, base)
+    torch.save({"fc.weight": state["fc.weight"], "step": 3}, export / "pytorch_model.bin")
+    with pytest.raises(ev.DraftdataError, match=r"pytorch_model\.bin: expected a flat"):
+        ev.load_exported_draft(export, base)
+    (export / "pytorch_model.bin").unlink()
+    with pytest.raises(ev.DraftdataError, match=r"model\.safetensors not found .* or pytorch_model\.bin"):
+        ev.load_exported_draft(export, base)
+
+
 def test_eval_rejects_a_trainer_checkpoint(tiny_model, tmp_path):
     exported_draft(tmp_path, tiny_model)
     base, _, _ = ev.load_base(tiny_model, torch.device("cpu"), torch.float32)
@@ -379,3 +404,44 @@ def test_cli_eval_prints_the_report_before_writing_it(tiny_model, prompts, tmp_p
     captured = capsys.readouterr()
     assert "acceptance length" in captured.out
     assert "No space left on device" in captured.err and "printed above" in captured.err
+
+
+def test_report_breaks_acceptance_down_by_category_and_measures_draft_vocab_coverage(tmp_path):
+    """MT-Bench style records carry a "category": the report gives each its acceptance length. The
+    coverage is the share of greedy output tokens the draft vocabulary holds (the draft cannot propose
+    the others): here the output alternates f(last), last, ... and the vocabulary lacks f(last), so it
+    is exactly 1/2, also for an export that carries d2t without t2d."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoTokenizer
+
+    from draftdata.train.vocab import select_draft_vocab
+
+    base_dir, emb, f = successor_base(tmp_path / "base", involution=True)
+    last = AutoTokenizer.from_pretrained(base_dir)("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"][-1]
+    counts = torch.zeros(emb.shape[0], dtype=torch.int64)
+    counts[last] = 1000
+    counts[[t for t in range(3, 40) if t != f[last]]] += 1
+    vocab = select_draft_vocab(counts, 16)
+    assert vocab.t2d[last] and not vocab.t2d[f[last]]
+    export = exported_draft(tmp_path, base_dir, craft=emb[vocab.target_ids()], draft_vocab=vocab)
+    rows = [{"conversation_id": f"q{i}", "category": cat, "conversations": [{"role": "user", "content": text}]}
+            for i, (cat, text) in enumerate([("writing", "A poem, please."), ("math", "What is 2 plus 2?"),
+                                              ("writing", "A story about a cat."), (None, "Hello there.")])]
+    prompts = tmp_path / "bench.jsonl"
+    prompts.write_text("".join(json.dumps({k: v for k, v in r.items() if v is not None}) + "\n" for r in rows))
+    r = run_eval(base_dir, export, prompts)
+    e = r["eagle"]
+    assert e["draft_vocab_coverage"] == pytest.approx(0.5)
+    cats = e["per_category"]
+    assert set(cats) == {"writing", "math"}
+    assert cats["writing"]["turns"] == 2 and cats["math"]["turns"] == 1
+    assert sum(v["verify_passes"] for v in cats.values()) < e["verify_passes"]   # the uncategorized turn
+    assert [p.get("category") for p in r["per_prompt"]] == ["writing", "math", "writing", None]
+    text = ev.format_report(r)
+    assert "50.0% of the greedy output tokens" in text and "acceptance length by category" in text
+
+    weights = export / "model.safetensors"
+    state = load_file(weights)
+    del state["t2d"]
+    save_file(state, weights)
+    assert run_eval(base_dir, export, prompts)["eagle"]["draft_vocab_coverage"] == pytest.approx(0.5)

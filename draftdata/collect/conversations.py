@@ -60,6 +60,7 @@ class Conversation:
     conversation_id: str
     messages: list[dict[str, str]]  # normalized: role in system/user/assistant, content str
     source: str  # "file:line"
+    category: str | None = None  # the record's "category" (MT-Bench style prompt sets), for eval's breakdown
 
 
 @dataclass(frozen=True)
@@ -233,7 +234,9 @@ def parse_record(obj: Any, source: str = "") -> Conversation:
         messages.append({"role": ROLES[role], "content": content})
     if messages and messages[0]["role"] == "system":
         _check_unicode(messages[0]["content"], "the system prompt", cid)
-    return Conversation(cid if cid is not None else content_id(messages), messages, source)
+    category = obj.get("category")
+    return Conversation(cid if cid is not None else content_id(messages), messages, source,
+                        category if isinstance(category, str) and category else None)
 
 
 def _check_unicode(text: str, where: str, cid: str | None) -> None:

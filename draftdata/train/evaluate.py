@@ -103,6 +103,8 @@ def read_export(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], Pa
     from draftdata.train.model import read_draft_weights
 
     cfg_path, weights_path = path / "config.json", path / "model.safetensors"
+    if not weights_path.exists() and (path / "pytorch_model.bin").exists():
+        weights_path = path / "pytorch_model.bin"  # the EAGLE authors' released drafts
     try:
         config = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
@@ -111,7 +113,8 @@ def read_export(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], Pa
         raise DraftdataError(f"{cfg_path}: num_hidden_layers={config['num_hidden_layers']}; draftdata reads "
                              "one-layer EAGLE3 drafts only")
     if not weights_path.exists():
-        raise DraftdataError(f"{weights_path} not found (an exported draft holds config.json + model.safetensors)")
+        raise DraftdataError(f"{weights_path} not found (an exported draft holds config.json + model.safetensors, "
+                             "or pytorch_model.bin)")
     state = {k.replace("layers.0.", "midlayer.", 1) if k.startswith("layers.0.") else k: v
              for k, v in read_draft_weights(weights_path).items()}
     if "fc.weight" not in state:
@@ -176,6 +179,10 @@ def load_exported_draft(export_dir: str | os.PathLike, base: Any, device: torch.
         state["lm_head.weight"] = base.get_output_embeddings().weight
     if "d2t" not in state and draft_vocab != vocab:
         raise DraftdataError(f"{weights_path}: draft_vocab_size {draft_vocab} < vocab_size {vocab} but no d2t")
+    if "d2t" in state and "t2d" not in state:  # some exports carry d2t only; t2d follows from it
+        t2d = torch.zeros(vocab, dtype=torch.bool)
+        t2d[torch.arange(draft_vocab) + state["d2t"].long()] = True
+        state["t2d"] = t2d
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith("embed_tokens.") and k not in ("d2t", "t2d")]
     if missing or unexpected:
@@ -367,6 +374,7 @@ class PromptConversation:
     conversation_id: str
     system: list[dict[str, str]]
     user_turns: list[str]
+    category: str | None = None
 
 
 def read_prompts(path: str, limit: int | None = None) -> list[PromptConversation]:
@@ -387,7 +395,8 @@ def read_prompts(path: str, limit: int | None = None) -> list[PromptConversation
                 print(f"draftdata eval: skipping {item.source}: no user turn", file=sys.stderr)
                 continue
             out.append(PromptConversation(item.conversation_id,
-                                          [m for m in item.messages if m["role"] == "system"], users))
+                                          [m for m in item.messages if m["role"] == "system"], users,
+                                          item.category))
             if limit is not None and len(out) >= limit:
                 break
     except DraftdataError as e:  # the reader is collect's, which names its own flag --input
@@ -509,6 +518,9 @@ def evaluate(base: Any, tokenizer: Any, draft: LoadedDraft, conversations: list[
     }
     totals = {m: {"tokens": 0, "seconds": 0.0, "base_forwards": 0} for m in methods}
     accepted: list[int] = []
+    by_category: dict[str, list[int]] = {}
+    covered = 0  # greedy output tokens the draft vocabulary holds
+    in_vocab = draft.model.t2d.cpu()
     matches = {m: 0 for m in methods if m != "greedy"}
     mismatched: dict[str, list[str]] = {m: [] for m in matches}
     per_prompt = []
@@ -543,12 +555,16 @@ def evaluate(base: Any, tokenizer: Any, draft: LoadedDraft, conversations: list[
                         matches[m] += 1
                     else:
                         mismatched[m].append(f"{conv.conversation_id}#turn{i + 1}")
+            covered += int(in_vocab[torch.tensor(ref, dtype=torch.long)].sum()) if ref else 0
             if "eagle" in results:
                 accepted.extend(results["eagle"].accepted)
+                if conv.category is not None:
+                    by_category.setdefault(conv.category, []).extend(results["eagle"].accepted)
             answer = tokenizer.decode([t for t in ref if t not in eos], skip_special_tokens=True)
             history[conv.conversation_id] = messages + [{"role": "assistant", "content": answer}]
             per_prompt.append({
-                "conversation_id": conv.conversation_id, "turn": i + 1, "prompt_tokens": len(prompt),
+                "conversation_id": conv.conversation_id, **({"category": conv.category} if conv.category else {}),
+                "turn": i + 1, "prompt_tokens": len(prompt),
                 "new_tokens": len(ref),
                 **({"acceptance_length": _mean_plus_one(results["eagle"].accepted)} if "eagle" in results else {}),
                 "seconds": {m: round(r.seconds, 4) for m, r in results.items()},
@@ -574,7 +590,13 @@ def evaluate(base: Any, tokenizer: Any, draft: LoadedDraft, conversations: list[
         report["eagle"].update({
             "acceptance_length": _mean_plus_one(accepted), "verify_passes": len(accepted),
             "acceptance_rate_per_position": uncond, "conditional_acceptance_rate_per_position": cond,
+            "draft_vocab_coverage": covered / totals["greedy"]["tokens"] if totals["greedy"]["tokens"] else None,
         })
+        if by_category:
+            report["eagle"]["per_category"] = {
+                c: {"turns": sum(1 for p in per_prompt if p.get("category") == c),
+                    "verify_passes": len(a), "acceptance_length": _mean_plus_one(a)}
+                for c, a in by_category.items()}
     report["speedup"] = {
         f"{a}_vs_{b}": report[b]["seconds"] / report[a]["seconds"] if report[a]["seconds"] else None
         for a, b in (("eagle", "greedy"), ("eagle", "prompt_lookup"), ("prompt_lookup", "greedy"))
@@ -602,6 +624,13 @@ def format_report(r: dict[str, Any]) -> str:
         for name, key in (("acceptance per position ", "acceptance_rate_per_position"),
                           ("conditional per position", "conditional_acceptance_rate_per_position")):
             lines.append(f"{name} " + " ".join("-" if x is None else f"{x:.3f}" for x in e[key]))
+        if e.get("draft_vocab_coverage") is not None:
+            lines.append(f"draft vocabulary holds {100 * e['draft_vocab_coverage']:.1f}% of the greedy output tokens")
+        if e.get("per_category"):
+            lines.append("acceptance length by category")
+        for c, v in (e.get("per_category") or {}).items():
+            al_c = "n/a" if v["acceptance_length"] is None else f"{v['acceptance_length']:.3f}"
+            lines.append(f"  {c:<22} {al_c} ({v['turns']} turns, {v['verify_passes']} verify passes)")
     for m in ("greedy", "prompt_lookup", "eagle"):
         if m in r:
             x = r[m]

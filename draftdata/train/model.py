@@ -555,11 +555,22 @@ def _open_weights(path: Path) -> Any:
 
 
 def read_draft_weights(path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a draft's safetensors file (a checkpoint or an export); a damaged file is
-    one line naming it."""
+    """Every tensor of a draft's weights file (a checkpoint or an export); a damaged file is one
+    line naming it. `*.safetensors`, or `pytorch_model.bin` as the EAGLE authors' own drafts ship:
+    read with `weights_only=True` (plain tensors only, never arbitrary pickled objects)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    if path.suffix == ".bin":
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 -- unpickling refusals and damage come as many types
+            raise DraftdataError(f"{path}: cannot read the draft's weights as a plain tensor state dict "
+                                 f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
+        if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                  for k, v in state.items()):
+            raise DraftdataError(f"{path}: expected a flat {{name: tensor}} state dict")
+        return state
     try:
         return load_file(str(path))
     except (SafetensorError, OSError) as e:
