@@ -139,6 +139,40 @@ def test_each_prompt_is_sampled_from_its_own_seed(user_model, tmp_path):
     assert all(k.startswith("self-7-") for k in a)
 
 
+def test_user_prefixes_open_the_prompts_in_turn(user_model, user_server, tmp_path, capsys):
+    """--user-prefix: prompt i continues the (i mod n)-th opening words, locally and via --endpoint
+    (whose requests carry the template prefix followed by those words)."""
+    from draftdata.collect.self_prompts import PromptFormat, query_prefix
+
+    prefixes = ["Write a", "What is"]
+    local, remote = tmp_path / "local.jsonl", tmp_path / "remote.jsonl"
+    flags = ["--count", 3, "--max-new-tokens", 40, "--seed", 5, "--max-attempts", 60, "--min-chars", 4,
+             *[x for p in prefixes for x in ("--user-prefix", p)]]
+    assert run_cli("--model", user_model, "--dtype", "fp32", "--output", local, "--batch-size", 1, *flags) == 0
+    got = records(local)
+    assert len(got) == 3  # the tiny model knows one text per prefix: the third is a variant of one
+    for r in got:
+        index = int(r["conversation_id"].rsplit("-", 1)[1])
+        assert r["conversations"][0]["content"].startswith(prefixes[index % 2]), r
+    taught = {t for t in USER_TEXTS if t.startswith(tuple(prefixes))}
+    assert taught & {r["conversations"][0]["content"] for r in got}  # the model finishes what it was taught
+    settings = json.loads((tmp_path / "local.jsonl.synth" / "settings.json").read_text())
+    assert settings["identity"]["user_prefixes"] == prefixes
+
+    user_server.requests.clear()
+    assert run_cli("--endpoint", user_server.url, "--tokenizer", user_model, "--concurrency", 2,
+                   "--output", remote, *flags) == 0
+    assert records(remote) == got
+    fmt = PromptFormat(str(user_model))
+    assert {tuple(r["prompt"]) for r in user_server.requests} == {tuple(query_prefix(fmt, None, p)) for p in prefixes}
+
+    capsys.readouterr()
+    assert run_cli("--model", user_model, "--output", local, "--count", 8, "--user-prefix", "Tell me") == 2
+    assert "user_prefixes: file has ['Write a', 'What is'], this run has ['Tell me']" in capsys.readouterr().err
+    assert run_cli("--model", user_model, "--output", tmp_path / "x.jsonl", "--count", 1, "--user-prefix", " ") == 2
+    assert "--user-prefix must not be empty" in capsys.readouterr().err
+
+
 def test_prefix_bad_templates_and_settings(user_model, tmp_path):
     from draftdata.collect.self_prompts import PromptSettings, query_prefix
     from draftdata.collect.synthesize import HFGenerator

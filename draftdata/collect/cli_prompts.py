@@ -31,6 +31,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      help="give up after this many samples in one run (default 3 x --count + 64)")
     gen.add_argument("--system-prompt", metavar="TEXT", default=None,
                      help="system message to write the prompts under (default: the template's own default)")
+    gen.add_argument("--user-prefix", metavar="TEXT", action="append", default=[],
+                     help="opening words of each prompt, for the model to continue (e.g. 'Write a', 'Imagine you "
+                          "are'); repeat it to cycle through several, prompt i taking the (i mod n)-th. It steers "
+                          "the kind of request more than --system-prompt does with small models")
     gen.add_argument("--chat-template", metavar="FILE", default=None,
                      help="Jinja chat template to use instead of the tokenizer's")
     local = p.add_argument_group("local generation (transformers)")
@@ -70,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     settings = PromptSettings(
         model=args.model, model_path=str(resolve_model(local)), output=args.output, count=args.count,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-        system_prompt=args.system_prompt,
+        system_prompt=args.system_prompt, user_prefixes=args.user_prefix,
         chat_template=load_chat_template(args.chat_template) if args.chat_template else None,
         min_chars=args.min_chars, max_attempts=args.max_attempts, batch_size=args.batch_size, dtype=args.dtype,
         device=local_device(args.device), endpoint=args.endpoint, api_key=endpoint_api_key(args),

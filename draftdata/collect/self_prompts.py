@@ -9,7 +9,9 @@ token (the "Magpie" recipe: Xu et al. 2024, arXiv:2406.08464).
 
 What a run does: renders the chat template around a sentinel user message (with
 `--system-prompt` when given, else the template's default), keeps the text before the sentinel
-as the prefix, and samples continuations of it with continuous batching (`RunningBatch`), each
+as the prefix (followed by the opening words of a `--user-prefix`, index i taking the (i mod n)-th
+of the n given: the way to steer a small model, whose topics a system prompt moves little, towards
+kinds of requests: "Write a", "Imagine you are", "Extract"), and samples continuations of it with continuous batching (`RunningBatch`), each
 from its own seed (--seed, index). A continuation becomes a record `{"conversation_id":
 "self-<seed>-<index>", "conversations": [{"role": "user", "content": TEXT}]}` unless it is cut
 at --max-new-tokens (`too_long`), shorter than --min-chars (`too_short`), holds a special token
@@ -73,6 +75,7 @@ class PromptSettings:
     top_p: float = 1.0
     seed: int = 0
     system_prompt: str | None = None
+    user_prefixes: list[str] = field(default_factory=list)  # --user-prefix, cycled over the indices
     chat_template: str | None = None
     min_chars: int = 16
     max_attempts: int | None = None  # None: 3 x count + 64
@@ -98,6 +101,9 @@ class PromptSettings:
             self.max_attempts = 3 * self.count + 64
         if self.max_attempts < self.count:
             raise DraftdataError(f"--max-attempts {self.max_attempts} is below --count {self.count}")
+        if any(not p.strip() for p in self.user_prefixes):
+            raise DraftdataError("--user-prefix must not be empty or blank (leave it out to let the model "
+                                 "write the whole message)")
 
     def identity(self) -> dict[str, Any]:
         """The settings that decide what gets written (a rerun into the same output must keep them)."""
@@ -113,7 +119,8 @@ class PromptSettings:
             model = {"model_id": model_identity(self.model_path)[0], "model_hash": model_hash(self.model_path)}
         return {"command": "prompts", **model, "max_new_tokens": self.max_new_tokens,
                 "temperature": self.temperature, "top_p": self.top_p, "seed": self.seed,
-                "system_prompt": self.system_prompt, "chat_template_hash": template, "min_chars": self.min_chars,
+                "system_prompt": self.system_prompt, "user_prefixes": self.user_prefixes or None,
+                "chat_template_hash": template, "min_chars": self.min_chars,
                 "dtype": None if self.endpoint else self.dtype}
 
     def report_dict(self) -> dict[str, Any]:
@@ -148,8 +155,9 @@ class PromptFormat:
         self.max_seq_len = getattr(config, "max_position_embeddings", None) or 1 << 30
 
 
-def query_prefix(fmt: HFGenerator | PromptFormat, system_prompt: str | None = None) -> list[int]:
-    """Token ids of the chat template up to where a user message's text begins."""
+def query_prefix(fmt: HFGenerator | PromptFormat, system_prompt: str | None = None, user_prefix: str = "") -> list[int]:
+    """Token ids of the chat template up to where a user message's text begins, followed by
+    `user_prefix` (the message's first words, tokenized together with the template text)."""
     messages = ([{"role": "system", "content": system_prompt}] if system_prompt is not None else []) + \
         [{"role": "user", "content": SENTINEL}]
     try:
@@ -161,7 +169,7 @@ def query_prefix(fmt: HFGenerator | PromptFormat, system_prompt: str | None = No
         raise DraftdataError("the chat template does not render a user message's text verbatim, so there is no "
                              "place to let the model write one; pass --chat-template FILE")
     prefix = text[:text.index(SENTINEL)]
-    ids = fmt.tokenizer(prefix, add_special_tokens=False)["input_ids"]
+    ids = fmt.tokenizer(prefix + user_prefix, add_special_tokens=False)["input_ids"]
     if not ids:
         raise DraftdataError("the chat template puts nothing before the user's text; a base model without a chat "
                              "format cannot write prompts this way")
@@ -229,9 +237,15 @@ class _Keeper:
     def missing(self) -> int:
         return self.settings.count - self.have
 
+    def user_prefix(self, index: int) -> str:
+        """The opening words sample `index` continues ("" without --user-prefix)."""
+        prefixes = self.settings.user_prefixes
+        return prefixes[index % len(prefixes)] if prefixes else ""
+
     def take(self, index: int, text: str, stopped: bool, template_token: bool) -> None:
-        """One finished sample: kept (while prompts are missing) or counted under its reason."""
-        text = text.strip()
+        """One finished sample (the model's continuation): kept (while prompts are missing) or counted
+        under its reason."""
+        text = (self.user_prefix(index) + text).strip()
         reason = "too_long" if not stopped else "template_token" if template_token \
             else "too_short" if len(text) < self.settings.min_chars else "duplicate" if fold(text) in self.seen else None
         if reason is not None:
@@ -265,25 +279,26 @@ def generate_prompts(source: HFGenerator | EndpointClient, settings: PromptSetti
     fmt = source if local else fmt
     if fmt is None:
         raise ValueError("an endpoint source needs fmt (PromptFormat)")
-    prefix = query_prefix(fmt, settings.system_prompt)
-    budget = min(settings.max_new_tokens, fmt.max_seq_len - len(prefix))
+    prefixes = [query_prefix(fmt, settings.system_prompt, p) for p in settings.user_prefixes or [""]]
+    longest = max(map(len, prefixes))
+    budget = min(settings.max_new_tokens, fmt.max_seq_len - longest)
     if budget < 1:
-        raise DraftdataError(f"the prompt prefix has {len(prefix)} tokens: no room within the model's "
+        raise DraftdataError(f"the prompt prefix has {longest} tokens: no room within the model's "
                              f"{fmt.max_seq_len} positions")
     t0 = time.perf_counter()
     keep = _Keeper(settings, out, progress, flush_at=settings.batch_size if local else settings.concurrency)
     try:
         if local:
-            _sample_local(source, prefix, budget, keep)
+            _sample_local(source, prefixes, budget, keep)
         else:
-            _sample_endpoint(source, fmt, prefix, budget, keep)
+            _sample_endpoint(source, fmt, prefixes, budget, keep)
     finally:
         keep.flush()  # what was kept before an error or interrupt is written
     keep.stats.seconds = time.perf_counter() - t0
     return keep.stats
 
 
-def _sample_local(generator: HFGenerator, prefix: list[int], budget: int, keep: _Keeper) -> None:
+def _sample_local(generator: HFGenerator, prefixes: list[list[int]], budget: int, keep: _Keeper) -> None:
     """Continuous batching: a row that finishes makes room for the next index at once."""
     settings, stats = keep.settings, keep.stats
     special = set(getattr(generator.tokenizer, "all_special_ids", [])) - generator.stop_ids
@@ -293,7 +308,8 @@ def _sample_local(generator: HFGenerator, prefix: list[int], budget: int, keep: 
     while keep.missing > 0:
         free = min(capacity - len(batch), keep.missing - len(batch), settings.max_attempts - stats.attempts)
         if free > 0 and batch.can_add and (free >= refill or not len(batch)):
-            batch.add([(index + k, prefix, turn_seed(settings.seed, f"self-{index + k}", 0), budget)
+            batch.add([(index + k, prefixes[(index + k) % len(prefixes)], turn_seed(settings.seed, f"self-{index + k}", 0),
+                        budget)
                        for k in range(free)])
             index += free
             stats.attempts += free
@@ -305,7 +321,7 @@ def _sample_local(generator: HFGenerator, prefix: list[int], budget: int, keep: 
         keep.maybe_flush()
 
 
-def _sample_endpoint(client: EndpointClient, fmt: PromptFormat, prefix: list[int], budget: int,
+def _sample_endpoint(client: EndpointClient, fmt: PromptFormat, prefixes: list[list[int]], budget: int,
                      keep: _Keeper) -> None:
     """One request per index, --concurrency in flight, judged in index order (so which of two
     equal prompts is kept does not depend on which answer arrived first)."""
@@ -322,6 +338,7 @@ def _sample_endpoint(client: EndpointClient, fmt: PromptFormat, prefix: list[int
         while True:
             while len(inflight) < min(settings.concurrency, keep.missing) and stats.attempts < settings.max_attempts:
                 seed = turn_seed(settings.seed, f"self-{index}", 0)
+                prefix = prefixes[index % len(prefixes)]
                 inflight.append((index, pool.submit(client.complete, prefix, seed, budget, extra)))
                 index += 1
                 stats.attempts += 1
