@@ -445,3 +445,7 @@ def test_report_breaks_acceptance_down_by_category_and_measures_draft_vocab_cove
     del state["t2d"]
     save_file(state, weights)
     assert run_eval(base_dir, export, prompts)["eagle"]["draft_vocab_coverage"] == pytest.approx(0.5)
+    state["d2t"] = state["d2t"] + emb.shape[0]  # maps past the end of the base vocabulary
+    save_file(state, weights)
+    with pytest.raises(ev.DraftdataError, match="d2t does not map 16 draft ids"):
+        run_eval(base_dir, export, prompts)

@@ -1,11 +1,14 @@
 #!/bin/bash
 # Quality Run 15: does data shaped like mt_bench's categories lift mt_bench? Run 14's data plus
-# base-written prompts steered by a per-category system prompt (the 8 mt_bench categories, described
-# in our own words; no mt_bench text), answered by the base with its default system prompt.
-# Run in a directory holding Run 14's outputs (ds_synth, ds_val_synth, val16.jsonl, mt_bench_eval.jsonl)
-# copied or linked from bench/quality/run14.sh's directory.
+# base-written prompts steered towards the 8 mt_bench categories (described in our own words; no
+# mt_bench text): a per-category system prompt, and opening words (--user-prefix) of generic
+# requests of each kind; answered by the base with its default system prompt.
+# Run in a directory holding Run 14's outputs (ds_synth, ds_val_synth, val16.jsonl, mt_bench_eval.jsonl),
+# copied or linked from bench/quality/run14.sh's directory. Each prompt step is skipped when its
+# output exists (the steps are time-boxed, so a rerun would add to them).
 set -x
 export OMP_NUM_THREADS=2 DRAFTDATA_PROGRESS_INTERVAL=30
+CATS="writing roleplay reasoning math coding extraction stem humanities"
 declare -A SYS=(
   [writing]="You are a writing assistant. Users ask you to write stories, poems, blog posts, emails, speeches and essays, or to improve a text they give you."
   [roleplay]="You are a role-playing assistant. Users ask you to act as a character, a professional or a famous person and to answer in that role."
@@ -16,24 +19,43 @@ declare -A SYS=(
   [stem]="You are a science assistant. Users ask about physics, chemistry, biology, engineering and computer science."
   [humanities]="You are a humanities assistant. Users ask about history, philosophy, economics, law, literature and the arts."
 )
+declare -A PRE=(
+  [writing]="Write a|Compose a|Draft an email"
+  [roleplay]="Imagine you are|Pretend you are|Act as"
+  [reasoning]="Suppose|Which|Explain why"
+  [math]="Solve|Calculate|What is the probability"
+  [coding]="Write a Python function|Implement|Fix the bug in"
+  [extraction]="Extract|From the text below,|Summarize"
+  [stem]="Explain how|What is the difference between|Why does"
+  [humanities]="Discuss|What were the main causes of|Compare"
+)
 seed=100
-for c in writing roleplay reasoning math coding extraction stem humanities; do
+for c in $CATS; do  # (a) system prompt only
   seed=$((seed + 1))
-  timeout -s INT 70 draftdata prompts --model smollm2 --output cat_$c.jsonl --count 220 --max-new-tokens 128 \
-    --top-p 0.95 --temperature 1.0 --batch-size 64 --seed $seed --dtype bf16 --system-prompt "${SYS[$c]}"
+  [ -e cat_$c.jsonl ] || timeout -s INT 70 draftdata prompts --model smollm2 --output cat_$c.jsonl --count 220 \
+    --max-new-tokens 128 --top-p 0.95 --temperature 1.0 --batch-size 64 --seed $seed --dtype bf16 --system-prompt "${SYS[$c]}"
+done
+for c in $CATS; do  # (b) system prompt and opening words
+  seed=$((seed + 1))
+  IFS='|' read -ra P <<< "${PRE[$c]}"
+  args=(); for x in "${P[@]}"; do args+=(--user-prefix "$x"); done
+  [ -e pre_$c.jsonl ] || timeout -s INT 55 draftdata prompts --model smollm2 --output pre_$c.jsonl --count 220 \
+    --max-new-tokens 128 --top-p 0.95 --temperature 1.0 --batch-size 64 --seed $seed --dtype bf16 \
+    --system-prompt "${SYS[$c]}" "${args[@]}"
 done
 python - <<'PY'
 import json
 from pathlib import Path
-cats = ["writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities"]
-rows = {c: [json.loads(x) for x in Path(f"cat_{c}.jsonl").read_text().splitlines() if x.strip()] for c in cats}
-mixed = [rows[c][i] for i in range(max(map(len, rows.values()))) for c in cats if i < len(rows[c])]
+cats = "writing roleplay reasoning math coding extraction stem humanities".split()
+rows = {f"{k}_{c}": [json.loads(x) for x in Path(f"{k}_{c}.jsonl").read_text().splitlines() if x.strip()]
+        for c in cats for k in ("pre", "cat")}
+mixed = [r[i] for i in range(max(map(len, rows.values()))) for r in rows.values() if i < len(r)]
 Path("cat_input.jsonl").write_text("".join(json.dumps(r) + "\n" for r in mixed))
-print({c: len(r) for c, r in rows.items()}, len(mixed), "prompts")
+print({k: len(r) for k, r in rows.items()}, len(mixed), "prompts")
 PY
 timeout -s INT 1200 draftdata synthesize --model smollm2 --input cat_input.jsonl --output cat_synth.jsonl \
   --max-new-tokens 256 --batch-size 32 --dtype bf16
-cp -rL ds_synth ds_mix
+[ -e ds_mix ] || cp -rL ds_synth ds_mix
 draftdata collect --model smollm2 --input cat_synth.jsonl --output ds_mix --codec bf16 --format zarr --max-seq-len 1024 \
   --on-long truncate || exit 1
 draftdata vocab ds_mix --draft-vocab-size 8192 --out vocab15.safetensors || exit 1

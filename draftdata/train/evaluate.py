@@ -180,9 +180,11 @@ def load_exported_draft(export_dir: str | os.PathLike, base: Any, device: torch.
     if "d2t" not in state and draft_vocab != vocab:
         raise DraftdataError(f"{weights_path}: draft_vocab_size {draft_vocab} < vocab_size {vocab} but no d2t")
     if "d2t" in state and "t2d" not in state:  # some exports carry d2t only; t2d follows from it
-        t2d = torch.zeros(vocab, dtype=torch.bool)
-        t2d[torch.arange(draft_vocab) + state["d2t"].long()] = True
-        state["t2d"] = t2d
+        targets = torch.arange(len(state["d2t"])) + state["d2t"].long()
+        if len(targets) != draft_vocab or targets.min() < 0 or targets.max() >= vocab:
+            raise DraftdataError(f"{weights_path}: d2t does not map {draft_vocab} draft ids into the base "
+                                 f"vocabulary of {vocab}")
+        state["t2d"] = torch.zeros(vocab, dtype=torch.bool).index_fill_(0, targets, True)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith("embed_tokens.") and k not in ("d2t", "t2d")]
     if missing or unexpected:
