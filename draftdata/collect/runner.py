@@ -18,7 +18,6 @@ uncommitted parts; a rerun skips every committed conversation id, so nothing is 
 from __future__ import annotations
 
 import json
-import os
 import queue
 import sys
 import threading
@@ -26,7 +25,6 @@ import time
 from collections.abc import Callable, Collection, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import torch
@@ -39,7 +37,7 @@ from draftdata.collect.conversations import (
     TokenizedSample,
     tokenize_stream,
 )
-from draftdata.collect.stats import RunStats
+from draftdata.collect.stats import RunStats, write_run_reports
 from draftdata.errors import DraftdataError
 
 Progress = Callable[[int, int], None]  # (conversations done, tokens done) since the last call
@@ -421,29 +419,5 @@ def write_reports(output_url: str, storage_options: dict | None, stats: CollectS
     rejects to that file instead. Returns where the rejects are, if they were written. A failure
     to write the rejects is a warning and never keeps summary.json from being written.
     """
-    import fsspec
-
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    folder = f"{output_url.rstrip('/')}/_reports/collect-{stamp}-{os.getpid()}"
-
-    def opts(url: str) -> dict:
-        return dict(storage_options or {}) if "://" in url and not url.startswith("file://") else {}
-
-    summary: dict[str, Any] = {"stats": stats.to_dict(), "settings": settings, "finished_at": stamp}
-    where = None
-    if rejects.rejects:
-        target = rejects_path or f"{folder}/rejects.jsonl"
-        try:
-            with fsspec.open(target, "wb", auto_mkdir=True, **opts(target)) as f:
-                f.write(rejects.to_jsonl())
-            where = summary["rejects"] = target
-        except Exception as e:  # noqa: BLE001 - a report failure must not fail a finished run
-            summary["rejects_error"] = f"{target}: {e}"
-            print(f"draftdata collect: warning: could not write the {len(rejects.rejects):,} rejected records to "
-                  f"{target}: {e}", file=sys.stderr)
-    try:
-        with fsspec.open(f"{folder}/summary.json", "wb", auto_mkdir=True, **opts(folder)) as f:
-            f.write((json.dumps(summary, indent=2) + "\n").encode())
-    except Exception as e:  # noqa: BLE001 - a report failure must not fail a finished run
-        print(f"draftdata collect: warning: could not write the run summary to {folder}: {e}", file=sys.stderr)
-    return where
+    return write_run_reports("collect", f"{output_url.rstrip('/')}/_reports/collect-{{stamp}}-{{pid}}",
+                             "summary.json", "rejects.jsonl", stats, settings, rejects, rejects_path, storage_options)

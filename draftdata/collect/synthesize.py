@@ -48,7 +48,6 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -59,7 +58,7 @@ from draftdata.collect.conversations import (
     Reject,
     read_conversations,
 )
-from draftdata.collect.stats import RunStats
+from draftdata.collect.stats import RunStats, write_run_reports
 from draftdata.errors import DraftdataError
 from draftdata.progress import JobProgress
 
@@ -1056,26 +1055,8 @@ def _warn_other_device(saved: dict[str, Any], settings: OutputSettings, path: st
 def write_reports(output: str | os.PathLike, stats: SynthStats, rejects: Any, settings: SynthSettings) -> str | None:
     """summary-<time>-<pid>.json (always) and the rejects (when any) in <OUT>.synth/ (or --rejects);
     returns where the rejects are."""
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    folder = sidecar_dir(output)
-    where = None
-    summary: dict[str, Any] = {"stats": stats.to_dict(), "settings": settings.report_dict(), "finished_at": stamp}
-    if rejects.rejects:  # a failure here is a warning and never keeps the summary from being written
-        target = settings.rejects or str(folder / f"rejects-{stamp}-{os.getpid()}.jsonl")
-        try:
-            Path(target).parent.mkdir(parents=True, exist_ok=True)
-            Path(target).write_bytes(rejects.to_jsonl())
-            where = summary["rejects"] = target
-        except OSError as e:
-            summary["rejects_error"] = f"{target}: {e}"
-            print(f"draftdata synthesize: warning: could not write the {len(rejects.rejects):,} rejected records to "
-                  f"{target}: {e}", file=sys.stderr)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / f"summary-{stamp}-{os.getpid()}.json").write_text(json.dumps(summary, indent=2) + "\n")
-    except OSError as e:
-        print(f"draftdata synthesize: warning: could not write the run summary to {folder}: {e}", file=sys.stderr)
-    return where
+    return write_run_reports("synthesize", str(sidecar_dir(output)), "summary-{stamp}-{pid}.json",
+                             "rejects-{stamp}-{pid}.jsonl", stats, settings.report_dict(), rejects, settings.rejects)
 
 
 # ---------------------------------------------------------------- one run
