@@ -10,9 +10,9 @@ token (the "Magpie" recipe: Xu et al. 2024, arXiv:2406.08464).
 What a run does: renders the chat template around a sentinel user message (with
 `--system-prompt` when given, else the template's default), keeps the text before the sentinel
 as the prefix (followed by the opening words of a `--user-prefix`, index i taking the (i mod n)-th
-of the n given: the way to steer a small model, whose topics a system prompt moves little, towards
-kinds of requests: "Write a", "Imagine you are", "Extract"), and samples continuations of it with continuous batching (`RunningBatch`), each
-from its own seed (--seed, index). A continuation becomes a record `{"conversation_id":
+of the n given: the way to steer a small model, whose topics a system prompt moves only partly,
+towards kinds of requests: "Write a", "Imagine you are", "Extract"), and samples continuations of
+it with continuous batching (`RunningBatch`), each from its own seed (--seed, index). A continuation becomes a record `{"conversation_id":
 "self-<seed>-<index>", "conversations": [{"role": "user", "content": TEXT}]}` unless it is cut
 at --max-new-tokens (`too_long`), shorter than --min-chars (`too_short`), holds a special token
 of the template (`template_token`), or repeats an earlier prompt after case and whitespace

@@ -100,9 +100,10 @@ def read_export(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], Pa
     """config.json and the tensors of an exported one-layer EAGLE3 draft (ours or third-party;
     `layers.0.*` renamed to the trainer's `midlayer.*`): (config, tensors, weights file).
     Used by `eval` and by `train --init-draft`; the caller checks that config.json exists."""
+    from draftdata.train.export import EXPORT_CONFIG, EXPORT_WEIGHTS
     from draftdata.train.model import read_draft_weights
 
-    cfg_path, weights_path = path / "config.json", path / "model.safetensors"
+    cfg_path, weights_path = path / EXPORT_CONFIG, path / EXPORT_WEIGHTS
     if not weights_path.exists() and (path / "pytorch_model.bin").exists():
         weights_path = path / "pytorch_model.bin"  # the EAGLE authors' released drafts
     try:
@@ -130,10 +131,11 @@ def load_exported_draft(export_dir: str | os.PathLike, base: Any, device: torch.
     Accepts `midlayer.*` or `layers.0.*` names (as the engines do), so third-party EAGLE3 drafts
     (SpecForge, ModelOpt exports) can be evaluated too.
     """
+    from draftdata.train.export import EXPORT_CONFIG
     from draftdata.train.model import DraftConfig, Eagle3Draft
 
     path = Path(export_dir)
-    cfg_path = path / "config.json"
+    cfg_path = path / EXPORT_CONFIG
     if not cfg_path.exists():
         hint = (f" (this is a training run: run `draftdata export {path} --out DIR` first and pass DIR)"
                 if (path / "train_config.json").exists() or (path / "draft_config.json").exists() else "")
