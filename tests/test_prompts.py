@@ -295,3 +295,72 @@ def test_output_without_settings_warns_naming_prompts(tiny_model, tmp_path, caps
     out.write_text("not json\n")
     assert run_cli("--model", tiny_model, "--output", out, "--count", 1) == 2
     assert f"{out}:1: not a record written by prompts" in capsys.readouterr().err
+
+
+def test_follow_up_writes_the_next_user_turn_of_answered_conversations(user_model, user_server, tmp_path, capsys):
+    """--follow-up: one sample per conversation that ends with an answer, written after it; records
+    keep their id, messages and category; the same locally and via --endpoint; synthesize answers
+    the new turn; a rerun has nothing left to do."""
+    from draftdata.collect.self_prompts import PromptFormat, fold, query_prefix
+
+    answer = "Sure, here it is."
+    convs = [{"conversation_id": f"c{i}", "category": "math" if i == 0 else None,
+              "conversations": [{"role": "user", "content": USER_TEXTS[i]}, {"role": "assistant", "content": answer}]}
+             for i in range(4)]
+    lines = [json.dumps(c) for c in convs] + [
+        "not json",
+        json.dumps({"conversation_id": "open", "conversations": [{"role": "user", "content": "Hi"},
+                                                                {"role": "assistant", "content": answer},
+                                                                {"role": "user", "content": "unanswered"}]}),
+        json.dumps({"conversation_id": "long", "conversations": [{"role": "user", "content": "Tell me more."},
+                                                                {"role": "assistant", "content": "word " * 1200}]})]
+    answered = tmp_path / "answered.jsonl"
+    answered.write_text("\n".join(lines) + "\n")
+    local, remote = tmp_path / "local.jsonl", tmp_path / "remote.jsonl"
+    flags = ["--follow-up", answered, "--max-new-tokens", 40, "--seed", 4, "--min-chars", 4]
+    assert run_cli("--model", user_model, "--dtype", "fp32", "--batch-size", 1, "--output", local, *flags) == 0
+    got = records(local)
+    assert len(got) >= 2, got
+    given = {c["conversation_id"]: c for c in convs}
+    for r in got:
+        before = given[r["conversation_id"]]["conversations"]
+        assert r["conversations"][:2] == before and len(r["conversations"]) == 3
+        new = r["conversations"][2]
+        assert new["role"] == "user" and fold(new["content"]) != fold(before[0]["content"]) and new["content"]
+        assert r.get("category") == given[r["conversation_id"]]["category"]
+    out = capsys.readouterr().out
+    assert "input      2 records not continued: " in out and "malformed_json 1" in out and "not_answered 1" in out
+    assert re.search(r"rejected   \d+ of 5 samples: .*too_long [1-9]", out), out  # "long" leaves no room
+    assert json.loads((tmp_path / "local.jsonl.synth" / "settings.json").read_text())["identity"]["follow_up"] == \
+        str(answered)
+
+    user_server.requests.clear()
+    assert run_cli("--endpoint", user_server.url, "--tokenizer", user_model, "--concurrency", 2,
+                   "--output", remote, *flags) == 0
+    assert records(remote) == got
+    fmt = PromptFormat(str(user_model))
+    assert {tuple(r["prompt"]) for r in user_server.requests} == \
+        {tuple(query_prefix(fmt, history=given[f"c{i}"]["conversations"])) for i in range(4)}
+
+    before = local.read_text()
+    assert run_cli("--model", user_model, "--dtype", "fp32", "--output", local, *flags) == 0
+    assert local.read_text() == before and "written    0 prompts" in capsys.readouterr().out
+    one = tmp_path / "one.jsonl"
+    assert run_cli("--model", user_model, "--dtype", "fp32", "--output", one, *flags, "--count", 1) == 0
+    assert records(one) == got[:1] and "(1 of --count 1 in the file)" in capsys.readouterr().out
+
+    turns = tmp_path / "turns.jsonl"
+    assert main(["synthesize", "--model", str(user_model), "--input", str(local), "--output", str(turns),
+                 "--max-new-tokens", "8"]) == 0
+    assert all([m["role"] for m in r["conversations"]] == ["user", "assistant", "user", "assistant"]
+               for r in records(turns))
+
+    assert run_cli("--model", user_model, "--output", tmp_path / "s.jsonl", *flags, "--system-prompt", "Be brief.") == 2
+    assert "--system-prompt does not go with --follow-up" in capsys.readouterr().err
+    assert run_cli("--model", user_model, "--output", answered, *flags) == 2
+    assert "is the --follow-up input" in capsys.readouterr().err
+    (tmp_path / "open.jsonl").write_text(lines[5] + "\n")
+    assert run_cli("--model", user_model, "--output", tmp_path / "o.jsonl", "--follow-up", tmp_path / "open.jsonl") == 2
+    assert "no conversation ends with an assistant answer (not_answered 1)" in capsys.readouterr().err
+    assert run_cli("--model", user_model, "--output", tmp_path / "o.jsonl") == 2
+    assert "give --count N" in capsys.readouterr().err

@@ -16,8 +16,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "or 'smollm2'. With --endpoint: the served model name (default: the server's only model)")
     p.add_argument("--output", required=True,
                    help="output JSONL of one-user-message conversations (local path), appended to; a rerun "
-                        "continues until it holds --count prompts")
-    p.add_argument("--count", type=int, required=True, metavar="N", help="prompts the output should hold")
+                        "continues until it holds --count prompts (with --follow-up: the continued conversations)")
+    p.add_argument("--count", type=int, default=None, metavar="N",
+                   help="prompts the output should hold (with --follow-up default: one sample per conversation)")
+    p.add_argument("--follow-up", metavar="FILE", default=None,
+                   help="continue each conversation of FILE that ends with an answer (synthesize's output) by one "
+                        "user message the model writes after it: multi-turn prompts. Records keep their id and "
+                        "messages; synthesize the output to answer the new turn")
     gen = p.add_argument_group("sampling")
     gen.add_argument("--temperature", type=float, default=1.0, metavar="T", help="sampling temperature (default 1.0)")
     gen.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass (default 1.0 = off)")
@@ -78,5 +83,6 @@ def run(args: argparse.Namespace) -> int:
         chat_template=load_chat_template(args.chat_template) if args.chat_template else None,
         min_chars=args.min_chars, max_attempts=args.max_attempts, batch_size=args.batch_size, dtype=args.dtype,
         device=local_device(args.device), endpoint=args.endpoint, api_key=endpoint_api_key(args),
-        concurrency=args.concurrency, request_timeout=args.request_timeout, retries=args.retries)
+        concurrency=args.concurrency, request_timeout=args.request_timeout, retries=args.retries,
+        follow_up=args.follow_up)
     return run_prompts(settings)

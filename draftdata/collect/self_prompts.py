@@ -18,6 +18,12 @@ at --max-new-tokens (`too_long`), shorter than --min-chars (`too_short`), holds 
 of the template (`template_token`), or repeats an earlier prompt after case and whitespace
 folding (`duplicate`). It stops at --count records or after --max-attempts samples.
 
+With `--follow-up FILE` the prefix is instead a whole answered conversation of FILE followed by
+the opening of a user message: sample i writes the next user turn of the i-th conversation that
+ends with an answer, and the record is that conversation with the message appended, under its
+own id (multi-turn data: `synthesize` then answers the new turn). `duplicate` there means a
+repeat of a user message of the same conversation.
+
 With `--endpoint URL` the samples come from an OpenAI-compatible server instead (vLLM, SGLang,
 trtllm-serve: the way to write many prompts on GPUs): the prefix is still rendered and tokenized
 here, from `--tokenizer` (the served model's tokenizer directory, no weights read), and sent as a
@@ -38,11 +44,13 @@ import re
 import sys
 import time
 from collections import Counter, deque
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from draftdata.collect.conversations import Conversation, Reject, read_conversations
 from draftdata.collect.synthesize import (
     FLUSH_SECONDS,
     EndpointClient,
@@ -58,6 +66,8 @@ from draftdata.collect.synthesize import (
 from draftdata.errors import DraftdataError
 from draftdata.progress import JobProgress
 
+T = TypeVar("T")
+
 SENTINEL = "\x00draftdata-user-message\x00"
 ID_PATTERN = re.compile(r"^self-(-?\d+)-(\d+)$")
 
@@ -69,7 +79,7 @@ class PromptSettings:
     model: str | None  # --model as given; with --endpoint the served name (None: the server's only model)
     model_path: str    # the local model directory; with --endpoint the --tokenizer directory
     output: str
-    count: int
+    count: int | None  # None only with follow_up: one sample for every conversation of the input
     max_new_tokens: int = 128
     temperature: float = 1.0
     top_p: float = 1.0
@@ -87,9 +97,12 @@ class PromptSettings:
     concurrency: int = 16
     request_timeout: float = 600.0
     retries: int = 5
+    follow_up: str | None = None  # --follow-up FILE: answered conversations to continue by one user message
 
     def __post_init__(self) -> None:
-        if self.count < 1:
+        if self.count is None and self.follow_up is None:
+            raise DraftdataError("give --count N (the prompts the output should hold), or --follow-up FILE")
+        if self.count is not None and self.count < 1:
             raise DraftdataError("--count must be a positive integer")
         if self.max_new_tokens < 1 or self.batch_size < 1 or self.concurrency < 1:
             raise DraftdataError("--max-new-tokens, --batch-size and --concurrency must be positive integers")
@@ -97,10 +110,13 @@ class PromptSettings:
             raise DraftdataError("--temperature must be > 0: greedy decoding writes the same prompt every time")
         if not 0 < self.top_p <= 1:
             raise DraftdataError("--top-p must be in (0, 1]")
-        if self.max_attempts is None:
-            self.max_attempts = 3 * self.count + 64
-        if self.max_attempts < self.count:
+        if self.max_attempts is None:  # (a --follow-up run also stops when its input runs out)
+            self.max_attempts = 3 * self.count + 64 if self.count is not None else 1 << 62
+        if self.count is not None and self.max_attempts < self.count:
             raise DraftdataError(f"--max-attempts {self.max_attempts} is below --count {self.count}")
+        if self.follow_up is not None and self.system_prompt is not None:
+            raise DraftdataError("--system-prompt does not go with --follow-up: a conversation is continued under its "
+                                 "own system message (synthesize answered it under that one)")
         if any(not p.strip() for p in self.user_prefixes):
             raise DraftdataError("--user-prefix must not be empty or blank (leave it out to let the model "
                                  "write the whole message)")
@@ -121,7 +137,7 @@ class PromptSettings:
                 "temperature": self.temperature, "top_p": self.top_p, "seed": self.seed,
                 "system_prompt": self.system_prompt, "user_prefixes": self.user_prefixes or None,
                 "chat_template_hash": template, "min_chars": self.min_chars,
-                "dtype": None if self.endpoint else self.dtype}
+                "dtype": None if self.endpoint else self.dtype, "follow_up": self.follow_up}
 
     def report_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -155,16 +171,19 @@ class PromptFormat:
         self.max_seq_len = getattr(config, "max_position_embeddings", None) or 1 << 30
 
 
-def query_prefix(fmt: HFGenerator | PromptFormat, system_prompt: str | None = None, user_prefix: str = "") -> list[int]:
+def query_prefix(fmt: HFGenerator | PromptFormat, system_prompt: str | None = None, user_prefix: str = "",
+                 history: list[dict[str, str]] | None = None) -> list[int]:
     """Token ids of the chat template up to where a user message's text begins, followed by
-    `user_prefix` (the message's first words, tokenized together with the template text)."""
+    `user_prefix` (the message's first words, tokenized together with the template text).
+    `history`: the conversation the message follows (--follow-up), instead of `system_prompt`."""
+    given = history is not None
     messages = ([{"role": "system", "content": system_prompt}] if system_prompt is not None else []) + \
-        [{"role": "user", "content": SENTINEL}]
+        list(history or []) + [{"role": "user", "content": SENTINEL}]
     try:
         text = fmt.chat.render(messages)
     except Exception as e:  # noqa: BLE001 - jinja raises TemplateError, or anything the template calls
-        raise DraftdataError(f"the chat template failed on a one-message conversation: {type(e).__name__}: {e}") \
-            from None
+        what = "this conversation" if given else "a one-message conversation"
+        raise DraftdataError(f"the chat template failed on {what}: {type(e).__name__}: {e}") from None
     if text.count(SENTINEL) != 1:
         raise DraftdataError("the chat template does not render a user message's text verbatim, so there is no "
                              "place to let the model write one; pass --chat-template FILE")
@@ -208,26 +227,51 @@ class PromptStats:
     tokens: int = 0
     seconds: float = 0.0
     rejected: Counter = field(default_factory=Counter)  # reason -> samples
+    skipped_input: Counter = field(default_factory=Counter)  # --follow-up records not continued: reason -> records
 
-    def format(self, output: str, wanted: int, total: int) -> str:
+    def format(self, output: str, goal: str, total: int, follow: bool = False) -> str:
+        """The summary; `goal` says what the file should hold ("--count 500")."""
         rate = self.tokens / self.seconds if self.seconds > 0 else 0.0
         reasons = ", ".join(f"{k} {v:,}" for k, v in self.rejected.most_common())
+        lines = [f"prompts summary ({self.seconds:,.1f} s)"]
+        if follow:
+            skipped = ", ".join(f"{k} {v:,}" for k, v in self.skipped_input.most_common())
+            lines.append(f"  input      {sum(self.skipped_input.values()):,} records not continued"
+                         + (f": {skipped}" if skipped else ""))
         return "\n".join([
-            f"prompts summary ({self.seconds:,.1f} s)",
-            f"  written    {self.written:,} prompts ({total:,} of --count {wanted:,} in the file), "
+            *lines,
+            f"  written    {self.written:,} prompts ({total:,} of {goal} in the file), "
             f"{self.tokens:,} tokens sampled ({rate:,.0f} tokens/s)",
             f"  rejected   {sum(self.rejected.values()):,} of {self.attempts:,} samples" + (f": {reasons}" if reasons else ""),
             f"  output     {output}"])
 
 
-class _Keeper:
-    """Judges finished samples in the order given and appends the kept ones to the output
-    (in batches: up to `flush_at` records or every FLUSH_SECONDS)."""
+def in_turn(items: Sequence[T], index: int) -> T:
+    """The item sample `index` uses when samples take the items in turn: items[index mod n]."""
+    return items[index % len(items)]
 
-    def __init__(self, settings: PromptSettings, out: JsonlOutput, progress: JobProgress | None,
-                 flush_at: int) -> None:
-        self.settings, self.out, self.progress, self.flush_at = settings, out, progress, flush_at
-        self.seen, self.next_index = read_existing(out.path, settings.seed)
+
+class _Keeper:
+    """Hands out what each sample continues (`openings`, index by index) and judges the finished
+    samples in the order given, appending the kept ones to the output (in batches: up to
+    `flush_at` records or every FLUSH_SECONDS). With --follow-up, sample i continues the i-th
+    answered conversation of the input (`follow`) and keeps its id."""
+
+    def __init__(self, settings: PromptSettings, out: JsonlOutput, fmt: HFGenerator | PromptFormat,
+                 progress: JobProgress | None, flush_at: int, follow: list[Conversation] | None = None) -> None:
+        self.settings, self.out, self.fmt, self.progress, self.flush_at = settings, out, fmt, progress, flush_at
+        self.follow = follow
+        if follow is None:
+            self.seen, self.index = read_existing(out.path, settings.seed)
+            self.prefixes = [query_prefix(fmt, settings.system_prompt, p) for p in settings.user_prefixes or [""]]
+            longest = max(map(len, self.prefixes))
+            if self.budget(longest) < 1:
+                raise DraftdataError(f"the prompt prefix has {longest} tokens: no room within the model's "
+                                     f"{fmt.max_seq_len} positions")
+        else:  # a rerun goes on after the last conversation continued before
+            self.seen = set()
+            self.index = 1 + max((i for i, c in enumerate(follow) if c.conversation_id in out.ids), default=-1)
+        self.wanted = settings.count if settings.count is not None else len(follow or [])
         self.have = len(out.ids)
         self.stats = PromptStats()
         self.pending: list[dict[str, Any]] = []
@@ -235,25 +279,65 @@ class _Keeper:
 
     @property
     def missing(self) -> int:
-        return self.settings.count - self.have
+        return self.wanted - self.have
+
+    def budget(self, prefix_tokens: int) -> int:
+        return min(self.settings.max_new_tokens, self.fmt.max_seq_len - prefix_tokens)
 
     def user_prefix(self, index: int) -> str:
         """The opening words sample `index` continues ("" without --user-prefix)."""
         prefixes = self.settings.user_prefixes
-        return prefixes[index % len(prefixes)] if prefixes else ""
+        return in_turn(prefixes, index) if prefixes else ""
+
+    def openings(self, n: int) -> list[tuple[int, list[int], int, int]]:
+        """Up to n next samples to draw, as (index, prefix token ids, seed, token budget); fewer
+        when --max-attempts or the --follow-up input runs out. A conversation whose prefix cannot
+        be written or leaves no room is counted as a rejected sample here."""
+        rows = []
+        settings, stats = self.settings, self.stats
+        while len(rows) < n and stats.attempts < settings.max_attempts:
+            index = self.index
+            if self.follow is None:
+                prefix = in_turn(self.prefixes, index)
+                rows.append((index, prefix, turn_seed(settings.seed, f"self-{index}", 0), self.budget(len(prefix))))
+            elif index >= len(self.follow):
+                break
+            else:
+                conv = self.follow[index]
+                try:
+                    prefix = query_prefix(self.fmt, None, self.user_prefix(index), history=conv.messages)
+                except DraftdataError:
+                    prefix = None
+                if prefix is None or self.budget(len(prefix)) < 1:
+                    stats.rejected["template_error" if prefix is None else "too_long"] += 1
+                else:
+                    turn = sum(m["role"] == "user" for m in conv.messages)
+                    rows.append((index, prefix, turn_seed(settings.seed, conv.conversation_id, turn),
+                                 self.budget(len(prefix))))
+            self.index += 1
+            stats.attempts += 1
+        return rows
 
     def take(self, index: int, text: str, stopped: bool, template_token: bool) -> None:
         """One finished sample (the model's continuation): kept (while prompts are missing) or counted
         under its reason."""
         text = (self.user_prefix(index) + text).strip()
+        conv = self.follow[index] if self.follow is not None else None
+        seen = self.seen if conv is None else {fold(m["content"]) for m in conv.messages if m["role"] == "user"}
         reason = "too_long" if not stopped else "template_token" if template_token \
-            else "too_short" if len(text) < self.settings.min_chars else "duplicate" if fold(text) in self.seen else None
+            else "too_short" if len(text) < self.settings.min_chars else "duplicate" if fold(text) in seen else None
         if reason is not None:
             self.stats.rejected[reason] += 1
         elif self.missing > 0:
-            self.seen.add(fold(text))
-            self.pending.append({"conversation_id": f"self-{self.settings.seed}-{index:07d}",
-                                 "conversations": [{"role": "user", "content": text}]})
+            message = {"role": "user", "content": text}
+            if conv is None:
+                self.seen.add(fold(text))
+                record = {"conversation_id": f"self-{self.settings.seed}-{index:07d}", "conversations": [message]}
+            else:
+                record = {"conversation_id": conv.conversation_id, "conversations": [*conv.messages, message]}
+                if conv.category is not None:
+                    record["category"] = conv.category
+            self.pending.append(record)
             self.have += 1
             self.stats.written += 1
             if self.progress is not None:
@@ -269,60 +353,70 @@ class _Keeper:
         self.last_flush = time.perf_counter()
 
 
+def read_follow_up(settings: PromptSettings) -> tuple[list[Conversation], Counter]:
+    """The --follow-up input's conversations that end with an answer, and the skipped records by reason."""
+    follow, skipped = [], Counter()
+    for item in read_conversations(settings.follow_up):
+        if isinstance(item, Reject):
+            skipped[item.reason] += 1
+        elif item.messages[-1]["role"] != "assistant":
+            skipped["not_answered"] += 1
+        else:
+            follow.append(item)
+    if not follow:
+        reasons = ", ".join(f"{k} {v:,}" for k, v in skipped.most_common()) or "the file is empty"
+        raise DraftdataError(f"--follow-up {settings.follow_up}: no conversation ends with an assistant answer "
+                             f"({reasons}); answer the prompts first (draftdata synthesize), then continue its output")
+    return follow, skipped
+
+
 def generate_prompts(source: HFGenerator | EndpointClient, settings: PromptSettings, out: JsonlOutput, *,
-                     fmt: PromptFormat | None = None, progress: JobProgress | None = None) -> PromptStats:
-    """Sample prompts into `out` until it holds --count of them (or --max-attempts samples were drawn).
+                     fmt: PromptFormat | None = None, progress: JobProgress | None = None,
+                     follow: list[Conversation] | None = None) -> PromptStats:
+    """Sample prompts into `out` until it holds --count of them (or --max-attempts samples were
+    drawn, or every conversation of `follow` had its sample).
 
     source: the local generator, or an endpoint client together with `fmt` (the model's tokenizer
-    and template, read here)."""
+    and template, read here). follow: the answered conversations to continue (--follow-up)."""
     local = isinstance(source, HFGenerator)
     fmt = source if local else fmt
     if fmt is None:
         raise ValueError("an endpoint source needs fmt (PromptFormat)")
-    prefixes = [query_prefix(fmt, settings.system_prompt, p) for p in settings.user_prefixes or [""]]
-    longest = max(map(len, prefixes))
-    budget = min(settings.max_new_tokens, fmt.max_seq_len - longest)
-    if budget < 1:
-        raise DraftdataError(f"the prompt prefix has {longest} tokens: no room within the model's "
-                             f"{fmt.max_seq_len} positions")
     t0 = time.perf_counter()
-    keep = _Keeper(settings, out, progress, flush_at=settings.batch_size if local else settings.concurrency)
+    keep = _Keeper(settings, out, fmt, progress, flush_at=settings.batch_size if local else settings.concurrency,
+                   follow=follow)
     try:
         if local:
-            _sample_local(source, prefixes, budget, keep)
+            _sample_local(source, keep)
         else:
-            _sample_endpoint(source, fmt, prefixes, budget, keep)
+            _sample_endpoint(source, fmt, keep)
     finally:
         keep.flush()  # what was kept before an error or interrupt is written
     keep.stats.seconds = time.perf_counter() - t0
     return keep.stats
 
 
-def _sample_local(generator: HFGenerator, prefixes: list[list[int]], budget: int, keep: _Keeper) -> None:
+def _sample_local(generator: HFGenerator, keep: _Keeper) -> None:
     """Continuous batching: a row that finishes makes room for the next index at once."""
-    settings, stats = keep.settings, keep.stats
     special = set(getattr(generator.tokenizer, "all_special_ids", [])) - generator.stop_ids
     batch = generator.new_batch()
-    capacity, refill = settings.batch_size, max(1, settings.batch_size // 8)
-    index = keep.next_index
+    capacity = keep.settings.batch_size
+    refill = max(1, capacity // 8)
     while keep.missing > 0:
-        free = min(capacity - len(batch), keep.missing - len(batch), settings.max_attempts - stats.attempts)
+        free = min(capacity - len(batch), keep.missing - len(batch))
         if free > 0 and batch.can_add and (free >= refill or not len(batch)):
-            batch.add([(index + k, prefixes[(index + k) % len(prefixes)], turn_seed(settings.seed, f"self-{index + k}", 0),
-                        budget)
-                       for k in range(free)])
-            index += free
-            stats.attempts += free
+            rows = keep.openings(free)
+            if rows:
+                batch.add(rows)
         if not len(batch):
-            break  # --max-attempts reached
+            break  # --max-attempts reached, or the --follow-up input
         for key, tokens, stopped in batch.step():
-            stats.tokens += len(tokens)
+            keep.stats.tokens += len(tokens)
             keep.take(key, generator.answer(tokens, stopped).text, stopped, bool(special.intersection(tokens[:-1])))
         keep.maybe_flush()
 
 
-def _sample_endpoint(client: EndpointClient, fmt: PromptFormat, prefixes: list[list[int]], budget: int,
-                     keep: _Keeper) -> None:
+def _sample_endpoint(client: EndpointClient, fmt: PromptFormat, keep: _Keeper) -> None:
     """One request per index, --concurrency in flight, judged in index order (so which of two
     equal prompts is kept does not depend on which answer arrived first)."""
     settings, stats = keep.settings, keep.stats
@@ -331,19 +425,18 @@ def _sample_endpoint(client: EndpointClient, fmt: PromptFormat, prefixes: list[l
     specials = [t for t in (decode([i]) for i in set(getattr(fmt.tokenizer, "all_special_ids", [])) - fmt.stop_ids)
                 if t]
     extra = {"stop_token_ids": sorted(fmt.stop_ids), "skip_special_tokens": False}
-    index = keep.next_index
     inflight: deque[tuple[int, Future]] = deque()
     pool = ThreadPoolExecutor(max_workers=settings.concurrency, thread_name_prefix="draftdata-prompts")
     try:
         while True:
-            while len(inflight) < min(settings.concurrency, keep.missing) and stats.attempts < settings.max_attempts:
-                seed = turn_seed(settings.seed, f"self-{index}", 0)
-                prefix = prefixes[index % len(prefixes)]
+            while len(inflight) < min(settings.concurrency, keep.missing):
+                rows = keep.openings(1)
+                if not rows:
+                    break
+                index, prefix, seed, budget = rows[0]
                 inflight.append((index, pool.submit(client.complete, prefix, seed, budget, extra)))
-                index += 1
-                stats.attempts += 1
             if not inflight:
-                break  # --count reached, or --max-attempts
+                break  # --count reached, or --max-attempts, or the end of the --follow-up input
             key, future = inflight.popleft()
             answer = future.result()
             stats.tokens += answer.tokens
@@ -364,7 +457,8 @@ def _sample_endpoint(client: EndpointClient, fmt: PromptFormat, prefixes: list[l
 
 
 def run(settings: PromptSettings) -> int:
-    """The `draftdata prompts` command: returns 0, or 1 when --max-attempts ran out before --count."""
+    """The `draftdata prompts` command: returns 0, or 1 when --max-attempts (or the --follow-up
+    input) ran out before --count."""
     client, fmt = None, None
     if settings.endpoint:
         fmt = PromptFormat(settings.model_path, settings.chat_template)
@@ -372,41 +466,52 @@ def run(settings: PromptSettings) -> int:
                                 temperature=settings.temperature, top_p=settings.top_p, api_key=settings.api_key,
                                 timeout=settings.request_timeout, retries=settings.retries)
         settings.model = client.model  # the served name, asked of the server when not given
+    follow, skipped = None, Counter()
+    if settings.follow_up is not None:
+        if Path(settings.follow_up).resolve() == Path(settings.output).resolve():
+            raise DraftdataError(f"--output {settings.output} is the --follow-up input; write to a new file")
+        follow, skipped = read_follow_up(settings)
     with JsonlOutput(settings.output, command="prompts") as out:
         check_settings(out, settings, command="prompts")
         have = len(out.ids)
-        if have >= settings.count:
-            print(f"draftdata prompts: {out.path} already holds {have:,} prompts (--count {settings.count:,}); "
+        wanted = settings.count if settings.count is not None else len(follow)
+        if have >= wanted:
+            print(f"draftdata prompts: {out.path} already holds {have:,} prompts (of {wanted:,}); "
                   "nothing to do", file=sys.stderr)
             return 0
         if have:
             print(f"draftdata prompts: {out.path} already holds {have:,} prompts; writing "
-                  f"{settings.count - have:,} more", file=sys.stderr)
+                  f"{'up to ' if settings.count is None else ''}{wanted - have:,} more", file=sys.stderr)
         generator = None
         if fmt is None:  # load the model before the progress bar: a failed load prints no progress line
             generator = HFGenerator(settings.model_path, max_new_tokens=settings.max_new_tokens,
                                     temperature=settings.temperature, top_p=settings.top_p,
                                     dtype=settings.dtype, device=settings.device,
                                     chat_template=settings.chat_template)
-        bar = JobProgress(total=settings.count - have, desc="prompts", unit="prompt")
+        bar = JobProgress(total=wanted - have, desc="prompts", unit="prompt")
         try:
             if generator is None:
-                stats = generate_prompts(client, settings, out, fmt=fmt, progress=bar)
+                stats = generate_prompts(client, settings, out, fmt=fmt, progress=bar, follow=follow)
             else:
                 generator.on_step = lambda t: bar.update(0, t)
-                stats = generate_prompts(generator, settings, out, progress=bar)
+                stats = generate_prompts(generator, settings, out, progress=bar, follow=follow)
         finally:
             bar.close()
             if generator is not None:
                 generator.close()
         total = len(out.ids)
-        print(stats.format(str(out.path), settings.count, total))
+        stats.skipped_input = skipped
+        goal = f"--count {wanted:,}" if settings.count is not None else f"{wanted:,} conversations to continue"
+        print(stats.format(str(out.path), goal, total, follow=follow is not None))
         (sidecar_dir(out.path) / f"prompts-summary-{int(time.time())}.json").write_text(
-            json.dumps({"stats": {**asdict(stats), "rejected": dict(stats.rejected)},
+            json.dumps({"stats": {**asdict(stats), "rejected": dict(stats.rejected),
+                                  "skipped_input": dict(stats.skipped_input)},
                         "settings": settings.report_dict()}, indent=2) + "\n")
-    if total < settings.count:
+    if settings.count is not None and total < settings.count:
+        ran_out = f"--follow-up's {len(follow):,} conversations" if follow is not None and \
+            stats.attempts < settings.max_attempts else f"--max-attempts {settings.max_attempts:,}"
         print(f"draftdata prompts: only {total:,} of {settings.count:,} prompts after {stats.attempts:,} samples "
-              f"(--max-attempts {settings.max_attempts:,}); most were rejected as "
+              f"({ran_out}); most were rejected as "
               f"{stats.rejected.most_common(1)[0][0] if stats.rejected else '-'}: raise --max-new-tokens or "
               f"--temperature, or rerun to continue", file=sys.stderr)
         return 1
