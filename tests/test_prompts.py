@@ -364,3 +364,8 @@ def test_follow_up_writes_the_next_user_turn_of_answered_conversations(user_mode
     assert "no conversation ends with an assistant answer (not_answered 1)" in capsys.readouterr().err
     assert run_cli("--model", user_model, "--output", tmp_path / "o.jsonl") == 2
     assert "give --count N" in capsys.readouterr().err
+    upper = tmp_path / "upper.jinja"  # a template that cannot continue any conversation fails once, up front
+    upper.write_text("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | upper }}<|im_end|>\n"
+                     "{% endfor %}")
+    assert run_cli("--model", user_model, "--output", tmp_path / "u.jsonl", *flags, "--chat-template", upper) == 2
+    assert "does not render a user message's text verbatim" in capsys.readouterr().err

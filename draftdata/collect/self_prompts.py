@@ -269,6 +269,7 @@ class _Keeper:
                 raise DraftdataError(f"the prompt prefix has {longest} tokens: no room within the model's "
                                      f"{fmt.max_seq_len} positions")
         else:  # a rerun goes on after the last conversation continued before
+            query_prefix(fmt, user_prefix=self.user_prefix(0))  # a template that cannot do this fails here, once
             self.seen = set()
             self.index = 1 + max((i for i, c in enumerate(follow) if c.conversation_id in out.ids), default=-1)
         self.wanted = settings.count if settings.count is not None else len(follow or [])
