@@ -351,7 +351,9 @@ def test_follow_up_writes_the_next_user_turn_of_answered_conversations(user_mode
 
     turns = tmp_path / "turns.jsonl"
     assert main(["synthesize", "--model", str(user_model), "--input", str(local), "--output", str(turns),
-                 "--max-new-tokens", "8"]) == 0
+                 "--max-new-tokens", "8", "--keep-answers"]) == 0
+    first_three = {r["conversation_id"]: r["conversations"][:3] for r in records(turns)}
+    assert first_three == {r["conversation_id"]: r["conversations"] for r in got}  # the first answers were kept
     assert all([m["role"] for m in r["conversations"]] == ["user", "assistant", "user", "assistant"]
                for r in records(turns))
 

@@ -149,6 +149,34 @@ def test_system_prompts_kept_injected_replaced_and_user_only_answered(generator)
         {"role": "system", "content": "Answer in English."}]
 
 
+def test_keep_answers_generates_only_the_missing_answers(generator, tiny_model, tmp_path, capsys):
+    """--keep-answers (for `prompts --follow-up` output): the input's answers stay as written, and a
+    missing answer gets the seed and context a full rewrite would give its turn; only generated
+    answers are counted; the setting is part of what a resume must keep."""
+    u1, u2 = {"role": "user", "content": "hello world"}, {"role": "user", "content": "What is 12 plus 30?"}
+    full = synth([{"conversation_id": "two", "conversations": [u1, u2]}], generator, temperature=1.0, seed=3)["two"]
+    assert [m["role"] for m in full] == ["user", "assistant", "user", "assistant"]
+    given = {"role": "assistant", "content": "Given answer."}
+    convs = [{"conversation_id": "two", "conversations": full[:3]},  # the follow-up of a synthesized turn
+             {"conversation_id": "done", "conversations": [u1, given]},
+             {"conversation_id": "lead", "conversations": [given, u2, given, u1]}]
+    kept = synth(convs, generator, temperature=1.0, seed=3, keep_answers=True)
+    assert kept["two"] == full  # turn 2 sampled as in the full rewrite: same seed, same context
+    assert kept["done"] == [u1, given]  # nothing missing: written as it came
+    assert kept["lead"][:2] == [u2, given] and kept["lead"][2] == u1 and len(kept["lead"]) == 4
+    rewritten = synth(convs[1:2], generator)["done"]  # without it every answer is written again
+    assert rewritten[0] == u1 and rewritten[1] != given
+
+    inp, out = write_jsonl(tmp_path / "in.jsonl", convs), tmp_path / "out.jsonl"
+    common = ["--model", tiny_model, "--input", inp, "--output", out, "--max-new-tokens", MAX_NEW]
+    assert run_cli(*common, "--keep-answers") == 0
+    assert "written    3 conversations, 2 answers" in capsys.readouterr().out  # two, lead: one answer each
+    identity = json.loads((tmp_path / "out.jsonl.synth" / "settings.json").read_text())["identity"]
+    assert identity["keep_answers"] is True
+    with pytest.raises(DraftdataError, match="keep_answers: file has True, this run has False"):
+        run_cli(*common, "--limit", 5)
+
+
 def test_turn_state_structure():
     conv = parse_record({"conversation_id": "x", "conversations": [
         {"role": "assistant", "content": "greeting"}, {"role": "user", "content": "a"},

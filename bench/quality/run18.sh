@@ -1,11 +1,12 @@
 #!/bin/bash
 # Quality Run 18: multi-turn data (`prompts --follow-up`). Half of Run 15's steered conversations
 # (every other line of cat_synth.jsonl) get a second user turn written by the base after its own
-# answer; the base answers both turns again (synthesize, greedy) and these two-turn conversations
+# answer; the base answers the new turn (synthesize --keep-answers, greedy) and these two-turn conversations
 # replace their one-turn versions in Run 15's data; Run 15's recipe, 1,600 steps. Eval on both turns
 # of 40 mt_bench conversations, beside Run 15's draft (export15).
 # Session 18 ran the prompts step only (1,047 follow-ups) and stopped the run in synthesize: on the
-# 2-core CPU beside Run 17 it answered 50 conversations in 8 minutes (bench/quality/results.md, Run 18).
+# 2-core CPU beside Run 17 it answered 50 conversations in 8 minutes (bench/quality/results.md, Run 18),
+# both turns: --keep-answers, which answers only the new turn, came after that attempt.
 # Run in a directory holding (copied or linked) Run 14's ds_synth and ds_val_synth, Run 15's
 # cat_synth.jsonl and export15, and mt_bench40.jsonl (see run16.sh).
 set -x
@@ -14,7 +15,7 @@ awk 'NR % 2 == 1' cat_synth.jsonl > fu_input.jsonl
 [ -e fu_prompts.jsonl ] || timeout -s INT 1200 draftdata prompts --model smollm2 --follow-up fu_input.jsonl \
   --output fu_prompts.jsonl --max-new-tokens 128 --batch-size 32 --dtype bf16 --seed 18
 timeout -s INT 900 draftdata synthesize --model smollm2 --input fu_prompts.jsonl --output fu_synth.jsonl \
-  --max-new-tokens 256 --batch-size 32 --dtype bf16
+  --max-new-tokens 256 --batch-size 32 --dtype bf16 --keep-answers
 python - <<'PY'
 import json
 from pathlib import Path

@@ -22,7 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--follow-up", metavar="FILE", default=None,
                    help="continue each conversation of FILE that ends with an answer (synthesize's output) by one "
                         "user message the model writes after it: multi-turn prompts. Records keep their id and "
-                        "messages; synthesize the output to answer the new turn")
+                        "messages; `synthesize --keep-answers` the output to answer the new turn")
     gen = p.add_argument_group("sampling")
     gen.add_argument("--temperature", type=float, default=1.0, metavar="T", help="sampling temperature (default 1.0)")
     gen.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass (default 1.0 = off)")

@@ -33,6 +33,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      help="system prompt for conversations that have none (written to the output too)")
     gen.add_argument("--replace-system-prompt", action="store_true",
                      help="use --system-prompt instead of the conversations' own system prompts")
+    gen.add_argument("--keep-answers", action="store_true",
+                     help="keep the input's assistant messages that answer a user message and generate only the "
+                          "missing answers (e.g. the new turn of `prompts --follow-up` output); default: every "
+                          "assistant turn is written again")
     gen.add_argument("--chat-template", metavar="FILE", default=None,
                      help="Jinja chat template to use instead of the tokenizer's (local generation only)")
     local = p.add_argument_group("local generation (transformers)")
@@ -114,7 +118,7 @@ def settings_from_args(args: argparse.Namespace):
         endpoint=args.endpoint, api_key=endpoint_api_key(args),
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
         system_prompt=args.system_prompt, replace_system_prompt=args.replace_system_prompt,
-        chat_template=load_chat_template(args.chat_template) if args.chat_template else None,
+        keep_answers=args.keep_answers, chat_template=load_chat_template(args.chat_template) if args.chat_template else None,
         max_seq_len=args.max_seq_len, batch_size=args.batch_size, concurrency=args.concurrency,
         request_timeout=args.request_timeout, retries=args.retries, dtype=args.dtype,
         device=args.device if args.ray else local_device(args.device),

@@ -21,7 +21,7 @@ folding (`duplicate`). It stops at --count records or after --max-attempts sampl
 With `--follow-up FILE` the prefix is instead a whole answered conversation of FILE followed by
 the opening of a user message: sample i writes the next user turn of the i-th conversation that
 ends with an answer, and the record is that conversation with the message appended, under its
-own id (multi-turn data: `synthesize` then answers the new turn). `duplicate` there means a
+own id (multi-turn data: `synthesize --keep-answers` then answers the new turn). `duplicate` there means a
 repeat of a user message of the same conversation.
 
 With `--endpoint URL` the samples come from an OpenAI-compatible server instead (vLLM, SGLang,

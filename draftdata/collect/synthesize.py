@@ -96,6 +96,7 @@ class SynthSettings:
     seed: int = 0
     system_prompt: str | None = None
     replace_system_prompt: bool = False
+    keep_answers: bool = False  # --keep-answers: keep the input's answers, generate only the missing ones
     chat_template: str | None = None  # template text from --chat-template
     max_seq_len: int | None = None  # None: the model's max_position_embeddings
     batch_size: int = 32
@@ -138,7 +139,8 @@ class SynthSettings:
         return {"model_id": model_id, "model_hash": weights, "endpoint": self.endpoint,
                 "max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "top_p": self.top_p,
                 "seed": self.seed, "system_prompt": self.system_prompt,
-                "replace_system_prompt": self.replace_system_prompt, "chat_template_hash": template,
+                "replace_system_prompt": self.replace_system_prompt, "keep_answers": self.keep_answers,
+                "chat_template_hash": template,
                 "dtype": None if self.endpoint else self.dtype, "max_seq_len": self.max_seq_len}
 
     def report_dict(self) -> dict[str, Any]:
@@ -202,10 +204,11 @@ class TurnState:
     """A conversation being rewritten: the messages it keeps, answered one user turn at a time."""
 
     def __init__(self, conv: Conversation, *, seed: int = 0, system_prompt: str | None = None,
-                 replace_system_prompt: bool = False):
-        kept = [m for m in conv.messages if m["role"] != "assistant"]
+                 replace_system_prompt: bool = False, keep_answers: bool = False):
         first_user = next((i for i, m in enumerate(conv.messages) if m["role"] == "user"), len(conv.messages))
-        # assistant messages before the first user message answer nothing, so no answer replaces them
+        # the answers are written again (or, --keep-answers, kept); assistant messages before the first
+        # user message answer nothing, so they are dropped either way
+        kept = [m for i, m in enumerate(conv.messages) if m["role"] != "assistant" or (keep_answers and i > first_user)]
         self.leading_assistant = sum(m["role"] == "assistant" for m in conv.messages[:first_user])
         if system_prompt is not None:
             if replace_system_prompt:
@@ -217,7 +220,8 @@ class TurnState:
         self.conv, self.seed = conv, seed
         self.todo = kept
         self.messages: list[dict[str, str]] = []
-        self.turn = 0  # answers given so far
+        self.turn = 0  # user turns answered so far (kept answers included: the seed of turn k is the same either way)
+        self.kept = 0  # answers kept from the input (--keep-answers)
         self.tokens = 0
         self.truncated = 0
         self.waiting = False  # the last message is a user message waiting for its answer
@@ -228,16 +232,17 @@ class TurnState:
         return not self.waiting
 
     def _advance(self) -> None:
-        """Move kept messages into `messages` up to and including the next user message; with no
-        user message left, move the rest (trailing system messages stay in place) and finish."""
-        if not any(m["role"] == "user" for m in self.todo):
-            self.messages.extend(dict(m) for m in self.todo)
-            self.todo = []
-            return
-        while True:
+        """Move kept messages into `messages` up to and including the next user message that has
+        no answer (with --keep-answers, an assistant message right after a user message is its
+        answer, kept); with none left, move the rest (trailing system messages stay in place) and
+        finish."""
+        while self.todo:
             m = self.todo.pop(0)
+            if m["role"] == "assistant" and self.messages and self.messages[-1]["role"] == "user":
+                self.turn += 1
+                self.kept += 1
             self.messages.append(dict(m))
-            if m["role"] == "user":
+            if m["role"] == "user" and not (self.todo and self.todo[0]["role"] == "assistant"):
                 self.waiting = True
                 return
 
@@ -259,7 +264,7 @@ class TurnState:
 
 def start_turns(conv: Conversation, settings: SynthSettings) -> TurnState:
     return TurnState(conv, seed=settings.seed, system_prompt=settings.system_prompt,
-                     replace_system_prompt=settings.replace_system_prompt)
+                     replace_system_prompt=settings.replace_system_prompt, keep_answers=settings.keep_answers)
 
 
 # ---------------------------------------------------------------- local generation (transformers)
@@ -694,7 +699,7 @@ def _start(conv: Conversation, settings: SynthSettings, on_reject: Callable[[Rej
 
 
 def _finish(state: TurnState, stats: SynthStats) -> dict[str, Any]:
-    stats.answers += state.turn
+    stats.answers += state.turn - state.kept
     stats.leading_assistant += int(state.leading_assistant > 0)
     stats.tokens += state.tokens
     stats.truncated += state.truncated
@@ -754,6 +759,9 @@ def _run_batched(conversations: Iterable[Conversation], generator: HFGenerator, 
             state = next(source, None)
             if state is None:
                 more = False
+            elif state.finished:  # --keep-answers: every user turn already has its answer
+                done.append(_finish(state, stats))
+                progress(1, 0)
             else:
                 waiting.append(state)
 
