@@ -5,8 +5,8 @@
 # replace their one-turn versions in Run 15's data; Run 15's recipe, 1,600 steps. Eval on both turns
 # of 40 mt_bench conversations, beside Run 15's draft (export15).
 # Session 18 ran the prompts step only (1,047 follow-ups) and stopped the run in synthesize: on the
-# 2-core CPU beside Run 17 it answered 50 conversations in 8 minutes (bench/quality/results.md, Run 18),
-# both turns: --keep-answers, which answers only the new turn, came after that attempt.
+# 2-core CPU beside Run 17 it answered 50 conversations in 8 minutes, both turns (--keep-answers came
+# after); rerun with --keep-answers beside the test suite, 126 in 6 minutes (bench/quality/results.md, Run 18).
 # Run in a directory holding (copied or linked) Run 14's ds_synth and ds_val_synth, Run 15's
 # cat_synth.jsonl and export15, and mt_bench40.jsonl (see run16.sh).
 set -x
