@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from draftdata.collect.conversations import Conversation, Reject, read_conversations
+from draftdata.collect.stats import format_counts
 from draftdata.collect.synthesize import (
     FLUSH_SECONDS,
     EndpointClient,
@@ -232,10 +233,10 @@ class PromptStats:
     def format(self, output: str, goal: str, total: int, follow: bool = False) -> str:
         """The summary; `goal` says what the file should hold ("--count 500")."""
         rate = self.tokens / self.seconds if self.seconds > 0 else 0.0
-        reasons = ", ".join(f"{k} {v:,}" for k, v in self.rejected.most_common())
+        reasons = format_counts(self.rejected)
         lines = [f"prompts summary ({self.seconds:,.1f} s)"]
         if follow:
-            skipped = ", ".join(f"{k} {v:,}" for k, v in self.skipped_input.most_common())
+            skipped = format_counts(self.skipped_input)
             lines.append(f"  input      {sum(self.skipped_input.values()):,} records not continued"
                          + (f": {skipped}" if skipped else ""))
         return "\n".join([
@@ -365,7 +366,7 @@ def read_follow_up(settings: PromptSettings) -> tuple[list[Conversation], Counte
         else:
             follow.append(item)
     if not follow:
-        reasons = ", ".join(f"{k} {v:,}" for k, v in skipped.most_common()) or "the file is empty"
+        reasons = format_counts(skipped) or "the file is empty"
         raise DraftdataError(f"--follow-up {settings.follow_up}: no conversation ends with an assistant answer "
                              f"({reasons}); answer the prompts first (draftdata synthesize), then continue its output")
     return follow, skipped

@@ -12,6 +12,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 
+def format_counts(counts: dict[str, int]) -> str:
+    """"reason 12, other 3": the most frequent first (ties by name), for summaries and messages."""
+    return ", ".join(f"{k} {v:,}" for k, v in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
 @dataclass
 class RunStats:
     """Counts of one run; `merge` adds up those of several Ray workers (every number but `seconds`,
@@ -38,7 +43,7 @@ class RunStats:
     def summary_lines(self, title: str, written: list[str], input: str | None) -> list[str]:
         """The head of the summary: title, records read, `written` (the command's own lines), skips."""
         skipped = sum(self.skipped.values())
-        reasons = ", ".join(f"{k} {v:,}" for k, v in sorted(self.skipped.items(), key=lambda kv: (-kv[1], kv[0])))
+        reasons = format_counts(self.skipped)
         return [f"{title} summary ({self.seconds:,.1f} s)",
                 f"  read       {self.read:,} records" + (f" from {input}" if input else ""),
                 *written,
