@@ -259,7 +259,8 @@ def test_collect_end_to_end_rejects_and_resume(tiny_model, backend32, tmp_path, 
     monkeypatch.setenv("DRAFTDATA_PROGRESS_INTERVAL", "0")  # stderr is not a terminal: plain progress lines
 
     good = valid_conversations(12)
-    sharegpt = {"id": "sg", "conversations": [{"from": "human", "value": "hello"}, {"from": "gpt", "value": "world"}]}
+    sharegpt = {"id": "sg", "conversations": [{"from": "human", "value": "hello"}, {"from": "gpt", "value": "world"},
+                                              {"from": "human", "value": "and?"}, {"from": "gpt", "value": " "}]}
     records = good[:6] + ["{broken json\n", conv("bad-role", ("user", "q"), ("bot", "a")), sharegpt,
                           conv("c0003", ("user", "dup"), ("assistant", "dup")),
                           conv("long", ("user", "numbers 1 2 3 " * 60), ("assistant", "ok")),
@@ -283,6 +284,9 @@ def test_collect_end_to_end_rejects_and_resume(tiny_model, backend32, tmp_path, 
     assert "written    13 conversations" in summary and "skipped    5:" in summary
     for reason in ("malformed_json 1", "unknown_role 1", "duplicate_id 1", "too_long 1", "no_assistant_turn 1"):
         assert reason in summary
+    assert "empty      1 conversations with an empty assistant message (kept" in summary  # "sg": kept, and said
+    (report,) = glob.glob(f"{out}/_reports/*/summary.json")
+    assert json.loads(Path(report).read_text())["stats"]["empty_answers"] == 1
 
     # rejects: one line each, with file:line and reason
     (rejects_file,) = glob.glob(f"{out}/_reports/*/rejects.jsonl")
@@ -308,6 +312,7 @@ def test_collect_end_to_end_rejects_and_resume(tiny_model, backend32, tmp_path, 
     assert main(args) == 0
     summary = capsys.readouterr().out
     assert "written    0 conversations" in summary and "already_committed 13" in summary
+    assert "empty " not in summary
     assert [p.id for p in open_dataset(out).parts] == parts_before
 
     # more input later: only the new conversations are collected

@@ -354,6 +354,8 @@ def test_follow_up_writes_the_next_user_turn_of_answered_conversations(user_mode
                  "--max-new-tokens", "8", "--keep-answers"]) == 0
     first_three = {r["conversation_id"]: r["conversations"][:3] for r in records(turns)}
     assert first_three == {r["conversation_id"]: r["conversations"] for r in got}  # the first answers were kept
+    assert {r["conversation_id"]: r.get("category") for r in records(turns)} == \
+        {r["conversation_id"]: r.get("category") for r in got}  # and so were the categories
     assert all([m["role"] for m in r["conversations"]] == ["user", "assistant", "user", "assistant"]
                for r in records(turns))
 

@@ -26,12 +26,15 @@ from draftdata.cli import main
 from draftdata.collect.conversations import REASONS, parse_record, read_conversations
 from draftdata.collect.synthesize import (
     SYNTH_REASONS,
+    Answer,
     HFGenerator,
     JsonlOutput,
     Prompt,
     SynthSettings,
+    SynthStats,
     TurnState,
     _error_text,
+    _finish,
     synthesize_conversations,
     turn_seed,
 )
@@ -147,6 +150,28 @@ def test_system_prompts_kept_injected_replaced_and_user_only_answered(generator)
     replaced = synth(conversations()[2:3], generator, system_prompt="Answer in English.", replace_system_prompt=True)
     assert [m for m in replaced["system"] if m["role"] == "system"] == [
         {"role": "system", "content": "Answer in English."}]
+
+
+def test_records_keep_their_category(generator):
+    convs = [{"conversation_id": "m", "category": "math", "conversations": [{"role": "user", "content": "1+1?"}]},
+             {"conversation_id": "n", "category": 7, "conversations": [{"role": "user", "content": "2+2?"}]},
+             {"conversation_id": "o", "conversations": [{"role": "user", "content": "3+3?"}]}]
+    settings = SynthSettings(input="-", output="-", model_path="-", batch_size=2, max_new_tokens=4)
+    records: list[dict] = []
+    synthesize_conversations([parse_record(c, f"in:{i + 1}") for i, c in enumerate(convs)], generator, settings,
+                             sink=records.extend, on_reject=lambda r: None)
+    assert {r["conversation_id"]: r.get("category") for r in records} == {"m": "math", "n": None, "o": None}
+
+
+def test_empty_answers_are_kept_and_counted():
+    conv = parse_record({"id": "e", "messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]})
+    state, stats = TurnState(conv), SynthStats()
+    state.add_answer(Answer("", tokens=1))
+    state.add_answer(Answer("fine", tokens=2))
+    assert [m["content"] for m in _finish(state, stats)["conversations"]] == ["a", "", "b", "fine"]
+    assert stats.empty == 1 and stats.answers == 2
+    assert "  empty      1 answers have no text (the model ended its turn at once; kept)" in stats.format("out")
+    assert "empty" not in SynthStats(answers=3).format("out")
 
 
 def test_keep_answers_generates_only_the_missing_answers(generator, tiny_model, tmp_path, capsys):

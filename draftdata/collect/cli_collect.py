@@ -55,7 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_storage_option_argument(p)
     ray = p.add_argument_group("Ray cluster (see docs/RAY.md)")
     ray.add_argument("--ray", action="store_true", help="run on a Ray cluster: one actor per worker")
-    ray.add_argument("--ray-address", default=None, help="Ray address (default: auto / RAY_ADDRESS)")
+    ray.add_argument("--ray-address", default=None, help="Ray address: auto, HOST:6379 (default: Ray's own choice: RAY_ADDRESS, else this machine's running cluster, else a new local one)")
     ray.add_argument("--num-workers", type=int, default=None,
                      help="Ray actors (default: one per --gpus-per-worker GPUs; 1 with CPU actors)")
     ray.add_argument("--gpus-per-worker", type=float, default=None,

@@ -69,6 +69,7 @@ class CollectStats(RunStats):
     """Counts for the collect summary; `truncated`: written after cutting to --max-seq-len
     (--on-long truncate); `tokens`, `written` count committed data only."""
 
+    empty_answers: int = 0  # conversations written with an empty assistant message (kept: see docs/COLLECT.md)
     stored_bytes: int = 0  # bytes of the committed parts
     raw_bytes: int = 0  # raw bytes (bf16 + ids + mask) of the committed parts
     parts: int = 0
@@ -92,6 +93,9 @@ class CollectStats(RunStats):
             f"  bytes      {_size(self.stored_bytes)} stored, {_size(self.raw_bytes)} raw"], input)
         if self.truncated:
             lines.append(f"  truncated  {self.truncated:,} (cut to --max-seq-len, kept)")
+        if self.empty_answers:
+            lines.append(f"  empty      {self.empty_answers:,} conversations with an empty assistant message (kept; "
+                         "it trains the end-of-turn token alone)")
         return "\n".join(lines + self.where_lines(output, rejects))
 
 
@@ -132,14 +136,19 @@ def prepare_samples(items: Iterable[Conversation | Reject], chat: ChatTokenizer,
     here when it is skipped or rejected, in `collect_records` when it is written.
     """
 
+    empty: set[str] = set()  # ids of conversations with an empty answer, counted once they are written
+
     def fresh() -> Iterator[Conversation | Reject]:
         for item in items:
             stats.read += 1
-            if isinstance(item, Conversation) and item.conversation_id in skip_ids:
-                stats.skipped["already_committed"] += 1
-                if progress:
-                    progress(1, 0)
-                continue
+            if isinstance(item, Conversation):
+                if item.conversation_id in skip_ids:
+                    stats.skipped["already_committed"] += 1
+                    if progress:
+                        progress(1, 0)
+                    continue
+                if any(m["role"] == "assistant" and not m["content"].strip() for m in item.messages):
+                    empty.add(item.conversation_id)
             yield item
 
     for item in tokenize_stream(fresh(), chat, chunk=chunk):
@@ -150,6 +159,9 @@ def prepare_samples(items: Iterable[Conversation | Reject], chat: ChatTokenizer,
             continue
         if item.truncated:
             stats.truncated += 1
+        if item.conversation_id in empty:
+            empty.discard(item.conversation_id)
+            stats.empty_answers += 1
         yield item
 
 

@@ -157,6 +157,7 @@ class SynthStats(RunStats):
     end-of-turn token); `truncated`: answers cut at --max-new-tokens (or --max-seq-len)."""
 
     answers: int = 0  # assistant turns generated
+    empty: int = 0  # generated answers with no text (the model ended its turn at once; kept)
     generate_seconds: float = 0.0
     leading_assistant: int = 0  # written conversations whose assistant messages before any user message were dropped
 
@@ -167,6 +168,8 @@ class SynthStats(RunStats):
                                    input)
         if self.truncated:
             lines.append(f"  truncated  {self.truncated:,} answers hit --max-new-tokens (kept as generated)")
+        if self.empty:
+            lines.append(f"  empty      {self.empty:,} answers have no text (the model ended its turn at once; kept)")
         if self.leading_assistant:
             n = self.leading_assistant
             lines.append(f"  dropped    assistant messages before the first user message, in {n:,} "
@@ -224,6 +227,7 @@ class TurnState:
         self.kept = 0  # answers kept from the input (--keep-answers)
         self.tokens = 0
         self.truncated = 0
+        self.empty = 0  # generated answers with no text
         self.waiting = False  # the last message is a user message waiting for its answer
         self._advance()
 
@@ -256,10 +260,14 @@ class TurnState:
         self.turn += 1
         self.tokens += answer.tokens
         self.truncated += int(answer.truncated)
+        self.empty += int(not answer.text.strip())
         self._advance()
 
     def record(self) -> dict[str, Any]:
-        return {"conversation_id": self.conv.conversation_id, "conversations": self.messages}
+        record = {"conversation_id": self.conv.conversation_id, "conversations": self.messages}
+        if self.conv.category is not None:  # kept for eval's per-category breakdown
+            record["category"] = self.conv.category
+        return record
 
 
 def start_turns(conv: Conversation, settings: SynthSettings) -> TurnState:
@@ -703,6 +711,7 @@ def _finish(state: TurnState, stats: SynthStats) -> dict[str, Any]:
     stats.leading_assistant += int(state.leading_assistant > 0)
     stats.tokens += state.tokens
     stats.truncated += state.truncated
+    stats.empty += state.empty
     return state.record()
 
 

@@ -16,7 +16,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="dataset URL (local path, file://, s3://, gs://)")
     p.add_argument("--model", required=True,
                    help="base model: HF directory, hub id in the local cache, .gguf, or 'smollm2'; only "
-                        "embed_tokens, lm_head and the final norm are read (and one layer with --init-from-base)")
+                        "embed_tokens and lm_head are read (the final norm too for a dataset of pre-norm final states; "
+                        "one layer with --init-from-base)")
     p.add_argument("--output", required=True, help="output directory (checkpoints, metrics, final draft)")
     p.add_argument("--eagle-config", metavar="FILE",
                    help="JSON file with the EagleConfig fields to change (ModelOpt names), e.g. "
