@@ -117,6 +117,22 @@ def test_formats_agree_bit_exactly(tmp_path):
     assert [p.checksums for p in z.parts] == [p.checksums for p in a.parts]
 
 
+def test_fp8_decode_in_chunks_equals_the_whole_product():
+    """Chunked decoding (bounded float32 scratch) gives the bits of the one-shot float32 product."""
+    from draftdata.store.codecs import fp8_decode, fp8_encode
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(37, K * H, generator=g) * torch.logspace(-3, 3, 37).unsqueeze(1)).to(torch.bfloat16)
+    q, scale = fp8_encode(x.view(torch.uint16).numpy(), K)
+    whole = (torch.from_numpy(q).view(torch.float8_e4m3fn).float().view(37, K, H)
+             * torch.from_numpy(scale).unsqueeze(2)).view(37, K * H).to(torch.bfloat16)
+    for chunk in (1, K * H * 5, 1 << 20):  # one row at a time, 5 rows (a ragged last chunk), all at once
+        assert torch.equal(fp8_decode(q, scale, chunk=chunk).view(torch.int16), whole.view(torch.int16))
+    assert fp8_decode(q[:0], scale[:0]).shape == (0, K * H)
+    with pytest.raises(ValueError, match="do not fit 36 rows"):
+        fp8_decode(q, scale[:36])
+
+
 def test_memory_url_and_long_sample_spans_chunks():
     url = f"memory://rt-{os.getpid()}/ds"
     big = make_sample(99, length=3000)  # several token-row chunks

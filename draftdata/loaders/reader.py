@@ -9,9 +9,11 @@ it holds stay within the prefetch budget.
 
 from __future__ import annotations
 
+import atexit
 import queue
 import threading
 import warnings
+import weakref
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -145,6 +147,18 @@ def sample_view(store: Any, plan: RankPlan, lw: LoadedWindow, i: int) -> dict[st
     }
 
 
+_LIVE: weakref.WeakSet = weakref.WeakSet()  # prefetchers whose thread may still run, stopped at exit
+
+
+@atexit.register
+def _stop_all() -> None:
+    """Stop every reader thread before the interpreter finalizes: a daemon thread caught inside
+    torch or zarr code then is killed in C++ frames ("terminate called without an active
+    exception", exit status 134), e.g. after `break` ends a loop over the loader in a script."""
+    for prefetcher in list(_LIVE):
+        prefetcher.close()
+
+
 class Prefetcher:
     """Reads windows in order on a background thread, holding at most `budget` decoded bytes.
 
@@ -164,6 +178,7 @@ class Prefetcher:
         self._queue: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="draftdata-prefetch", daemon=True)
         self._thread.start()
+        _LIVE.add(self)
 
     def _run(self) -> None:
         try:
@@ -195,7 +210,12 @@ class Prefetcher:
             self._cond.notify_all()
 
     def close(self) -> None:
+        """Stop reading ahead and wait for the thread: it finishes the window it is reading, if any
+        (so closing costs at most one window read), and never starts another."""
         with self._cond:
             self._stop = True
             self._cond.notify_all()
+        if self._thread is not threading.current_thread():
+            self._thread.join()
+        _LIVE.discard(self)
 

@@ -47,13 +47,28 @@ def fp8_encode(bits: np.ndarray, slots: int) -> tuple[np.ndarray, np.ndarray]:
     return q.view(torch.uint8).reshape(rows, -1).numpy(), scale.numpy().astype(np.float32)
 
 
-def fp8_decode(q: np.ndarray, scale: np.ndarray) -> torch.Tensor:
-    """(fp8 bits uint8 [T, slots*H], scales [T, slots]) -> bf16 [T, slots*H]."""
+FP8_DECODE_CHUNK = 1 << 20  # elements decoded at a time: the float32 scratch stays ~4 MiB, cache-sized
+
+
+def fp8_decode(q: np.ndarray, scale: np.ndarray, chunk: int = FP8_DECODE_CHUNK) -> torch.Tensor:
+    """(fp8 bits uint8 [T, slots*H], scales [T, slots]) -> bf16 [T, slots*H].
+
+    Decoded `chunk` elements at a time into the bf16 output, so a read of many rows costs its
+    output plus a few MiB, not two float32 copies of it (4x the output each)."""
     rows, slots = scale.shape
+    width = q.shape[1] if q.ndim == 2 else -1
+    if q.shape[0] != rows or width < 0 or width % slots:
+        raise ValueError(f"fp8 bits of shape {q.shape} do not fit {rows} rows of {slots} scales")
     q, scale = np.array(q, copy=not q.flags.writeable), np.array(scale, copy=not scale.flags.writeable)
-    qt = torch.from_numpy(np.ascontiguousarray(q)).view(torch.float8_e4m3fn).float().view(rows, slots, q.shape[1] // slots)
-    out = qt * torch.from_numpy(np.ascontiguousarray(scale)).unsqueeze(2)
-    return out.view(rows, q.shape[1]).to(torch.bfloat16)
+    bits = torch.from_numpy(np.ascontiguousarray(q)).view(torch.float8_e4m3fn)
+    scales = torch.from_numpy(np.ascontiguousarray(scale, dtype=np.float32)).unsqueeze(2)
+    out = torch.empty(rows, width, dtype=torch.bfloat16)
+    step = max(1, chunk // max(width, 1))
+    for a in range(0, rows, step):
+        b = min(rows, a + step)
+        x = bits[a:b].float().view(b - a, slots, width // slots)
+        out[a:b] = x.mul_(scales[a:b]).view(b - a, width)  # the same float32 product, rounded to bf16
+    return out
 
 
 def shuffle_rows(bits: np.ndarray) -> np.ndarray:
