@@ -29,6 +29,7 @@ from draftdata.collect.backends.trtllm import (
     dump_files,
     load_dump_file,
     record_tensors,
+    trtllm_compute_dtype,
     trtllm_layers_to_capture,
 )
 from draftdata.errors import DraftdataError
@@ -276,3 +277,19 @@ def test_cli_collect_parallel_flags_are_checked_before_any_work(tiny_model, tmp_
         assert proc.returncode == 2, proc.stderr
         assert message in proc.stderr
         assert not out.exists()
+
+
+def test_compute_dtype_recorded_for_resumes(tmp_path):
+    """The commit records' `producer` names the dtype TensorRT-LLM computes in, so a resume that
+    computes differently is reported (as for the HF backend)."""
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps({"torch_dtype": "bfloat16"}))
+    assert trtllm_compute_dtype(tmp_path) == "bf16"          # named as the HF backend names it
+    assert trtllm_compute_dtype(tmp_path, {"dtype": "auto"}) == "bf16"
+    assert trtllm_compute_dtype(tmp_path, {"dtype": "float16"}) == "fp16"
+    assert trtllm_compute_dtype(tmp_path, {"dtype": torch.float16}) == "fp16"
+    (tmp_path / "config.json").write_text(json.dumps({"text_config": {"dtype": "float32"}}))
+    assert trtllm_compute_dtype(tmp_path) == "fp32"
+    (tmp_path / "config.json").write_text("{}")
+    assert trtllm_compute_dtype(tmp_path) is None

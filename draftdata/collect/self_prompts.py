@@ -262,6 +262,8 @@ class _Keeper:
                  progress: JobProgress | None, flush_at: int, follow: list[Conversation] | None = None) -> None:
         self.settings, self.out, self.fmt, self.progress, self.flush_at = settings, out, fmt, progress, flush_at
         self.follow = follow
+        self.seen: set[str] = set()  # folded prompts written so far (fresh prompts only; a follow-up is
+        # judged against its own conversation's earlier requests)
         if follow is None:
             self.seen, self.index = read_existing(out.path, settings.seed)
             self.prefixes = [query_prefix(fmt, settings.system_prompt, p) for p in settings.user_prefixes or [""]]
@@ -271,7 +273,6 @@ class _Keeper:
                                      f"{fmt.max_seq_len} positions")
         else:  # a rerun goes on after the last conversation continued before
             query_prefix(fmt, user_prefix=self.user_prefix(0))  # a template that cannot do this fails here, once
-            self.seen = set()
             self.index = 1 + max((i for i, c in enumerate(follow) if c.conversation_id in out.ids), default=-1)
         self.wanted = settings.count if settings.count is not None else len(follow or [])
         self.have = len(out.ids)

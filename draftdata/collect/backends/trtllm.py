@@ -253,6 +253,28 @@ class DumpCollector:
 # The backend: needs tensorrt_llm (and a GPU) at run time.
 # ---------------------------------------------------------------------------------------------
 
+def trtllm_compute_dtype(model_dir: str | Path, llm_kwargs: dict | None = None) -> str | None:
+    """The dtype TensorRT-LLM computes in, for the commit records' `producer`: the `dtype` given in
+    `llm_kwargs`, else (TensorRT-LLM's "auto") the checkpoint's own `torch_dtype` / `dtype` from
+    config.json; None when neither says. Named as the HF backend names them (bf16, fp16, fp32), so
+    a resume that switches backends compares like with like."""
+    import json
+
+    short = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32"}
+    wanted = (llm_kwargs or {}).get("dtype")
+    if wanted is None or str(wanted) == "auto":
+        try:
+            config = json.loads((Path(model_dir) / "config.json").read_text())
+        except (OSError, ValueError):
+            return None
+        text = config.get("text_config") or config
+        wanted = text.get("torch_dtype") or text.get("dtype") or config.get("torch_dtype") or config.get("dtype")
+    if not wanted:
+        return None
+    name = str(wanted).removeprefix("torch.")
+    return short.get(name, name)
+
+
 def import_tensorrt_llm() -> Any:
     """Import tensorrt_llm or stop with the one-line install hint."""
     try:
@@ -304,6 +326,8 @@ class TrtllmBackend(Backend):
         self._dump_parent = str(dump_dir) if dump_dir is not None else None
         self._dump_timeout_s = float(dump_timeout_s)
         self._llm_kwargs = dict(llm_kwargs or {})
+        self.dtype = trtllm_compute_dtype(self.model_path, self._llm_kwargs)  # both recorded in `producer`
+        self.device = torch.device("cuda")
         self._llm = None
         self._dump_dir: Path | None = None
         self._collector: DumpCollector | None = None
