@@ -83,6 +83,9 @@ def test_rejects_name_file_line_and_reason(tmp_path):
         conv(("user", "q"), ("assistant", "a"), id=""),                # 12
         conv(("user", "q2"), ("assistant", "a2"), id="good2"),         # 13
         r'{"id": "sur", "messages": [{"role": "user", "content": "half an emoji \ud83d"}]}',  # 14
+        {"id": "rl", "messages": [{"role": ["user"], "content": "q"}]},  # 15 a role that is a list
+        {"id": "rd", "messages": [{"role": {"r": 1}, "content": "q"}]},  # 16 (it crashed the whole run)
+        conv(("user", "q"), ("assistant", "a"), id="noasst"),           # 17 the id of a rejected record
     ])
     got = list(read_conversations(str(path)))
     rejects = [(r.source, r.reason) for r in got if isinstance(r, Reject)]
@@ -91,7 +94,8 @@ def test_rejects_name_file_line_and_reason(tmp_path):
         (f"{f}:2", "malformed_json"), (f"{f}:4", "not_an_object"), (f"{f}:5", "missing_conversations"),
         (f"{f}:6", "empty_conversations"), (f"{f}:7", "unknown_role"), (f"{f}:8", "non_string_content"),
         (f"{f}:9", "duplicate_id"), (f"{f}:10", "no_assistant_turn"), (f"{f}:11", "bad_message"),
-        (f"{f}:12", "bad_id"), (f"{f}:14", "malformed_json"),
+        (f"{f}:12", "bad_id"), (f"{f}:14", "malformed_json"), (f"{f}:15", "unknown_role"),
+        (f"{f}:16", "unknown_role"), (f"{f}:17", "duplicate_id"),
     ]
     surrogate = next(r for r in got if isinstance(r, Reject) and r.source == f"{f}:14")
     assert "lone UTF-16 surrogate" in surrogate.detail and "messages[0]" in surrogate.detail
@@ -99,11 +103,12 @@ def test_rejects_name_file_line_and_reason(tmp_path):
     assert [c.source for c in got if isinstance(c, Conversation)] == [f"{f}:1", f"{f}:13"]
     dup = next(r for r in got if isinstance(r, Reject) and r.reason == "duplicate_id")
     assert dup.conversation_id == "good" and "good" in str(dup) and f"{f}:9" in str(dup)
+    assert "only the first record with an id is read" in dup.detail
     # prompt-only conversations are fine when every token is trained on
     kept = [c.conversation_id for c in read_conversations(str(path), require_assistant=False)
             if isinstance(c, Conversation)]
     assert kept == ["good", "noasst", "good2"]
-    assert count_records(str(path)) == 13 and count_records(str(path), limit=5) == 5
+    assert count_records(str(path)) == 16 and count_records(str(path), limit=5) == 5
     assert count_records(str(path), limit=0) == 0
 
 
@@ -142,6 +147,11 @@ def test_directory_glob_gzip_and_fsspec_inputs(tmp_path):
     assert got[1].source == f"{d}/a.jsonl:2"
     assert [x.conversation_id for x in read_conversations(str(d / "*.jsonl")) if isinstance(x, Conversation)] == ["a", "b"]
     assert [x.conversation_id for x in read_conversations(str(d), limit=2) if isinstance(x, Conversation)] == ["a"]
+    for sub in ("x", "y"):          # a wildcard folder: each file named by its own path, not "in/*/p.jsonl"
+        (tmp_path / "w" / sub).mkdir(parents=True)
+        write_jsonl(tmp_path / "w" / sub / "p.jsonl", ["oops"])
+    sources = [r.source for r in read_conversations(str(tmp_path / "w" / "*" / "p.jsonl"))]
+    assert sources == [f"{tmp_path}/w/x/p.jsonl:1", f"{tmp_path}/w/y/p.jsonl:1"]
     with fsspec.open("memory://draftdata-test/input.jsonl", "w") as f:
         f.write(json.dumps(conv(("user", "m"), ("assistant", "M"), id="m")) + "\n")
     got = list(read_conversations("memory://draftdata-test/input.jsonl"))
@@ -248,6 +258,37 @@ def test_mask_for_templates_that_render_the_last_reply_differently(tokenizer):
     (s,) = chat.tokenize([parse_record(conv(("user", "is 7 prime?"), ("assistant", "<think>\nno divisors\n</think>\n\nyes"),
                                             ("user", "Is 9 prime?"), ("assistant", "no")))])
     assert masked_text(tokenizer, s) == ["yes<|im_end|>", "<think>\n\n</think>\n\nno<|im_end|>"]
+
+
+def test_short_empty_and_reasoning_replies_of_earlier_turns(tokenizer):
+    """Earlier replies a template renders differently are looked for after their assistant header:
+    a reply "a" or "start" was found inside "<|im_start|>assistant" (the header trained, the reply
+    not); an empty one is its end-of-turn token (it was rejected); a reasoning reply ending in a
+    newline keeps its end-of-turn token."""
+    chat = ChatTokenizer(tokenizer, chat_template=QWEN3_LIKE)
+    for reply, want in (("a", "a<|im_end|>"), ("start", "start<|im_end|>"), ("", "<|im_end|>"),
+                        ("<think>\nr\n</think>\n\nyes\n", "yes<|im_end|>")):
+        (s,) = chat.tokenize([parse_record(conv(("user", "Pick a, b or c"), ("assistant", reply),
+                                                ("user", "and next?"), ("assistant", "b")))])
+        assert masked_text(tokenizer, s) == [want, "<think>\n\n</think>\n\nb<|im_end|>"], reply
+
+
+MISTRAL_V03_LIKE = (  # Mistral-7B-Instruct-v0.3's rule: the system prompt goes into the last user message
+    "{% if messages[0]['role'] == 'system' %}{% set system_message = messages[0]['content'] %}"
+    "{% set loop_messages = messages[1:] %}{% else %}{% set loop_messages = messages %}{% endif %}"
+    "{% for m in loop_messages %}{% if m['role'] == 'user' %}{% if loop.last and system_message is defined %}"
+    "[INST] {{ system_message }}\n\n{{ m['content'] }}[/INST]{% else %}[INST] {{ m['content'] }}[/INST]{% endif %}"
+    "{% else %} {{ m['content'] }}<|im_end|>{% endif %}{% endfor %}")
+
+
+def test_reply_is_not_taken_from_the_request_when_the_system_prompt_moves(tokenizer):
+    """With a system prompt the render of the messages before a reply differs from the conversation
+    from the request on: the reply "yes" was found in the request "Say yes or no"."""
+    chat = ChatTokenizer(tokenizer, chat_template=MISTRAL_V03_LIKE)
+    (s,) = chat.tokenize([parse_record(conv(("system", "Be brief."), ("user", "Is 7 prime? Say yes or no."),
+                                            ("assistant", "yes"), ("user", "Is 9 prime? no or yes"),
+                                            ("assistant", "no")))])
+    assert [t.strip() for t in masked_text(tokenizer, s)] == ["yes<|im_end|>", "no<|im_end|>"]
 
 
 def test_reply_starting_like_the_generation_prompt_tail_is_found(tokenizer):

@@ -303,6 +303,8 @@ def test_token_budget_counts_the_rounded_length(local_ds):
     assert all(t % 32 == 0 and (b * t <= 96 or b == 1) for b, t in shapes)
     assert sum(b for b, _ in shapes) == ds.num_samples
     assert max(b * t for b, t in shapes) > 64                  # the budget is used, not just one sample
+    with pytest.warns(UserWarning, match=r"\(32 padded to a multiple of 32\) exceed max_tokens_per_batch=30"):
+        HiddenStateDataset(url, max_tokens_per_batch=30, max_seq_len=30, pad_to_multiple_of=32)
 
 
 def test_samples_are_views_of_the_stored_bits(local_ds):
@@ -407,6 +409,75 @@ def test_stateful_dataloader_with_loader_batching_and_an_early_checkpoint(local_
         again = loader(HiddenStateDataset(url, **kw))
         again.load_state_dict(state)
         assert head + [b["conversation_id"] for b in again] == full, k
+
+
+def test_checkpoints_at_an_epoch_boundary_resume_the_new_epoch(local_ds):
+    """A state taken after set_epoch(e+1), before (or just after) the new epoch's first item, is a
+    position in epoch e+1: it used to be the finished epoch e's count labelled e+1, so the resume
+    lost that many items (in process, and in persistent StatefulDataLoader workers)."""
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    url, _ = local_ds
+    kw = {"seed": 5, "prefetch_bytes": 40 * TOKEN_BYTES}
+    ds = HiddenStateDataset(url, **kw)
+    for _ in ds:
+        pass
+    ds.set_epoch(1)
+    state = ds.state_dict()
+    assert (state["epoch"], state["items_yielded"]) == (1, 0)
+    ds.load_state_dict({"epoch": 1, "items_consumed": 3})
+    assert ds.state_dict()["items_yielded"] == 3              # the loaded position, not the last iteration's
+
+    fresh = HiddenStateDataset(url, **kw)
+    fresh.set_epoch(1)
+    full = run_loader(fresh, num_workers=2)
+    for head_n in (0, 1):
+        ds = HiddenStateDataset(url, **kw)
+        loader = StatefulDataLoader(ds, batch_size=None, num_workers=2, persistent_workers=True)
+        for _ in loader:                                     # epoch 0
+            pass
+        ds.set_epoch(1)
+        it = iter(loader)
+        head = take(it, head_n)
+        state = pickle.loads(pickle.dumps(loader.state_dict()))
+        del it, loader
+        ds2 = HiddenStateDataset(url, **kw)
+        ds2.set_epoch(1)
+        again = StatefulDataLoader(ds2, batch_size=None, num_workers=2)
+        again.load_state_dict(state)
+        assert head + [ids_of(x) for x in again] == full, head_n
+
+
+def test_a_loaded_state_applies_to_one_iteration_with_workers(local_ds):
+    """Workers apply a loaded state once: iterating the same epoch again (no set_epoch) reads all of
+    it, as in process (the state stuck in the main process's copy and every iteration resumed)."""
+    url, _ = local_ds
+    kw = {"seed": 6, "prefetch_bytes": 40 * TOKEN_BYTES}
+    full = run_loader(HiddenStateDataset(url, **kw), num_workers=2)
+    for persistent in (False, True):
+        ds = HiddenStateDataset(url, **kw)
+        ds.load_state_dict({"epoch": 0, "items_consumed": 10})
+        loader = DataLoader(ds, batch_size=None, num_workers=2, persistent_workers=persistent)
+        assert [ids_of(x) for x in loader] == full[10:]
+        assert [ids_of(x) for x in loader] == full, persistent
+        assert ds.state_dict()["items_yielded"] == 0         # main process: the next iteration starts over
+
+
+def test_a_cursor_naming_its_num_workers_refuses_another(local_ds):
+    """The items a count covers depend on num_workers; a cursor that names it is checked (one that
+    does not cannot be, see docs/LOADER.md)."""
+    url, _ = local_ds
+    ds = HiddenStateDataset(url, seed=2)
+    ds.load_state_dict({"epoch": 0, "items_consumed": 4, "num_workers": 2})
+    with pytest.raises(DraftdataError, match="num_workers=2, this DataLoader has 1"):
+        run_loader(ds, num_workers=1)
+    ds.load_state_dict({"epoch": 0, "items_consumed": 4, "num_workers": 2})
+    assert len(run_loader(ds, num_workers=2)) == ds.num_samples - 4
+    ds.load_state_dict({"epoch": 0, "items_consumed": 4, "num_workers": 0})
+    assert len(run_loader(ds, num_workers=0)) == ds.num_samples - 4
+    ds.load_state_dict({"epoch": 0, "items_consumed": 4, "num_workers": 0})
+    with pytest.raises(DraftdataError, match="num_workers=0, this DataLoader has 2"):
+        run_loader(ds, num_workers=2)
 
 
 def test_resume_refuses_a_different_setup(local_ds):

@@ -345,6 +345,12 @@ def test_follow_up_writes_the_next_user_turn_of_answered_conversations(user_mode
     before = local.read_text()
     assert run_cli("--model", user_model, "--dtype", "fp32", "--output", local, *flags) == 0
     assert local.read_text() == before and "written    0 prompts" in capsys.readouterr().out
+    partial = tmp_path / "partial.jsonl"   # a run stopped while earlier conversations were in flight
+    shutil.copytree(tmp_path / "local.jsonl.synth", tmp_path / "partial.jsonl.synth")
+    partial.write_text(before.splitlines(keepends=True)[-1])
+    assert run_cli("--model", user_model, "--dtype", "fp32", "--output", partial, *flags) == 0
+    key = lambda r: r["conversation_id"]  # noqa: E731
+    assert sorted(records(partial), key=key) == sorted(got, key=key)  # the rerun continued them (it skipped them)
     one = tmp_path / "one.jsonl"
     assert run_cli("--model", user_model, "--dtype", "fp32", "--output", one, *flags, "--count", 1) == 0
     assert records(one) == got[:1] and "(1 of --count 1 in the file)" in capsys.readouterr().out

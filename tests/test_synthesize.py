@@ -191,6 +191,11 @@ def test_keep_answers_generates_only_the_missing_answers(generator, tiny_model, 
     assert kept["lead"][:2] == [u2, given] and kept["lead"][2] == u1 and len(kept["lead"]) == 4
     rewritten = synth(convs[1:2], generator)["done"]  # without it every answer is written again
     assert rewritten[0] == u1 and rewritten[1] != given
+    system = {"role": "system", "content": "Be brief."}  # answers not right after a user message are dropped
+    odd = synth([{"conversation_id": "a", "conversations": [u1, given, given]},
+                 {"conversation_id": "s", "conversations": [u1, system, given]}], generator, keep_answers=True)
+    assert odd["a"] == [u1, given]
+    assert odd["s"][0] == u1 and odd["s"][1]["role"] == "assistant" and odd["s"][1] != given and odd["s"][2:] == [system]
 
     inp, out = write_jsonl(tmp_path / "in.jsonl", convs), tmp_path / "out.jsonl"
     common = ["--model", tiny_model, "--input", inp, "--output", out, "--max-new-tokens", MAX_NEW]

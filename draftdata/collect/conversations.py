@@ -109,6 +109,8 @@ def input_files(input: str, storage_options: dict | None = None) -> list[tuple[A
     fs, path = fsspec.core.url_to_fs(input, **((storage_options or {}) if remote else {}))
     if any(c in path for c in "*?["):
         paths, folder = sorted(fs.glob(path)), os.path.dirname(input)
+        if any(c in folder for c in "*?["):  # "in/*/part.jsonl": the folder differs per file
+            folder = ""
     elif fs.isdir(path):
         paths, folder = sorted(p for p in fs.ls(path, detail=False) if p.endswith(JSONL_SUFFIXES)), input
         if not paths:
@@ -121,6 +123,8 @@ def input_files(input: str, storage_options: dict | None = None) -> list[tuple[A
         raise DraftdataError(f"--input {input}: the pattern matches no files")
 
     def display(p: str) -> str:  # as the user wrote it: "in/", "s3://b/in/*.jsonl" -> that folder + name
+        if folder == "":
+            return fs.unstrip_protocol(p) if remote else p
         return input if folder is None else f"{folder.rstrip('/')}/{os.path.basename(p)}"
 
     return [(fs, p, display(p)) for p in paths]
@@ -177,8 +181,9 @@ def read_conversations(input: str, storage_options: dict | None = None, *, limit
                 yield Reject(source, e.reason, e.detail, e.conversation_id)
                 continue
             if conv.conversation_id in seen:
-                yield Reject(source, "duplicate_id", f"id {conv.conversation_id!r} already seen earlier "
-                             f"in the input", conv.conversation_id)
+                yield Reject(source, "duplicate_id", f"id {conv.conversation_id!r} already used by an earlier "
+                             "record of the input: only the first record with an id is read (look for "
+                             "that one among the kept or the rejected)", conv.conversation_id)
                 continue
             seen.add(conv.conversation_id)
             if require_assistant and not any(m["role"] == "assistant" for m in conv.messages):
@@ -224,7 +229,7 @@ def parse_record(obj: Any, source: str = "") -> Conversation:
         content = m.get("content", m.get("value"))
         if role is None:
             raise RecordError("bad_message", f"{key}[{i}] has no 'role' (or 'from')", cid)
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:
             raise RecordError("unknown_role", f"{key}[{i}] role {role!r}; expected one of "
                               f"system/user/assistant (ShareGPT: system/human/gpt)", cid)
         if not isinstance(content, str):
@@ -362,10 +367,17 @@ class ChatTokenizer:
                 # The template renders this turn differently when it is not the last message (e.g.
                 # Qwen3 adds an empty think block to the last reply only, gpt-oss ends it with
                 # <|return|>): find the reply's text itself, after everything the conversation
-                # shares with the render of the messages before it, so that words of the system
-                # prompt or the user's message are never taken for the reply. (Not the generation
-                # prompt: its tail, e.g. R1's "<think>\n", can run on into a reply starting "<".)
-                lo = max(cursor, len(os.path.commonprefix([self.render(messages[:i]), text])))
+                # shares with the render of the messages before it, after the request it answers
+                # (Mistral moves the system prompt into the last request, so the shared part can
+                # end before it) and after the assistant header, so that words of the system
+                # prompt, of the user's message or of the header are never taken for the reply.
+                before = self.render(messages[:i])
+                lo = max(cursor, len(os.path.commonprefix([before, text])))
+                request = messages[i - 1]["content"].strip() if messages[i - 1]["role"] != "assistant" else ""
+                at = text.find(request, cursor) if request else -1
+                if at >= 0:
+                    lo = max(lo, at + len(request))
+                lo += self._header_at(prompt[len(before):] if prompt.startswith(before) else "", text, lo)
                 start, end = self._find_reply(m["content"], text, lo)
                 if start < 0:
                     raise RecordError("template_error", f"cannot locate assistant turn {i} in the rendered "
@@ -376,18 +388,45 @@ class ChatTokenizer:
             cursor = max(cursor, end)
         return spans
 
+    def _header_at(self, header: str, text: str, lo: int) -> int:
+        """How much of the generation prompt's tail (`header`, e.g. "<|im_start|>assistant\n") `text`
+        has at `lo`: the longest piece of it ending at a newline, a special token or its end. (Not
+        any prefix: R1's "<think>\n", which stored replies do not render, could run on into a reply
+        starting with "<".)"""
+        cuts = {len(header)} | {i + 1 for i, ch in enumerate(header) if ch == "\n"}
+        for sp in self._specials:
+            at = header.find(sp)
+            while at >= 0:
+                cuts.add(at + len(sp))
+                at = header.find(sp, at + 1)
+        return next((c for c in sorted(cuts, reverse=True) if c and text.startswith(header[:c], lo)), 0)
+
+    def _special_at(self, text: str, at: int) -> int:
+        """Length of the special token (e.g. the end of turn) at `at`, after whitespace; 0 if none."""
+        k = at
+        while k < len(text) and text[k] in " \t\n":
+            k += 1
+        size = next((len(s) for s in self._specials if text.startswith(s, k)), 0)
+        return k - at + size if size else 0
+
     def _find_reply(self, content: str, text: str, lo: int) -> tuple[int, int]:
         """(start, end) of a reply in `text` at or after `lo`, its end-of-turn token included;
         (-1, -1) if absent. Reasoning templates (Qwen3, DeepSeek-R1) drop the <think> block of
-        earlier replies, so the text after the last </think> is tried next."""
+        earlier replies, so the text after the last </think> is tried next. An empty reply is the
+        end-of-turn token at `lo`."""
         candidates = [content]
         if "</think>" in content:
             candidates.append(content.rsplit("</think>", 1)[1].strip())
         for c in candidates:
-            start = text.find(c, lo) if c else -1
+            if not c.strip():
+                size = self._special_at(text, lo)
+                if size:
+                    return lo, lo + size
+                continue
+            start = text.find(c, lo)
             if start >= 0:
                 end = start + len(c)
-                return start, end + next((len(s) for s in self._specials if text.startswith(s, end)), 0)
+                return start, end + self._special_at(text, end)
         return -1, -1
 
     def tokenize(self, conversations: list[Conversation]) -> list[TokenizedSample | Reject]:

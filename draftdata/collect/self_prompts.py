@@ -271,9 +271,9 @@ class _Keeper:
             if self.budget(longest) < 1:
                 raise DraftdataError(f"the prompt prefix has {longest} tokens: no room within the model's "
                                      f"{fmt.max_seq_len} positions")
-        else:  # a rerun goes on after the last conversation continued before
+        else:  # a rerun continues every conversation not in the file yet (rows finish out of order)
             query_prefix(fmt, user_prefix=self.user_prefix(0))  # a template that cannot do this fails here, once
-            self.index = 1 + max((i for i, c in enumerate(follow) if c.conversation_id in out.ids), default=-1)
+            self.index = 0
         self.wanted = settings.count if settings.count is not None else len(follow or [])
         self.have = len(out.ids)
         self.stats = PromptStats()
@@ -305,6 +305,9 @@ class _Keeper:
                 rows.append((index, prefix, turn_seed(settings.seed, f"self-{index}", 0), self.budget(len(prefix))))
             elif index >= len(self.follow):
                 break
+            elif self.follow[index].conversation_id in self.out.ids:  # continued by an earlier run
+                self.index += 1
+                continue
             else:
                 conv = self.follow[index]
                 try:

@@ -209,9 +209,13 @@ class TurnState:
     def __init__(self, conv: Conversation, *, seed: int = 0, system_prompt: str | None = None,
                  replace_system_prompt: bool = False, keep_answers: bool = False):
         first_user = next((i for i, m in enumerate(conv.messages) if m["role"] == "user"), len(conv.messages))
-        # the answers are written again (or, --keep-answers, kept); assistant messages before the first
-        # user message answer nothing, so they are dropped either way
-        kept = [m for i, m in enumerate(conv.messages) if m["role"] != "assistant" or (keep_answers and i > first_user)]
+        # the answers are written again (or, --keep-answers, kept: an assistant message right after a
+        # user message, that turn's answer); assistant messages before the first user message answer
+        # nothing, so they are dropped either way, and so are other ones (after a system message or
+        # another answer), which the model did not write for a user turn
+        msgs = conv.messages
+        kept = [m for i, m in enumerate(msgs) if m["role"] != "assistant"
+                or (keep_answers and i > first_user and msgs[i - 1]["role"] == "user")]
         self.leading_assistant = sum(m["role"] == "assistant" for m in conv.messages[:first_user])
         if system_prompt is not None:
             if replace_system_prompt:

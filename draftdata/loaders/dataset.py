@@ -7,6 +7,7 @@ plan itself.
 from __future__ import annotations
 
 import os
+import random
 import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +23,7 @@ from draftdata.loaders.collate import collate_samples, empty_batch
 from draftdata.loaders.reader import Prefetcher, load_window, read_segment, sample_view
 
 STATE_FORMAT = "draftdata.loader/1"
+TRACKED_WORKERS = 1024  # DataLoader worker ids whose use of a loaded state is remembered (8 KiB shared)
 DEFAULT_PREFETCH_BYTES = 2 << 30
 
 
@@ -125,18 +127,26 @@ class HiddenStateDataset(IterableDataset):
         self._counts = [p.num_samples for p in self.store.parts]
         self._lengths = [p.lengths for p in self.store.parts]
         self._resume: dict[str, Any] | None = None
+        self._resume_id = 0  # a fresh random id per load_state_dict
+        # Per DataLoader worker id: the id of the loaded state its iterator has applied. A loaded state
+        # applies to one iteration: the next iteration of a worker (a new one too) starts normally.
+        self._resume_used = torch.zeros(TRACKED_WORKERS, dtype=torch.int64).share_memory_()
         self._yielded = 0
         self._iter_worker: tuple[int, int, int] | None = None  # (worker id, logical worker, num_workers)
+        self._iter_epoch = -1  # the epoch _iter_worker's iteration reads
         self._iter_pid: int | None = None  # process whose iterator _iter_worker describes
         self.stats: dict[str, int] = {}
         if max_tokens_per_batch:
             longest = max(int(x.max()) for x in self._lengths)
             if max_seq_len:
                 longest = min(longest, max_seq_len)
-            if longest > max_tokens_per_batch:
-                warnings.warn(f"{self.store.url}: samples of up to {longest} tokens exceed max_tokens_per_batch="
-                              f"{max_tokens_per_batch}; each forms a batch of its own. Set max_seq_len to cap them.",
-                              stacklevel=2)
+            padded = planning.padded_length(longest, pad_to_multiple_of)
+            if padded > max_tokens_per_batch:
+                shape = f"{longest} tokens" + (f" ({padded} padded to a multiple of {pad_to_multiple_of})"
+                                               if padded != longest else "")
+                warnings.warn(f"{self.store.url}: samples of up to {shape} exceed max_tokens_per_batch="
+                              f"{max_tokens_per_batch}; each forms a batch of its own. Set max_seq_len (rounded "
+                              "up to pad_to_multiple_of) at most the budget to cap them.", stacklevel=2)
 
     # ------------------------------------------------------------------ plan and metadata
     @property
@@ -199,6 +209,17 @@ class HiddenStateDataset(IterableDataset):
         if self._resume is not None and self._resume["epoch"] != self.epoch:
             self._resume = None
 
+    def _unused_resume(self, wid: int | None) -> dict[str, Any] | None:
+        """The loaded state, unless an iterator already applied it: DataLoader worker `wid` (in a
+        worker), or any worker (`wid` None: the main process, whose copy the workers do not update)."""
+        state = self._resume
+        if state is None:
+            return None
+        used = self._resume_used if wid is None else self._resume_used[wid:wid + 1]
+        if bool((used == self._resume_id).any()):
+            return None
+        return state
+
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict[str, Any]:
         """Position of this process's iterator (a DataLoader worker's, under StatefulDataLoader).
@@ -206,20 +227,20 @@ class HiddenStateDataset(IterableDataset):
         Before this process has started iterating (e.g. a DataLoader worker that has yielded
         nothing yet when the trainer checkpoints), it is the position the next iteration starts from.
         """
-        if self._iter_worker is not None and self._iter_pid == os.getpid():
+        if self._iter_worker is not None and self._iter_pid == os.getpid() and self._iter_epoch == self.epoch:
             wid, logical, nw = self._iter_worker
             yielded = self._yielded
-        else:
+        else:  # nothing iterated yet in this process, or an earlier epoch (set_epoch since, persistent workers)
             if get_worker_info() is None and int(self._worker_epoch) == self.epoch:
                 warnings.warn(f"{self.store.url}: state_dict() in the main process while DataLoader workers iterate "
                               f"epoch {self.epoch}: it is where the next iteration would start, not where the "
                               "workers are; use torchdata's StatefulDataLoader, or count the items your loop "
                               "consumed and resume with {'epoch': e, 'items_consumed': n} (docs/LOADER.md, Resume)",
                               stacklevel=2)
-            state = self._resume
+            info = get_worker_info()
+            state = self._unused_resume(None if info is None else info.id)
             if state is not None and state["epoch"] == self.epoch and "items_consumed" not in state:
                 return dict(state)
-            info = get_worker_info()
             wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
             yielded, logical = 0, wid
             if state is not None and state["epoch"] == self.epoch:
@@ -233,7 +254,9 @@ class HiddenStateDataset(IterableDataset):
 
         Accepts `state_dict()` output (also what StatefulDataLoader saves per worker), or a global
         cursor `{"epoch": e, "items_consumed": n}`: the number of items this rank's DataLoader
-        had yielded in epoch e (count them in your training loop; needs the same num_workers).
+        had yielded in epoch e (count them in your training loop; needs the same num_workers: add
+        `"num_workers": w` to have a different one refused instead of resuming at wrong items).
+        A loaded state applies to the next iteration only (of each DataLoader worker).
 
         The global cursor assumes `DataLoader(ds, batch_size=None)` (the dataset batches, or
         yields samples one by one), where the DataLoader takes one item from each worker in turn.
@@ -252,6 +275,8 @@ class HiddenStateDataset(IterableDataset):
                                  "with the same settings")
         self.epoch = int(state["epoch"])
         self._resume = dict(state)
+        self._resume_id = random.getrandbits(62) + 1
+        self._iter_worker = None  # state_dict() now reports the loaded position
 
     def _state_differences(self, state: dict[str, Any]) -> str:
         """What differs from when `state` was saved, as far as the state says (older states: only
@@ -276,12 +301,20 @@ class HiddenStateDataset(IterableDataset):
         continued at some worker w*, so worker ids are rotated by w* (the round-robin order of
         the remaining items is then the same).
         """
-        state = self._resume
-        if get_worker_info() is None:
-            self._resume = None  # in the main process a resume applies to one iteration only
+        in_worker = get_worker_info() is not None
+        state = self._unused_resume(wid) if in_worker else self._resume
+        if not in_worker:
+            self._resume = None  # a resume applies to one iteration only
+        elif state is not None and wid < TRACKED_WORKERS:
+            self._resume_used[wid] = self._resume_id
         if state is None or state["epoch"] != self.epoch:
             return 0, wid
         if "items_consumed" in state:
+            if "num_workers" in state and max(1, int(state["num_workers"])) != nw:  # 0 workers read as 1
+                have = nw if in_worker else 0
+                raise DraftdataError(f"cannot resume: the cursor was counted with num_workers={state['num_workers']}, "
+                                     f"this DataLoader has {have}; the items consumed depend on it, so use the "
+                                     "same num_workers")
             return self._cursor_point(plan, int(state["items_consumed"]), wid, nw)
         if state["num_workers"] != nw or state["worker_id"] != wid:
             raise DraftdataError(f"cannot resume: the state is worker {state['worker_id']} of {state['num_workers']}, "
@@ -306,6 +339,7 @@ class HiddenStateDataset(IterableDataset):
         plan = self.plan()
         skip, logical = self._resume_point(plan, wid, nw)
         self._iter_worker, self._iter_pid, self._yielded = (wid, logical, nw), os.getpid(), skip
+        self._iter_epoch = self.epoch
         windows = plan.worker_windows(logical, nw)
         # Windows whose items were all yielded before the resume point are not read at all.
         while windows and skip >= len(windows[0].items):

@@ -805,7 +805,7 @@ def _train(cfg: TrainConfig) -> TrainResult:
         while step < total_steps and not out_of_time and not interrupted:
             dataset.set_epoch(epoch)
             if consumed:
-                dataset.load_state_dict({"epoch": epoch, "items_consumed": consumed})
+                dataset.load_state_dict({"epoch": epoch, "items_consumed": consumed, "num_workers": cfg.num_workers})
             loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers,
                                                  pin_memory=device.type == "cuda",
                                                  worker_init_fn=_ignore_sigint if cfg.num_workers else None)
