@@ -291,6 +291,27 @@ def test_max_minutes_stops_with_a_checkpoint_and_resume_continues(tmp_path, tiny
     assert main(bad) == 2 and not (tmp_path / "bad").exists()       # bad value: one-line error, nothing written
 
 
+def test_resume_applies_a_changed_lr_and_refuses_weight_decay_on_off(tmp_path, tiny_model, train_data):  # noqa: F811
+    """--lr (and a non-zero --weight-decay) may change on --resume and then apply: the checkpoint's
+    optimizer state brought the old values back while the log and train_config.json named the new.
+    Turning weight decay on or off is refused up front, train_config.json untouched."""
+    out = tmp_path / "run"
+    common = ["train", "--data", train_data, "--model", str(tiny_model), "--output", str(out),
+              "--eagle-config", str(eagle_file(tmp_path)), "--steps", "4", "--batch-tokens", "512",
+              "--save-every", "100", "--ttt-steps", "2", "--schedule", "constant", "--warmup-steps", "0",
+              "--no-plot"]
+    assert main(common + ["--lr", "3e-3", "--weight-decay", "0.1", "--max-minutes", "0.0001"]) == 0
+    config = (out / "train_config.json").read_text()
+    assert main(common + ["--lr", "1e-3", "--weight-decay", "0", "--resume"]) == 2
+    assert (out / "train_config.json").read_text() == config
+    assert main(common + ["--lr", "1e-3", "--weight-decay", "0.2", "--resume"]) == 0
+    assert [r["lr"] for r in read_metrics(out)] == pytest.approx([3e-3, 1e-3, 1e-3, 1e-3])
+    saved = json.loads((out / "train_config.json").read_text())
+    assert (saved["lr"], saved["weight_decay"]) == (1e-3, 0.2)
+    state = torch.load(out / "checkpoints" / "step-00000004" / "trainer_state.pt", weights_only=True)
+    assert [g["weight_decay"] for g in state["optimizer"]["param_groups"]] == [0.2, 0.0]
+
+
 def test_pad_to_multiple_of_rounds_batches_and_is_fixed_for_the_run(tmp_path, tiny_model, train_data):  # noqa: F811
     """--pad-to-multiple-of reaches the loader (every batch's padded length is a multiple of it,
     seen in the logged padding efficiency) and a resume with another value is refused."""

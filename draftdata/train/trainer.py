@@ -438,6 +438,10 @@ def _check_resume_config(saved: dict[str, Any], now: dict[str, Any], path: Path)
         saved["pad_to_multiple_of"] = None
     diffs = [f"{k}: checkpoint run had {saved.get(k)!r}, now {now.get(k)!r}"
              for k in RESUME_FIXED if saved.get(k) != now.get(k)]
+    if "weight_decay" in saved and bool(saved["weight_decay"]) != bool(now.get("weight_decay")):
+        diffs.append(f"weight_decay: checkpoint run had {saved['weight_decay']!r}, now {now.get('weight_decay')!r} "
+                     "(turning weight decay on or off changes the optimizer's parameter groups; another "
+                     "non-zero value is fine)")
     if diffs:
         raise DraftdataError(f"cannot --resume from {path}: settings differ from the interrupted run ("
                              + "; ".join(diffs) + "); use the same settings or a new --output")
@@ -718,8 +722,6 @@ def _train(cfg: TrainConfig) -> TrainResult:
         elif cfg.init_from_base and ckpt is None:
             init_tensors, note = read_base_layer_init(base_dir, draft_cfg)
             init_notes = [note]
-        if info.main:
-            write_run_config(output, run_settings)
         torch.manual_seed(cfg.seed)                      # identical initial draft on every rank
         if schema.base_model_hash and model_hash(base_dir, like=schema.base_model_hash) != schema.base_model_hash:
             _log(f"warning: --model {cfg.model} is not the model {cfg.data} was collected with (the dataset says "
@@ -768,6 +770,14 @@ def _train(cfg: TrainConfig) -> TrainResult:
                 raise DraftdataError(f"{ckpt}: the optimizer state does not fit this run's parameter groups "
                                      f"({e}); resume with the version that wrote it, or start a new --output") from None
             scheduler.load_state_dict(state["scheduler"])
+            # The checkpoint's groups hold its lr, betas and weight decay: this run's settings apply
+            # (--lr, --steps, --schedule, --warmup-steps, --betas, a non-zero --weight-decay may change
+            # on resume; unchanged, every value below equals the loaded one, so resuming stays exact).
+            scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
+            for g, wanted, f in zip(optimizer.param_groups, param_groups(draft, cfg.weight_decay), scheduler.lr_lambdas):
+                g.update(initial_lr=cfg.lr, lr=cfg.lr * f(scheduler.last_epoch), betas=tuple(cfg.betas),
+                         weight_decay=wanted["weight_decay"])
+            scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]  # what get_last_lr() reports
             step, epoch, consumed = state["step"], state["epoch"], state["items_consumed"]
             tokens_seen, elapsed_before = state["tokens_seen"], state["elapsed_s"]
             corrupt_seen = state.get("corrupt_samples", 0)
@@ -776,6 +786,9 @@ def _train(cfg: TrainConfig) -> TrainResult:
             _log(f"resumed from {ckpt} at step {step} (epoch {epoch}, {consumed} batches into it)", info)
         else:
             torch.manual_seed(cfg.seed + info.rank)     # per-rank stream (mix_hidden_states, dropout)
+
+        if info.main:    # every input checked and the checkpoint loaded: only now is the output written
+            write_run_config(output, run_settings)
 
         # -- 6. loop -----------------------------------------------------------------------------
         metrics = MetricsLog(output, info.main, step)
