@@ -241,14 +241,47 @@ def test_pool_retries_elsewhere_and_reports_failed_units_with_their_items(ray_dr
     # the retry went to the other worker (the one that raised stays alive but is avoided)
     workers = [e.split(" on worker ")[1].split(" ")[0] for e in failure.errors]
     assert workers[0] != workers[1]
-    assert seen_retry == ["u3", "u3"]
+    assert seen_retry == ["u3", "u3", "u3"]  # also after the last attempt (it may have committed everything)
     assert "unit u3: attempt 1/3 failed" in err and "giving up after 3 attempts" in err
     assert "units 5/6" in err and "1 FAILED" in err
     assert not pool.live_workers()
 
+    # A unit whose last attempt failed after all of its items were committed is done, not failed
+    # (collect: a worker killed after its last commit; it was reported FAILED, exit status 1).
+    last = ActorPool(ToyWorker, num_workers=1, num_cpus=0.5, max_retries=0)
+    report = last.run(units[3:4], on_done=lambda u, r: None, before_retry=lambda unit: None)
+    assert not report.failed and report.units_done == 1 and report.units_skipped == 1
+
+    # When the pool stops (every attempt failing), the units it gave up before are still reported.
+    stopping = ActorPool(ToyWorker, num_workers=1, num_cpus=0.5, max_retries=0, max_consecutive_failures=3)
+    bad = [WorkUnit(f"b{i}", args=([13], [13]), item_ids=["13"], size=1) for i in range(5)]
+    with pytest.raises(PoolError, match="3 work unit attempts failed in a row") as stopped:
+        stopping.run(bad, on_done=lambda u, r: None)
+    assert [f.unit_id for f in stopped.value.report.failed] == ["b0", "b1"]
+
     broken = ActorPool(BrokenWorker, num_workers=1, num_cpus=0.5, max_start_failures=2)
     with pytest.raises(PoolError, match="failed to start.*cannot load the model"):
         broken.run(units[:1], on_done=lambda u, r: None)
+
+
+@pytest.mark.parametrize("command, flags, message", [
+    ("collect", ["--num-workers", "2"], "--num-workers only apply with --ray"),
+    ("collect", ["--ray-address", "127.0.0.1:9", "--max-retries", "1"], "--ray-address, --max-retries only apply"),
+    ("collect", ["--ray", "--ray-address", "127.0.0.1:9", "--gpus-per-worker", "inf"], "must be a number >= 0"),
+    ("collect", ["--ray", "--ray-address", "127.0.0.1:9", "--gpus-per-worker", "nan"], "must be a number >= 0"),
+    ("collect", ["--ray", "--ray-address", "127.0.0.1:9", "--max-retries", "-1"], "--max-retries -1: must be at least 0"),
+    ("synthesize", ["--work-unit-size", "4"], "--work-unit-size only apply with --ray"),
+    ("synthesize", ["--ray", "--ray-address", "127.0.0.1:9", "--work-unit-size", "0"], "must be at least 1"),
+])
+def test_ray_flags_are_checked_before_any_work(tiny_model, tmp_path, capsys, command, flags, message):
+    """Ray flags without --ray were ignored, `inf` GPUs gave a traceback, `nan` and a work unit of 0
+    passed silently; now each is one line and exit status 2, before an (unreachable) cluster is tried."""
+    inp = write_input(tmp_path / "in.jsonl", conversations(2))
+    out = tmp_path / ("out" if command == "collect" else "out.jsonl")
+    start = time.monotonic()
+    assert main([command, "--model", str(tiny_model), "--input", inp, "--output", str(out), *flags]) == 2
+    assert message in capsys.readouterr().err and time.monotonic() - start < 30
+    assert not out.exists()
 
 
 # ---------------------------------------------------------------- same content as single-process collect
@@ -261,6 +294,7 @@ def test_plan_workers_follows_the_device_flag_on_a_cluster_with_gpus(monkeypatch
     import ray
 
     from draftdata.collect.ray_job import plan_workers
+    from draftdata.collect.synthesize import SynthSettings, plan_synth_workers
     from draftdata.errors import DraftdataError
 
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
@@ -277,6 +311,12 @@ def test_plan_workers_follows_the_device_flag_on_a_cluster_with_gpus(monkeypatch
         with pytest.raises(DraftdataError, match="--device cpu with --gpus-per-worker 1"):
             plan_workers(None, 1, "cpu")
         assert plan_workers(None, 0, "auto").device == "cpu"
+        # synthesize --endpoint: the actors are HTTP clients, CPU actors unless GPUs are asked for
+        endpoint = SynthSettings(model=None, input="-", output="-", endpoint="http://127.0.0.1:1/v1", device="auto")
+        plan = plan_synth_workers(None, None, endpoint)
+        assert (plan.num_gpus, plan.device) == (0, "cpu")
+        assert plan_synth_workers(None, 1, endpoint).num_gpus == 1
+        assert plan_synth_workers(None, None, SynthSettings(model="m", model_path="m", input="-", output="-", device="auto")).num_gpus == 1
     finally:
         ray.shutdown()
 

@@ -65,6 +65,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from draftdata.collect.ray_job import check_ray_flags
+
+    check_ray_flags(args)
     if args.ray:
         from draftdata.collect.ray_job import run_ray_collect
 

@@ -132,6 +132,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.replace_system_prompt and args.system_prompt is None:
         raise DraftdataError("--replace-system-prompt needs --system-prompt TEXT")
+    from draftdata.collect.ray_job import check_ray_flags
+
+    check_ray_flags(args)
     settings = settings_from_args(args)
     if args.ray:
         from draftdata.collect.synthesize import run_ray

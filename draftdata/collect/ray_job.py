@@ -47,6 +47,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import math
 import os
 import socket
 import sys
@@ -206,6 +207,34 @@ class RayPlan:
                 f"cluster of {self.nodes} node{'s' if self.nodes != 1 else ''}" + (f"; {self.note}" if self.note else ""))
 
 
+def check_ray_flags(args: Any) -> None:
+    """The Ray flags of `collect` / `synthesize`, checked before any work (a cluster that cannot be
+    reached would otherwise be tried first): refused without --ray, where they would be ignored."""
+    given = [flag for flag, name in (("--ray-address", "ray_address"), ("--num-workers", "num_workers"),
+                                     ("--gpus-per-worker", "gpus_per_worker"), ("--max-retries", "max_retries"),
+                                     ("--work-unit-size", "work_unit_size"))
+             if getattr(args, name, None) is not None]
+    if given and not args.ray:
+        raise DraftdataError(f"{', '.join(given)} only apply with --ray: add --ray, or drop them")
+    check_worker_flags(getattr(args, "num_workers", None), getattr(args, "gpus_per_worker", None))
+    for flag, name, least in (("--max-retries", "max_retries", 0), ("--work-unit-size", "work_unit_size", 1)):
+        value = getattr(args, name, None)
+        if value is not None and value < least:
+            raise DraftdataError(f"{flag} {value}: must be at least {least}")
+
+
+def check_worker_flags(num_workers: int | None, gpus_per_worker: float | None) -> None:
+    """--num-workers and --gpus-per-worker: a positive count; a finite, non-negative GPU share,
+    whole above 1."""
+    if num_workers is not None and num_workers < 1:
+        raise DraftdataError(f"--num-workers {num_workers}: must be at least 1")
+    if gpus_per_worker is not None and not (math.isfinite(gpus_per_worker) and gpus_per_worker >= 0):
+        raise DraftdataError(f"--gpus-per-worker {gpus_per_worker}: must be a number >= 0")
+    if gpus_per_worker is not None and gpus_per_worker > 1 and gpus_per_worker != int(gpus_per_worker):
+        raise DraftdataError(f"--gpus-per-worker {gpus_per_worker}: use a whole number of GPUs, or a fraction "
+                             "below 1 to share a GPU between actors")
+
+
 def plan_workers(num_workers: int | None, gpus_per_worker: float | None, device: str) -> RayPlan:
     """Actor count and resources from the flags and the cluster (ray must be initialized).
 
@@ -216,13 +245,7 @@ def plan_workers(num_workers: int | None, gpus_per_worker: float | None, device:
     """
     import ray
 
-    if num_workers is not None and num_workers < 1:
-        raise DraftdataError(f"--num-workers {num_workers}: must be at least 1")
-    if gpus_per_worker is not None and gpus_per_worker < 0:
-        raise DraftdataError(f"--gpus-per-worker {gpus_per_worker}: must be >= 0")
-    if gpus_per_worker is not None and gpus_per_worker > 1 and gpus_per_worker != int(gpus_per_worker):
-        raise DraftdataError(f"--gpus-per-worker {gpus_per_worker}: use a whole number of GPUs, or a fraction "
-                             "below 1 to share a GPU between actors")
+    check_worker_flags(num_workers, gpus_per_worker)
     total = ray.cluster_resources()
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     total_gpus = float(total.get("GPU", 0))
@@ -409,7 +432,7 @@ def run_ray_collect(args: argparse.Namespace) -> int:
 def _drive(settings: CollectSettings, writer: Any, chat: Any, plan: RayPlan, pool: Any, options: CollectOptions,
            total: int, t_start: float) -> int:
     from draftdata.collect.conversations import Reject
-    from draftdata.collect.ray_pool import PoolProgress, UnitFailure, WorkUnit
+    from draftdata.collect.ray_pool import PoolError, PoolProgress, UnitFailure, WorkUnit
     from draftdata.collect.runner import RejectLog, write_reports
 
     ledger = CommitLedger(writer)
@@ -439,7 +462,7 @@ def _drive(settings: CollectSettings, writer: Any, chat: Any, plan: RayPlan, poo
             return None
         if done:
             progress.write(f"unit {unit.id}: {len(done)} of its {len(unit.item_ids)} conversations were committed "
-                           "by the failed attempt; the retry writes the rest")
+                           "by the failed attempt (kept; a retry writes only the rest)")
         unit.args = (unit.args[0], done)
         return unit
 
@@ -449,6 +472,9 @@ def _drive(settings: CollectSettings, writer: Any, chat: Any, plan: RayPlan, poo
     try:
         report = pool.run(units, on_done=on_done, before_retry=before_retry, progress=progress)
         interrupted = False
+    except PoolError as e:
+        report = e.report  # what finished, and the units given up, before the pool stopped
+        raise
     finally:
         progress.close()
         ledger.refresh()

@@ -53,7 +53,10 @@ from draftdata.progress import JobProgress
 
 
 class PoolError(DraftdataError):
-    """The pool cannot make progress (workers do not start, or every unit fails)."""
+    """The pool cannot make progress (workers do not start, or every unit fails). `report` holds
+    what was done before it stopped (units finished and given up), for the caller's summary."""
+
+    report: PoolReport | None = None
 
 
 @dataclass
@@ -385,10 +388,7 @@ class ActorPool:
             if consecutive_failures >= self.max_consecutive_failures:
                 raise PoolError(f"{consecutive_failures} work unit attempts failed in a row without a single "
                                 f"success; stopping (last: unit {unit.id}: {text})")
-            if left <= 0:
-                give_up(unit)
-                return
-            if before_retry is not None:
+            if before_retry is not None:  # also on the last attempt: it may have died after its last commit
                 again = before_retry(unit)
                 if again is None:
                     report.units_skipped += 1
@@ -397,6 +397,9 @@ class ActorPool:
                         progress.unit_finished(unit, ok=True)
                     return
                 unit = again
+            if left <= 0:
+                give_up(unit)
+                return
             retries.append(unit)
 
         def next_unit(worker: _Worker, wait: float) -> WorkUnit | None:
@@ -499,6 +502,9 @@ class ActorPool:
                 report.units_done += 1
                 if progress:
                     progress.unit_finished(unit, ok=True)
+        except PoolError as e:
+            e.report = report
+            raise
         finally:
             source.close()
             self.close()

@@ -1246,6 +1246,17 @@ class SynthWorker:
         return {"records": records, "rejects": rejects, "stats": stats}
 
 
+def plan_synth_workers(num_workers: int | None, gpus_per_worker: float | None, settings: SynthSettings) -> Any:
+    """The actors of `synthesize --ray` (`ray_job.plan_workers`); with --endpoint they are HTTP
+    clients: CPU actors unless --gpus-per-worker asks for GPUs (one per GPU would wait for GPUs a
+    serving engine on the same cluster holds)."""
+    from draftdata.collect.ray_job import plan_workers
+
+    if settings.endpoint and gpus_per_worker is None:
+        return plan_workers(num_workers, 0.0, "cpu")
+    return plan_workers(num_workers, gpus_per_worker, settings.device)
+
+
 def run_ray(settings: SynthSettings, *, address: str | None = None, num_workers: int | None = None,
             gpus_per_worker: float | None = None, work_unit_size: int | None = None) -> int:
     """`synthesize --ray`: the driver reads the input, cuts it into work units of pending
@@ -1255,12 +1266,12 @@ def run_ray(settings: SynthSettings, *, address: str | None = None, num_workers:
     import dataclasses
 
     from draftdata.collect.conversations import count_records
-    from draftdata.collect.ray_job import MAX_RETRIES, connect, plan_workers
+    from draftdata.collect.ray_job import MAX_RETRIES, connect
     from draftdata.collect.ray_pool import ActorPool, PoolProgress, WorkUnit
     from draftdata.collect.runner import RejectLog
 
     t_start = time.perf_counter()
-    unit_size = work_unit_size or 4 * settings.batch_size
+    unit_size = work_unit_size if work_unit_size is not None else 4 * settings.batch_size
     if unit_size < 1:
         raise DraftdataError("--work-unit-size must be a positive integer")
     check_paths(settings)
@@ -1274,7 +1285,7 @@ def run_ray(settings: SynthSettings, *, address: str | None = None, num_workers:
                   "skipped", file=sys.stderr)
         connected = connect(address)
         try:
-            plan = plan_workers(num_workers, gpus_per_worker, settings.device)
+            plan = plan_synth_workers(num_workers, gpus_per_worker, settings)
             model = settings.model
             if model and not settings.endpoint and os.path.exists(os.path.expanduser(model)):
                 model = os.path.abspath(os.path.expanduser(model))
