@@ -1267,7 +1267,7 @@ def run_ray(settings: SynthSettings, *, address: str | None = None, num_workers:
 
     from draftdata.collect.conversations import count_records
     from draftdata.collect.ray_job import MAX_RETRIES, connect
-    from draftdata.collect.ray_pool import ActorPool, PoolProgress, WorkUnit
+    from draftdata.collect.ray_pool import ActorPool, PoolError, PoolProgress, WorkUnit
     from draftdata.collect.runner import RejectLog
 
     t_start = time.perf_counter()
@@ -1331,6 +1331,9 @@ def run_ray(settings: SynthSettings, *, address: str | None = None, num_workers:
             try:
                 report = pool.run(units(), on_done=on_done, progress=progress)
                 interrupted = False
+            except PoolError as e:
+                report = e.report  # what finished, and the units given up, before the pool stopped
+                raise
             finally:
                 progress.close()
                 stats.generate_seconds = time.perf_counter() - t_pool  # all actors together: the job's rate
