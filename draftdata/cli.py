@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from draftdata.errors import DraftdataError
@@ -66,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"draftdata {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `draftdata inspect DS | head`: the reader left; no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python flushes stdout at exit
+        return 1
 
 
 if __name__ == "__main__":

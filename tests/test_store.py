@@ -317,6 +317,12 @@ def test_inspect_json_and_errors(tmp_path, s3_bucket):
     assert info["samples"] == 5 and info["tokens"] == 100 and info["parts"] == 2
     assert info["raw_bytes"] == 100 * (2 * (K + 1) * H + 5)
     assert info["schema"]["codec"] == "zstd" and info["schema"]["aux_layer_ids"] == [1, 2, 3]
+    # `draftdata inspect DS | head`: a reader that leaves early gets no traceback from us
+    closed = subprocess.Popen([sys.executable, "-m", "draftdata.cli", "inspect", url], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE)
+    closed.stdout.close()
+    err = closed.stderr.read().decode()
+    assert closed.wait() == 1 and "Traceback" not in err and "BrokenPipeError" not in err, err
 
     def one_line_error(*args):
         r = subprocess.run([sys.executable, "-m", "draftdata.cli", *args], capture_output=True, text=True)

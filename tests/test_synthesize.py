@@ -163,6 +163,16 @@ def test_records_keep_their_category(generator):
     assert {r["conversation_id"]: r.get("category") for r in records} == {"m": "math", "n": None, "o": None}
 
 
+def test_an_empty_input_warns(tiny_model, tmp_path, capsys):
+    """An input without records ends with a warning, not a summary of zeros (as collect does)."""
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    assert main(["synthesize", "--model", str(tiny_model), "--input", str(empty),
+                 "--output", str(tmp_path / "out.jsonl")]) == 0
+    out = capsys.readouterr()
+    assert "warning: no records were read from --input" in out.err and "synthesize summary" not in out.out
+
+
 def test_empty_answers_are_kept_and_counted():
     conv = parse_record({"id": "e", "messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]})
     state, stats = TurnState(conv), SynthStats()

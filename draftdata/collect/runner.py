@@ -419,7 +419,7 @@ def check_rejects_path(path: str | None) -> None:
     from draftdata.store.fs import check_writable_file
 
     if path is not None:
-        check_writable_file(path, "--rejects")
+        check_writable_file(path, "--rejects", "rejects.jsonl")
 
 
 def write_reports(output_url: str, storage_options: dict | None, stats: CollectStats, rejects: RejectLog,

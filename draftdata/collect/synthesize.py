@@ -1153,6 +1153,16 @@ def resolve_endpoint_model(settings: SynthSettings) -> None:
         settings.model = make_generator(settings).model  # type: ignore[union-attr]
 
 
+def no_records(settings: SynthSettings, total: int | None) -> bool:
+    """Warn (and say True) when the input holds no records: the run would end in a summary of zeros."""
+    if total != 0:
+        return False
+    why = "--limit 0" if settings.limit == 0 else "its files are empty or hold only blank lines"
+    print(f"draftdata synthesize: warning: no records were read from --input {settings.input} ({why}); nothing "
+          "to answer", file=sys.stderr)
+    return True
+
+
 def run_local(settings: SynthSettings) -> int:
     """The single-process synthesize: returns the exit status (0, also when records were rejected)."""
     from draftdata.collect.conversations import count_records
@@ -1165,6 +1175,8 @@ def run_local(settings: SynthSettings) -> int:
         check_settings(out, settings)
         total = validate_input(settings) if settings.strict else count_records(
             settings.input, settings.storage_options, settings.limit)
+        if no_records(settings, total):
+            return 0
         if out.ids:
             print(f"draftdata synthesize: {out.path} already holds {len(out.ids):,} conversations; they are "
                   "skipped", file=sys.stderr)
@@ -1280,6 +1292,8 @@ def run_ray(settings: SynthSettings, *, address: str | None = None, num_workers:
         check_settings(out, settings)
         total = validate_input(settings) if settings.strict else count_records(
             settings.input, settings.storage_options, settings.limit)
+        if no_records(settings, total):
+            return 0
         if out.ids:
             print(f"draftdata synthesize: {out.path} already holds {len(out.ids):,} conversations; they are "
                   "skipped", file=sys.stderr)

@@ -38,7 +38,7 @@ def local_path(url: str) -> str:
     return url[len("file://"):] if url.startswith("file://") else url
 
 
-def check_writable_file(path: str, flag: str) -> None:
+def check_writable_file(path: str, flag: str, example: str = "out") -> None:
     """Refuse a local output FILE that the run could not write at its end (a directory, a file
     where a folder should be, a read-only file system, no permission): checked before any long
     work, and nothing is left behind (a probe file is created and removed in the nearest existing
@@ -47,7 +47,7 @@ def check_writable_file(path: str, flag: str) -> None:
         return
     local = os.path.abspath(os.path.expanduser(local_path(path)))
     if os.path.isdir(local):
-        raise DraftdataError(f"{flag} {path}: is a directory; give a file path, e.g. {os.path.join(path, 'out')}")
+        raise DraftdataError(f"{flag} {path}: is a directory; give a file path, e.g. {os.path.join(path, example)}")
     folder = os.path.dirname(local)
     while not os.path.exists(folder):  # the nearest existing folder (the rest is created at the end)
         folder = os.path.dirname(folder)

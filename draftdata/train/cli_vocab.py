@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
 
     if Path(args.out).is_dir():
         raise DraftdataError(f"--out {args.out} is a directory; name the file to write (e.g. {args.out}/vocab.safetensors)")
-    check_writable_file(args.out, "--out")  # before counting, not after
+    check_writable_file(args.out, "--out", "vocab.safetensors")  # before counting, not after
     vocab = build_draft_vocab(args.url, args.draft_vocab_size, parse_storage_options(args.storage_option),
                               all_tokens=args.all_tokens, workers=args.workers)
     path = save_draft_vocab(args.out, vocab)

@@ -771,7 +771,7 @@ def _train(cfg: TrainConfig) -> TrainResult:
                                      f"({e}); resume with the version that wrote it, or start a new --output") from None
             scheduler.load_state_dict(state["scheduler"])
             # The checkpoint's groups hold its lr, betas and weight decay: this run's settings apply
-            # (--lr, --steps, --schedule, --warmup-steps, --betas, a non-zero --weight-decay may change
+            # (--lr, --steps, --schedule, --warmup-steps, betas, a non-zero --weight-decay may change
             # on resume; unchanged, every value below equals the loaded one, so resuming stays exact).
             scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
             for g, wanted, f in zip(optimizer.param_groups, param_groups(draft, cfg.weight_decay), scheduler.lr_lambdas):
