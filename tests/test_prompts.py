@@ -379,3 +379,16 @@ def test_follow_up_writes_the_next_user_turn_of_answered_conversations(user_mode
                      "{% endfor %}")
     assert run_cli("--model", user_model, "--output", tmp_path / "u.jsonl", *flags, "--chat-template", upper) == 2
     assert "does not render a user message's text verbatim" in capsys.readouterr().err
+
+
+def test_a_run_that_keeps_nothing_says_what_to_change():
+    """All samples rejected: the summary names the flag behind the most common reason."""
+    from collections import Counter
+
+    from draftdata.collect.self_prompts import PromptStats
+
+    stats = PromptStats(attempts=3, rejected=Counter(too_long=2, too_short=1))
+    text = stats.format("out.jsonl", "--count 3", 0)
+    assert "  hint       no sample was kept: the model did not end its message within --max-new-tokens" in text
+    assert text.splitlines()[-1] == "  output     out.jsonl"
+    assert "hint" not in PromptStats(written=1, attempts=3, rejected=Counter(too_long=2)).format("o", "--count 3", 1)

@@ -41,6 +41,19 @@ def test_every_cli_command_has_a_module_and_help():
         assert name in help_text, f"`draftdata {name}` is not available"
 
 
+
+def test_an_unknown_flag_shows_its_commands_usage(capsys):
+    """`draftdata inspect --nope`: the command's usage and exit status 2 (it showed the top-level one)."""
+    import pytest
+
+    from draftdata.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["inspect", "--nope", "ds"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "usage: draftdata inspect" in err and "unrecognized arguments: --nope" in err
+
+
 def test_demo_and_vocab_refuse_bad_arguments_in_one_line(tmp_path, capsys):
     """Mistakes a user makes with the first command's options: a missing prompts file, a hold-out
     that leaves nothing to train on or evaluate, a directory as `vocab --out`."""

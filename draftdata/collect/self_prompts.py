@@ -221,6 +221,17 @@ def read_existing(path: Path, seed: int) -> tuple[set[str], int]:
     return texts, next_index
 
 
+# What to change when a run keeps nothing, by its most common reject reason.
+REJECT_HINTS = {
+    "too_long": "the model did not end its message within --max-new-tokens (or the conversation leaves no "
+                "room in its context); raise --max-new-tokens",
+    "too_short": "the messages were shorter than --min-chars; lower it",
+    "duplicate": "the model repeated itself; raise --temperature",
+    "template_token": "the model wrote chat-template tokens into its message; check --chat-template",
+    "template_error": "the chat template cannot render these conversations; pass a --chat-template FILE",
+}
+
+
 @dataclass
 class PromptStats:
     written: int = 0
@@ -239,12 +250,13 @@ class PromptStats:
             skipped = format_counts(self.skipped_input)
             lines.append(f"  input      {sum(self.skipped_input.values()):,} records not continued"
                          + (f": {skipped}" if skipped else ""))
-        return "\n".join([
-            *lines,
-            f"  written    {self.written:,} prompts ({total:,} of {goal} in the file), "
-            f"{self.tokens:,} tokens sampled ({rate:,.0f} tokens/s)",
-            f"  rejected   {sum(self.rejected.values()):,} of {self.attempts:,} samples" + (f": {reasons}" if reasons else ""),
-            f"  output     {output}"])
+        lines += [f"  written    {self.written:,} prompts ({total:,} of {goal} in the file), "
+                  f"{self.tokens:,} tokens sampled ({rate:,.0f} tokens/s)",
+                  f"  rejected   {sum(self.rejected.values()):,} of {self.attempts:,} samples"
+                  + (f": {reasons}" if reasons else "")]
+        if not self.written and self.rejected:
+            lines.append(f"  hint       no sample was kept: {REJECT_HINTS.get(self.rejected.most_common(1)[0][0], '')}")
+        return "\n".join([*lines, f"  output     {output}"])
 
 
 def in_turn(items: Sequence[T], index: int) -> T:
