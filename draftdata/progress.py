@@ -99,6 +99,10 @@ class JobProgress:
         dt = time.perf_counter() - self._t0
         return self.size / dt if dt > 0 else 0.0
 
+    def eta_known(self) -> bool:
+        """Whether the items done so far say how long the rest takes (a subclass may know better)."""
+        return True
+
     def extra(self) -> str:
         """More fields for the summary: the `extra` callable's, or a subclass's."""
         return self._extra() if self._extra is not None else ""
@@ -115,7 +119,7 @@ class JobProgress:
         eta = ""
         if self.total:
             done += f"/{self.total:,} {self.unit}s ({100 * self.items / self.total:.0f}%)"
-            if self.items and self.items < self.total:
+            if self.items and self.items < self.total and self.eta_known():
                 eta = f", ETA {format_duration(elapsed * (self.total - self.items) / self.items)}"
         else:
             done += f" {self.unit}s"

@@ -264,6 +264,23 @@ def test_pool_retries_elsewhere_and_reports_failed_units_with_their_items(ray_dr
         broken.run(units[:1], on_done=lambda u, r: None)
 
 
+def test_pool_progress_gives_no_eta_before_a_unit_has_finished():
+    """Conversations the driver skips or rejects take no time: an ETA from them alone (no worker
+    started yet) was a made-up figure."""
+    import io
+
+    from draftdata.collect.ray_pool import PoolProgress, WorkUnit
+
+    out = io.StringIO()
+    progress = PoolProgress(total_items=10, desc="collect", unit="conv", interval=0, file=out)
+    progress.start()
+    progress.update(2)
+    assert "2/10 convs" in out.getvalue() and "ETA" not in out.getvalue()
+    progress.unit_finished(WorkUnit("u0", args=(), item_ids=["a", "b"], size=100), ok=True)
+    assert "4/10 convs" in out.getvalue() and "ETA" in out.getvalue().splitlines()[-1]
+    progress.close()
+
+
 @pytest.mark.parametrize("command, flags, message", [
     ("collect", ["--num-workers", "2"], "--num-workers only apply with --ray"),
     ("collect", ["--ray-address", "127.0.0.1:9", "--max-retries", "1"], "--ray-address, --max-retries only apply"),

@@ -136,6 +136,10 @@ class PoolProgress(JobProgress):
         with self._lock:
             self.workers = n
 
+    def eta_known(self) -> bool:
+        # Items skipped or rejected by the driver take no time: no ETA before a unit has finished.
+        return self.units_done > 0
+
     def extra(self) -> str:
         total = self.units_total if self.units_total is not None else f"{self.units_seen}+"
         s = f"units {self.units_done}/{total}, {self.workers} worker{'s' if self.workers != 1 else ''}"
