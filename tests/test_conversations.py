@@ -273,6 +273,32 @@ def test_short_empty_and_reasoning_replies_of_earlier_turns(tokenizer):
         assert masked_text(tokenizer, s) == [want, "<think>\n\n</think>\n\nb<|im_end|>"], reply
 
 
+def test_reply_mask_stops_before_the_next_turn_and_skips_unspecial_role_tokens(tiny_model):
+    """A template without an end-of-turn token: the reply's mask does not run on into the next
+    turn's start token. DeepSeek-R1's role token <｜Assistant｜> is an added token that is not
+    "special": the reply "a" is still looked for after it, not in it."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    no_eot = ("{% for m in messages %}{% if m['role'] != 'assistant' %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}\n"
+              "{% elif loop.last %}<|im_start|>assistant\n<think>\n\n</think>\n\n{{ m['content'] }}\n"
+              "{% else %}<|im_start|>assistant\n{{ m['content'] }}\n{% endif %}{% endfor %}"
+              "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    (s,) = ChatTokenizer(tok, chat_template=no_eot).tokenize(
+        [parse_record(conv(("user", "hi"), ("assistant", "hello world"), ("user", "and"), ("assistant", "bye")))])
+    assert masked_text(tok, s)[0] == "hello world"
+    tok.add_tokens(["<｜User｜>", "<｜Assistant｜>"])                          # added, not special (as in R1)
+    tok.add_special_tokens({"additional_special_tokens": ["<｜end▁of▁sentence｜>"]})
+    r1 = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ '<｜User｜>' + m['content'] }}"
+          "{% else %}{{ '<｜Assistant｜>' + m['content'].split('</think>')[-1] + '<｜end▁of▁sentence｜>' }}{% endif %}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<｜Assistant｜><think>\n' }}{% endif %}")
+    chat = ChatTokenizer(tok, chat_template=r1)
+    for reply in ("a", ""):
+        (s,) = chat.tokenize([parse_record(conv(("user", "Pick a or b"), ("assistant", reply), ("user", "next?"),
+                                                ("assistant", "b")))])
+        assert masked_text(tok, s) == [reply + "<｜end▁of▁sentence｜>", "b<｜end▁of▁sentence｜>"], reply
+
+
 MISTRAL_V03_LIKE = (  # Mistral-7B-Instruct-v0.3's rule: the system prompt goes into the last user message
     "{% if messages[0]['role'] == 'system' %}{% set system_message = messages[0]['content'] %}"
     "{% set loop_messages = messages[1:] %}{% else %}{% set loop_messages = messages %}{% endif %}"

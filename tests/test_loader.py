@@ -463,6 +463,34 @@ def test_a_loaded_state_applies_to_one_iteration_with_workers(local_ds):
         assert ds.state_dict()["items_yielded"] == 0         # main process: the next iteration starts over
 
 
+def test_reloading_the_same_checkpoint_resumes_again(local_ds):
+    """Rolling back to a checkpoint twice on one StatefulDataLoader (e.g. after a NaN): the second
+    load resumes too. Its id came from `random`, which the loader seeds per worker from the saved
+    state, so the second load drew the first one's id and was taken as already applied."""
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    url, _ = local_ds
+    kw = {"seed": 8, "prefetch_bytes": 40 * TOKEN_BYTES}
+    full = run_loader(HiddenStateDataset(url, **kw), num_workers=2)
+    first = StatefulDataLoader(HiddenStateDataset(url, **kw), batch_size=None, num_workers=2)
+    it = iter(first)
+    head = take(it, 7)
+    state = pickle.loads(pickle.dumps(first.state_dict()))
+    del it, first
+    loader = StatefulDataLoader(HiddenStateDataset(url, **kw), batch_size=None, num_workers=2)
+    loader.load_state_dict(state)
+    it = iter(loader)
+    assert take(it, 3) == full[7:10]
+    del it
+    loader.load_state_dict(state)
+    assert head + [ids_of(x) for x in loader] == full
+    # and a state the workers applied is not applied again by an iteration in this process
+    ds = HiddenStateDataset(url, **kw)
+    ds.load_state_dict({"epoch": 0, "items_consumed": 10})
+    assert run_loader(ds, num_workers=2) == full[10:]
+    assert len([x for x in ds]) == ds.num_samples
+
+
 def test_a_cursor_naming_its_num_workers_refuses_another(local_ds):
     """The items a count covers depend on num_workers; a cursor that names it is checked (one that
     does not cannot be, see docs/LOADER.md)."""

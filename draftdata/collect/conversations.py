@@ -343,6 +343,11 @@ class ChatTokenizer:
         self._fast = bool(getattr(tokenizer, "is_fast", False))
         self._specials = sorted({t for t in getattr(tokenizer, "all_special_tokens", []) if t}, key=len,
                                 reverse=True)
+        try:  # role markers may be added tokens that are not "special" (DeepSeek-R1's <｜Assistant｜>)
+            added = [t for t in tokenizer.get_added_vocab() if t]
+        except Exception:  # noqa: BLE001 -- tokenizers without an added vocabulary
+            added = []
+        self._markers = sorted(set(self._specials) | set(added), key=len, reverse=True)
 
     def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, chat_template=self.template,
@@ -394,7 +399,7 @@ class ChatTokenizer:
         any prefix: R1's "<think>\n", which stored replies do not render, could run on into a reply
         starting with "<".)"""
         cuts = {len(header)} | {i + 1 for i, ch in enumerate(header) if ch == "\n"}
-        for sp in self._specials:
+        for sp in self._markers:
             at = header.find(sp)
             while at >= 0:
                 cuts.add(at + len(sp))
@@ -402,30 +407,29 @@ class ChatTokenizer:
         return next((c for c in sorted(cuts, reverse=True) if c and text.startswith(header[:c], lo)), 0)
 
     def _special_at(self, text: str, at: int) -> int:
-        """Length of the special token (e.g. the end of turn) at `at`, after whitespace; 0 if none."""
-        k = at
-        while k < len(text) and text[k] in " \t\n":
-            k += 1
-        size = next((len(s) for s in self._specials if text.startswith(s, k)), 0)
-        return k - at + size if size else 0
+        """Length of the special token (e.g. the end of turn) at `at`; 0 if none."""
+        return next((len(s) for s in self._specials if text.startswith(s, at)), 0)
 
     def _find_reply(self, content: str, text: str, lo: int) -> tuple[int, int]:
         """(start, end) of a reply in `text` at or after `lo`, its end-of-turn token included;
         (-1, -1) if absent. Reasoning templates (Qwen3, DeepSeek-R1) drop the <think> block of
         earlier replies, so the text after the last </think> is tried next. An empty reply is the
         end-of-turn token at `lo`."""
-        candidates = [content]
-        if "</think>" in content:
-            candidates.append(content.rsplit("</think>", 1)[1].strip())
-        for c in candidates:
-            if not c.strip():
-                size = self._special_at(text, lo)
+        candidates = [(content, "")]
+        if "</think>" in content:  # the answer; the template may keep its trailing newlines (Qwen3)
+            answer = content.rsplit("</think>", 1)[1]
+            candidates.append((answer.strip(), answer[len(answer.rstrip()):]))
+        for c, tail in candidates:
+            if not c.strip():  # an empty (or blank) reply: itself and its end-of-turn token, right here
+                size = self._special_at(text, lo + len(c)) if text.startswith(c, lo) else 0
                 if size:
-                    return lo, lo + size
+                    return lo, lo + len(c) + size
                 continue
             start = text.find(c, lo)
             if start >= 0:
                 end = start + len(c)
+                if tail and text.startswith(tail, end) and self._special_at(text, end + len(tail)):
+                    end += len(tail)
                 return start, end + self._special_at(text, end)
         return -1, -1
 

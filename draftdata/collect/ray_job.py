@@ -462,7 +462,7 @@ def _drive(settings: CollectSettings, writer: Any, chat: Any, plan: RayPlan, poo
             return None
         if done:
             progress.write(f"unit {unit.id}: {len(done)} of its {len(unit.item_ids)} conversations were committed "
-                           "by the failed attempt (kept; a retry writes only the rest)")
+                           "by the failed attempt and are kept")
         unit.args = (unit.args[0], done)
         return unit
 

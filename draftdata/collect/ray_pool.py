@@ -373,8 +373,8 @@ class ActorPool:
             report.failed.append(UnitFailure(unit.id, list(unit.item_ids), unit.attempts, list(unit.errors), unit))
             if progress:
                 progress.unit_finished(unit, ok=False)
-            note(f"unit {unit.id}: giving up after {unit.attempts} attempts ({len(unit.item_ids)} items "
-                 f"not done); the rest of the run continues")
+            note(f"unit {unit.id}: giving up after {unit.attempts} attempts (it holds {len(unit.item_ids)} items); "
+                 "the rest of the run continues")
 
         def failed_attempt(unit: WorkUnit, worker: _Worker, err: BaseException, died: bool) -> None:
             nonlocal consecutive_failures

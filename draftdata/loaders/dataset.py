@@ -7,7 +7,6 @@ plan itself.
 from __future__ import annotations
 
 import os
-import random
 import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -275,7 +274,9 @@ class HiddenStateDataset(IterableDataset):
                                  "with the same settings")
         self.epoch = int(state["epoch"])
         self._resume = dict(state)
-        self._resume_id = random.getrandbits(62) + 1
+        # Not the `random` module: StatefulDataLoader seeds it per worker before loading a state, so
+        # reloading a checkpoint would draw the same id and be taken as already applied.
+        self._resume_id = int.from_bytes(os.urandom(8), "little") >> 2 | 1
         self._iter_worker = None  # state_dict() now reports the loaded position
 
     def _state_differences(self, state: dict[str, Any]) -> str:
@@ -302,7 +303,7 @@ class HiddenStateDataset(IterableDataset):
         the remaining items is then the same).
         """
         in_worker = get_worker_info() is not None
-        state = self._unused_resume(wid) if in_worker else self._resume
+        state = self._unused_resume(wid if in_worker else None)
         if not in_worker:
             self._resume = None  # a resume applies to one iteration only
         elif state is not None and wid < TRACKED_WORKERS:
