@@ -46,6 +46,7 @@ from draftdata.store.fs import (
     local_path,
     normalize_url,
     put_atomic,
+    remove_tree,
 )
 from draftdata.store.layout import HIDDEN_ARRAYS, SCALE_OF, commit_path, crc32c, part_dir
 
@@ -374,8 +375,8 @@ class PartWriter:
         """Drop the buffered samples and remove anything already written for this part."""
         self._closed, self._cols, self._ids = True, {}, []
         try:
-            self._loc.fs.rm(part_dir(self._loc.root, self.part_id), recursive=True)
-        except (FileNotFoundError, OSError):
+            remove_tree(self._loc.fs, part_dir(self._loc.root, self.part_id))
+        except (FileNotFoundError, OSError):  # nothing written yet, or the store is unreachable
             pass
 
 

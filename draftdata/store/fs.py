@@ -252,3 +252,45 @@ def add_storage_option_argument(parser: Any) -> None:
                         help="fsspec storage option, repeatable; dotted keys nest "
                              "(e.g. client_kwargs.endpoint_url=http://127.0.0.1:9000). "
                              "S3 credentials also come from the usual AWS environment variables.")
+
+
+def remove_tree(fs: Any, path: str) -> None:
+    """Delete `path` and everything below it by literal key: s3fs's `rm` expands its argument as a
+    glob, so a prefix with `[` or `]` in it would match nothing (and a failed commit or gc would
+    leave its objects behind)."""
+    if is_local_fs(fs):
+        fs.rm(path, recursive=True)
+        return
+    files = list(fs.find(path, withdirs=False))  # a listing by prefix, no glob
+    for f in files:
+        fs.rm_file(f)
+    if not files:
+        raise FileNotFoundError(path)
+    fs.invalidate_cache(path)
+
+
+def unfinished_uploads(fs: Any, prefix: str) -> list[tuple[str, str, float | None]]:
+    """Multipart uploads under `prefix` ("bucket/key/prefix") that were started and never completed
+    or aborted, as (bucket/key, upload id, start time): what a writer killed during a large upload
+    (s3fs uploads objects of 100 MiB and more in parts) leaves on S3, invisible to listings but
+    stored (and billed). Empty for other file systems."""
+    if not hasattr(fs, "call_s3"):
+        return []
+    bucket, _, key_prefix = prefix.partition("/")
+    out: list[tuple[str, str, float | None]] = []
+    marker: dict[str, str] = {}
+    while True:
+        page = fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=key_prefix, **marker)
+        for u in page.get("Uploads", []):
+            started = u.get("Initiated")
+            out.append((f"{bucket}/{u['Key']}", u["UploadId"],
+                        started.timestamp() if hasattr(started, "timestamp") else None))
+        if not page.get("IsTruncated"):
+            return out
+        marker = {"KeyMarker": page.get("NextKeyMarker", ""), "UploadIdMarker": page.get("NextUploadIdMarker", "")}
+
+
+def abort_upload(fs: Any, key: str, upload_id: str) -> None:
+    """Abort one unfinished multipart upload (`key` as "bucket/key"), freeing its stored parts."""
+    bucket, _, name = key.partition("/")
+    fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=name, UploadId=upload_id)

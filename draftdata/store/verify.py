@@ -11,6 +11,7 @@ import numpy as np
 
 from draftdata.errors import DraftdataError
 from draftdata.store.dataset import Dataset, open_location
+from draftdata.store.fs import abort_upload, remove_tree, unfinished_uploads
 from draftdata.store.layout import crc32c
 
 
@@ -136,7 +137,20 @@ def leftovers(url: str, *, storage_options: dict[str, Any] | None = None) -> lis
                 found.append((path, None if newest is None else now - newest))
     except FileNotFoundError:
         pass
+    for key, upload_id, started in _uploads(fs, root, committed):
+        found.append((f"{key}{UPLOAD_MARK}{upload_id})", None if started is None else now - started))
     return found
+
+
+# How `leftovers` names an unfinished multipart upload: "bucket/key (unfinished upload ID)".
+UPLOAD_MARK = " (unfinished upload "
+
+
+def _uploads(fs: Any, root: str, committed: set[str]) -> list[tuple[str, str, float | None]]:
+    """Unfinished multipart uploads below the dataset's parts/ (S3), except for committed parts."""
+    prefix = f"{root}/parts/"
+    return [(key, upload_id, started) for key, upload_id, started in unfinished_uploads(fs, prefix)
+            if key[len(prefix):].split("/", 1)[0] not in committed]
 
 
 def garbage_collect(url: str, *, storage_options: dict[str, Any] | None = None,
@@ -152,7 +166,11 @@ def garbage_collect(url: str, *, storage_options: dict[str, Any] | None = None,
         if age is None or age < grace_seconds:
             kept.append(path)
             continue
-        fs.rm(path, recursive=True)
+        if path.endswith(")") and UPLOAD_MARK in path:
+            key, _, upload_id = path[:-1].partition(UPLOAD_MARK)
+            abort_upload(fs, key, upload_id)
+        else:
+            remove_tree(fs, path)
         deleted.append(path)
     return deleted, kept
 
