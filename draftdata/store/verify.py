@@ -149,7 +149,11 @@ UPLOAD_MARK = " (unfinished upload "
 def _uploads(fs: Any, root: str, committed: set[str]) -> list[tuple[str, str, float | None]]:
     """Unfinished multipart uploads below the dataset's parts/ (S3), except for committed parts."""
     prefix = f"{root}/parts/"
-    return [(key, upload_id, started) for key, upload_id, started in unfinished_uploads(fs, prefix)
+    try:
+        uploads = unfinished_uploads(fs, prefix)
+    except (OSError, NotImplementedError):  # no s3:ListBucketMultipartUploads permission, or a store without it
+        return []
+    return [(key, upload_id, started) for key, upload_id, started in uploads
             if key[len(prefix):].split("/", 1)[0] not in committed]
 
 
