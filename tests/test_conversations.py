@@ -86,6 +86,8 @@ def test_rejects_name_file_line_and_reason(tmp_path):
         {"id": "rl", "messages": [{"role": ["user"], "content": "q"}]},  # 15 a role that is a list
         {"id": "rd", "messages": [{"role": {"r": 1}, "content": "q"}]},  # 16 (it crashed the whole run)
         conv(("user", "q"), ("assistant", "a"), id="noasst"),           # 17 the id of a rejected record
+        {"id": "bad1", "messages": [{"role": "user", "content": 5}]},  # 18 invalid, but it has an id ...
+        conv(("user", "q"), ("assistant", "a"), id="bad1"),             # 19 ... so this one is its duplicate
     ])
     got = list(read_conversations(str(path)))
     rejects = [(r.source, r.reason) for r in got if isinstance(r, Reject)]
@@ -95,7 +97,8 @@ def test_rejects_name_file_line_and_reason(tmp_path):
         (f"{f}:6", "empty_conversations"), (f"{f}:7", "unknown_role"), (f"{f}:8", "non_string_content"),
         (f"{f}:9", "duplicate_id"), (f"{f}:10", "no_assistant_turn"), (f"{f}:11", "bad_message"),
         (f"{f}:12", "bad_id"), (f"{f}:14", "malformed_json"), (f"{f}:15", "unknown_role"),
-        (f"{f}:16", "unknown_role"), (f"{f}:17", "duplicate_id"),
+        (f"{f}:16", "unknown_role"), (f"{f}:17", "duplicate_id"), (f"{f}:18", "non_string_content"),
+        (f"{f}:19", "duplicate_id"),
     ]
     surrogate = next(r for r in got if isinstance(r, Reject) and r.source == f"{f}:14")
     assert "lone UTF-16 surrogate" in surrogate.detail and "messages[0]" in surrogate.detail
@@ -108,7 +111,7 @@ def test_rejects_name_file_line_and_reason(tmp_path):
     kept = [c.conversation_id for c in read_conversations(str(path), require_assistant=False)
             if isinstance(c, Conversation)]
     assert kept == ["good", "noasst", "good2"]
-    assert count_records(str(path)) == 16 and count_records(str(path), limit=5) == 5
+    assert count_records(str(path)) == 18 and count_records(str(path), limit=5) == 5
     assert count_records(str(path), limit=0) == 0
 
 

@@ -122,6 +122,24 @@ def test_rerun_continues_to_count_and_other_settings_are_refused(user_model, tmp
     assert out.read_text() == text
 
 
+def test_a_rerun_from_any_written_prefix_ends_as_an_uninterrupted_run(user_model, tmp_path):
+    """Samples are judged in index order also with continuous batching, so whatever prefix of the
+    file a kill leaves, the rerun writes what the uninterrupted run did (a lower index still being
+    generated when a higher one was written used to be skipped by the rerun, and replaced)."""
+    common = ["--model", user_model, "--count", 10, "--batch-size", 4, "--max-new-tokens", 40, "--seed", 3]
+    full = tmp_path / "full.jsonl"
+    assert run_cli(*common, "--output", full) == 0
+    lines = full.read_text().splitlines(keepends=True)
+    indices = [int(r["conversation_id"].rsplit("-", 1)[1]) for r in records(full)]
+    assert indices == sorted(indices)                        # written in index order
+    for k in (1, 4, 7):
+        cut = tmp_path / f"cut{k}.jsonl"
+        shutil.copytree(tmp_path / "full.jsonl.synth", tmp_path / f"cut{k}.jsonl.synth")
+        cut.write_text("".join(lines[:k]))
+        assert run_cli(*common, "--output", cut) == 0
+        assert cut.read_text() == full.read_text(), k
+
+
 def records_of(text: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines()]
 

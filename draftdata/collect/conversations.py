@@ -178,6 +178,12 @@ def read_conversations(input: str, storage_options: dict | None = None, *, limit
             try:
                 conv = parse_record(obj, source)
             except RecordError as e:
+                if e.conversation_id is not None and e.conversation_id in seen:
+                    e.reason, e.detail = "duplicate_id", (f"id {e.conversation_id!r} already used by an earlier record "
+                                                          "of the input (and this record is itself invalid: "
+                                                          f"{e.reason}: {e.detail})")
+                elif e.conversation_id is not None:
+                    seen.add(e.conversation_id)  # the first record with an id is the one read, valid or not
                 yield Reject(source, e.reason, e.detail, e.conversation_id)
                 continue
             if conv.conversation_id in seen:

@@ -415,22 +415,31 @@ def generate_prompts(source: HFGenerator | EndpointClient, settings: PromptSetti
 
 
 def _sample_local(generator: HFGenerator, keep: _Keeper) -> None:
-    """Continuous batching: a row that finishes makes room for the next index at once."""
+    """Continuous batching: a row that finishes makes room for the next index at once. Finished
+    samples are judged in index order, as with an endpoint: which of two equal prompts is kept
+    does not depend on finish order, and the file always holds every judged index up to its
+    highest, so a rerun after a kill goes on exactly where an uninterrupted run would."""
     special = set(getattr(generator.tokenizer, "all_special_ids", [])) - generator.stop_ids
     batch = generator.new_batch()
     capacity = keep.settings.batch_size
     refill = max(1, capacity // 8)
+    order: deque[int] = deque()          # indices handed out, in order: each is in `batch` or in `done`
+    done: dict[int, tuple[str, bool, bool]] = {}
     while keep.missing > 0:
         free = min(capacity - len(batch), keep.missing - len(batch))
         if free > 0 and batch.can_add and (free >= refill or not len(batch)):
             rows = keep.openings(free)
             if rows:
                 batch.add(rows)
+                order.extend(row[0] for row in rows)
         if not len(batch):
             break  # --max-attempts reached, or the --follow-up input
         for key, tokens, stopped in batch.step():
             keep.stats.tokens += len(tokens)
-            keep.take(key, generator.answer(tokens, stopped).text, stopped, bool(special.intersection(tokens[:-1])))
+            done[key] = (generator.answer(tokens, stopped).text, stopped, bool(special.intersection(tokens[:-1])))
+        while order and order[0] in done and keep.missing > 0:
+            index = order.popleft()
+            keep.take(index, *done.pop(index))
         keep.maybe_flush()
 
 
