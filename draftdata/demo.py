@@ -60,16 +60,43 @@ def draftdata(argv: list[str]) -> None:
     from draftdata.cli import main
 
     rc = main(argv)
-    if rc != 0:
-        raise SystemExit(f"demo: `draftdata {shlex.join(argv)}` failed with exit code {rc}")
+    if rc != 0:  # the step said why; the demo ends with its exit status (2: a usage error)
+        print(f"demo: `draftdata {shlex.join(argv)}` failed with exit code {rc}", file=sys.stderr)
+        raise SystemExit(rc)
+
+
+# What the demo directory's outputs depend on: a rerun in the same --out must keep them (it resumes).
+RERUN_FIXED = ("model", "holdout", "max_new_tokens", "draft_vocab_size")
+
+
+def check_rerun(out: Path, settings: dict) -> None:
+    """Refuse a rerun into an --out whose earlier run had other settings (its dataset, vocabulary
+    and draft would be mixed with the new ones, and held-out prompts could be trained on)."""
+    path = out / "demo_settings.json"
+    try:
+        then = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    diffs = [f"{k} {then.get(k)!r} then, {settings.get(k)!r} now" for k in settings if then.get(k) != settings.get(k)]
+    if diffs:
+        raise DraftdataError(f"--out {out} holds a demo run with other settings ({'; '.join(diffs)}); a rerun "
+                             "there resumes that run: use a new --out, or delete that one")
 
 
 def run(args: argparse.Namespace) -> int:
+    for name in ("max_new_tokens", "train_steps", "draft_vocab_size", "eval_tokens"):
+        if getattr(args, name) < 1:
+            raise DraftdataError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
+    if not args.train_minutes > 0:
+        raise DraftdataError(f"--train-minutes {args.train_minutes:g}: must be more than 0")
     source = Path(args.prompts or bundled_prompts())
     if not source.is_file():
         raise DraftdataError(f"--prompts {source}: no such file")
     # split("\n"), not splitlines(): U+2028 and U+2029 are valid inside JSON strings
     lines = [x for x in source.read_text(encoding="utf-8").split("\n") if x.strip()]
+    if len(lines) < 2:
+        raise DraftdataError(f"--prompts {source}: holds {len(lines)} record(s); the demo needs at least 2 (one "
+                             "to train on, one to evaluate)")
     if not 1 <= args.holdout < len(lines):
         raise DraftdataError(f"--holdout {args.holdout}: keep between 1 and {len(lines) - 1} of the {len(lines)} "
                              f"prompts in {source} for the evaluation (the rest train the draft)")
@@ -78,8 +105,14 @@ def run(args: argparse.Namespace) -> int:
         raise DraftdataError(f"--out {out}: is a file; the demo writes its outputs into a directory: give a new or "
                              "existing directory (default ./demo_out)")
     train_prompts, eval_prompts = out / "train_prompts.jsonl", out / "eval_prompts.jsonl"
+    import hashlib
+
+    settings = {k: getattr(args, k) for k in RERUN_FIXED}
+    settings["prompts_sha256"] = hashlib.sha256("\n".join(lines).encode()).hexdigest()
+    check_rerun(out, settings)
     try:
         out.mkdir(parents=True, exist_ok=True)
+        (out / "demo_settings.json").write_text(json.dumps(settings, indent=2) + "\n")
         train_prompts.write_text("\n".join(lines[:-args.holdout]) + "\n")
         eval_prompts.write_text("\n".join(lines[-args.holdout:]) + "\n")
     except OSError as e:

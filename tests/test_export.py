@@ -434,6 +434,14 @@ def test_out_dir_that_is_not_an_export_is_refused(tiny_model, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "afile: is a file, not a directory; choose another --out" in err
 
+    import shutil as sh  # a damaged checkpoint: one line each
+    for name, damage in (("draft.safetensors", b"\x08\x00"), ("draft_config.json", b"[1, 2]")):
+        bad = Path(sh.copytree(ckpt, tmp_path / f"bad-{name}"))
+        (bad / name).write_bytes(damage)
+        assert main(["export", str(bad), "--out", str(tmp_path / f"out-{name}")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err and str(bad / name) in err, err
+
 
 def test_export_records_the_base_model_hash(tiny_model, tmp_path):
     """The hash collect records as the dataset's base_model_hash, so `draftdata eval` can check its --model."""

@@ -67,6 +67,21 @@ def test_demo_and_vocab_refuse_bad_arguments_in_one_line(tmp_path, capsys):
     assert not (tmp_path / "d").exists()
     assert main(["vocab", str(tmp_path), "-n", "10", "--out", str(tmp_path)]) == 2
     assert "is a directory; name the file to write" in capsys.readouterr().err
+    # numbers that cannot work are refused before any step runs (they failed late, with exit status 1)
+    for flag, value in (("--eval-tokens", "0"), ("--train-minutes", "0"), ("--draft-vocab-size", "-1")):
+        assert main(["demo", flag, value, "--out", str(tmp_path / "d")]) == 2
+        assert f"{flag} {value}: must be" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
+    one = tmp_path / "one.jsonl"
+    one.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    assert main(["demo", "--prompts", str(one), "--out", str(tmp_path / "d")]) == 2
+    assert "holds 1 record(s); the demo needs at least 2" in capsys.readouterr().err
+    # a rerun into an earlier demo's directory with another split is refused (it trained on held-out prompts)
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "demo_settings.json").write_text('{"holdout": 2}')
+    assert main(["demo", "--holdout", "5", "--out", str(tmp_path / "old")]) == 2
+    assert "holds a demo run with other settings (" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "old").iterdir()) == ["demo_settings.json"]
 
 
 def test_progress_interval_env_var_must_be_a_number(monkeypatch):

@@ -312,6 +312,25 @@ def test_resume_applies_a_changed_lr_and_refuses_weight_decay_on_off(tmp_path, t
     assert [g["weight_decay"] for g in state["optimizer"]["param_groups"]] == [0.2, 0.0]
 
 
+def test_resume_refuses_a_draft_vocab_file_that_changed(tmp_path, tiny_model, train_data, capsys):  # noqa: F811
+    """--draft-vocab was compared by path only: another file of the same size at that path was
+    trained on silently (d2t then disagreed with the file), another size ended in a traceback."""
+    vocab, out = tmp_path / "vocab.safetensors", tmp_path / "run"
+    common = ["train", "--data", train_data, "--model", str(tiny_model), "--output", str(out),
+              "--eagle-config", str(eagle_file(tmp_path)), "--steps", "4", "--batch-tokens", "512",
+              "--save-every", "100", "--schedule", "constant", "--no-plot", "--draft-vocab", str(vocab)]
+    assert main(["vocab", train_data, "--draft-vocab-size", "64", "--out", str(vocab)]) == 0
+    assert main(common + ["--max-minutes", "0.0001"]) == 0
+    config = (out / "train_config.json").read_text()
+    for size in ("64", "80"):
+        assert main(["vocab", train_data, "--draft-vocab-size", size, "--all-tokens", "--out", str(vocab)]) == 0
+        capsys.readouterr()
+        assert main(common + ["--resume"]) == 2
+        err = capsys.readouterr().err
+        assert "draft_vocab: the file" in err and "changed since the checkpoint" in err and "Traceback" not in err
+    assert (out / "train_config.json").read_text() == config
+
+
 def test_pad_to_multiple_of_rounds_batches_and_is_fixed_for_the_run(tmp_path, tiny_model, train_data):  # noqa: F811
     """--pad-to-multiple-of reaches the loader (every batch's padded length is a multiple of it,
     seen in the logged padding efficiency) and a resume with another value is refused."""
@@ -641,13 +660,16 @@ def test_bad_inputs_and_outputs_are_refused_before_anything_is_written(tmp_path,
 
 def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path, tiny_model, train_data, capsys):  # noqa: F811
     """SIGINT stops `draftdata train` at the end of the step it is in, with a checkpoint at that
-    step (none was due: --save-every 500), says which one is kept, and --resume continues there."""
+    step (none was due: --save-every 500), says which one is kept, and --resume continues there.
+    The run resumed a shorter one: its final/ (step 2) is gone, so `export RUN` takes the newer
+    checkpoint (it took the stale final/)."""
     out = tmp_path / "run"
     args = ["train", "--data", train_data, "--model", str(tiny_model), "--output", str(out),
             "--eagle-config", str(eagle_file(tmp_path)), "--batch-tokens", "256", "--save-every", "500",
             "--log-every", "1", "--schedule", "constant", "--no-plot"]
-    proc = subprocess.Popen([sys.executable, "-m", "draftdata.cli", *args, "--steps", "1000"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env())
+    assert main(args + ["--steps", "2"]) == 0 and (out / "final").is_dir()
+    proc = subprocess.Popen([sys.executable, "-m", "draftdata.cli", *args, "--steps", "1000", "--resume"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
     for line in proc.stdout:
         if line.startswith("step 3/"):
             proc.send_signal(signal.SIGINT)
@@ -661,6 +683,8 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path, tiny_model, tr
     assert step >= 3 and Path(stopped.group(2)) == out / "checkpoints" / f"step-{step:08d}"
     assert [r["step"] for r in read_metrics(out)] == list(range(1, step + 1))
     assert not (out / "final").exists()
+    from draftdata.train.export import find_checkpoint
+    assert find_checkpoint(out) == out / "checkpoints" / f"step-{step:08d}"
 
     assert main(args + ["--steps", str(step + 2), "--resume"]) == 0
     assert f"at step {step} " in capsys.readouterr().err

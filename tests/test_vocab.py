@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -55,6 +56,11 @@ def test_vocab_cli_selects_top_assistant_tokens(tmp_path, train_data, capsys):  
 
     assert main(["vocab", train_data, "-n", "401", "--out", str(out)]) == 2
     assert "between 1 and the vocabulary size 400" in capsys.readouterr().err
+
+    before = (Path(train_data) / "dataset.json").read_bytes()     # --out inside the dataset: refused
+    assert main(["vocab", train_data, "-n", "10", "--out", str(Path(train_data) / "dataset.json")]) == 2
+    assert "inside the dataset" in capsys.readouterr().err
+    assert (Path(train_data) / "dataset.json").read_bytes() == before
 
 
 def test_unwritable_out_is_refused_before_counting(tmp_path, train_data, capsys, unwritable_dir):  # noqa: F811

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -24,11 +25,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from draftdata.errors import DraftdataError
-    from draftdata.store.fs import check_writable_file, parse_storage_options
+    from draftdata.store.fs import check_writable_file, is_local, local_path, parse_storage_options
     from draftdata.train.vocab import build_draft_vocab, save_draft_vocab
 
-    if Path(args.out).is_dir():
-        raise DraftdataError(f"--out {args.out} is a directory; name the file to write (e.g. {args.out}/vocab.safetensors)")
+    if not args.out or Path(args.out).is_dir():
+        raise DraftdataError(f"--out {args.out!r} is a directory; name the file to write (e.g. "
+                             f"{os.path.join(args.out or '.', 'vocab.safetensors')})")
+    if is_local(args.url):  # writing into the dataset would damage it (e.g. --out DS/dataset.json)
+        root, target = Path(local_path(args.url)).resolve(), Path(args.out).resolve()
+        if (root / "dataset.json").exists() and root in target.parents:
+            raise DraftdataError(f"--out {args.out}: inside the dataset {args.url}; write the vocabulary next to it "
+                                 "(e.g. vocab.safetensors beside the dataset directory)")
     check_writable_file(args.out, "--out", "vocab.safetensors")  # before counting, not after
     vocab = build_draft_vocab(args.url, args.draft_vocab_size, parse_storage_options(args.storage_option),
                               all_tokens=args.all_tokens, workers=args.workers)

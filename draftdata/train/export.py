@@ -305,10 +305,9 @@ def export_draft(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, d
     written under temporary names and renamed into place, config.json last, so a killed export
     never leaves a directory that looks complete. Returns `out_dir`.
     """
-    from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from draftdata.train.model import DRAFT_CONFIG, DRAFT_WEIGHTS, DraftConfig
+    from draftdata.train.model import DRAFT_CONFIG, DRAFT_WEIGHTS, DraftConfig, read_draft_weights
 
     if dtype not in DTYPES:
         raise DraftdataError(f"--dtype {dtype!r}: expected one of {sorted(DTYPES)}")
@@ -316,14 +315,16 @@ def export_draft(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, d
     ckpt = find_checkpoint(checkpoint)
     cfg_path = ckpt / DRAFT_CONFIG
     try:
-        cfg = DraftConfig.from_dict(json.loads(cfg_path.read_text()), source=str(cfg_path))
+        raw = json.loads(cfg_path.read_text())
+        if not isinstance(raw, dict):
+            raise TypeError(f"a JSON {type(raw).__name__}, expected an object")
+        cfg = DraftConfig.from_dict(raw, source=str(cfg_path))
     except json.JSONDecodeError as e:
         raise DraftdataError(f"{cfg_path}:{e.lineno}: invalid JSON: {e.msg}") from None
     except TypeError as e:
         raise DraftdataError(f"{cfg_path}: not a complete draft config ({e})") from None
     weights = ckpt / DRAFT_WEIGHTS
-    with safe_open(str(weights), framework="pt") as f:
-        state = {k: f.get_tensor(k) for k in f.keys()}
+    state = read_draft_weights(weights)  # a damaged file is one line naming it
     tensors = export_tensors(state, cfg, DTYPES[dtype], source=str(weights))
     config = build_export_config(cfg, dtype=dtype, modelopt_rope_scaling=modelopt_rope_scaling)
     if cfg.num_aux_slots == 1:

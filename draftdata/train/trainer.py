@@ -431,6 +431,16 @@ def save_checkpoint(output: Path, step: int, draft, state: dict[str, Any], rng_s
     return final
 
 
+def file_sha256(path: str | None) -> str | None:
+    """SHA-256 of a local file's bytes (None for no path, a missing file or a URL)."""
+    if not path or "://" in path or not os.path.isfile(path):
+        return None
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def _check_resume_config(saved: dict[str, Any], now: dict[str, Any], path: Path) -> list[str]:
     # Paths recorded by an older draftdata may be relative: read them from here, as best we can.
     saved = {**saved, **{k: normalize_location(saved[k]) for k in PATH_SETTINGS if k in saved}}
@@ -438,6 +448,10 @@ def _check_resume_config(saved: dict[str, Any], now: dict[str, Any], path: Path)
         saved["pad_to_multiple_of"] = None
     diffs = [f"{k}: checkpoint run had {saved.get(k)!r}, now {now.get(k)!r}"
              for k in RESUME_FIXED if saved.get(k) != now.get(k)]
+    if saved.get("draft_vocab_sha256") and saved.get("draft_vocab_sha256") != now.get("draft_vocab_sha256"):
+        diffs.append(f"draft_vocab: the file {now.get('draft_vocab')} changed since the checkpoint (sha256 "
+                     f"{str(saved['draft_vocab_sha256'])[:12]}... then, {str(now.get('draft_vocab_sha256'))[:12]}... "
+                     "now); the draft's d2t came from the old one")
     if "weight_decay" in saved and bool(saved["weight_decay"]) != bool(now.get("weight_decay")):
         diffs.append(f"weight_decay: checkpoint run had {saved['weight_decay']!r}, now {now.get('weight_decay')!r} "
                      "(turning weight decay on or off changes the optimizer's parameter groups; another "
@@ -445,7 +459,7 @@ def _check_resume_config(saved: dict[str, Any], now: dict[str, Any], path: Path)
     if diffs:
         raise DraftdataError(f"cannot --resume from {path}: settings differ from the interrupted run ("
                              + "; ".join(diffs) + "); use the same settings or a new --output")
-    return [k for k in now if k not in RESUME_FIXED and saved.get(k) != now.get(k)]
+    return [k for k in now if k not in RESUME_FIXED and k != "draft_vocab_sha256" and saved.get(k) != now.get(k)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -646,6 +660,7 @@ def _train(cfg: TrainConfig) -> TrainResult:
         for k in ("resume", "progress", "plot", "device", "output", "storage_options"):  # no secrets on disk
             run_settings.pop(k)
         run_settings.update({k: normalize_location(run_settings[k]) for k in PATH_SETTINGS})
+        run_settings["draft_vocab_sha256"] = file_sha256(cfg.draft_vocab)  # --resume: the same file, not only path
         check_output_dir(output)
         ckpt = latest_checkpoint(output)
         if not cfg.resume and ckpt is not None:
@@ -789,6 +804,10 @@ def _train(cfg: TrainConfig) -> TrainResult:
 
         if info.main:    # every input checked and the checkpoint loaded: only now is the output written
             write_run_config(output, run_settings)
+            if ckpt is not None and step < total_steps and (output / FINAL).is_dir():
+                # An earlier end of this run (--max-minutes, a shorter --steps): `export RUN` prefers
+                # final/, so a resumed run killed later would export those older weights.
+                shutil.rmtree(output / FINAL)
 
         # -- 6. loop -----------------------------------------------------------------------------
         metrics = MetricsLog(output, info.main, step)

@@ -126,8 +126,9 @@ def build_draft_vocab(url: str, draft_vocab_size: int, storage_options: dict[str
     """Count a dataset's assistant tokens and select the draft vocabulary."""
     counts, ds = count_tokens(url, storage_options, all_tokens=all_tokens, workers=workers, progress=progress)
     if int(counts.sum()) == 0:
-        raise DraftdataError(f"{url}: no tokens to count ({ds.num_samples} samples; loss_mask is all 0"
-                             f"{'' if all_tokens else ', try --all-tokens'})")
+        why = ("the dataset holds no samples" if not ds.num_samples else
+               f"{ds.num_samples} samples; loss_mask is all 0{'' if all_tokens else ', try --all-tokens'}")
+        raise DraftdataError(f"{url}: no tokens to count ({why})")
     vocab = select_draft_vocab(counts, draft_vocab_size)
     vocab.metadata.update({"dataset": str(url), "base_model_id": str(ds.schema.base_model_id),
                            "counted": "all" if all_tokens else "loss_mask==1"})
