@@ -327,7 +327,7 @@ def test_resume_refuses_a_draft_vocab_file_that_changed(tmp_path, tiny_model, tr
         capsys.readouterr()
         assert main(common + ["--resume"]) == 2
         err = capsys.readouterr().err
-        assert "draft_vocab: the file" in err and "changed since the checkpoint" in err and "Traceback" not in err
+        assert "draft_vocab: the vocabulary in" in err and "changed since the checkpoint" in err and "Traceback" not in err
     assert (out / "train_config.json").read_text() == config
 
 

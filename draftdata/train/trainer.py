@@ -431,14 +431,22 @@ def save_checkpoint(output: Path, step: int, draft, state: dict[str, Any], rng_s
     return final
 
 
-def file_sha256(path: str | None) -> str | None:
-    """SHA-256 of a local file's bytes (None for no path, a missing file or a URL)."""
+def vocab_digest(path: str | None) -> str | None:
+    """SHA-256 of a draft-vocabulary file's d2t table: the vocabulary itself, not the file's bytes
+    (its metadata differs between two builds of the same vocabulary). None without a readable
+    local file (loading it reports that)."""
     if not path or "://" in path or not os.path.isfile(path):
         return None
     import hashlib
 
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            d2t = f.get_tensor("d2t")
+    except Exception:  # noqa: BLE001 -- damaged or foreign: load_draft_vocab says so, naming the file
+        return None
+    return hashlib.sha256(d2t.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
 
 
 def _check_resume_config(saved: dict[str, Any], now: dict[str, Any], path: Path) -> list[str]:
@@ -448,9 +456,9 @@ def _check_resume_config(saved: dict[str, Any], now: dict[str, Any], path: Path)
         saved["pad_to_multiple_of"] = None
     diffs = [f"{k}: checkpoint run had {saved.get(k)!r}, now {now.get(k)!r}"
              for k in RESUME_FIXED if saved.get(k) != now.get(k)]
-    if saved.get("draft_vocab_sha256") and saved.get("draft_vocab_sha256") != now.get("draft_vocab_sha256"):
-        diffs.append(f"draft_vocab: the file {now.get('draft_vocab')} changed since the checkpoint (sha256 "
-                     f"{str(saved['draft_vocab_sha256'])[:12]}... then, {str(now.get('draft_vocab_sha256'))[:12]}... "
+    if saved.get("draft_vocab_d2t_sha256") and saved.get("draft_vocab_d2t_sha256") != now.get("draft_vocab_d2t_sha256"):
+        diffs.append(f"draft_vocab: the vocabulary in {now.get('draft_vocab')} changed since the checkpoint (d2t sha256 "
+                     f"{str(saved['draft_vocab_d2t_sha256'])[:12]}... then, {str(now.get('draft_vocab_d2t_sha256'))[:12]}... "
                      "now); the draft's d2t came from the old one")
     if "weight_decay" in saved and bool(saved["weight_decay"]) != bool(now.get("weight_decay")):
         diffs.append(f"weight_decay: checkpoint run had {saved['weight_decay']!r}, now {now.get('weight_decay')!r} "
@@ -459,7 +467,7 @@ def _check_resume_config(saved: dict[str, Any], now: dict[str, Any], path: Path)
     if diffs:
         raise DraftdataError(f"cannot --resume from {path}: settings differ from the interrupted run ("
                              + "; ".join(diffs) + "); use the same settings or a new --output")
-    return [k for k in now if k not in RESUME_FIXED and k != "draft_vocab_sha256" and saved.get(k) != now.get(k)]
+    return [k for k in now if k not in RESUME_FIXED and k != "draft_vocab_d2t_sha256" and saved.get(k) != now.get(k)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -660,7 +668,7 @@ def _train(cfg: TrainConfig) -> TrainResult:
         for k in ("resume", "progress", "plot", "device", "output", "storage_options"):  # no secrets on disk
             run_settings.pop(k)
         run_settings.update({k: normalize_location(run_settings[k]) for k in PATH_SETTINGS})
-        run_settings["draft_vocab_sha256"] = file_sha256(cfg.draft_vocab)  # --resume: the same file, not only path
+        run_settings["draft_vocab_d2t_sha256"] = vocab_digest(cfg.draft_vocab)  # --resume: the same vocabulary, not only path
         check_output_dir(output)
         ckpt = latest_checkpoint(output)
         if not cfg.resume and ckpt is not None:
