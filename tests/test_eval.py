@@ -341,7 +341,7 @@ def test_cli_eval_bad_output_is_refused_before_any_model_work(prompts, tmp_path,
 def test_cli_eval_bad_counts_and_a_training_run_as_draft_are_one_line(tiny_model, prompts, tmp_path, capsys):
     """--limit 0 used to evaluate one conversation; a training run given as --draft says to export it."""
     missing = str(tmp_path / "no-model")
-    for flag in ("--limit", "--max-turns", "--threads", "--prompt-lookup-tokens"):
+    for flag in ("--limit", "--max-turns", "--threads", "--prompt-lookup-tokens", "--steps", "--max-new-tokens"):
         assert run_cli("--model", missing, "--draft", missing, "--prompts", str(prompts), flag, "0") == 2
         assert f"{flag} must be >= 1, got 0" in capsys.readouterr().err
     exported_draft(tmp_path, tiny_model)                    # leaves the trainer checkpoint in tmp_path/ckpt

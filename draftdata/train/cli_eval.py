@@ -64,8 +64,8 @@ def _run(args: argparse.Namespace, ev) -> int:
 
     from draftdata.errors import DraftdataError
 
-    for flag in ("limit", "max_turns", "threads", "prompt_lookup_tokens"):
-        value = getattr(args, flag)
+    for flag in ("limit", "max_turns", "threads", "prompt_lookup_tokens", "steps", "max_new_tokens"):
+        value = getattr(args, flag)  # checked before minutes of model loading
         if value is not None and value < 1:
             raise DraftdataError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
     output = check_output(args.output) if args.output else None
