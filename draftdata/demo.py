@@ -77,7 +77,8 @@ def check_rerun(out: Path, settings: dict) -> None:
         then = json.loads(path.read_text())
     except (OSError, ValueError):
         return
-    diffs = [f"{k} {then.get(k)!r} then, {settings.get(k)!r} now" for k in settings if then.get(k) != settings.get(k)]
+    diffs = ["the --prompts content" if k == "prompts_sha256" else f"{k} {then.get(k)!r} then, {settings.get(k)!r} now"
+             for k in settings if then.get(k) != settings.get(k)]
     if diffs:
         raise DraftdataError(f"--out {out} holds a demo run with other settings ({'; '.join(diffs)}); a rerun "
                              "there resumes that run: use a new --out, or delete that one")

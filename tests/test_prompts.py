@@ -122,13 +122,19 @@ def test_rerun_continues_to_count_and_other_settings_are_refused(user_model, tmp
     assert out.read_text() == text
 
 
-def test_a_rerun_from_any_written_prefix_ends_as_an_uninterrupted_run(user_model, tmp_path):
+def test_a_rerun_from_any_written_prefix_ends_as_an_uninterrupted_run(user_model, tmp_path, capsys):
     """Samples are judged in index order also with continuous batching, so whatever prefix of the
     file a kill leaves, the rerun writes what the uninterrupted run did (a lower index still being
     generated when a higher one was written used to be skipped by the rerun, and replaced)."""
     common = ["--model", user_model, "--count", 10, "--batch-size", 4, "--max-new-tokens", 40, "--seed", 3]
     full = tmp_path / "full.jsonl"
     assert run_cli(*common, "--output", full) == 0
+    wide = ["--model", user_model, "--count", 8, "--batch-size", 8, "--max-new-tokens", 60, "--seed", 11,
+            "--temperature", 1.3]
+    capsys.readouterr()
+    assert run_cli(*wide, "--output", tmp_path / "wide.jsonl") == 0
+    rejected, drawn = map(int, re.search(r"rejected\s+(\d+) of (\d+) samples", capsys.readouterr().out).groups())
+    assert drawn == 8 + rejected                             # every sample drawn was judged: none wasted
     lines = full.read_text().splitlines(keepends=True)
     indices = [int(r["conversation_id"].rsplit("-", 1)[1]) for r in records(full)]
     assert indices == sorted(indices)                        # written in index order

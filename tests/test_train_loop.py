@@ -329,6 +329,10 @@ def test_resume_refuses_a_draft_vocab_file_that_changed(tmp_path, tiny_model, tr
         err = capsys.readouterr().err
         assert "draft_vocab: the vocabulary in" in err and "changed since the checkpoint" in err and "Traceback" not in err
     assert (out / "train_config.json").read_text() == config
+    vocab.unlink()                                           # missing: said as such, not as "changed"
+    assert main(common + ["--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "vocab.safetensors not found" in err and "the vocabulary in" not in err
 
 
 def test_pad_to_multiple_of_rounds_batches_and_is_fixed_for_the_run(tmp_path, tiny_model, train_data):  # noqa: F811

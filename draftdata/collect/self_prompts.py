@@ -426,7 +426,7 @@ def _sample_local(generator: HFGenerator, keep: _Keeper) -> None:
     order: deque[int] = deque()          # indices handed out, in order: each is in `batch` or in `done`
     done: dict[int, tuple[str, bool, bool]] = {}
     while keep.missing > 0:
-        free = min(capacity - len(batch), keep.missing - len(batch))
+        free = min(capacity - len(batch), keep.missing - len(batch) - len(done))  # done: not judged yet
         if free > 0 and batch.can_add and (free >= refill or not len(batch)):
             rows = keep.openings(free)
             if rows:

@@ -456,7 +456,8 @@ def _check_resume_config(saved: dict[str, Any], now: dict[str, Any], path: Path)
         saved["pad_to_multiple_of"] = None
     diffs = [f"{k}: checkpoint run had {saved.get(k)!r}, now {now.get(k)!r}"
              for k in RESUME_FIXED if saved.get(k) != now.get(k)]
-    if saved.get("draft_vocab_d2t_sha256") and saved.get("draft_vocab_d2t_sha256") != now.get("draft_vocab_d2t_sha256"):
+    if saved.get("draft_vocab_d2t_sha256") and now.get("draft_vocab_d2t_sha256") \
+            and saved["draft_vocab_d2t_sha256"] != now["draft_vocab_d2t_sha256"]:  # None: loading says what is wrong
         diffs.append(f"draft_vocab: the vocabulary in {now.get('draft_vocab')} changed since the checkpoint (d2t sha256 "
                      f"{str(saved['draft_vocab_d2t_sha256'])[:12]}... then, {str(now.get('draft_vocab_d2t_sha256'))[:12]}... "
                      "now); the draft's d2t came from the old one")
