@@ -109,6 +109,8 @@ def run(args: argparse.Namespace) -> int:
     import hashlib
 
     settings = {k: getattr(args, k) for k in RERUN_FIXED}
+    if Path(args.model).exists():  # a local model: the same directory however it is spelled
+        settings["model"] = str(Path(args.model).resolve())
     settings["prompts_sha256"] = hashlib.sha256("\n".join(lines).encode()).hexdigest()
     check_rerun(out, settings)
     try:
