@@ -44,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import inspect
 import json
 import math
 import os
@@ -760,9 +761,12 @@ def _train(cfg: TrainConfig) -> TrainResult:
         module = EagleTTT(draft, head, ttt_steps=eagle.eagle_ttt_steps, decay=eagle.eagle_loss_decay_factor,
                           mix_hidden_states=eagle.eagle_mix_hidden_states,
                           self_logit_distillation=eagle.eagle_self_logit_distillation)
-        # Buffers (d2t, t2d, RoPE frequencies) never change: no need to re-broadcast them every step.
+        # Buffers (d2t, t2d, RoPE frequencies) are the same on every rank and never change: no
+        # per-step sync (torch 2.13 renamed the switch; it syncs them once at init, which is harmless).
+        buffer_sync = ({"forward_sync_buffers": False}
+                   if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters else {"broadcast_buffers": False})
         model = DDP(module, device_ids=[device.index] if device.type == "cuda" else None,
-                    broadcast_buffers=False) if info.world_size > 1 else module
+                    **buffer_sync) if info.world_size > 1 else module
         n = count_parameters(draft)
         _log(f"draft: {n['trainable'] / 1e6:.1f}M trainable parameters ({n['saved'] / 1e6:.1f}M saved), "
              f"draft vocab {draft.config.draft_vocab_size}/{draft.config.vocab_size}, aux layers "
