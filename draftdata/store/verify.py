@@ -113,48 +113,49 @@ def verify_dataset(ds: Dataset, progress: Callable[[int], Any] | None = None) ->
 
 
 def leftovers(url: str, *, storage_options: dict[str, Any] | None = None) -> list[tuple[str, float | None]]:
-    """Uncommitted part directories and temporary commit records, each with its age in seconds
-    (None when the backend reports no time): crashed writers' garbage, or a running writer's work."""
+    """Uncommitted part directories, temporary commit records and (S3) unfinished multipart
+    uploads below parts/, each with its age in seconds (None when the backend reports no time):
+    crashed writers' garbage, or a running writer's work."""
+    return [(path, age) for path, age, _ in _leftovers(url, storage_options)]
+
+
+def _leftovers(url: str, storage_options: dict[str, Any] | None) -> list[tuple[str, float | None, Callable[[], Any]]]:
+    """`leftovers`, each with the call that removes it."""
     loc, _ = open_location(url, storage_options)
     # Every commit file counts, parseable or not: a damaged record's part is still committed data.
     committed = set(loc.list_commits())
     fs, root = loc.fs, loc.root
     now = time.time()
-    found: list[tuple[str, float | None]] = []
+    found: list[tuple[str, float | None, Callable[[], Any]]] = []
+
+    def tree(path: str) -> None:
+        newest = _newest_mtime(fs, path)
+        found.append((path, None if newest is None else now - newest, lambda: remove_tree(fs, path)))
+
     try:
         entries = fs.ls(f"{root}/parts", detail=True)
     except FileNotFoundError:
         entries = []
     for e in entries:
         if e["name"].rstrip("/").rsplit("/", 1)[-1] not in committed:
-            newest = _newest_mtime(fs, e["name"])
-            found.append((e["name"], None if newest is None else now - newest))
+            tree(e["name"])
     try:
         for path in fs.ls(f"{root}/commits", detail=False):
             name = path.rstrip("/").rsplit("/", 1)[-1]
             if name.startswith(".") and ".tmp-" in name:
-                newest = _newest_mtime(fs, path)
-                found.append((path, None if newest is None else now - newest))
+                tree(path)
     except FileNotFoundError:
         pass
-    for key, upload_id, started in _uploads(fs, root, committed):
-        found.append((f"{key}{UPLOAD_MARK}{upload_id})", None if started is None else now - started))
-    return found
-
-
-# How `leftovers` names an unfinished multipart upload: "bucket/key (unfinished upload ID)".
-UPLOAD_MARK = " (unfinished upload "
-
-
-def _uploads(fs: Any, root: str, committed: set[str]) -> list[tuple[str, str, float | None]]:
-    """Unfinished multipart uploads below the dataset's parts/ (S3), except for committed parts."""
     prefix = f"{root}/parts/"
     try:
         uploads = unfinished_uploads(fs, prefix)
     except (OSError, NotImplementedError):  # no s3:ListBucketMultipartUploads permission, or a store without it
-        return []
-    return [(key, upload_id, started) for key, upload_id, started in uploads
-            if key[len(prefix):].split("/", 1)[0] not in committed]
+        uploads = []
+    for key, upload_id, started in uploads:
+        if key[len(prefix):].split("/", 1)[0] not in committed:
+            found.append((f"{key} (unfinished upload {upload_id})", None if started is None else now - started,
+                          lambda key=key, upload_id=upload_id: abort_upload(fs, key, upload_id)))
+    return found
 
 
 def garbage_collect(url: str, *, storage_options: dict[str, Any] | None = None,
@@ -164,17 +165,12 @@ def garbage_collect(url: str, *, storage_options: dict[str, Any] | None = None,
     The grace period protects writers that are still running: their parts are uncommitted too,
     and so is anything of unknown age.
     """
-    fs = open_location(url, storage_options)[0].fs
     deleted, kept = [], []
-    for path, age in leftovers(url, storage_options=storage_options):
+    for path, age, remove in _leftovers(url, storage_options):
         if age is None or age < grace_seconds:
             kept.append(path)
             continue
-        if path.endswith(")") and UPLOAD_MARK in path:
-            key, _, upload_id = path[:-1].partition(UPLOAD_MARK)
-            abort_upload(fs, key, upload_id)
-        else:
-            remove_tree(fs, path)
+        remove()
         deleted.append(path)
     return deleted, kept
 
