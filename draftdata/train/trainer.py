@@ -432,22 +432,14 @@ def save_checkpoint(output: Path, step: int, draft, state: dict[str, Any], rng_s
     return final
 
 
-def vocab_digest(path: str | None) -> str | None:
-    """SHA-256 of a draft-vocabulary file's d2t table: the vocabulary itself, not the file's bytes
-    (its metadata differs between two builds of the same vocabulary). None without a readable
-    local file (loading it reports that)."""
-    if not path or "://" in path or not os.path.isfile(path):
+def vocab_digest(vocab: Any) -> str | None:
+    """SHA-256 of a draft vocabulary's d2t table (a loaded DraftVocab, or None): the vocabulary
+    itself, not its file's bytes, whose metadata differs between two builds of one vocabulary."""
+    if vocab is None:
         return None
     import hashlib
 
-    from safetensors import safe_open
-
-    try:
-        with safe_open(path, framework="pt") as f:
-            d2t = f.get_tensor("d2t")
-    except Exception:  # noqa: BLE001 -- damaged or foreign: load_draft_vocab says so, naming the file
-        return None
-    return hashlib.sha256(d2t.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
+    return hashlib.sha256(vocab.d2t.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
 
 
 def _check_resume_config(saved: dict[str, Any], now: dict[str, Any], path: Path) -> list[str]:
@@ -458,7 +450,7 @@ def _check_resume_config(saved: dict[str, Any], now: dict[str, Any], path: Path)
     diffs = [f"{k}: checkpoint run had {saved.get(k)!r}, now {now.get(k)!r}"
              for k in RESUME_FIXED if saved.get(k) != now.get(k)]
     if saved.get("draft_vocab_d2t_sha256") and now.get("draft_vocab_d2t_sha256") \
-            and saved["draft_vocab_d2t_sha256"] != now["draft_vocab_d2t_sha256"]:  # None: loading says what is wrong
+            and saved["draft_vocab_d2t_sha256"] != now["draft_vocab_d2t_sha256"]:  # None: no --draft-vocab now
         diffs.append(f"draft_vocab: the vocabulary in {now.get('draft_vocab')} changed since the checkpoint (d2t sha256 "
                      f"{str(saved['draft_vocab_d2t_sha256'])[:12]}... then, {str(now.get('draft_vocab_d2t_sha256'))[:12]}... "
                      "now); the draft's d2t came from the old one")
@@ -670,7 +662,8 @@ def _train(cfg: TrainConfig) -> TrainResult:
         for k in ("resume", "progress", "plot", "device", "output", "storage_options"):  # no secrets on disk
             run_settings.pop(k)
         run_settings.update({k: normalize_location(run_settings[k]) for k in PATH_SETTINGS})
-        run_settings["draft_vocab_d2t_sha256"] = vocab_digest(cfg.draft_vocab)  # --resume: the same vocabulary, not only path
+        draft_vocab = load_draft_vocab(cfg.draft_vocab) if cfg.draft_vocab is not None else None
+        run_settings["draft_vocab_d2t_sha256"] = vocab_digest(draft_vocab)  # --resume: the same vocabulary, not only path
         check_output_dir(output)
         ckpt = latest_checkpoint(output)
         if not cfg.resume and ckpt is not None:
@@ -737,7 +730,6 @@ def _train(cfg: TrainConfig) -> TrainResult:
         # -- 3. model ----------------------------------------------------------------------------
         # Config, draft vocabulary and weight headers first: only then is the output written.
         base_dir = resolve_model(cfg.model)
-        draft_vocab = load_draft_vocab(cfg.draft_vocab) if cfg.draft_vocab is not None else None
         draft_cfg = check_base_model(base_dir, eagle, schema, draft_vocab)
         init_tensors, init_notes = None, []
         if cfg.init_draft is not None and ckpt is None:   # a resumed run's weights come from its checkpoint
@@ -805,7 +797,6 @@ def _train(cfg: TrainConfig) -> TrainResult:
             for g, wanted, f in zip(optimizer.param_groups, param_groups(draft, cfg.weight_decay), scheduler.lr_lambdas):
                 g.update(initial_lr=cfg.lr, lr=cfg.lr * f(scheduler.last_epoch), betas=tuple(cfg.betas),
                          weight_decay=wanted["weight_decay"])
-            scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]  # what get_last_lr() reports
             step, epoch, consumed = state["step"], state["epoch"], state["items_consumed"]
             tokens_seen, elapsed_before = state["tokens_seen"], state["elapsed_s"]
             corrupt_seen = state.get("corrupt_samples", 0)
@@ -898,7 +889,7 @@ def _train(cfg: TrainConfig) -> TrainResult:
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf)
                 if counts[0] == 0:  # no loss position on any rank (all damaged): the step counts, the weights stay
                     optimizer.zero_grad(set_to_none=True)
-                lr = scheduler.get_last_lr()[0]                  # the rate this step uses (log it, not the next)
+                lr = optimizer.param_groups[0]["lr"]            # the rate this step uses (log it, not the next)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
