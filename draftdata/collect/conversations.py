@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,6 +136,14 @@ def _lines(fs: Any, path: str) -> Iterator[tuple[int, bytes]]:
         for lineno, raw in enumerate(f, 1):
             if raw.strip():
                 yield lineno, raw
+
+
+def warn_no_records(command: str, input: str, limit: int | None, what: str) -> None:
+    """Say that --input held no records (a run would otherwise end in a summary of zeros):
+    `draftdata COMMAND: warning: ...; nothing to WHAT`."""
+    why = "--limit 0" if limit == 0 else "its files are empty or hold only blank lines"
+    print(f"draftdata {command}: warning: no records were read from --input {input} ({why}); nothing to {what}",
+          file=sys.stderr)
 
 
 def count_records(input: str, storage_options: dict | None = None, limit: int | None = None) -> int:

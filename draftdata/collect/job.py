@@ -15,7 +15,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from draftdata.collect.backends.base import BaseModelInfo
-from draftdata.collect.conversations import ChatTokenizer, Reject, read_conversations, tokenize_stream
+from draftdata.collect.conversations import (
+    ChatTokenizer,
+    Reject,
+    read_conversations,
+    tokenize_stream,
+    warn_no_records,
+)
 from draftdata.config import DatasetSchema
 from draftdata.errors import DatasetNotFoundError, DraftdataError, SchemaMismatchError, name_some
 from draftdata.progress import JobProgress
@@ -234,13 +240,6 @@ def validate_input(settings: CollectSettings, chat: ChatTokenizer, total: int | 
     return n
 
 
-def warn_no_records(settings: CollectSettings) -> None:
-    """An input without records would otherwise end in a summary of zeros (and an empty dataset)."""
-    why = "--limit 0" if settings.limit == 0 else "its files are empty or hold only blank lines"
-    print(f"draftdata collect: warning: no records were read from --input {settings.input} ({why}); nothing to "
-          "collect", file=sys.stderr)
-
-
 class CommitLedger:
     """The dataset's committed parts and conversation ids, re-read incrementally.
 
@@ -371,7 +370,7 @@ def run_local(settings: CollectSettings) -> int:
         chat = chat_tokenizer(settings)
         total = count_records(settings.input, settings.storage_options, settings.limit)
         if total == 0:  # nothing would be written: load no model and leave --output as it is
-            warn_no_records(settings)
+            warn_no_records("collect", settings.input, settings.limit, "collect")
             return 0
         if settings.strict:
             total = validate_input(settings, chat, total)

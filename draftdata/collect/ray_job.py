@@ -357,13 +357,13 @@ def _units(settings: CollectSettings, chat: Any, options: CollectOptions, skip_i
 
 def run_ray_collect(args: argparse.Namespace) -> int:
     """`draftdata collect ... --ray`: returns the exit status (see the module docstring)."""
+    from draftdata.collect.conversations import warn_no_records
     from draftdata.collect.job import (
         chat_tokenizer,
         check_output,
         make_schema,
         open_output,
         settings_from_args,
-        warn_no_records,
     )
 
     settings = settings_from_args(args)
@@ -383,7 +383,8 @@ def run_ray_collect(args: argparse.Namespace) -> int:
         total = validate_input(settings, chat)
     if total == 0 or (total is None and count_records(settings.input, settings.storage_options,
                                                       1 if settings.limit is None else min(1, settings.limit)) == 0):
-        warn_no_records(settings)  # like run_local: no Ray, no model, --output left as it is
+        # like run_local: no Ray, no model, --output left as it is
+        warn_no_records("collect", settings.input, settings.limit, "collect")
         return 0
     max_retries = getattr(args, "max_retries", None)
     max_retries = MAX_RETRIES if max_retries is None else max_retries

@@ -57,6 +57,7 @@ from draftdata.collect.conversations import (
     RecordError,
     Reject,
     read_conversations,
+    warn_no_records,
 )
 from draftdata.collect.stats import RunStats, write_run_reports
 from draftdata.errors import DraftdataError
@@ -1153,16 +1154,6 @@ def resolve_endpoint_model(settings: SynthSettings) -> None:
         settings.model = make_generator(settings).model  # type: ignore[union-attr]
 
 
-def no_records(settings: SynthSettings, total: int | None) -> bool:
-    """Warn (and say True) when the input holds no records: the run would end in a summary of zeros."""
-    if total != 0:
-        return False
-    why = "--limit 0" if settings.limit == 0 else "its files are empty or hold only blank lines"
-    print(f"draftdata synthesize: warning: no records were read from --input {settings.input} ({why}); nothing "
-          "to answer", file=sys.stderr)
-    return True
-
-
 def run_local(settings: SynthSettings) -> int:
     """The single-process synthesize: returns the exit status (0, also when records were rejected)."""
     from draftdata.collect.conversations import count_records
@@ -1175,7 +1166,8 @@ def run_local(settings: SynthSettings) -> int:
         check_settings(out, settings)
         total = validate_input(settings) if settings.strict else count_records(
             settings.input, settings.storage_options, settings.limit)
-        if no_records(settings, total):
+        if total == 0:
+            warn_no_records("synthesize", settings.input, settings.limit, "answer")
             return 0
         if out.ids:
             print(f"draftdata synthesize: {out.path} already holds {len(out.ids):,} conversations; they are "
@@ -1292,7 +1284,8 @@ def run_ray(settings: SynthSettings, *, address: str | None = None, num_workers:
         check_settings(out, settings)
         total = validate_input(settings) if settings.strict else count_records(
             settings.input, settings.storage_options, settings.limit)
-        if no_records(settings, total):
+        if total == 0:
+            warn_no_records("synthesize", settings.input, settings.limit, "answer")
             return 0
         if out.ids:
             print(f"draftdata synthesize: {out.path} already holds {len(out.ids):,} conversations; they are "
