@@ -18,6 +18,7 @@ newest checkpoint.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shlex
 import sys
@@ -106,8 +107,6 @@ def run(args: argparse.Namespace) -> int:
         raise DraftdataError(f"--out {out}: is a file; the demo writes its outputs into a directory: give a new or "
                              "existing directory (default ./demo_out)")
     train_prompts, eval_prompts = out / "train_prompts.jsonl", out / "eval_prompts.jsonl"
-    import hashlib
-
     settings = {k: getattr(args, k) for k in RERUN_FIXED}
     if Path(args.model).exists():  # a local model: the same directory however it is spelled
         settings["model"] = str(Path(args.model).resolve())

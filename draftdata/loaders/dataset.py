@@ -230,13 +230,13 @@ class HiddenStateDataset(IterableDataset):
             wid, logical, nw = self._iter_worker
             yielded = self._yielded
         else:  # nothing iterated yet in this process, or an earlier epoch (set_epoch since, persistent workers)
-            if get_worker_info() is None and int(self._worker_epoch) == self.epoch:
+            info = get_worker_info()
+            if info is None and int(self._worker_epoch) == self.epoch:
                 warnings.warn(f"{self.store.url}: state_dict() in the main process while DataLoader workers iterate "
                               f"epoch {self.epoch}: it is where the next iteration would start, not where the "
                               "workers are; use torchdata's StatefulDataLoader, or count the items your loop "
                               "consumed and resume with {'epoch': e, 'items_consumed': n} (docs/LOADER.md, Resume)",
                               stacklevel=2)
-            info = get_worker_info()
             state = self._unused_resume(None if info is None else info.id)
             if state is not None and state["epoch"] == self.epoch and "items_consumed" not in state:
                 return dict(state)
