@@ -264,6 +264,44 @@ def test_pool_retries_elsewhere_and_reports_failed_units_with_their_items(ray_dr
         broken.run(units[:1], on_done=lambda u, r: None)
 
 
+def test_pool_replaces_a_worker_that_died_idle_without_charging_the_next_unit(ray_driver, capsys):
+    """A worker SIGKILLed while it waited for work (here: the input is slow) is found dead by a
+    ping before it gets the next unit; that unit was charged an attempt it never ran and, with
+    no retries left, was reported FAILED."""
+    from draftdata.collect.ray_pool import IDLE_PING_S, ActorPool, WorkUnit
+
+    pids: list[int] = []
+    first_done = threading.Event()
+
+    def units():
+        yield WorkUnit("u0", args=([2], []), item_ids=["2"])
+        assert first_done.wait(60)
+        (pid,) = pids
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: not Path(f"/proc/{pid}").exists() or b"zombie" in Path(f"/proc/{pid}/status").read_bytes(),
+                 "the idle worker to die", timeout=30)
+        time.sleep(IDLE_PING_S + 0.5)
+        yield WorkUnit("u1", args=([3], []), item_ids=["3"])
+
+    class PidWorker(ToyWorker):
+        def run_unit(self, unit_id, numbers, fail_on):
+            return os.getpid(), super().run_unit(unit_id, numbers, fail_on)
+
+    def on_done(unit, result):
+        pids.append(result[0])
+        results[unit.id] = result[1]
+        first_done.set()
+
+    results: dict[str, list[int]] = {}
+    pool = ActorPool(PidWorker, num_workers=1, num_cpus=0.5, max_retries=0)
+    report = pool.run(units(), on_done=on_done)
+    err = capsys.readouterr().err
+    assert not report.failed, report.failed
+    assert results == {"u0": [4], "u1": [9]} and pids[0] != pids[1]
+    assert report.workers_lost == 1 and report.workers_started == 2
+    assert "worker 0" in err and "died while idle" in err
+
+
 def test_pool_progress_gives_no_eta_before_a_unit_has_finished():
     """Conversations the driver skips or rejects take no time: an ETA from them alone (no worker
     started yet) was a made-up figure."""

@@ -22,6 +22,9 @@ How work is scheduled and what happens on faults:
   too, on another actor when there is one. Before a retry `before_retry(unit)` may rewrite the
   unit (collect tells the retry which items an earlier attempt already committed) or return
   None when nothing is left to do.
+- An actor that has been idle for more than `IDLE_PING_S` seconds is pinged before it gets a
+  unit: one that died while idle is replaced without charging the unit an attempt (Ray's error
+  for a call to a dead actor does not say whether the call had started).
 - A unit that failed `max_retries + 1` times is given up: it is reported in
   `PoolReport.failed` with its id, item ids and every attempt's error, and the rest goes on.
 - `PoolError` stops the whole run when continuing cannot help: `max_start_failures` actor
@@ -216,6 +219,7 @@ class _Worker:
     info: dict[str, Any] = field(default_factory=dict)
     load: int = 0
     isolated: bool = False  # running an isolated unit: takes no other unit meanwhile
+    heard: float = 0.0  # time.monotonic() of its last reply (ready, a unit's result, a ping)
 
     def label(self) -> str:
         where = ""
@@ -245,6 +249,9 @@ def _error_text(err: BaseException) -> str:
         first = detail[-1].split(". ")[0].rstrip(".")  # Ray appends a page of troubleshooting advice
         return f"worker process died ({exit_type.group(1)}): {first}" if exit_type else f"worker process died: {first}"
     return f"{type(err).__name__}: {err}"
+
+
+IDLE_PING_S = 1.0  # an idle actor not heard from for this long is pinged before it gets a unit
 
 
 class ActorPool:
@@ -356,6 +363,7 @@ class ActorPool:
         retries: collections.deque[WorkUnit] = collections.deque()
         running: dict[Any, tuple[WorkUnit, _Worker]] = {}
         starting = self._starting
+        pinging: dict[Any, _Worker] = {}  # liveness checks of idle workers before they get a unit
         start_failures = 0
         consecutive_failures = 0
         last_wait_note = time.perf_counter()
@@ -431,6 +439,10 @@ class ActorPool:
                     for worker in sorted(self.live_workers(), key=lambda w: w.load):
                         if not worker.ready or worker.load >= depth:
                             continue
+                        if worker.load == 0 and time.monotonic() - worker.heard > IDLE_PING_S:
+                            if not any(w is worker for w in pinging.values()):
+                                pinging[worker.handle.__ray_ready__.remote()] = worker
+                            continue
                         unit = next_unit(worker, 0.05 if not running else 0.0)
                         if unit is None:
                             continue
@@ -444,7 +456,7 @@ class ActorPool:
                     break  # workers still waiting for resources are not needed any more
                 if not running and not starting and retries and not self.live_workers():
                     raise PoolError("no worker is alive to run the remaining units")
-                waiting = list(running) + list(starting)
+                waiting = list(running) + list(starting) + list(pinging)
                 if not waiting:  # units are being produced; poll the source again
                     time.sleep(0.01)
                     continue
@@ -456,6 +468,18 @@ class ActorPool:
                              "lacks the requested resources; see `ray status`)")
                     continue
                 ref = done[0]
+                if ref in pinging:
+                    worker = pinging.pop(ref)
+                    try:
+                        ray.get(ref)
+                        worker.heard = time.monotonic()
+                    except ray.exceptions.RayActorError as e:
+                        if worker.alive:  # it held no unit: nothing to retry, no attempt charged
+                            report.workers_lost += 1
+                            self._kill(worker)
+                            note(f"{worker.label()} died while idle ({_error_text(e)}); starting a replacement")
+                            self.start()
+                    continue
                 if ref in starting:
                     worker = starting.pop(ref)
                     try:
@@ -472,6 +496,7 @@ class ActorPool:
                         continue
                     start_failures = 0
                     worker.ready = True
+                    worker.heard = time.monotonic()
                     report.workers_started += 1
                     report.worker_info.append({"worker": worker.index, **worker.info})
                     note(f"{worker.label()} ready" + (f": {worker.info['summary']}" if worker.info.get("summary")
@@ -479,6 +504,7 @@ class ActorPool:
                     continue
                 unit, worker = running.pop(ref)
                 worker.load -= 1
+                worker.heard = time.monotonic()
                 if unit.isolate:
                     worker.isolated = False
                 try:
