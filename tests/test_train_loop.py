@@ -247,7 +247,7 @@ def test_ddp_two_gloo_processes(tmp_path, tiny_model, train_data):  # noqa: F811
 
 
 @pytest.mark.slow
-def test_ray_train_torch_trainer(tmp_path, tiny_model, train_data):  # noqa: F811
+def test_ray_train_torch_trainer(tmp_path, tiny_model, train_data, capfd):  # noqa: F811
     ray = pytest.importorskip("ray")
     pytest.importorskip("ray.train")
     from draftdata.train.trainer import train_with_ray
@@ -256,7 +256,7 @@ def test_ray_train_torch_trainer(tmp_path, tiny_model, train_data):  # noqa: F81
     # The cluster claims 2 GPUs (a resource count; this machine has none): with --device cpu the
     # workers must still be CPU workers in a gloo group (GPU workers would get an NCCL group).
     ray.init(address="local", num_cpus=2, num_gpus=2, object_store_memory=80 * 2**20, include_dashboard=False,
-             log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}})
+             runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}})
     try:
         t0 = time.time()
         cfg = TrainConfig(data=train_data, model=str(tiny_model), output=str(tmp_path / "ray"), device="cpu",
@@ -267,6 +267,13 @@ def test_ray_train_torch_trainer(tmp_path, tiny_model, train_data):  # noqa: F81
         result = train_with_ray(cfg, num_workers=2)
         assert result.error is None
         print(f"ray run took {time.time() - t0:.1f}s")
+        # Rank 0's lines reach the driver once (Ray Train's print patch printed each of them twice).
+        seen = ""
+        deadline = time.monotonic() + 20
+        while "final draft:" not in seen and time.monotonic() < deadline:
+            time.sleep(0.2)
+            seen += "".join(capfd.readouterr())
+        assert seen.count("final draft:") == 1 and seen.count("step 1/3 ") == 1, seen[-3000:]
     finally:
         ray.shutdown()
     rows = read_metrics(tmp_path / "ray")

@@ -301,9 +301,18 @@ def stand_in_batch(schema: Any, ttt_steps: int) -> dict[str, Any]:
             "lengths": torch.tensor([t]), "conversation_id": [""]}
 
 
+def _say(msg: str, stream: Any = None) -> None:
+    """One line to stderr (or `stream`), written to the stream itself rather than with `print`: Ray
+    Train replaces `print` in its workers with one that logs the line and, when Ray has redirected
+    the stream (it has, in a worker), prints it as well, so every line reached the driver twice."""
+    stream = stream or sys.stderr
+    stream.write(msg + "\n")
+    stream.flush()
+
+
 def _log(msg: str, info: Dist) -> None:
     if info.main:
-        print(msg, file=sys.stderr, flush=True)
+        _say(msg)
 
 
 def describe_truncation(lengths: np.ndarray, max_seq_len: int, from_batch_tokens: bool) -> str | None:
@@ -942,13 +951,13 @@ def _train(cfg: TrainConfig) -> TrainResult:
                     raise trained_on_nothing(f"the first {step} of {total_steps} steps")
                 if info.main and (step % cfg.log_every == 0 or step == 1 or step == total_steps):
                     accs = " ".join(f"{a:.3f}" for a in record["step_acc"])
-                    print(f"step {step}/{total_steps} epoch {epoch} loss {record['loss']:.4f} acc [{accs}] "
-                          f"lr {record['lr']:.2e} gnorm {record['grad_norm']:.3f} "
-                          f"{record['tokens_per_s']:.0f} tok/s mem {record['peak_mem_gb']:.2f} GiB", flush=True)
+                    _say(f"step {step}/{total_steps} epoch {epoch} loss {record['loss']:.4f} acc [{accs}] "
+                         f"lr {record['lr']:.2e} gnorm {record['grad_norm']:.3f} "
+                         f"{record['tokens_per_s']:.0f} tok/s mem {record['peak_mem_gb']:.2f} GiB", sys.stdout)
                 if info.main and "val_loss" in record:
                     accs = " ".join(f"{a:.3f}" for a in record["val_step_acc"])
-                    print(f"val step {step}: loss {record['val_loss']:.4f} acc [{accs}] over "
-                          f"{record['val_tokens']:,} held-out tokens", flush=True)
+                    _say(f"val step {step}: loss {record['val_loss']:.4f} acc [{accs}] over "
+                         f"{record['val_tokens']:,} held-out tokens", sys.stdout)
                 interrupted = stop_request.requested and step < total_steps
                 if step % cfg.save_every == 0 or step == total_steps or out_of_time or interrupted:
                     end_of_epoch = consumed // cfg.grad_accum >= epoch_steps
@@ -995,11 +1004,10 @@ def _train(cfg: TrainConfig) -> TrainResult:
             if cfg.plot and (output / METRICS).exists():
                 png = plot_metrics(output / METRICS, output / PLOT)
                 if png:
-                    print(f"wrote {png}", file=sys.stderr)
-            print(f"final draft: {final} ({step} steps)", file=sys.stderr)
+                    _say(f"wrote {png}")
+            _say(f"final draft: {final} ({step} steps)")
             if corrupt_seen:
-                print(f"skipped {corrupt_seen} damaged sample(s) in all, listed in {output / CORRUPT}",
-                      file=sys.stderr)
+                _say(f"skipped {corrupt_seen} damaged sample(s) in all, listed in {output / CORRUPT}")
         if info.world_size > 1:
             dist.barrier()
         return TrainResult(output=output, steps=step, final_checkpoint=final, losses=losses, draft=draft)
