@@ -3,17 +3,21 @@
 The engine expectations below are transcribed from the engines' published source (none of the
 engines can run here); docs/EXPORT.md has the longer account:
 
-- vLLM  vllm/model_executor/models/llama_eagle3.py (vllm-project/vllm @ 00bd1493b3e8):
+- vLLM  vllm/model_executor/models/llama_eagle3.py (vllm-project/vllm @ 00bd1493b3e8, and the
+  same behaviour @ 055e47c with a WeightsMapper "midlayer." -> "layers.0." + AutoWeightsLoader):
   Eagle3LlamaForCausalLM.load_weights skips "t2d", renames "d2t" -> "draft_id_to_target_id",
   prefixes "model." to every name without "lm_head"; LlamaModel.load_weights renames
   "midlayer." -> "layers.0." and stacks q/k/v -> qkv_proj, gate/up -> gate_up_proj; an unknown
-  name is a KeyError / AutoWeightsLoader error. fc input = target_hidden_size * 3 (newer
-  releases: num_aux_hidden_states); layer 0's qkv input = 2 * hidden_size; lm_head rows =
-  draft_vocab_size; embed_tokens is skipped when absent (the target's is shared).
+  name is a KeyError / AutoWeightsLoader error. fc input = target_hidden_size * 3 @ 00bd1493;
+  @ 055e47c num_aux_hidden_states, else len(eagle_config ids), else 3 (what vllm_params
+  models); layer 0's qkv input = 2 * hidden_size; lm_head rows = draft_vocab_size;
+  embed_tokens is skipped when absent (the target's is shared); q/k/v/o and MLP biases are
+  built when attention_bias / mlp_bias.
   Aux layers: vllm/v1/worker/gpu/spec_decode/eagle/eagle3_utils.py (@ 0cfdd2e15d69)
   get_eagle3_aux_layers_from_config reads the TOP-LEVEL `eagle_aux_hidden_state_layer_ids`;
-  EagleModelMixin._maybe_add_hidden_state (model_executor/models/interfaces.py) appends
-  hidden_states + residual *before* layer idx runs, i.e. HF hidden_states[idx].
+  EagleModelMixin._maybe_add_hidden_state (model_executor/models/interfaces.py) records
+  hidden_states + residual as id 0 before the first layer and as id idx + 1 after layer idx,
+  i.e. id v = HF hidden_states[v].
 - SGLang python/sglang/srt/models/llama_eagle3.py (sgl-project/sglang @ 03d5a7771f60):
   parameters model.midlayer.*, model.fc (hidden_size_in * 3), model.norm, lm_head
   (ParallelLMHead(draft_vocab_size) unless tie_word_embeddings, which aliases the embedding);
@@ -22,6 +26,11 @@ engines can run here); docs/EXPORT.md has the longer account:
   skipped. draft_vocab_size None => lm_head taken from the target. Aux layers:
   model_runner.py reads eagle_config["eagle_aux_hidden_state_layer_ids"] and
   set_eagle3_layers_to_capture adds 1 ("for the ith layer, it takes the output of the (i-1)th").
+  Newer SGLang (sglang_new_load): parameters model.layers.0.* and a legacy_name_map applied to
+  every name ("midlayer" -> "layers.0", "aux_norm_low/mid/high" -> "fc_norm.0/1/2"), so both
+  spellings load; fc input = num_aux_hidden_states, else len(eagle_config ids), else 3. Both
+  versions build the draft layer without biases (QKVParallelLinear(..., bias=False), LlamaMLP
+  without bias): bias weights match no parameter and are skipped silently.
 - TRT-LLM tensorrt_llm/_torch/models/modeling_speculative.py (NVIDIA/TensorRT-LLM @ b35ac1b64368):
   Eagle3ForCausalLM.load_weights renames ^layers.0. -> midlayer. (one layer), prefixes "model."
   except lm_head (present => not taken from the target); Eagle3DraftModel has midlayer
@@ -173,6 +182,22 @@ def sglang_load(tensors, params) -> tuple[dict[str, tuple[int, ...]], list[str]]
     return stack(loaded), skipped
 
 
+SGLANG_LEGACY_NAMES = {"midlayer": "layers.0", "aux_norm_low": "fc_norm.0", "aux_norm_mid": "fc_norm.1",
+                       "aux_norm_high": "fc_norm.2"}
+
+
+def sglang_new_load(tensors, cfg: dict) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]], list[str]]:
+    """Newer SGLang: (its parameters, loaded shapes, names silently skipped)."""
+    params = {k.replace("model.midlayer.", "model.layers.0."): v for k, v in sglang_params(cfg).items()}
+    renamed = {}
+    for name, value in tensors.items():
+        for old, new in SGLANG_LEGACY_NAMES.items():
+            name = name.replace(old, new)
+        renamed[name] = value
+    loaded, skipped = sglang_load(renamed, params)
+    return params, loaded, skipped
+
+
 def trtllm_params(cfg: dict) -> dict[str, tuple[int, ...]]:
     h, q, kv, inter, dv = dims(cfg)
     num_capture = len(cfg["eagle_config"]["eagle_aux_hidden_state_layer_ids"])  # = eagle3_layers_to_capture
@@ -237,6 +262,8 @@ def test_export_names_shapes_and_config_for_every_engine(tied_base, tmp_path):
     params = sglang_params(cfg)
     loaded, skipped = sglang_load(tensors, params)
     assert skipped == [] and loaded == params
+    params, loaded, skipped = sglang_new_load(tensors, cfg)            # newer SGLang: layers.0 parameters
+    assert skipped == [] and loaded == params
     assert cfg["tie_word_embeddings"] is False and cfg["draft_vocab_size"] is not None
     # TRT-LLM: every module finds its weights (d2t is unused when the vocabulary is not compressed).
     assert trtllm_load(tensors, trtllm_params(cfg)) == trtllm_params(cfg)
@@ -244,8 +271,8 @@ def test_export_names_shapes_and_config_for_every_engine(tied_base, tmp_path):
 
 
 def test_layers0_names_would_be_silently_dropped_by_sglang(tied_base, tmp_path):
-    """Why the export writes `midlayer.*`: vLLM and TRT-LLM accept either spelling, SGLang (the
-    version read) loads `layers.0.*` into nothing and serves a random decoder layer."""
+    """Why the export writes `midlayer.*`: vLLM, TRT-LLM and newer SGLang accept either spelling,
+    SGLang @ 03d5a77 loads `layers.0.*` into nothing and serves a random decoder layer."""
     out = export_draft(make_checkpoint(tmp_path, tied_base), tmp_path / "out")
     cfg, tensors = read_export(out)
     renamed = {k.replace("midlayer.", "layers.0."): v for k, v in tensors.items()}
@@ -253,6 +280,25 @@ def test_layers0_names_would_be_silently_dropped_by_sglang(tied_base, tmp_path):
     assert trtllm_load(renamed, trtllm_params(cfg)) == trtllm_params(cfg)
     _, skipped = sglang_load(renamed, sglang_params(cfg))
     assert len(skipped) == 10 and all(".layers.0." in n for n in skipped)   # the whole decoder layer
+    params, loaded, skipped = sglang_new_load(renamed, cfg)
+    assert skipped == [] and loaded == params
+
+
+def test_biased_draft_exports_its_biases_with_a_warning_that_sglang_drops_them(tiny_model, tmp_path, capsys):
+    ckpt = make_checkpoint(tmp_path, tiny_model, arch={"attention_bias": True, "mlp_bias": True})
+    out = export_draft(ckpt, tmp_path / "out")
+    err = capsys.readouterr().err
+    assert "attention and MLP biases" in err and "SGLang" in err and "drops" in err
+    cfg, tensors = read_export(out)
+    h, q, kv, inter, _ = dims(cfg)
+    biases = {k: v[0] for k, v in tensors.items() if k.endswith(".bias")}
+    assert biases == {"midlayer.self_attn.q_proj.bias": (q,), "midlayer.self_attn.k_proj.bias": (kv,),
+                      "midlayer.self_attn.v_proj.bias": (kv,), "midlayer.self_attn.o_proj.bias": (h,),
+                      "midlayer.mlp.gate_proj.bias": (inter,), "midlayer.mlp.up_proj.bias": (inter,),
+                      "midlayer.mlp.down_proj.bias": (h,)}
+    assert cfg["attention_bias"] is True and cfg["mlp_bias"] is True      # vLLM / TRT-LLM build them from these
+    _, skipped = sglang_load(tensors, sglang_params(cfg))                 # SGLang: no bias parameters
+    assert len(skipped) == 7 and all(n.endswith(".bias") for n in skipped)
 
 
 def test_eagle31_compressed_vocab_two_aux_layers_and_trained_rope(tied_base, tmp_path):

@@ -15,6 +15,7 @@ the three engines read (their expectations, with source paths, are in docs/EXPOR
   itself), and the top-level `eagle_aux_hidden_state_layer_ids` holds vLLM's (k + 1: vLLM
   captures the *input* of layer k+1 and reads only that top-level key).
 - a draft with one aux layer exports with a warning: SGLang and TRT-LLM skip its [H, H] fc.
+- a draft with attention or MLP biases exports with a warning: SGLang drops them.
 - the RoPE the draft was trained with (`rope_theta`, `rope_scaling`, and transformers 5's
   `rope_parameters`), unless `modelopt_rope_scaling=True` asks for ModelOpt's export-time
   YaRN injection (`eagle_export_rope_scaling`).
@@ -333,6 +334,11 @@ def export_draft(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, d
               "wider than hidden_size) and TensorRT-LLM (Eagle3DraftModel has an fc only when more than one "
               "layer is captured) skip it and run this draft without its trained fc; vLLM applies it. Serve "
               "it with vLLM, or collect with 2+ aux layers (--aux-layers eagle) and retrain.", file=sys.stderr)
+    if cfg.attention_bias or cfg.mlp_bias:
+        which = " and ".join(n for n, on in (("attention", cfg.attention_bias), ("MLP", cfg.mlp_bias)) if on)
+        print(f"draftdata export: warning: {ckpt} has {which} biases. SGLang's llama_eagle3 builds its draft "
+              "layer without biases and drops these weights without a word (vLLM and TensorRT-LLM load them): "
+              "serve this draft with vLLM or TensorRT-LLM.", file=sys.stderr)
 
     try:
         out.mkdir(parents=True, exist_ok=True)
