@@ -51,6 +51,7 @@ import ast
 import importlib.util
 import json
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -366,10 +367,17 @@ def test_config_has_modelopt_export_template_keys(tiny_model, tmp_path):
     tree = ast.parse(src.read_text())
     template = next(ast.literal_eval(n.value) for n in tree.body if isinstance(n, ast.Assign)
                     and getattr(n.targets[0], "id", "") == "llama_eagle_template_config")
-    cfg, _ = read_export(export_draft(make_checkpoint(tmp_path, tiny_model), tmp_path / "out"))
+    # The base is gone by export time (its bos/eos/pad ids were read from it at export time only).
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model, base)
+    ckpt = make_checkpoint(tmp_path, base)
+    shutil.rmtree(base)
+    cfg, _ = read_export(export_draft(ckpt, tmp_path / "out"))
     assert set(template) <= set(cfg)
     assert set(template["eagle_config"]) <= set(cfg["eagle_config"])
     assert cfg["architectures"] == template["architectures"] and cfg["model_type"] == template["model_type"]
+    base_cfg = json.loads((tiny_model / "config.json").read_text())
+    assert all(cfg[k] == base_cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in template)
 
 
 def test_layer_id_conventions_against_hf_hidden_states(tiny_model, tmp_path):

@@ -127,8 +127,12 @@ def rope_fields(rope_theta: float, rope_scaling: dict[str, Any] | None) -> dict[
     return {"rope_theta": float(rope_theta), "rope_scaling": scaling, "rope_parameters": params}
 
 
-def _base_special_tokens(base_model_path: str) -> dict[str, Any]:
-    """bos/eos/pad ids from the base config.json when it is still where training found it."""
+def _base_special_tokens(cfg: Any) -> dict[str, Any]:
+    """bos/eos/pad ids of the base: recorded at training time, else (a checkpoint from before they
+    were recorded) from the base config.json when it is still where training found it."""
+    if cfg.base_special_tokens:
+        return dict(cfg.base_special_tokens)
+    base_model_path = cfg.base_model_path
     try:
         raw = json.loads((Path(base_model_path) / "config.json").read_text())
     except (OSError, json.JSONDecodeError):
@@ -187,7 +191,7 @@ def build_export_config(cfg: Any, dtype: str = "bfloat16", modelopt_rope_scaling
         "pretraining_tp": 1,
         "use_cache": True,
         "transformers_version": transformers.__version__,
-        **_base_special_tokens(cfg.base_model_path),
+        **_base_special_tokens(cfg),
         # ModelOpt's export template keys; SGLang reads the layer ids from here (and adds 1).
         "eagle_config": {
             "eagle_aux_hidden_state_layer_ids": aux,

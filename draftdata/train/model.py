@@ -70,6 +70,7 @@ class BaseModelConfig:
     num_attention_heads: int | None = None
     num_key_value_heads: int | None = None
     head_dim: int | None = None
+    special_tokens: dict[str, Any] = dataclasses.field(default_factory=dict)  # bos/eos/pad ids that are set
 
 
 def read_base_config(base_dir: str | Path) -> BaseModelConfig:
@@ -105,6 +106,7 @@ def read_base_config(base_dir: str | Path) -> BaseModelConfig:
         num_attention_heads=heads,
         num_key_value_heads=int(raw.get("num_key_value_heads") or heads) if heads else None,
         head_dim=int(raw.get("head_dim") or hidden // heads) if heads else None,
+        special_tokens={k: raw[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if raw.get(k) is not None},
     )
 
 
@@ -159,6 +161,7 @@ class DraftConfig:
     mlp_bias: bool = False
     attention_dropout: float = 0.0
     initializer_range: float = 0.01
+    base_special_tokens: dict[str, Any] = dataclasses.field(default_factory=dict)  # for the export's config.json
     format: str = DRAFT_CONFIG_FORMAT
     format_version: int = 1
 
@@ -243,6 +246,7 @@ def resolve_draft_config(base_dir: str | Path, eagle: EagleConfig, schema: Datas
         train_lm_head=bool(arch["has_lm_head"]) or (n_draft < base.vocab_size and not arch["freeze_lm_head"]),
         attention_bias=bool(arch["attention_bias"]), mlp_bias=bool(arch["mlp_bias"]),
         attention_dropout=float(arch["attention_dropout"]), initializer_range=float(arch["initializer_range"]),
+        base_special_tokens=dict(base.special_tokens),
     )
 
 
