@@ -65,6 +65,22 @@ def make_tiny_model(path: str | Path, *, num_layers: int = 4, hidden_size: int =
     return path
 
 
+def overflowing_model(tiny_model: Path, dest: Path, word: str) -> Path:
+    """The tiny model with the embedding row of `word` (one token) at 1e5: beyond fp16's range (65,504), inside fp32's
+    and bf16's. Under --dtype fp16 the weights load as inf, as an overflowing base would compute."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoTokenizer
+
+    shutil.copytree(tiny_model, dest)
+    (token,) = AutoTokenizer.from_pretrained(dest).encode(word, add_special_tokens=False)
+    weights = load_file(str(dest / "model.safetensors"))
+    weights["model.embed_tokens.weight"][token] = 1e5
+    save_file(weights, str(dest / "model.safetensors"), metadata={"format": "pt"})
+    return dest
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """A 4-layer, hidden-64 random Llama with a ChatML tokenizer (session-wide, read-only)."""

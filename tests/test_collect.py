@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import overflowing_model
 
 from draftdata.cli import main
 from draftdata.collect.backends import get_backend
@@ -122,10 +123,10 @@ def test_out_of_memory_split_frees_the_failed_batch_first(backend32, capsys):
              for i, q in enumerate(seqs)]
     handle = backend32.layers[-1].register_forward_pre_hook(hook)
     try:
-        out = runner._forward(backend32, batch, [0, 1])
+        out, nonfinite = runner._forward(backend32, batch, [0, 1])
     finally:
         handle.remove()
-    assert [a.shape[0] for a, _ in out] == [30, 20, 10, 5]
+    assert [a.shape[0] for a, _ in out] == [30, 20, 10, 5] and nonfinite == [0, 0, 0, 0]
     assert len(failed) == 3 and alive_at_retry == [0, 0, 0, 0]
     assert "out of memory on a batch of 4 sequences; splitting it" in capsys.readouterr().err
     handle = backend32.layers[-1].register_forward_pre_hook(lambda m, a: (_ for _ in ()).throw(
@@ -536,6 +537,32 @@ def test_parts_record_how_they_were_computed_and_a_resume_in_another_dtype_warns
 
     warn_mixed_compute(out, open_dataset(out).parts, after_ray_run=True)
     assert f"warning: {out} now mixes states computed in bf16 (1 part), fp32 (2 parts)" in capsys.readouterr().err
+
+
+def test_states_with_inf_or_nan_are_rejected_not_stored(tiny_model, tmp_path, capsys):
+    """A base that overflows (fp16) yields inf/NaN states from the overflowing token on; one such
+    value poisons a training step, so the conversation is rejected (reason non_finite) and the rest
+    are written; the same input in fp32 stores it."""
+    model = overflowing_model(tiny_model, tmp_path / "model", "Waves")
+    records = valid_conversations(6)
+    records[2] = conv("hot", ("user", "the sea"), ("assistant", "Waves roll in"))
+    inp = write_input(tmp_path / "in.jsonl", records)
+    out = str(tmp_path / "ds")
+    fp16 = collect_args(model, inp, out, "--rejects", str(tmp_path / "rejects.jsonl"))
+    fp16[fp16.index("fp32")] = "fp16"
+    assert main(fp16) == 0
+    captured = capsys.readouterr()
+    assert "non_finite 1" in captured.out + captured.err
+    assert sorted(stored_ids(out)) == sorted(r["conversation_id"] for r in records if r["conversation_id"] != "hot")
+    (reject,) = [json.loads(line) for line in (tmp_path / "rejects.jsonl").read_text().splitlines()]
+    assert reject["reason"] == "non_finite" and reject["conversation_id"] == "hot"
+    assert "inf/NaN hidden states" in reject["detail"] and "--dtype" in reject["detail"]
+    ds = open_dataset(out)
+    for p in range(len(ds.parts)):                       # what was stored is finite
+        for sample in ds.iter_part(p):
+            assert torch.isfinite(sample["aux_hidden_states"].float()).all()
+    assert main(collect_args(model, inp, out)) == 0      # fp32 (a rerun resumes): it is collected now
+    assert "hot" in stored_ids(out)
 
 
 def test_output_that_holds_something_else_is_refused(tiny_model, tmp_path, capsys):

@@ -434,6 +434,32 @@ def test_ray_collect_equals_single_process_and_writes_to_s3(tiny_model, ray_head
     assert main(["verify", url, *s3]) == 0
 
 
+def test_ray_collect_rejects_states_with_inf_or_nan_through_the_driver(tiny_model, ray_head, ray_driver, tmp_path,
+                                                                        capsys):
+    """A worker finds the overflow; the driver counts it and writes it to the rejects file."""
+    from conftest import overflowing_model
+
+    from transformers import AutoTokenizer
+
+    model = overflowing_model(tiny_model, tmp_path / "model", " sea")   # "sea" after a space: one token
+    (token,) = AutoTokenizer.from_pretrained(model).encode(" sea", add_special_tokens=False)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    good = conversations(30, seed=3, words=6)
+    hot = [c["conversation_id"] for c in good
+           if any(token in tokenizer.encode(m["content"], add_special_tokens=False) for m in c["conversations"])]
+    assert 0 < len(hot) < len(good)
+    inp = write_input(tmp_path / "in.jsonl", good)
+    out = tmp_path / "ds"
+    argv = collect_args(model, inp, out, "--rejects", str(tmp_path / "rejects.jsonl"), *ray_args(ray_head, 1))
+    argv[argv.index("fp32")] = "fp16"
+    assert main(argv) == 0
+    assert f"non_finite {len(hot)}" in capsys.readouterr().out
+    rejects = [json.loads(line) for line in (tmp_path / "rejects.jsonl").read_text().splitlines()]
+    assert sorted(r["conversation_id"] for r in rejects) == sorted(hot)
+    assert {r["reason"] for r in rejects} == {"non_finite"}
+    assert sorted(stored(out)) == sorted(c["conversation_id"] for c in good if c["conversation_id"] not in hot)
+
+
 def test_strict_ray_collect_stops_at_a_bad_record_before_it_touches_ray(tiny_model, tmp_path, capsys):
     """--strict validates the whole input before connecting (and before requesting actors): the
     unreachable cluster address is never tried."""

@@ -53,6 +53,7 @@ REASONS = {
                        "a user or system message first)",
     "template_error": "the chat template failed on this conversation",
     "too_long": "longer than --max-seq-len tokens (--on-long skip, or nothing left to train after truncation)",
+    "non_finite": "the base model's hidden states for it hold inf or NaN (it overflowed; --dtype bf16 or fp32)",
 }
 
 

@@ -418,7 +418,7 @@ def _collect_with(settings: CollectSettings, schema: DatasetSchema, info: BaseMo
     try:
         samples = prepare_samples(read_input(settings), chat, skip_ids=committed, stats=stats,
                                   on_reject=rejects, progress=bar.update)
-        collect_records(samples, backend, writer, options, progress=bar.update, stats=stats)
+        collect_records(samples, backend, writer, options, progress=bar.update, stats=stats, on_reject=rejects)
         interrupted = False
     finally:
         bar.close()

@@ -86,6 +86,9 @@ class _ComputeBackend:
     def forward(self, batch: list[list[int]], aux_layer_ids: list[int]) -> Any:
         return self._compute.run(self._backend.forward, batch, aux_layer_ids)
 
+    def forward_checked(self, batch: list[list[int]], aux_layer_ids: list[int]) -> Any:
+        return self._compute.run(self._backend.forward_checked, batch, aux_layer_ids)
+
     def close(self) -> None:
         self._compute.run(self._backend.close)
 
@@ -174,9 +177,10 @@ class CollectWorker:
         for s in samples:  # Ray hands numpy arrays over read-only (zero copy); torch wants writable ones
             if not s.input_ids.flags.writeable:
                 s.input_ids, s.loss_mask = s.input_ids.copy(), s.loss_mask.copy()
+        rejected: list = []  # samples with inf/NaN states: the driver writes them to the rejects file
         stats = collect_records(samples, self.backend, self.writer, self.options, work_unit=unit_id,
-                                stats=CollectStats(), skip_ids=skip_ids)
-        return {"stats": stats, "peak_rss": process_memory()["peak_rss"], "pid": os.getpid()}
+                                stats=CollectStats(), skip_ids=skip_ids, on_reject=rejected.append)
+        return {"stats": stats, "peak_rss": process_memory()["peak_rss"], "pid": os.getpid(), "rejects": rejected}
 
 
 class _OutputLock:
@@ -455,6 +459,8 @@ def _drive(settings: CollectSettings, writer: Any, chat: Any, plan: RayPlan, poo
         forward_seconds += result["stats"].forward_seconds
         reported_written += result["stats"].written
         peak_rss[result["pid"]] = max(peak_rss.get(result["pid"], 0), result["peak_rss"])
+        for reject in result["rejects"]:
+            rejects(reject)
 
     def before_retry(unit: WorkUnit) -> WorkUnit | None:
         ledger.refresh()

@@ -202,15 +202,17 @@ def _windows(samples: Iterable[TokenizedSample], window_tokens: int) -> Iterator
         yield window
 
 
-def _forward(backend: Backend, batch: list[TokenizedSample], aux_layer_ids: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """backend.forward, splitting the batch in halves on GPU out-of-memory.
+def _forward(backend: Backend, batch: list[TokenizedSample], aux_layer_ids: list[int]
+             ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[int]]:
+    """backend.forward_checked (states, inf/NaN token counts), splitting the batch in halves on GPU
+    out-of-memory.
 
     The halves run after the `except` block: inside it, the live exception's traceback would
     keep the failed forward's activations allocated, so each half would start with less memory
     than the whole batch had and run out again.
     """
     try:
-        return backend.forward([s.input_ids.tolist() for s in batch], aux_layer_ids)
+        return backend.forward_checked([s.input_ids.tolist() for s in batch], aux_layer_ids)
     except torch.OutOfMemoryError:
         if len(batch) == 1:
             raise DraftdataError(f"out of GPU memory on one sequence of {batch[0].length} tokens "
@@ -220,7 +222,8 @@ def _forward(backend: Backend, batch: list[TokenizedSample], aux_layer_ids: list
     print(f"draftdata collect: out of memory on a batch of {len(batch)} sequences; splitting it "
           "(lower --batch-tokens to avoid this)", file=sys.stderr)
     half = len(batch) // 2
-    return _forward(backend, batch[:half], aux_layer_ids) + _forward(backend, batch[half:], aux_layer_ids)
+    (r1, n1), (r2, n2) = _forward(backend, batch[:half], aux_layer_ids), _forward(backend, batch[half:], aux_layer_ids)
+    return r1 + r2, n1 + n2
 
 
 class _Failure:
@@ -367,7 +370,8 @@ class BackgroundWriter:
 
 def collect_records(samples: Iterable[TokenizedSample], backend: Backend, writer: Any, options: CollectOptions, *,
                     work_unit: str | None = None, progress: Progress | None = None,
-                    stats: CollectStats | None = None, skip_ids: Collection[str] = ()) -> CollectStats:
+                    stats: CollectStats | None = None, skip_ids: Collection[str] = (),
+                    on_reject: Callable[[Reject], None] | None = None) -> CollectStats:
     """Run `backend` over `samples` and write them into parts of the open dataset `writer`.
 
     Returns (and updates) `stats`; `written`/`tokens`/`parts` count committed data only. On any
@@ -378,6 +382,9 @@ def collect_records(samples: Iterable[TokenizedSample], backend: Backend, writer
     as usual but not written, so the other samples see exactly the batches, and thus the
     tensors, of the first attempt; a batch of skipped ids only is not run. They count in
     `progress` but not in `stats` (the caller accounts for them).
+
+    A sample whose states hold inf or NaN (the base overflowed) is not written: it goes to
+    `on_reject` with reason `non_finite` (without `on_reject` it stops the run).
     """
     stats = stats if stats is not None else CollectStats()
     t0 = time.perf_counter()
@@ -392,9 +399,18 @@ def collect_records(samples: Iterable[TokenizedSample], backend: Backend, writer
                         progress(len(batch), 0)
                     continue
                 f0 = time.perf_counter()
-                results = _forward(backend, batch, options.aux_layer_ids)
+                results, nonfinite = _forward(backend, batch, options.aux_layer_ids)
                 stats.forward_seconds += time.perf_counter() - f0
-                out.put([_store_sample(s, aux, final) for s, k, (aux, final) in zip(batch, keep, results) if k])
+                for s, k, n in zip(batch, keep, nonfinite):
+                    if k and n:
+                        reject = Reject(s.source, "non_finite", f"{n} of its {s.length} tokens have inf/NaN hidden "
+                                        "states (the base overflowed; collect with --dtype bf16 or fp32)",
+                                        s.conversation_id)
+                        if on_reject is None:
+                            raise DraftdataError(str(reject))
+                        on_reject(reject)
+                out.put([_store_sample(s, aux, final) for s, k, n, (aux, final) in zip(batch, keep, nonfinite, results)
+                         if k and not n])
                 if progress:
                     progress(len(batch), sum(s.length for s in batch))
         out.close()

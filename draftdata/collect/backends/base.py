@@ -64,6 +64,14 @@ class Backend:
         """
         raise NotImplementedError
 
+    def forward_checked(self, batch: list[list[int]], aux_layer_ids: list[int]
+                        ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[int]]:
+        """`forward`, and for each sequence the number of its tokens whose states hold inf or NaN
+        (a base that overflows, e.g. in fp16). Here on the host; a backend that can count on its
+        device before the copy (the HF backend) overrides it."""
+        results = self.forward(batch, aux_layer_ids)
+        return results, [count_nonfinite(aux, final, [aux.shape[0]])[0] for aux, final in results]
+
     def producer(self) -> dict[str, Any]:
         """How this backend computes, recorded in every part's commit record (`producer`): two
         runs that resolve `--dtype auto` differently (a GPU, a CPU with or without native bf16)
@@ -81,3 +89,12 @@ class Backend:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def count_nonfinite(aux: torch.Tensor, final: torch.Tensor, lengths: list[int]) -> list[int]:
+    """For rows [sum(lengths), ...] of aux and final states, split into sequences of `lengths`: how
+    many tokens of each sequence have an inf or NaN in either (one device sync when all are finite)."""
+    bad = ~(torch.isfinite(aux).all(1) & torch.isfinite(final).all(1))
+    if not bool(bad.any()):
+        return [0] * len(lengths)
+    return [int(part.sum()) for part in bad.split(lengths)]

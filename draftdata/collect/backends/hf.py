@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 
-from draftdata.collect.backends.base import Backend, BaseModelInfo
+from draftdata.collect.backends.base import Backend, BaseModelInfo, count_nonfinite
 from draftdata.errors import DraftdataError
 from draftdata.models import check_device, compute_dtype
 
@@ -109,8 +109,13 @@ class HFBackend(Backend):
 
     @torch.inference_mode()
     def forward(self, batch: list[list[int]], aux_layer_ids: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return self.forward_checked(batch, aux_layer_ids)[0]
+
+    def forward_checked(self, batch: list[list[int]], aux_layer_ids: list[int]
+                        ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[int]]:
+        """`forward` with the inf/NaN count per sequence, taken on the device before the copy."""
         if not batch:
-            return []
+            return [], []
         self._set_layers(aux_layer_ids)
         lengths = [len(s) for s in batch]
         if min(lengths) == 0:
@@ -132,11 +137,12 @@ class HFBackend(Backend):
             out = self.model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False)
             last = out.last_hidden_state
             final = last.reshape(-1, h).index_select(0, self._rows.to(last.device)).to(torch.bfloat16)
+            nonfinite = count_nonfinite(self._aux, final, lengths)
             aux = self._aux.cpu()
             final = final.cpu()
         finally:
             self._aux = self._rows = None
-        return list(zip(aux.split(lengths), final.split(lengths)))
+        return list(zip(aux.split(lengths), final.split(lengths))), nonfinite
 
     def close(self) -> None:
         for h in self._hooks.values():
