@@ -438,7 +438,6 @@ def test_ray_collect_rejects_states_with_inf_or_nan_through_the_driver(tiny_mode
                                                                         capsys):
     """A worker finds the overflow; the driver counts it and writes it to the rejects file."""
     from conftest import overflowing_model
-
     from transformers import AutoTokenizer
 
     model = overflowing_model(tiny_model, tmp_path / "model", " sea")   # "sea" after a space: one token
