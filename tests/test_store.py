@@ -306,6 +306,23 @@ def test_part_disagreeing_with_schema_is_named(tmp_path):
                 read(*args)
 
 
+def test_dataset_json_without_its_codec_or_format_is_named_not_misread(tmp_path):
+    """A dataset.json that lost `codec` / `storage_format` (hand edits) read as bf16 / zarr with the
+    defaults, and failed later with a shape error or "cannot open Zarr group"; the commit records
+    say what each part holds, and opening the dataset now names the difference."""
+    url = str(tmp_path / "ds")
+    write(url, [make_sample(i) for i in range(3)], fmt="arrow", codec="fp8")
+    schema_path = tmp_path / "ds" / "dataset.json"
+    d = json.loads(schema_path.read_text())
+    del d["codec"], d["storage_format"]
+    schema_path.write_text(json.dumps(d))
+    with pytest.raises(CorruptDataError, match=r"stored with storage_format 'arrow' \(dataset.json: 'zarr'\), "
+                                               r"codec 'fp8' \(dataset.json: 'bf16'\).*lacks or misstates"):
+        open_dataset(url)
+    out = subprocess.run([sys.executable, "-m", "draftdata.cli", "verify", url], capture_output=True, text=True)
+    assert out.returncode == 1 and "codec 'fp8' (dataset.json: 'bf16')" in out.stdout + out.stderr
+
+
 def test_inspect_json_and_errors(tmp_path, s3_bucket):
     url = str(tmp_path / "ds")
     write(url, [make_sample(i, length=20) for i in range(5)], codec="zstd")

@@ -237,11 +237,13 @@ class _Location:
             raise describe_storage_error(self.url, failed)
         return out
 
-    def read_parts(self, part_ids: list[str], bad_records: list[str] | None = None) -> list[PartInfo]:
+    def read_parts(self, part_ids: list[str], bad_records: list[str] | None = None,
+                   schema: DatasetSchema | None = None) -> list[PartInfo]:
         """Parse the commit records of `part_ids`.
 
-        A record that is not valid JSON or lacks a field raises CorruptDataError naming the part and
-        the record file; with a `bad_records` list it is described there and left out instead.
+        A record that is not valid JSON or lacks a field, or (given the `schema`) that was stored in
+        another storage format or codec than dataset.json says, raises CorruptDataError naming the
+        part and the record file; with a `bad_records` list it is described there and left out instead.
         """
         out = []
         for pid, raw in zip(part_ids, self.read_commits(part_ids)):
@@ -254,10 +256,15 @@ class _Location:
                 what = f"missing field {e}" if isinstance(e, KeyError) else str(e)
                 problem = f"part {pid}: commit record {path} is malformed ({what})"
             else:
-                if info.id == pid:
+                stored = {"storage_format": info.record.get("format"), "codec": info.record.get("codec")}
+                differ = [f"{k} {v!r} (dataset.json: {getattr(schema, k)!r})" for k, v in stored.items()
+                          if schema is not None and v is not None and v != getattr(schema, k)]
+                if info.id == pid and not differ:
                     out.append(info)
                     continue
-                problem = f"part {pid}: commit record {path} names part {info.id!r}"
+                problem = (f"part {pid}: commit record {path} names part {info.id!r}" if info.id != pid else
+                           f"part {pid}: commit record {path} says it is stored with {', '.join(differ)}; "
+                           f"{self.url}/{SCHEMA_FILE} lacks or misstates the field")
             if bad_records is None:
                 raise CorruptDataError(f"{problem}; run `draftdata verify {self.url}`, then restore or delete the "
                                        "record (deleting it drops the part from the dataset)")
@@ -410,7 +417,7 @@ class DatasetWriter:
         """Committed parts; ids in `known` (parts the caller already read) are not read again,
         so polling a dataset of many parts costs one listing plus the new commit records."""
         new = [p for p in self._loc.list_commits() if p not in known]
-        return self._loc.read_parts(new)
+        return self._loc.read_parts(new, schema=self.schema)
 
     def committed_ids(self) -> set[str]:
         return {cid for p in self.committed_parts() for cid in p.conversation_ids}
@@ -642,7 +649,7 @@ def open_dataset(url: str, *, storage_options: dict[str, Any] | None = None,
     `draftdata verify` passes) it is described there and its part left out, so the rest can be checked.
     """
     loc, schema = open_location(url, storage_options)
-    return Dataset(loc, schema, loc.read_parts(loc.list_commits(), bad_records))
+    return Dataset(loc, schema, loc.read_parts(loc.list_commits(), bad_records, schema=schema))
 
 
 def open_location(url: str, storage_options: dict[str, Any] | None = None) -> tuple[_Location, DatasetSchema]:
