@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -321,6 +322,27 @@ def test_dataset_json_without_its_codec_or_format_is_named_not_misread(tmp_path)
         open_dataset(url)
     out = subprocess.run([sys.executable, "-m", "draftdata.cli", "verify", url], capture_output=True, text=True)
     assert out.returncode == 1 and "codec 'fp8' (dataset.json: 'bf16')" in out.stdout + out.stderr
+
+
+def test_format_md_reading_sketch_reads_a_dataset_and_an_empty_one(tmp_path, monkeypatch):
+    """docs/FORMAT.md's reader without draftdata, run as printed: a part's first sample's final states,
+    and no parts (no error) for a dataset with nothing committed yet."""
+    text = (Path(__file__).parent.parent / "docs" / "FORMAT.md").read_text()
+    code = text.split("```python\n")[-1].split("```")[0]
+    monkeypatch.chdir(tmp_path)
+    write("ds", [make_sample(i) for i in range(6)], per_part=3)
+    (tmp_path / "ds" / "commits" / "stray.json.bak").write_text("{}")           # not a commit record
+    scope: dict = {}
+    exec(code, scope)
+    ds = open_dataset("ds")                          # the loop ends on the last part's first sample
+    first = next(iter(ds.iter_part(len(ds.parts) - 1)))
+    assert scope["rec"]["conversation_ids"][0] == first["conversation_id"]
+    assert np.array_equal(scope["f32"], first["hidden_states"].float().numpy())
+    shutil.rmtree(tmp_path / "ds")
+    create_dataset("ds", schema())
+    scope = {}
+    exec(code, scope)
+    assert "rec" not in scope
 
 
 def test_inspect_json_and_errors(tmp_path, s3_bucket):
