@@ -17,6 +17,10 @@ class CorruptDataError(DraftdataError):
     """Stored bytes fail their checksum or structure check; the message names part and array/sample."""
 
 
+class MissingPartsError(DraftdataError):
+    """Parts a reader was asked for (a run's pinned snapshot) are not committed in the dataset."""
+
+
 class StorageAccessError(DraftdataError):
     """The storage backend refused access (credentials, permissions, unknown scheme)."""
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import signal
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from test_train_support import TINY_ARCH, train_data, unwritable_dir  # noqa: F401 (fixture)
 
 from draftdata.cli import main
@@ -535,10 +537,14 @@ def test_resume_keeps_its_data_snapshot_and_random_stream(tmp_path, tiny_model, 
 def test_train_settings_out_of_range_are_refused():
     common = dict(data="-", model="-", output="-", steps=1)
     for name, value in (("max_grad_norm", -1.0), ("weight_decay", -0.1), ("num_workers", -1),
-                        ("keep_checkpoints", -2)):
-        with pytest.raises(DraftdataError, match=f"--{name.replace('_', '-')} must be >= 0"):
+                        ("keep_checkpoints", -2), ("warmup_steps", -5), ("max_grad_norm", math.nan),
+                        ("weight_decay", math.nan), ("weight_decay", math.inf)):
+        with pytest.raises(DraftdataError, match=f"--{name.replace('_', '-')} must be a number >= 0"):
             TrainConfig(**common, **{name: value}).validate()
-    TrainConfig(**common, max_grad_norm=0.0).validate()            # 0: no clipping, as in HF Trainer
+    for lr in (math.inf, math.nan, 0.0):             # NaN and inf trained a NaN draft and exited 0
+        with pytest.raises(DraftdataError, match="--lr must be a positive number"):
+            TrainConfig(**common, lr=lr).validate()
+    TrainConfig(**common, max_grad_norm=0.0, warmup_steps=0).validate()   # 0: no clipping, as in HF Trainer
 
 
 def test_user_mistakes_are_one_line_errors_or_warnings(tmp_path, tiny_model, train_data, capsys):  # noqa: F811
@@ -823,3 +829,82 @@ def test_init_from_base_copies_the_base_layer_after_the_top_aux_layer(tmp_path, 
     cfg = check_base_model(tiny_model, EagleConfig(), open_dataset(train_data).schema)
     with pytest.raises(DraftdataError, match="layer 3 is the base's last"):
         read_base_layer_init(tiny_model, dataclasses.replace(cfg, aux_layer_ids=[0, 1, 3]))
+
+
+def test_a_diverging_run_stops_before_the_weights_take_it(tmp_path, tiny_model, train_data, capsys):  # noqa: F811
+    """An lr that blows the draft up: the step with a non-finite gradient norm stops the run with
+    what to change, and neither a NaN checkpoint nor a NaN final draft is written."""
+    out = tmp_path / "run"
+    args = ["train", "--data", train_data, "--model", str(tiny_model), "--output", str(out), "--eagle-config",
+            str(eagle_file(tmp_path)), "--steps", "8", "--batch-tokens", "256", "--save-every", "1",
+            "--lr", "1e30", "--warmup-steps", "0", "--max-grad-norm", "0", "--schedule", "constant", "--no-plot"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "(the loss diverged)" in err and "Lower --lr (now 1e+30)" in err, err
+    assert not (out / "final").exists()
+    for ckpt in (out / "checkpoints").iterdir():
+        weights = load_file(str(ckpt / "draft.safetensors"))
+        assert all(torch.isfinite(w.float()).all() for w in weights.values()), ckpt
+
+
+def test_a_second_run_on_the_same_output_is_refused_while_the_first_trains(tmp_path, tiny_model, train_data):  # noqa: F811
+    """Two runs on one --output logged steps twice and removed each other's checkpoints; the
+    second now stops at once, naming the first, and can go on once the first is gone."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "draftdata.cli", "train", "--data", train_data, "--model", str(tiny_model),
+           "--output", str(out), "--eagle-config", str(eagle_file(tmp_path)), "--steps", "100000",
+           "--batch-tokens", "256", "--save-every", "2", "--log-every", "1", "--no-plot"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env())
+    try:
+        for line in proc.stdout:
+            if line.startswith("step 3/"):
+                break
+        second = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, env=env(), timeout=120)
+        assert second.returncode == 2
+        assert f"another draftdata train (pid {proc.pid}) is training into it" in second.stderr, second.stderr
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, len(rows) + 1))        # each step once
+
+
+def test_resume_passes_over_a_damaged_newest_checkpoint(tmp_path, tiny_model, train_data, capsys):  # noqa: F811
+    out = tmp_path / "run"
+    args = ["train", "--data", train_data, "--model", str(tiny_model), "--output", str(out), "--eagle-config",
+            str(eagle_file(tmp_path)), "--batch-tokens", "256", "--save-every", "2", "--keep-checkpoints", "3",
+            "--schedule", "constant", "--no-plot"]
+    assert main(args + ["--steps", "4"]) == 0
+    state = out / "checkpoints" / "step-00000004" / "trainer_state.pt"
+    state.write_bytes(state.read_bytes()[:100])                    # a crash of the machine mid-write
+    capsys.readouterr()
+    assert main(args + ["--steps", "6", "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "passing over damaged checkpoint(s) step-00000004" in err and "resuming from" in err, err
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4, 5, 6]
+    for ckpt in ("step-00000002", "step-00000004"):
+        (out / "checkpoints" / ckpt / "draft.safetensors").write_bytes(b"\0" * 10)
+    assert main(args + ["--steps", "8", "--resume"]) == 0            # step 6 is intact
+    for ckpt in (out / "checkpoints").iterdir():
+        (ckpt / "draft.safetensors").write_bytes(b"\0" * 10)
+    assert main(args + ["--steps", "10", "--resume"]) == 2
+    assert "every checkpoint in" in capsys.readouterr().err
+
+
+def test_damaged_held_out_samples_are_reported_and_an_empty_held_out_set_is_nan(
+        tmp_path, tiny_model, train_data, capsys):  # noqa: F811
+    """Held-out samples the loader left out were not reported at all; a held-out set (or TTT step)
+    with no loss position logged 0, which reads as a result."""
+    val, damaged = damaged_copy(train_data, tmp_path / "val")
+    args = ["train", "--data", train_data, "--model", str(tiny_model), "--eagle-config", str(eagle_file(tmp_path)),
+            "--steps", "2", "--batch-tokens", "256", "--no-plot"]
+    assert main(args + ["--output", str(tmp_path / "r1"), "--val-data", val, "--val-every", "1"]) == 0
+    err = capsys.readouterr().err
+    left_out = re.search(r"val step 1: (\d+) damaged held-out sample\(s\) left out; `draftdata verify ", err)
+    assert left_out and 0 < int(left_out.group(1)) <= len(damaged), err
+    assert read_metrics(tmp_path / "r1")[0]["val_skipped_samples"] == int(left_out.group(1))
+
+    from draftdata.train.trainer import per_position
+
+    got = per_position(torch.tensor([3.0, 0.0]), torch.tensor([2.0, 0.0]))
+    assert got[0] == 1.5 and math.isnan(got[1])

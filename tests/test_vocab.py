@@ -151,3 +151,28 @@ def test_training_uses_the_draft_vocab(tmp_path, tiny_model, train_data):  # noq
     assert main(["train", "--data", train_data, "--model", str(tiny_model), "--output", str(tmp_path / "r2"),
                  "--steps", "1", "--batch-tokens", "512", "--eagle-config", str(eagle), "--draft-vocab",
                  str(vocab)]) == 2
+
+
+def test_a_vocab_counted_under_another_tokenizer_is_refused(tmp_path, tiny_model):
+    """Same vocabulary size, other tokenizer: the ids name other tokens (accuracy fell by half in a
+    run that accepted it); the file records the dataset's tokenizer_hash and train compares it."""
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps({"conversation_id": f"c{i}", "conversations": [
+        {"role": "user", "content": "what is 12 plus 30"}, {"role": "assistant", "content": "the answer is 42 " * (i + 1)}]})
+        + "\n" for i in range(6)))
+    data = str(tmp_path / "ds")
+    assert main(["collect", "--model", str(tiny_model), "--input", str(inp), "--output", data, "--dtype", "fp32",
+                 "--aux-layers", "0,1,2"]) == 0
+    vocab = tmp_path / "vocab.safetensors"
+    assert main(["vocab", data, "-n", "32", "--out", str(vocab)]) == 0
+    v = load_draft_vocab(vocab)
+    assert v.metadata["tokenizer_hash"] == open_dataset(data).schema.tokenizer_hash
+    v.metadata["tokenizer_hash"] = "sha256:" + "0" * 64
+    other = save_draft_vocab(tmp_path / "other-tokenizer.safetensors", v)
+    eagle = tmp_path / "eagle.json"
+    eagle.write_text(json.dumps({"eagle_architecture_config": TINY_ARCH}))
+    train = ["train", "--data", data, "--model", str(tiny_model), "--steps", "1", "--batch-tokens", "512",
+             "--eagle-config", str(eagle), "--no-plot"]
+    assert main(train + ["--output", str(tmp_path / "bad"), "--draft-vocab", str(other)]) == 2
+    assert not (tmp_path / "bad").exists()
+    assert main(train + ["--output", str(tmp_path / "good"), "--draft-vocab", str(vocab)]) == 0

@@ -8,7 +8,6 @@ per work unit and `runner.write_reports` for the merged stats.
 from __future__ import annotations
 
 import argparse
-import errno
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -24,6 +23,7 @@ from draftdata.collect.conversations import (
 )
 from draftdata.config import DatasetSchema
 from draftdata.errors import DatasetNotFoundError, DraftdataError, SchemaMismatchError, name_some
+from draftdata.locks import DirectoryLock
 from draftdata.progress import JobProgress
 
 DEFAULT_FORMAT, DEFAULT_CODEC = "zarr", "bf16"
@@ -295,65 +295,17 @@ def warn_mixed_compute(url: str, parts: Any, mine: str | None = None, *, after_r
 LOCK_FILE = ".collect.lock"
 
 
-class OutputLock:
+class OutputLock(DirectoryLock):
     """Exclusive hold of a local output directory for one collect run.
 
     Two runs on one output would each skip the ids committed when they started and then store
-    the same conversations. An flock on `<output>/.collect.lock` (a hidden name that readers
-    ignore) stops the second with a one-line error; the kernel drops it when the holder dies,
-    even by SIGKILL, so a crash never leaves a stale lock. Object stores have no such lock: the
-    duplicate check at the end of every run reports what two writers did there.
+    the same conversations: the second stops with a one-line error. Object stores have no such
+    lock: the duplicate check at the end of every run reports what two writers did there.
     """
 
     def __init__(self, url: str):
-        import os
-
-        from draftdata.store.fs import is_local, local_path
-
-        self.url, self.fd = url, -1
-        self.path = os.path.join(local_path(url), LOCK_FILE) if is_local(url) else None
-        if self.path and os.path.isdir(os.path.dirname(self.path)):  # a resume: refuse before the model loads
-            self.take()
-
-    def take(self) -> None:
-        """Hold the lock (once the output directory exists); a no-op when held or not local."""
-        import fcntl
-        import os
-
-        if self.fd >= 0 or self.path is None:
-            return
-        url = self.url
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise DraftdataError(f"--output {url}: cannot create {self.path} ({e.strerror or e}); is the "
-                                 "directory writable?") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise DraftdataError(f"--output {url}: another draftdata collect (pid {holder}) is writing to it; "
-                                 "wait for it to finish, or write to another --output") from None
-        except OSError as e:  # a file system without flock (some NFS and FUSE mounts, Lustre without -o flock)
-            os.close(fd)
-            if e.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
-                raise DraftdataError(f"--output {url}: cannot lock {self.path} ({e.strerror or e})") from None
-            print(f"draftdata collect: warning: {self.path}: the file system offers no lock ({e.strerror}); make "
-                  "sure no other collect writes to this output (the duplicate check at the end still runs)",
-                  file=sys.stderr)
-            self.path = None  # unlocked: take() is a no-op from here on
-            return
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self.fd = fd
-
-    def release(self) -> None:
-        import os
-
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        super().__init__(url, LOCK_FILE, "collect", "writing to it",
+                         "the duplicate check at the end still runs")
 
 
 def run_local(settings: CollectSettings) -> int:

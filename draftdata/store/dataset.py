@@ -31,6 +31,7 @@ from draftdata.errors import (
     CorruptDataError,
     DatasetNotFoundError,
     DraftdataError,
+    MissingPartsError,
     SchemaMismatchError,
     StorageAccessError,
     name_some,
@@ -610,7 +611,7 @@ class Dataset:
         by_id = {p.id: p for p in self.parts}
         missing = [pid for pid in part_ids if pid not in by_id]
         if missing:
-            raise DraftdataError(f"{self.url}: {len(missing)} requested part(s) are not committed there, "
+            raise MissingPartsError(f"{self.url}: {len(missing)} requested part(s) are not committed there, "
                                  f"e.g. {missing[0]}")
         return Dataset(self._loc, self.schema, [by_id[pid] for pid in sorted(set(part_ids))])
 

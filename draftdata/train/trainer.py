@@ -65,13 +65,15 @@ import torch
 import torch.distributed as dist
 
 from draftdata.config import EagleConfig
-from draftdata.errors import DraftdataError, name_some
+from draftdata.errors import DraftdataError, MissingPartsError, name_some
+from draftdata.locks import DirectoryLock
 
 CHECKPOINTS = "checkpoints"
 FINAL = "final"
 METRICS = "metrics.jsonl"
 CORRUPT = "corrupt_samples.jsonl"
 TRAIN_CONFIG = "train_config.json"
+TRAIN_LOCK = ".train.lock"                 # locked (lockf) by the run training into the directory
 TRAINER_STATE = "trainer_state.pt"
 PLOT = "training_curves.png"
 
@@ -152,11 +154,12 @@ class TrainConfig:
             raise DraftdataError(f"--schedule must be cosine, linear or constant, got {self.schedule!r}")
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise DraftdataError(f"--max-minutes must be positive, got {self.max_minutes}")
-        if not self.lr > 0:
-            raise DraftdataError(f"--lr must be positive, got {self.lr}")
-        for name in ("weight_decay", "max_grad_norm", "num_workers", "keep_checkpoints"):
-            if getattr(self, name) < 0:
-                raise DraftdataError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise DraftdataError(f"--lr must be a positive number, got {self.lr}")
+        for name in ("weight_decay", "max_grad_norm", "num_workers", "keep_checkpoints", "warmup_steps"):
+            v = getattr(self, name)
+            if v is not None and not (v >= 0 and math.isfinite(v)):   # NaN fails `v >= 0`
+                raise DraftdataError(f"--{name.replace('_', '-')} must be a number >= 0, got {v}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise DraftdataError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.init_draft is not None and self.init_from_base:
@@ -423,6 +426,48 @@ def latest_checkpoint(output: str | Path) -> Path | None:
     return done[-1] if done else None
 
 
+def load_newest_checkpoint(output: Path, info: Dist) -> tuple[Path, dict[str, Any], dict[str, torch.Tensor]] | None:
+    """(directory, trainer state, draft weights on the CPU) of the newest checkpoint that reads
+    back whole; a damaged newer one (a crash of the machine mid-write, a full disk) is named and
+    passed over. None when there is no checkpoint; an error when every one is damaged."""
+    from safetensors.torch import load_file
+
+    root = Path(output) / CHECKPOINTS
+    complete = sorted((p for p in root.glob("step-*") if (p / TRAINER_STATE).exists() and not p.name.endswith(".tmp")),
+                      reverse=True)
+    damaged = []
+    for ckpt in complete:
+        try:
+            state = torch.load(ckpt / TRAINER_STATE, map_location="cpu", weights_only=True)
+            weights = load_file(str(ckpt / "draft.safetensors"))
+        except Exception as e:  # noqa: BLE001 - any read failure means the checkpoint is unusable
+            damaged.append(f"{ckpt.name} ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]})")
+            continue
+        if damaged:
+            _log(f"resume: passing over damaged checkpoint(s) {'; '.join(damaged)}; resuming from {ckpt}", info)
+        return ckpt, state, weights
+    if damaged:
+        raise DraftdataError(f"every checkpoint in {root} is damaged: {'; '.join(damaged)}; start again with "
+                             "another --output (or remove the damaged step-* directories)")
+    return None
+
+
+def _fsync_dir_files(path: Path) -> None:
+    """Flush a checkpoint's files and directory to the disk before it is renamed into place, so a
+    crash of the machine cannot leave a complete-looking checkpoint with empty files."""
+    for f in path.iterdir():
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def save_checkpoint(output: Path, step: int, draft, state: dict[str, Any], rng_states: list[Any],
                     keep: int) -> Path:
     """Write a checkpoint into a temporary dir and rename it into place (rank 0 only)."""
@@ -433,6 +478,7 @@ def save_checkpoint(output: Path, step: int, draft, state: dict[str, Any], rng_s
     shutil.rmtree(tmp, ignore_errors=True)
     save_draft(tmp, draft)
     torch.save({**state, "rng": rng_states}, tmp / TRAINER_STATE)
+    _fsync_dir_files(tmp)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     old = sorted(p for p in (output / CHECKPOINTS).glob("step-*") if not p.name.endswith(".tmp"))
@@ -500,7 +546,9 @@ class MetricsLog:
             if path.exists():
                 # A killed run may have logged steps after its last checkpoint: drop them (no duplicates).
                 keep = [line for line in path.read_text().splitlines() if _step_of(line) <= resume_step]
-                path.write_text("".join(line + "\n" for line in keep))
+                tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")   # renamed over: a kill keeps one whole file
+                tmp.write_text("".join(line + "\n" for line in keep))
+                os.replace(tmp, path)
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -570,12 +618,14 @@ def validation_metrics(module: Any, dataset: Any, *, device: torch.device, info:
     loss_sum = torch.zeros(ttt_steps, device=device)
     correct = torch.zeros(ttt_steps, device=device)
     count = torch.zeros(ttt_steps, device=device)
+    skipped = torch.zeros((), device=device)        # damaged held-out samples the loader left out
     was_training = draft.training
     draft.eval()
     # fork_rng: the DataLoader draws a seed from the global generator; the run must not notice us
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
             for batch in torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=0):
+                skipped += len(batch.get("skipped", ()))
                 batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
                 with autocast:
                     out = ttt_loss(draft, module.head, batch, ttt_steps=ttt_steps, decay=decay,
@@ -585,12 +635,17 @@ def validation_metrics(module: Any, dataset: Any, *, device: torch.device, info:
                 count += out.count.float()
     finally:
         draft.train(was_training)
-    for t in (loss_sum, correct, count):
+    for t in (loss_sum, correct, count, skipped):
         _all_reduce(t, info)
-    step_loss = loss_sum / count.clamp_min(1)
+    step_loss = per_position(loss_sum, count)
     return {"val_loss": float(sum(decay ** k * step_loss[k] for k in range(ttt_steps))),
-            "val_step_loss": step_loss.tolist(), "val_step_acc": (correct / count.clamp_min(1)).tolist(),
-            "val_tokens": int(count[0].item())}
+            "val_step_loss": step_loss.tolist(), "val_step_acc": per_position(correct, count).tolist(),
+            "val_tokens": int(count[0].item()), "val_skipped_samples": int(skipped.item())}
+
+
+def per_position(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """total / count per TTT step, NaN where a step had no position (0 would read as a result)."""
+    return torch.where(count > 0, total / count.clamp_min(1), torch.full_like(total, math.nan))
 
 
 def plot_metrics(metrics_path: str | Path, out_png: str | Path) -> Path | None:
@@ -663,6 +718,7 @@ def _train(cfg: TrainConfig) -> TrainResult:
     info, device = setup_distributed(cfg.device)
     output = Path(cfg.output)
     stop_request = StopOnInterrupt(info.world_size == 1)
+    lock: DirectoryLock | None = None
     try:
         # -- 1. run settings and resume point ---------------------------------------------------
         max_seq_len = cfg.max_seq_len or cfg.batch_tokens
@@ -674,10 +730,14 @@ def _train(cfg: TrainConfig) -> TrainResult:
         draft_vocab = load_draft_vocab(cfg.draft_vocab) if cfg.draft_vocab is not None else None
         run_settings["draft_vocab_d2t_sha256"] = vocab_digest(draft_vocab)  # --resume: the same vocabulary, not only path
         check_output_dir(output)
-        ckpt = latest_checkpoint(output)
-        if not cfg.resume and ckpt is not None:
+        if not cfg.resume and latest_checkpoint(output) is not None:
             raise DraftdataError(f"{output} already holds checkpoints; pass --resume to continue that run, "
                                  "or choose another --output")
+        if info.main:  # a second run on this output (a --resume while it trains) stops here
+            lock = DirectoryLock(str(output), TRAIN_LOCK, "train", "training into it",
+                                 "two runs would log each step twice and overwrite each other's checkpoints")
+        found = load_newest_checkpoint(output, info)
+        ckpt, resume_state, resume_weights = found if found else (None, None, None)
         if ckpt is not None and (output / TRAIN_CONFIG).exists():
             saved = json.loads((output / TRAIN_CONFIG).read_text())
             changed = _check_resume_config(saved, json.loads(json.dumps(run_settings)), ckpt)
@@ -687,7 +747,6 @@ def _train(cfg: TrainConfig) -> TrainResult:
             _log(f"resume: {output / TRAIN_CONFIG} is missing; cannot check the settings match", info)
         elif cfg.resume:
             _log(f"resume: no checkpoint in {output / CHECKPOINTS}; starting from scratch", info)
-        resume_state = torch.load(ckpt / TRAINER_STATE, map_location="cpu", weights_only=True) if ckpt else None
 
         # -- 2. data -----------------------------------------------------------------------------
         # The run trains on one snapshot of the committed parts (collection may still be adding
@@ -701,7 +760,12 @@ def _train(cfg: TrainConfig) -> TrainResult:
                 empty_batches=cfg.on_corrupt == "skip", parts=parts, pad_to_multiple_of=cfg.pad_to_multiple_of)
 
         snapshot = resume_state.get("part_ids") if resume_state else None
-        dataset = open_data(snapshot)
+        try:
+            dataset = open_data(snapshot)
+        except MissingPartsError as e:
+            raise DraftdataError(f"--resume: {ckpt} trains on a snapshot of {len(snapshot)} parts of {cfg.data}, and "
+                                 f"some are gone from it ({e}): the dataset was replaced or parts were removed since "
+                                 "the run started. Restore them, or train a new run (another --output)") from None
         if snapshot is None and info.world_size > 1:
             chosen = [dataset.part_ids]
             dist.broadcast_object_list(chosen, src=0)
@@ -785,11 +849,9 @@ def _train(cfg: TrainConfig) -> TrainResult:
         step, epoch, consumed, tokens_seen, elapsed_before, corrupt_seen = 0, 0, 0, 0, 0.0, 0
         loss_tokens_seen: int | None = 0
         if ckpt is not None:
-            from safetensors.torch import load_file
-
             state = resume_state
-            weights = load_file(str(ckpt / "draft.safetensors"), device=str(device))
-            missing, unexpected = draft.load_state_dict(weights, strict=False)
+            missing, unexpected = draft.load_state_dict(resume_weights, strict=False)
+            del resume_weights
             if [k for k in missing if not k.startswith("embed_tokens.")] or unexpected:
                 raise DraftdataError(f"{ckpt}: checkpoint does not match the draft (missing {missing}, "
                                      f"unexpected {unexpected})")
@@ -817,6 +879,7 @@ def _train(cfg: TrainConfig) -> TrainResult:
 
         if info.main:    # every input checked and the checkpoint loaded: only now is the output written
             write_run_config(output, run_settings)
+            lock.take()
             if ckpt is not None and step < total_steps and (output / FINAL).is_dir():
                 # An earlier end of this run (--max-minutes, a shorter --steps): `export RUN` prefers
                 # final/, so a resumed run killed later would export those older weights.
@@ -846,6 +909,14 @@ def _train(cfg: TrainConfig) -> TrainResult:
 
         out_of_time = interrupted = False
         kept: Path | None = None                        # the newest checkpoint this process saved
+
+        def diverged(at: int, norm: float) -> DraftdataError:
+            last = kept or latest_checkpoint(output)
+            return DraftdataError(
+                f"step {at}: the gradient norm is {norm} (the loss diverged), so the run stops before the weights "
+                f"take it. Lower --lr (now {cfg.lr:g}) or set --max-grad-norm; "
+                + (f"the last checkpoint, {last}, is intact (rerun with --resume and the new settings)" if last
+                   else "no checkpoint was saved yet"))
         stop_request.install()
         while step < total_steps and not out_of_time and not interrupted:
             dataset.set_epoch(epoch)
@@ -896,6 +967,8 @@ def _train(cfg: TrainConfig) -> TrainResult:
                     correct += out.correct
                     total += out.loss.detach()
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf)
+                if not math.isfinite(float(grad_norm)):        # the same on every rank (reduced gradients)
+                    raise diverged(step + 1, float(grad_norm))
                 if counts[0] == 0:  # no loss position on any rank (all damaged): the step counts, the weights stay
                     optimizer.zero_grad(set_to_none=True)
                 lr = optimizer.param_groups[0]["lr"]            # the rate this step uses (log it, not the next)
@@ -916,10 +989,10 @@ def _train(cfg: TrainConfig) -> TrainResult:
                 loss_tokens = int(counts[0].item())
                 if loss_tokens_seen is not None:
                     loss_tokens_seen += loss_tokens
-                denom = counts.clamp_min(1)
                 record = {
                     "step": step, "epoch": epoch, "loss": total.item(),
-                    "step_loss": (loss_sum / denom).tolist(), "step_acc": (correct / denom).tolist(),
+                    "step_loss": per_position(loss_sum, counts).tolist(),
+                    "step_acc": per_position(correct, counts).tolist(),
                     "lr": lr, "grad_norm": float(grad_norm), "tokens": int(tokens),
                     "loss_tokens": loss_tokens, "tokens_per_s": tokens / max(dt, 1e-9),
                     "tokens_seen": tokens_seen, "skipped_samples": n_skipped,
@@ -958,6 +1031,9 @@ def _train(cfg: TrainConfig) -> TrainResult:
                     accs = " ".join(f"{a:.3f}" for a in record["val_step_acc"])
                     _say(f"val step {step}: loss {record['val_loss']:.4f} acc [{accs}] over "
                          f"{record['val_tokens']:,} held-out tokens", sys.stdout)
+                    if record["val_skipped_samples"]:
+                        _say(f"val step {step}: {record['val_skipped_samples']} damaged held-out sample(s) left out; "
+                             f"`draftdata verify {cfg.val_data}` lists the damaged parts")
                 interrupted = stop_request.requested and step < total_steps
                 if step % cfg.save_every == 0 or step == total_steps or out_of_time or interrupted:
                     end_of_epoch = consumed // cfg.grad_accum >= epoch_steps
@@ -1021,6 +1097,8 @@ def _train(cfg: TrainConfig) -> TrainResult:
                                "from it") from None
     finally:
         stop_request.remove()
+        if lock is not None:
+            lock.release()
         if info.owns_group and dist.is_initialized():
             dist.destroy_process_group()
 

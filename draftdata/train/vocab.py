@@ -11,7 +11,8 @@ File format (`draftdata vocab --out FILE`, a safetensors file):
     t2d           bool  [V]   membership mask over the base vocabulary
     token_counts  int64 [V]   how often each base token was counted
     metadata      format="draftdata-draft-vocab", format_version, vocab_size, draft_vocab_size,
-                  tokens_counted, distinct_tokens, coverage, dataset, base_model_id, counted
+                  tokens_counted, distinct_tokens, coverage, dataset, base_model_id, counted,
+                  tokenizer_hash (the dataset's, when it records one)
 """
 
 from __future__ import annotations
@@ -132,6 +133,8 @@ def build_draft_vocab(url: str, draft_vocab_size: int, storage_options: dict[str
     vocab = select_draft_vocab(counts, draft_vocab_size)
     vocab.metadata.update({"dataset": str(url), "base_model_id": str(ds.schema.base_model_id),
                            "counted": "all" if all_tokens else "loss_mask==1"})
+    if ds.schema.tokenizer_hash:  # train compares it: another tokenizer's ids name other tokens
+        vocab.metadata["tokenizer_hash"] = str(ds.schema.tokenizer_hash)
     return vocab
 
 

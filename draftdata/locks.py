@@ -1,0 +1,71 @@
+"""An exclusive lock on a local output directory, held by one run at a time (collect, train).
+
+A POSIX record lock (`lockf`) on a hidden file in the directory (readers ignore hidden names)
+stops a second run on the same output with a one-line error naming the holder's pid. The kernel
+drops it when the holder dies, even by SIGKILL, so a crash never leaves a stale lock; and unlike
+an `flock` it is not shared with forked children, so DataLoader workers that outlive a killed
+trainer for a few seconds do not hold it. The file stays after the run; only a held lock means
+a run is going on.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import sys
+
+from draftdata.errors import DraftdataError
+
+
+class DirectoryLock:
+    """Hold `<url>/<name>` exclusively for `command` (a no-op for URLs that are not local paths).
+
+    Taken at construction when the directory exists (a resume is refused before a model loads),
+    else by `take()` once the run has created it. `doing` ends the refusal ("another draftdata
+    <command> (pid N) is <doing>"); `unlocked_note` says what still protects a file system that
+    offers no lock.
+    """
+
+    def __init__(self, url: str, name: str, command: str, doing: str, unlocked_note: str):
+        from draftdata.store.fs import is_local, local_path
+
+        self.url, self.fd = url, -1
+        self.command, self.doing, self.unlocked_note = command, doing, unlocked_note
+        self.path = os.path.join(local_path(url), name) if is_local(url) else None
+        if self.path and os.path.isdir(os.path.dirname(self.path)):
+            self.take()
+
+    def take(self) -> None:
+        """Hold the lock (once the output directory exists); a no-op when held or not local."""
+        if self.fd >= 0 or self.path is None:
+            return
+        url = self.url
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise DraftdataError(f"--output {url}: cannot create {self.path} ({e.strerror or e}); is the "
+                                 "directory writable?") from None
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno in (errno.EACCES, errno.EAGAIN):
+                holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise DraftdataError(f"--output {url}: another draftdata {self.command} (pid {holder}) is "
+                                     f"{self.doing}; wait for it to finish, or use another --output") from None
+            os.close(fd)
+            if e.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                raise DraftdataError(f"--output {url}: cannot lock {self.path} ({e.strerror or e})") from None
+            print(f"draftdata {self.command}: warning: {self.path}: the file system offers no lock ({e.strerror}); "
+                  f"make sure no other {self.command} uses this output ({self.unlocked_note})", file=sys.stderr)
+            self.path = None  # unlocked: take() is a no-op from here on
+            return
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
