@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -908,3 +909,19 @@ def test_damaged_held_out_samples_are_reported_and_an_empty_held_out_set_is_nan(
 
     got = per_position(torch.tensor([3.0, 0.0]), torch.tensor([2.0, 0.0]))
     assert got[0] == 1.5 and math.isnan(got[1])
+
+
+def test_resume_names_a_dataset_replaced_since_the_run_started(tmp_path, tiny_model, capsys):
+    from test_train_support import make_dataset
+
+    data = str(tmp_path / "data")
+    make_dataset(data, tiny_model, n=8)
+    args = ["train", "--data", data, "--model", str(tiny_model), "--output", str(tmp_path / "run"), "--eagle-config",
+            str(eagle_file(tmp_path)), "--batch-tokens", "256", "--no-plot"]
+    assert main(args + ["--steps", "2"]) == 0
+    shutil.rmtree(data)
+    make_dataset(data, tiny_model, n=8, seed=1)                     # the same path, other parts
+    capsys.readouterr()
+    assert main(args + ["--steps", "4", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "trains on a snapshot of 1 parts" in err and "the dataset was replaced or parts were removed" in err, err
