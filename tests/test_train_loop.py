@@ -148,7 +148,8 @@ def test_held_out_validation_is_reported_and_leaves_the_run_unchanged(tmp_path, 
     assert [r["loss"] for r in rows] == plain.losses                 # the run itself is untouched
     assert len({r["val_tokens"] for r in val}) == 1 and val[0]["val_tokens"] > 0   # all of it, every time
     assert len(val[0]["val_step_acc"]) == len(val[0]["val_step_loss"]) == 3
-    assert "val step 6: loss" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "val step 6: loss" in captured.out and "also in --data" not in captured.err
     assert (tmp_path / "val_run" / "training_curves.png").stat().st_size > 10_000
 
     # the last value is the trained draft's loss on the held-out set, recomputed here
@@ -170,6 +171,8 @@ def test_held_out_validation_is_reported_and_leaves_the_run_unchanged(tmp_path, 
     assert "aux_layer_ids is [1, 2, 3]" in capsys.readouterr().err
     assert main(args + ["--output", str(tmp_path / "r2"), "--val-every", "2"]) == 2
     assert "--val-every needs --val-data" in capsys.readouterr().err
+    assert main(args + ["--output", str(tmp_path / "r3"), "--val-data", train_data, "--no-plot"]) == 0
+    assert "warning: 48 of the 48 held-out conversations in" in capsys.readouterr().err   # --val-data = --data
 
 
 DDP_SCRIPT = """

@@ -786,6 +786,12 @@ def _train(cfg: TrainConfig) -> TrainResult:
                 max_tokens_per_batch=cfg.batch_tokens, pin_memory=False, on_corrupt=cfg.on_corrupt,
                 pad_to_multiple_of=cfg.pad_to_multiple_of)
             check_val_schema(schema, val_dataset.schema, cfg.data, cfg.val_data)
+            held_out = {c for p in val_dataset.store.parts for c in p.conversation_ids}
+            shared = sum(c in held_out for p in dataset.store.parts for c in p.conversation_ids)
+            if shared:
+                _log(f"warning: {shared} of the {len(held_out)} held-out conversations in {cfg.val_data} are also "
+                     f"in --data {cfg.data} (by conversation id): the held-out figures measure them as training "
+                     "data; collect the held-out set from other conversations", info)
         val_every = cfg.val_every or cfg.save_every
 
         def steps_in_epoch(epoch: int) -> int:
