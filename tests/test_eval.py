@@ -137,6 +137,52 @@ def test_random_draft_output_is_greedy_output(tiny_model, prompts, tmp_path):
     assert "acceptance length" in text and "speedup eagle_vs_greedy" in text
 
 
+def test_greedy_reference_ignores_the_models_shipped_generation_settings(tiny_model, prompts, tmp_path):
+    """A base whose generation_config.json ships a repetition penalty and sampling (as Qwen2.5's
+    does): the greedy and prompt-lookup references took the penalty and matched EAGLE on 0 turns."""
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model, base)
+    cfg = json.loads((base / "generation_config.json").read_text())
+    cfg.update({"do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.5,
+                "no_repeat_ngram_size": 2})
+    (base / "generation_config.json").write_text(json.dumps(cfg))
+    model, tok, _ = ev.load_base(base, torch.device("cpu"), torch.float64)
+    assert model.generation_config.repetition_penalty == 1.5
+    text = tok.apply_chat_template([{"role": "user", "content": "hello world"}], tokenize=False,
+                                   add_generation_prompt=True)
+    prompt = tok.encode(text, add_special_tokens=False)
+    eos = {tok.eos_token_id}
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(20):                                      # greedy by hand: argmax, no processors
+            nxt = int(model(torch.tensor([ids])).logits[0, -1].argmax())
+            ids.append(nxt)
+            if nxt in eos:
+                break
+    want = ids[len(prompt):]
+    assert ev.hf_generate(model, prompt, 20, eos, tok.pad_token_id).tokens == want
+    assert ev.hf_generate(model, prompt, 20, eos, tok.pad_token_id, prompt_lookup_num_tokens=3).tokens == want
+    assert model.generation_config.repetition_penalty == 1.5         # set back after the call
+    export = exported_draft(tmp_path, base)
+    r = run_eval(base, export, prompts, methods=("greedy", "eagle", "prompt_lookup"))
+    assert r["output_matches_greedy"]["eagle"]["equal"] == r["turns"] == 3
+
+
+def test_an_export_whose_config_disagrees_with_its_tensors_is_one_line(tiny_model, tmp_path):
+    from draftdata.errors import DraftdataError
+
+    export = exported_draft(tmp_path, tiny_model)
+    cfg = json.loads((export / "config.json").read_text())
+    cfg["intermediate_size"] *= 2
+    (export / "config.json").write_text(json.dumps(cfg))
+    base, _, _ = ev.load_base(tiny_model, torch.device("cpu"), torch.float32)
+    with pytest.raises(DraftdataError, match=r"tensor shapes disagree with .*config.json \(size mismatch for "
+                                             r"midlayer.mlp.\w+_proj.weight"):
+        ev.load_exported_draft(export, base)
+
+
 def test_agreeing_draft_accepts_every_draft(tmp_path, prompts):
     base_dir, emb, _ = successor_base(tmp_path / "base", involution=False)
     export = exported_draft(tmp_path, base_dir, craft=emb)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +57,11 @@ def test_vocab_cli_selects_top_assistant_tokens(tmp_path, train_data, capsys):  
 
     assert main(["vocab", train_data, "-n", "401", "--out", str(out)]) == 2
     assert "between 1 and the vocabulary size 400" in capsys.readouterr().err
+    unread = tmp_path / "parts-gone"                 # the size is checked before any part is read
+    shutil.copytree(train_data, unread)
+    shutil.rmtree(unread / "parts")
+    assert main(["vocab", str(unread), "-n", "0", "--out", str(out)]) == 2
+    assert "between 1 and the vocabulary size 400, got 0" in capsys.readouterr().err
 
     before = (Path(train_data) / "dataset.json").read_bytes()     # --out inside the dataset: refused
     assert main(["vocab", train_data, "-n", "10", "--out", str(Path(train_data) / "dataset.json")]) == 2

@@ -187,7 +187,12 @@ def load_exported_draft(export_dir: str | os.PathLike, base: Any, device: torch.
             raise DraftdataError(f"{weights_path}: d2t does not map {draft_vocab} draft ids into the base "
                                  f"vocabulary of {vocab}")
         state["t2d"] = torch.zeros(vocab, dtype=torch.bool).index_fill_(0, targets, True)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:   # shapes the config does not describe (an edited config, another base's draft)
+        sizes = [ln.strip().rstrip(".") for ln in str(e).splitlines() if "size mismatch" in ln]
+        raise DraftdataError(f"{weights_path}: tensor shapes disagree with {cfg_path} ({'; '.join(sizes[:3]) or e}); "
+                             "the config does not describe these weights: export the draft again") from None
     missing = [k for k in missing if not k.startswith("embed_tokens.") and k not in ("d2t", "t2d")]
     if missing or unexpected:
         raise DraftdataError(f"{weights_path}: missing tensors {missing}, unexpected {unexpected}")
@@ -344,16 +349,24 @@ def _generation_config(base: Any, max_new_tokens: int, eos_ids: set[int], pad_id
 @torch.no_grad()
 def hf_generate(base: Any, prompt: list[int], max_new_tokens: int, eos_ids: set[int], pad_id: int | None,
                 prompt_lookup_num_tokens: int | None = None) -> DecodeResult:
-    """transformers' greedy `generate` (or its prompt-lookup decoding); counts base forwards."""
+    """transformers' greedy `generate` (or its prompt-lookup decoding); counts base forwards.
+
+    The model's own generation_config.json (e.g. a shipped `repetition_penalty` or
+    `no_repeat_ngram_size`) is set aside for the call: `generate` fills every setting not given
+    from it, and those processors would make the reference something other than greedy decoding."""
+    from transformers import GenerationConfig
+
     device = base.get_input_embeddings().weight.device
     ids = torch.tensor([prompt], device=device)
     calls = [0]
     handle = base.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    shipped, base.generation_config = base.generation_config, GenerationConfig()
     try:
         seq = base.generate(ids, attention_mask=torch.ones_like(ids),
                             generation_config=_generation_config(base, max_new_tokens, eos_ids, pad_id,
                                                                  prompt_lookup_num_tokens))
     finally:
+        base.generation_config = shipped
         handle.remove()
     return DecodeResult(tokens=seq[0, len(prompt):].tolist(), base_forwards=calls[0])
 

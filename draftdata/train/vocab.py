@@ -125,6 +125,12 @@ def count_tokens(url: str, storage_options: dict[str, Any] | None = None, *, all
 def build_draft_vocab(url: str, draft_vocab_size: int, storage_options: dict[str, Any] | None = None, *,
                       all_tokens: bool = False, workers: int = 8, progress: bool = True) -> DraftVocab:
     """Count a dataset's assistant tokens and select the draft vocabulary."""
+    from draftdata.store.dataset import open_location
+
+    vocab_size = open_location(url, storage_options)[1].vocab_size   # a bad size fails before the count
+    if not 1 <= draft_vocab_size <= vocab_size:
+        raise DraftdataError(f"--draft-vocab-size must be between 1 and the vocabulary size {vocab_size}, "
+                             f"got {draft_vocab_size}")
     counts, ds = count_tokens(url, storage_options, all_tokens=all_tokens, workers=workers, progress=progress)
     if int(counts.sum()) == 0:
         why = ("the dataset holds no samples" if not ds.num_samples else
