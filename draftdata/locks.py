@@ -6,6 +6,10 @@ drops it when the holder dies, even by SIGKILL, so a crash never leaves a stale 
 an `flock` it is not shared with forked children, so DataLoader workers that outlive a killed
 trainer for a few seconds do not hold it. The file stays after the run; only a held lock means
 a run is going on.
+
+POSIX locks belong to the process, so a second lock on the same file from this process would be
+granted, and closing its descriptor would drop the first: the paths this process holds are kept
+in `_HELD`, and a second holder in the process is refused without opening the file again.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import os
 import sys
 
 from draftdata.errors import DraftdataError
+
+_HELD: dict[tuple[int, int], str] = {}  # (st_dev, st_ino) of the lock files this process holds -> path
 
 
 class DirectoryLock:
@@ -42,6 +48,13 @@ class DirectoryLock:
             return
         url = self.url
         try:
+            st = os.stat(self.path)
+        except OSError:
+            st = None
+        if st is not None and (st.st_dev, st.st_ino) in _HELD:
+            raise DraftdataError(f"--output {url}: another draftdata {self.command} in this process (pid "
+                                 f"{os.getpid()}) is {self.doing}; wait for it to finish, or use another --output")
+        try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
             raise DraftdataError(f"--output {url}: cannot create {self.path} ({e.strerror or e}); is the "
@@ -63,9 +76,12 @@ class DirectoryLock:
             return
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
-        self.fd = fd
+        st = os.fstat(fd)
+        self.fd, self._key = fd, (st.st_dev, st.st_ino)
+        _HELD[self._key] = self.path
 
     def release(self) -> None:
         if self.fd >= 0:
+            _HELD.pop(self._key, None)
             os.close(self.fd)
             self.fd = -1

@@ -675,6 +675,25 @@ def test_sigkill_at_several_points_then_rerun_gives_exactly_one_copy(tiny_model,
     assert not uncommitted_part(out)
 
 
+def test_output_lock_refuses_a_second_holder_in_the_same_process(tmp_path):
+    """The lock is a POSIX lock (lockf: not inherited by forked DataLoader workers), which the
+    kernel grants twice to one process and drops when any descriptor of the file closes: a second
+    holder in the process is refused before it opens the file, and the first stays locked."""
+    from draftdata.collect.job import OutputLock
+
+    out = tmp_path / "ds"
+    out.mkdir()
+    probe = [sys.executable, "-c", "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR); "
+             "fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)", str(out / ".collect.lock")]
+    first = OutputLock(str(out))
+    with pytest.raises(DraftdataError, match=r"another draftdata collect in this process \(pid \d+\)"):
+        OutputLock(str(out))
+    assert subprocess.run(probe, capture_output=True).returncode != 0      # still held against others
+    first.release()
+    assert subprocess.run(probe, capture_output=True).returncode == 0
+    OutputLock(str(out)).release()
+
+
 def test_ids_committed_twice_fail_the_run_that_committed_them_only(tiny_model, tmp_path, capsys):
     """Object stores have no lock: two writers there can commit one conversation twice. Every run
     ends by checking the commit records: duplicates among its own new parts fail it (exit 1);

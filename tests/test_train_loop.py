@@ -886,10 +886,15 @@ def test_resume_passes_over_a_damaged_newest_checkpoint(tmp_path, tiny_model, tr
     err = capsys.readouterr().err
     assert "passing over damaged checkpoint(s) step-00000004" in err and "resuming from" in err, err
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4, 5, 6]
-    for ckpt in ("step-00000002", "step-00000004"):
+    # Renamed out of the way: with --keep-checkpoints 3 the damaged step 4 no longer takes a slot
+    # (sorted by name, it outranked the good checkpoints written below it and got them pruned).
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == \
+        ["damaged-step-00000004", "step-00000002", "step-00000004", "step-00000006"]
+    for ckpt in ("step-00000004", "step-00000006"):
         (out / "checkpoints" / ckpt / "draft.safetensors").write_bytes(b"\0" * 10)
-    assert main(args + ["--steps", "8", "--resume"]) == 0            # step 6 is intact
-    for ckpt in (out / "checkpoints").iterdir():
+    assert main(args + ["--steps", "8", "--resume"]) == 0            # step 2 is intact
+    assert [r["step"] for r in read_metrics(out)] == list(range(1, 9))
+    for ckpt in (out / "checkpoints").glob("step-*"):
         (ckpt / "draft.safetensors").write_bytes(b"\0" * 10)
     assert main(args + ["--steps", "10", "--resume"]) == 2
     assert "every checkpoint in" in capsys.readouterr().err

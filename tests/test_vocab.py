@@ -159,9 +159,10 @@ def test_training_uses_the_draft_vocab(tmp_path, tiny_model, train_data):  # noq
                  str(vocab)]) == 2
 
 
-def test_a_vocab_counted_under_another_tokenizer_is_refused(tmp_path, tiny_model):
+def test_a_vocab_counted_under_another_tokenizer_is_warned_about(tmp_path, tiny_model, capsys):
     """Same vocabulary size, other tokenizer: the ids name other tokens (accuracy fell by half in a
-    run that accepted it); the file records the dataset's tokenizer_hash and train compares it."""
+    run that accepted it without a word); the file records the dataset's tokenizer_hash and train
+    warns when it differs (a warning: the hash also covers the chat template)."""
     inp = tmp_path / "in.jsonl"
     inp.write_text("".join(json.dumps({"conversation_id": f"c{i}", "conversations": [
         {"role": "user", "content": "what is 12 plus 30"}, {"role": "assistant", "content": "the answer is 42 " * (i + 1)}]})
@@ -179,6 +180,8 @@ def test_a_vocab_counted_under_another_tokenizer_is_refused(tmp_path, tiny_model
     eagle.write_text(json.dumps({"eagle_architecture_config": TINY_ARCH}))
     train = ["train", "--data", data, "--model", str(tiny_model), "--steps", "1", "--batch-tokens", "512",
              "--eagle-config", str(eagle), "--no-plot"]
-    assert main(train + ["--output", str(tmp_path / "bad"), "--draft-vocab", str(other)]) == 2
-    assert not (tmp_path / "bad").exists()
+    capsys.readouterr()
+    assert main(train + ["--output", str(tmp_path / "other"), "--draft-vocab", str(other)]) == 0
+    assert "collected with another tokenizer or chat template" in capsys.readouterr().err
     assert main(train + ["--output", str(tmp_path / "good"), "--draft-vocab", str(vocab)]) == 0
+    assert "another tokenizer" not in capsys.readouterr().err

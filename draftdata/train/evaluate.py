@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -337,6 +338,11 @@ def eagle_generate(base: Any, draft: LoadedDraft, capture: AuxCapture, prompt: l
     return result
 
 
+_GENERATE_LOCK = threading.Lock()
+# Shipped generation settings that change how generate runs, not which tokens it picks.
+_TOKEN_NEUTRAL_SETTINGS = ("bos_token_id", "eos_token_id", "pad_token_id", "cache_implementation", "cache_config")
+
+
 def _generation_config(base: Any, max_new_tokens: int, eos_ids: set[int], pad_id: int | None,
                        prompt_lookup_num_tokens: int | None = None) -> Any:
     from transformers import GenerationConfig
@@ -360,14 +366,17 @@ def hf_generate(base: Any, prompt: list[int], max_new_tokens: int, eos_ids: set[
     ids = torch.tensor([prompt], device=device)
     calls = [0]
     handle = base.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
-    shipped, base.generation_config = base.generation_config, GenerationConfig()
-    try:
-        seq = base.generate(ids, attention_mask=torch.ones_like(ids),
-                            generation_config=_generation_config(base, max_new_tokens, eos_ids, pad_id,
-                                                                 prompt_lookup_num_tokens))
-    finally:
-        base.generation_config = shipped
-        handle.remove()
+    with _GENERATE_LOCK:   # the swap below must not interleave with another call on the same model
+        shipped = base.generation_config
+        kept = {k: getattr(shipped, k, None) for k in _TOKEN_NEUTRAL_SETTINGS}
+        base.generation_config = GenerationConfig(**{k: v for k, v in kept.items() if v is not None})
+        try:
+            seq = base.generate(ids, attention_mask=torch.ones_like(ids),
+                                generation_config=_generation_config(base, max_new_tokens, eos_ids, pad_id,
+                                                                     prompt_lookup_num_tokens))
+        finally:
+            base.generation_config = shipped
+            handle.remove()
     return DecodeResult(tokens=seq[0, len(prompt):].tolist(), base_forwards=calls[0])
 
 

@@ -658,12 +658,6 @@ def check_base_model(base_dir: str | Path, eagle: EagleConfig, schema: DatasetSc
     if draft_vocab is not None and draft_vocab.vocab_size != cfg.vocab_size:
         raise DraftdataError(f"draft vocabulary was built for vocab_size {draft_vocab.vocab_size}, the base "
                              f"model has {cfg.vocab_size}")
-    counted_with = draft_vocab.metadata.get("tokenizer_hash") if draft_vocab is not None else None
-    if counted_with and schema.tokenizer_hash and counted_with != schema.tokenizer_hash:
-        raise DraftdataError(f"the draft vocabulary was counted on {draft_vocab.metadata.get('dataset', 'a dataset')}, "
-                             f"whose tokenizer differs from this dataset's (tokenizer_hash {counted_with[:19]}... vs "
-                             f"{schema.tokenizer_hash[:19]}...): its ids name other tokens. Build one from this "
-                             "dataset with `draftdata vocab`")
     files = _tensor_files(Path(base_dir))
     if not any(n in files for n in EMBED_NAMES):
         raise DraftdataError(f"{base_dir}: no embedding tensor found (looked for {list(EMBED_NAMES)})")

@@ -355,11 +355,20 @@ def check_output_dir(output: Path) -> None:
                              "or empty directory)")
 
 
+def make_output_dir(output: Path) -> None:
+    """Create the output directory; one that cannot be created is one line."""
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DraftdataError(f"--output {output}: cannot write there ({e.strerror or e}); choose a writable "
+                             "directory") from None
+
+
 def write_run_config(output: Path, settings: dict[str, Any]) -> None:
     """Create the output directory and write train_config.json atomically (on --resume under DDP
     the other ranks read it at the same time); a directory that cannot be written is one line."""
+    make_output_dir(output)
     try:
-        output.mkdir(parents=True, exist_ok=True)
         tmp = output / f".{TRAIN_CONFIG}.tmp-{os.getpid()}"
         tmp.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
         os.replace(tmp, output / TRAIN_CONFIG)
@@ -442,13 +451,18 @@ def load_newest_checkpoint(output: Path, info: Dist) -> tuple[Path, dict[str, An
             weights = load_file(str(ckpt / "draft.safetensors"))
         except Exception as e:  # noqa: BLE001 - any read failure means the checkpoint is unusable
             damaged.append(f"{ckpt.name} ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]})")
+            if info.main:  # out of the step-* names: it must not count as a newest checkpoint, or be kept over good ones
+                with contextlib.suppress(OSError):
+                    ckpt.rename(ckpt.with_name("damaged-" + ckpt.name))
             continue
         if damaged:
-            _log(f"resume: passing over damaged checkpoint(s) {'; '.join(damaged)}; resuming from {ckpt}", info)
+            _log(f"resume: passing over damaged checkpoint(s) {'; '.join(damaged)} (renamed damaged-step-*; "
+                 f"delete them once looked at); resuming from {ckpt}", info)
         return ckpt, state, weights
     if damaged:
-        raise DraftdataError(f"every checkpoint in {root} is damaged: {'; '.join(damaged)}; start again with "
-                             "another --output (or remove the damaged step-* directories)")
+        raise DraftdataError(f"every checkpoint in {root} is damaged: {'; '.join(damaged)} (renamed damaged-step-*); "
+                             "the run cannot continue: train again (another --output, or this one without --resume "
+                             "once the damaged-step-* directories are looked at and removed)")
     return None
 
 
@@ -638,7 +652,10 @@ def validation_metrics(module: Any, dataset: Any, *, device: torch.device, info:
     for t in (loss_sum, correct, count, skipped):
         _all_reduce(t, info)
     step_loss = per_position(loss_sum, count)
-    return {"val_loss": float(sum(decay ** k * step_loss[k] for k in range(ttt_steps))),
+    # As the training loss: a TTT step without positions adds nothing; no position at all is NaN.
+    val_loss = float(sum(decay ** k * step_loss[k] for k in range(ttt_steps) if count[k] > 0)) if count[0] > 0 \
+        else math.nan
+    return {"val_loss": val_loss,
             "val_step_loss": step_loss.tolist(), "val_step_acc": per_position(correct, count).tolist(),
             "val_tokens": int(count[0].item()), "val_skipped_samples": int(skipped.item())}
 
@@ -738,6 +755,7 @@ def _train(cfg: TrainConfig) -> TrainResult:
                                  "two runs would log each step twice and overwrite each other's checkpoints")
         found = load_newest_checkpoint(output, info)
         ckpt, resume_state, resume_weights = found if found else (None, None, None)
+        found = None  # the weights are dropped (del resume_weights) once loaded into the draft
         if ckpt is not None and (output / TRAIN_CONFIG).exists():
             saved = json.loads((output / TRAIN_CONFIG).read_text())
             changed = _check_resume_config(saved, json.loads(json.dumps(run_settings)), ckpt)
@@ -810,6 +828,14 @@ def _train(cfg: TrainConfig) -> TrainResult:
         # Config, draft vocabulary and weight headers first: only then is the output written.
         base_dir = resolve_model(cfg.model)
         draft_cfg = check_base_model(base_dir, eagle, schema, draft_vocab)
+        counted_with = draft_vocab.metadata.get("tokenizer_hash") if draft_vocab is not None else None
+        if counted_with and schema.tokenizer_hash and counted_with != schema.tokenizer_hash:
+            # The hash also covers the chat template, so this may be the same tokenizer under another template.
+            _log(f"warning: --draft-vocab {cfg.draft_vocab} was counted on "
+                 f"{draft_vocab.metadata.get('dataset', 'a dataset')}, collected with another tokenizer or chat "
+                 f"template than {cfg.data} (tokenizer_hash {counted_with[:19]}... vs {schema.tokenizer_hash[:19]}...). "
+                 "If the tokenizers differ, its ids name other tokens and the draft learns the wrong vocabulary: "
+                 "build one from this dataset with `draftdata vocab`", info)
         init_tensors, init_notes = None, []
         if cfg.init_draft is not None and ckpt is None:   # a resumed run's weights come from its checkpoint
             init_tensors, init_notes = read_init_draft(cfg.init_draft, draft_cfg,
@@ -884,8 +910,9 @@ def _train(cfg: TrainConfig) -> TrainResult:
             torch.manual_seed(cfg.seed + info.rank)     # per-rank stream (mix_hidden_states, dropout)
 
         if info.main:    # every input checked and the checkpoint loaded: only now is the output written
+            make_output_dir(output)
+            lock.take()  # before anything is written: a second run must not overwrite train_config.json
             write_run_config(output, run_settings)
-            lock.take()
             if ckpt is not None and step < total_steps and (output / FINAL).is_dir():
                 # An earlier end of this run (--max-minutes, a shorter --steps): `export RUN` prefers
                 # final/, so a resumed run killed later would export those older weights.

@@ -94,7 +94,8 @@ class Backend:
 def count_nonfinite(aux: torch.Tensor, final: torch.Tensor, lengths: list[int]) -> list[int]:
     """For rows [sum(lengths), ...] of aux and final states, split into sequences of `lengths`: how
     many tokens of each sequence have an inf or NaN in either (one device sync when all are finite)."""
-    bad = ~(torch.isfinite(aux).all(1) & torch.isfinite(final).all(1))
+    bad = ~torch.isfinite(aux).all(1)
+    bad |= ~torch.isfinite(final).all(1).to(bad.device)    # final may sit on another GPU (device_map="auto")
     if not bool(bad.any()):
         return [0] * len(lengths)
     return [int(part.sum()) for part in bad.split(lengths)]

@@ -107,10 +107,10 @@ class HFBackend(Backend):
 
         return hook
 
-    @torch.inference_mode()
     def forward(self, batch: list[list[int]], aux_layer_ids: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return self.forward_checked(batch, aux_layer_ids)[0]
 
+    @torch.inference_mode()
     def forward_checked(self, batch: list[list[int]], aux_layer_ids: list[int]
                         ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[int]]:
         """`forward` with the inf/NaN count per sequence, taken on the device before the copy."""
