@@ -675,6 +675,17 @@ def test_sigkill_at_several_points_then_rerun_gives_exactly_one_copy(tiny_model,
     assert not uncommitted_part(out)
 
 
+def test_count_nonfinite_counts_tokens_not_overflowing_sums():
+    from draftdata.collect.backends.base import count_nonfinite
+
+    aux = torch.randn(10, 12).to(torch.bfloat16)
+    final = torch.randn(10, 4).to(torch.bfloat16)
+    aux[7] = 3e38                          # finite values whose float32 row sum overflows: not counted
+    aux[2, 1], final[5, 0], final[8, 3] = float("nan"), float("inf"), float("-inf")
+    assert count_nonfinite(aux, final, [4, 6]) == [1, 2]
+    assert count_nonfinite(aux[:2], final[:2], [1, 1]) == [0, 0]
+
+
 def test_output_lock_refuses_a_second_holder_in_the_same_process(tmp_path):
     """The lock is a POSIX lock (lockf: not inherited by forked DataLoader workers), which the
     kernel grants twice to one process and drops when any descriptor of the file closes: a second

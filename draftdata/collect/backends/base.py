@@ -94,8 +94,18 @@ class Backend:
 def count_nonfinite(aux: torch.Tensor, final: torch.Tensor, lengths: list[int]) -> list[int]:
     """For rows [sum(lengths), ...] of aux and final states, split into sequences of `lengths`: how
     many tokens of each sequence have an inf or NaN in either (one device sync when all are finite)."""
-    bad = ~torch.isfinite(aux).all(1)
-    bad |= ~torch.isfinite(final).all(1).to(bad.device)    # final may sit on another GPU (device_map="auto")
+    bad = _nonfinite_rows(aux)
+    bad |= _nonfinite_rows(final).to(bad.device)    # final may sit on another GPU (device_map="auto")
     if not bool(bad.any()):
         return [0] * len(lengths)
     return [int(part.sum()) for part in bad.split(lengths)]
+
+
+def _nonfinite_rows(x: torch.Tensor) -> torch.Tensor:
+    """Rows of x holding an inf or NaN. A row's float32 sum is non-finite when it holds one, and
+    summing is ~5x faster than isfinite on a CPU (1% of a CPU collect's time otherwise); the few
+    rows whose sum overflowed from finite values are checked value by value."""
+    suspect = ~torch.isfinite(x.sum(1, dtype=torch.float32))
+    if bool(suspect.any()):
+        suspect[suspect.clone()] = ~torch.isfinite(x[suspect]).all(1)
+    return suspect
