@@ -789,6 +789,135 @@ def test_wrong_endpoint_url_says_so_in_one_short_line(tmp_path):
         server.close()
 
 
+class OddServer:
+    """An OpenAI-compatible front without a model that misbehaves on request, keyed by words in
+    the user's message (what proxies and overloaded servers do): USAGESTR (usage "n/a"), FILTER
+    (finish_reason content_filter), CLOSE503 (a 503 whose body is cut off, once), TRICKLE (a body
+    sent a byte at a time), R307 (a redirect), FORBIDDEN (HTTP 400); each answer after `delay` s."""
+
+    def __init__(self, delay: float = 0.0):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        state = {"close503": 0}
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def send(self, status, body: bytes, length=None, headers=()):
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body) if length is None else length))
+                for k, v in headers:
+                    self.send_header(k, v)
+                self.end_headers()
+
+            def do_GET(self):
+                body = json.dumps({"object": "list", "data": [{"id": "odd", "object": "model"}]}).encode()
+                self.send(200, body)
+                self.wfile.write(body)
+
+            def do_POST(self):
+                text = self.rfile.read(int(self.headers["Content-Length"])).decode()
+                time.sleep(delay)
+                word = next((w for w in ("USAGESTR", "FILTER", "CLOSE503", "TRICKLE", "R307", "FORBIDDEN")
+                             if w in text), "")
+                if word == "FORBIDDEN":
+                    body = b'{"error": {"message": "no (test)"}}'
+                    self.send(400, body)
+                    return self.wfile.write(body)
+                if word == "R307":
+                    self.send(307, b"", headers=[("Location", "/elsewhere")])
+                    return
+                if word == "CLOSE503" and state["close503"] == 0:
+                    state["close503"] += 1
+                    self.send(503, b"", length=1000)
+                    self.wfile.write(b'{"error": ')
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
+                body = json.dumps({"object": "chat.completion", "model": "odd", "choices": [{
+                    "index": 0, "message": {"role": "assistant", "content": f"answer to {word or 'you'}"},
+                    "finish_reason": "content_filter" if word == "FILTER" else "stop"}],
+                    "usage": "n/a" if word == "USAGESTR" else {"completion_tokens": 3}}).encode()
+                self.send(200, body)
+                if word == "TRICKLE":
+                    for b in body:
+                        self.wfile.write(bytes([b]))
+                        self.wfile.flush()
+                        time.sleep(0.2)
+                else:
+                    self.wfile.write(body)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def one_turn(cid: str, text: str) -> dict:
+    return {"conversation_id": cid, "conversations": [{"role": "user", "content": text}]}
+
+
+def test_endpoint_oddities_are_answered_rejected_retried_or_stop_the_run(tmp_path):
+    server = OddServer()
+    try:
+        inp = write_jsonl(tmp_path / "in.jsonl", [one_turn("usage", "USAGESTR hi"), one_turn("filter", "FILTER hi"),
+                                                  one_turn("cut", "CLOSE503 hi"), one_turn("plain", "hi")])
+        out, rejects = tmp_path / "out.jsonl", tmp_path / "rejects.jsonl"
+        assert run_cli("--endpoint", server.url, "--input", inp, "--output", out, "--rejects", rejects,
+                       "--retries", 2) == 0
+        # a usage block that is not numbers crashed the run; a 503 with a cut-off body escaped the retries
+        assert sorted(by_id(read_output(out))) == ["cut", "plain", "usage"]
+        (rej,) = [json.loads(line) for line in rejects.read_text().splitlines()]
+        assert rej["conversation_id"] == "filter" and "content_filter" in rej["detail"]   # not the model's answer
+        # --request-timeout bounds the whole request (urllib bounds each socket read): a trickled body
+        slow = write_jsonl(tmp_path / "slow.jsonl", [one_turn("slow", "TRICKLE hi")])
+        t0 = time.monotonic()
+        with pytest.raises(DraftdataError, match="took longer than --request-timeout"):
+            run_cli("--endpoint", server.url, "--input", slow, "--output", tmp_path / "o2.jsonl",
+                    "--request-timeout", 1, "--retries", 0)
+        assert time.monotonic() - t0 < 20
+        moved = write_jsonl(tmp_path / "moved.jsonl", [one_turn("moved", "R307 hi")])
+        with pytest.raises(DraftdataError, match=r"redirected \(HTTP 307 to /elsewhere\); give the final URL"):
+            run_cli("--endpoint", server.url, "--input", moved, "--output", tmp_path / "o3.jsonl")
+        # the same server spelled another documented way resumes; compressed outputs are refused
+        assert run_cli("--endpoint", server.url + "/v1/chat/completions", "--input", inp, "--output", out,
+                       "--retries", 2) == 0
+        with pytest.raises(DraftdataError, match="appends plain JSONL lines"):
+            run_cli("--endpoint", server.url, "--input", inp, "--output", tmp_path / "o4.jsonl.gz")
+        # --rejects onto the output or an input file overwrote it at the end of the run
+        before = out.read_bytes()
+        for target, what in ((out, "is the --output file"), (inp, "is an input file")):
+            with pytest.raises(DraftdataError, match=what):
+                run_cli("--endpoint", server.url, "--input", inp, "--output", out, "--rejects", target)
+        assert out.read_bytes() == before
+    finally:
+        server.close()
+
+
+def test_strict_endpoint_run_keeps_every_answer_the_server_gave(tmp_path):
+    """--strict stops at the first reject, but the conversations answered in the same moment (or
+    still in flight) were dropped; every one the server answered is now written."""
+    server = OddServer(delay=0.5)
+    try:
+        inp = write_jsonl(tmp_path / "in.jsonl", [one_turn(f"ok{i}", f"hi {i}") for i in range(7)]
+                          + [one_turn("bad", "FORBIDDEN")])
+        out = tmp_path / "out.jsonl"
+        with pytest.raises(DraftdataError, match="--strict stops"):
+            run_cli("--endpoint", server.url, "--input", inp, "--output", out, "--strict", "--concurrency", 8)
+        assert sorted(by_id(read_output(out))) == [f"ok{i}" for i in range(7)]
+    finally:
+        server.close()
+
+
 def test_quoted_response_bodies_are_one_short_line():
     assert _error_text({"error": {"message": "bad\n  request " + "x" * 500}}) == "bad request " + "x" * 185 + "..."
     assert _error_text("<html><script>var a = 1;</script><b>Gone</b>\n</html>") == "Gone"

@@ -111,7 +111,8 @@ def settings_from_args(args: argparse.Namespace):
     if args.endpoint is not None and args.chat_template is not None:
         raise DraftdataError("--chat-template applies to local generation; with --endpoint the server applies its "
                              "own template (set it when starting the server)")
-    check_rejects_path(args.rejects)  # before any model work: the rejects are written at the end
+    check_rejects_path(args.rejects, args.input, args.output,  # before any model work: written at the end
+                       storage_options=parse_storage_options(args.storage_option))
     return SynthSettings(
         input=args.input, output=args.output, model=args.model,
         model_path=None if args.endpoint else str(resolve_model(args.model)),

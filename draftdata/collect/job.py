@@ -99,7 +99,8 @@ def settings_from_args(args: argparse.Namespace) -> CollectSettings:
         from draftdata.collect.backends.trtllm import import_tensorrt_llm
 
         import_tensorrt_llm()
-    check_rejects_path(args.rejects)  # before any model work: the rejects are written at the very end
+    check_rejects_path(args.rejects, args.input,  # before any model work: the rejects are written at the very end
+                       storage_options=parse_storage_options(args.storage_option))
     model_path = resolve_model(args.model)
     info = BaseModelInfo.from_model_dir(model_path)
     return CollectSettings(

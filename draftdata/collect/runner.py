@@ -429,13 +429,37 @@ def _store_sample(s: TokenizedSample, aux: torch.Tensor, final: torch.Tensor) ->
             "loss_mask": torch.from_numpy(s.loss_mask), "aux_hidden_states": aux, "hidden_states": final}
 
 
-def check_rejects_path(path: str | None) -> None:
-    """--rejects PATH must be a file this run can create or overwrite: rejects are written at the
-    end of a run, so this is checked before any model work."""
+def check_rejects_path(path: str | None, input: str | None = None, output: str | None = None,
+                       storage_options: dict | None = None) -> None:
+    """--rejects PATH must be a file this run can create or overwrite, and none of its input files
+    or its output file (it is overwritten at the end of the run: the data there would be lost), nor
+    a JSONL file in the input directory (the next run would read it as input). Checked before any
+    model work."""
+    import os
+
+    from draftdata.collect.conversations import JSONL_SUFFIXES, input_files
     from draftdata.store.fs import check_writable_file
 
-    if path is not None:
-        check_writable_file(path, "--rejects", "rejects.jsonl")
+    if path is None:
+        return
+    target = os.path.realpath(path)
+    if output is not None and "://" not in output and os.path.realpath(output) == target:
+        raise DraftdataError(f"--rejects {path} is the --output file; write the rejects to another path")
+    if input is not None:
+        try:
+            files = input_files(input, storage_options)
+        except DraftdataError:
+            files = []  # a missing input is reported when the run reads it
+        for fs, file, name in files:
+            if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)) \
+                    and os.path.realpath(file) == target:
+                raise DraftdataError(f"--rejects {path} is an input file ({name}); write the rejects to another path")
+        src = input[len("file://"):] if input.startswith("file://") else input
+        if "://" not in src and os.path.isdir(src) and os.path.dirname(target) == os.path.realpath(src) \
+                and path.endswith(JSONL_SUFFIXES):
+            raise DraftdataError(f"--rejects {path} is in the input directory {input}, so the next run would read "
+                                 "the rejects as input; write them elsewhere")
+    check_writable_file(path, "--rejects", "rejects.jsonl")
 
 
 def write_reports(output_url: str, storage_options: dict | None, stats: CollectStats, rejects: RejectLog,

@@ -470,9 +470,10 @@ def _sample_endpoint(client: EndpointClient, fmt: PromptFormat, keep: _Keeper) -
             if keep.progress is not None:
                 keep.progress.update(0, answer.tokens)
             if answer.reject is not None:  # every request is this one but for its seed: all would fail
-                raise EndpointError(f"--endpoint {client.base}: POST /completions: {answer.reject[1]}. draftdata "
-                                    "sends a token-id prompt with the vLLM/SGLang fields stop_token_ids and "
-                                    "skip_special_tokens; the server must accept them")
+                hint = (" draftdata sends a token-id prompt with the vLLM/SGLang fields stop_token_ids and "
+                        "skip_special_tokens; the server must accept them" if answer.reject[1].startswith("HTTP 4")
+                        else " Every request differs from it only in its seed, so the run stops here.")
+                raise EndpointError(f"--endpoint {client.base}: POST /completions: {answer.reject[1]}.{hint}")
             text, stopped = answer.text, not answer.truncated
             cuts = [text.index(t) for t in stops if t in text]
             if cuts:  # a server that did not stop at the stop ids: cut where the model ended its turn

@@ -33,6 +33,7 @@ rejects.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import hashlib
 import http.client
@@ -543,22 +544,38 @@ class EndpointClient:
         """(status, parsed JSON or text); retries transient failures, raises EndpointError when they persist."""
         url = self.base + path
         data = json.dumps(body).encode() if body is not None else None
-        last = ""
+        last, garbled = "", None
         for attempt in range(self.retries + 1):
             if attempt:
                 time.sleep(min(60.0, self.backoff * 2 ** (attempt - 1)))
             req = urllib.request.Request(url, data=data, method=method, headers=self._headers())
+            deadline = time.monotonic() + self.timeout  # for the whole request, not each socket read
             try:
-                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                    return resp.status, _json_or_text(resp.read())
+                with _OPENER.open(req, timeout=self.timeout) as resp:
+                    status, raw = resp.status, _read_until(resp, deadline)
+                payload = _json_or_text(raw)
+                if status == 200 and isinstance(payload, str) and method == "POST":
+                    garbled = payload  # cut off on the way? ask again; the same every time: the caller rejects it
+                    last = f"HTTP 200 with a body that is not JSON ({_one_line(payload)})"
+                    continue
+                return status, payload
             except urllib.error.HTTPError as e:
-                payload = _json_or_text(e.read())
+                if 300 <= e.code < 400:
+                    raise EndpointError(f"--endpoint {self.base}: {method} {path} was redirected (HTTP {e.code} to "
+                                        f"{e.headers.get('Location', '?')}); give the final URL") from None
+                try:
+                    payload = _json_or_text(_read_until(e, deadline))
+                except (http.client.HTTPException, ConnectionError, TimeoutError, OSError) as read_error:
+                    payload = f"(the error body could not be read: {type(read_error).__name__})"
                 if e.code in (408, 429) or e.code >= 500:
                     last = f"HTTP {e.code}: {_error_text(payload)}"
                     continue
                 return e.code, payload
             except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError) as e:
                 last = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
+                garbled = None
+        if garbled is not None and last.startswith("HTTP 200"):
+            return 200, garbled
         raise EndpointError(f"--endpoint {self.base}: {method} {path} failed {self.retries + 1} times, last: "
                             f"{last}. Check that the server is up; rerun the same command to resume")
 
@@ -633,8 +650,41 @@ class EndpointClient:
 
 
 def _answer(payload: dict[str, Any], choice: dict[str, Any], text: str) -> Answer:
-    usage = payload.get("usage") or {}
-    return Answer(text, int(usage.get("completion_tokens") or 0), truncated=choice.get("finish_reason") == "length")
+    """The answer of one 200 response. A filtered one is no answer of the model's; a usage block
+    that is not numbers (some proxies) only loses the token count."""
+    if choice.get("finish_reason") == "content_filter":
+        return Answer(reject=("endpoint_rejected", "the server's content filter cut the answer "
+                              "(finish_reason content_filter); it is not the model's own"))
+    usage = payload.get("usage")
+    try:
+        tokens = int(usage.get("completion_tokens") or 0) if isinstance(usage, dict) else 0
+    except (TypeError, ValueError):
+        tokens = 0
+    return Answer(text, tokens, truncated=choice.get("finish_reason") == "length")
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Redirects are errors: urllib would turn the POST into a GET and lose its body."""
+
+    def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> None:
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
+
+
+def _read_until(resp: Any, deadline: float) -> bytes:
+    """A response body, read in blocks; a server that trickles it past `deadline` is a timeout
+    (urllib's timeout bounds each socket read, not the request)."""
+    read = getattr(resp, "read1", None) or getattr(getattr(resp, "fp", None), "read1", None) or resp.read
+    chunks = []
+    while True:
+        if time.monotonic() > deadline:
+            raise TimeoutError("the response took longer than --request-timeout")
+        block = read(1 << 16)  # read1: returns what one socket read brings, so the deadline is checked
+        if not block:
+            return b"".join(chunks)
+        chunks.append(block)
 
 
 def _json_or_text(raw: bytes) -> Any:
@@ -860,6 +910,34 @@ def _run_concurrent(conversations: Iterable[Conversation], client: EndpointClien
             state.add_answer(answer)
         return state, None
 
+    def keep(done: Iterable[Future], raise_after: bool) -> None:
+        """Write the finished conversations of `done` first, then report rejects (--strict raises
+        there) and re-raise a worker's error: nothing answered is lost to either."""
+        records: list[dict[str, Any]] = []
+        rejects: list[Reject] = []
+        failure: BaseException | None = None
+        tokens = 0
+        for future in done:
+            try:
+                state, reject = future.result()
+            except BaseException as e:  # noqa: BLE001 - raised below, after the finished ones are kept
+                failure = failure or e
+                continue
+            tokens += state.tokens
+            if reject is not None:
+                rejects.append(Reject(state.conv.source, *reject, state.conv.conversation_id))
+            elif state.finished:  # (not a conversation cut short because the run stopped)
+                records.append(_finish(state, stats))
+        if records:
+            sink(records)
+            stats.written += len(records)
+        progress(len(records), tokens)
+        for reject in rejects:
+            on_reject(reject)
+            progress(1, 0)
+        if failure is not None and raise_after:
+            raise failure
+
     source = iter(conversations)
     more = True
     t0 = time.perf_counter()
@@ -876,32 +954,19 @@ def _run_concurrent(conversations: Iterable[Conversation], client: EndpointClien
             if not pending:
                 return
             done, pending = wait(pending, return_when=FIRST_COMPLETED)
-            records: list[dict[str, Any]] = []
-            failure: BaseException | None = None
-            tokens = 0
-            for future in done:
-                try:
-                    state, reject = future.result()
-                except BaseException as e:  # noqa: BLE001 - raised below, after the finished ones are kept
-                    failure = failure or e
-                    continue
-                tokens += state.tokens
-                if reject is not None:
-                    on_reject(Reject(state.conv.source, *reject, state.conv.conversation_id))
-                    progress(1, 0)
-                else:
-                    records.append(_finish(state, stats))
-            if records:
-                sink(records)
-                stats.written += len(records)
-            progress(len(records), tokens)
-            if failure is not None:
-                raise failure
+            keep(done, raise_after=True)
     finally:
         stop.set()
         for future in pending:
             future.cancel()
+        in_flight = [f for f in pending if not f.done() and not f.cancelled()]
+        if in_flight:
+            print(f"draftdata synthesize: waiting for {len(in_flight)} request(s) in flight (at most "
+                  f"--request-timeout {settings.request_timeout:g} s); their finished conversations are kept",
+                  file=sys.stderr, flush=True)
         pool.shutdown(wait=True)
+        with contextlib.suppress(Exception):  # answers that arrived while the run stopped (an error is already on its way)
+            keep([f for f in pending if f.done() and not f.cancelled()], raise_after=False)
         stats.generate_seconds += time.perf_counter() - t0
 
 
@@ -933,6 +998,9 @@ class JsonlOutput:
         self.path, self.command = Path(path), command
         if self.path.is_dir():
             raise DraftdataError(f"--output {path}: is a directory; give a .jsonl file path")
+        if self.path.name.endswith((".gz", ".bz2", ".xz", ".zst")):  # readers would decompress what is plain text
+            raise DraftdataError(f"--output {path}: {command} appends plain JSONL lines; write a .jsonl file and "
+                                 "compress it once the run is done")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
@@ -1039,6 +1107,9 @@ def check_settings(output: JsonlOutput, settings: OutputSettings, command: str =
                 from draftdata.models import model_hash
 
                 current["model_hash"] = model_hash(settings.model_path, like=recorded["model_hash"])
+            if recorded.get("endpoint") and current.get("endpoint"):  # http://h:8000, .../v1, .../v1/chat/completions
+                recorded = {**recorded, "endpoint": endpoint_base(recorded["endpoint"])}
+                current["endpoint"] = endpoint_base(current["endpoint"])
             diffs = [f"{k}: file has {recorded.get(k)!r}, this run has {current.get(k)!r}"
                      for k in sorted(recorded) if recorded.get(k) != current.get(k)]
             if diffs:
