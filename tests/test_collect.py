@@ -376,11 +376,18 @@ def test_rejects_path_is_checked_first_and_never_costs_the_summary(tiny_model, t
     folder = tmp_path / "indir"
     folder.mkdir()
     (tmp_path / "a-file").write_text("x")
+    (folder / "more.jsonl").write_text(json.dumps(valid_conversations(1)[0]) + "\n")
     for rejects, says in ((folder, "is a directory; give a file path"),
-                          (tmp_path / "a-file" / "rejects.jsonl", "is a file, not a directory")):
+                          (tmp_path / "a-file" / "rejects.jsonl", "is a file, not a directory"),
+                          (inp, "is an input file"),          # overwritten at the end: the input was lost
+                          (folder / "rejects.jsonl", "is in the input directory")):
+        if "input" in says and rejects != inp:
+            assert main(collect_args(tiny_model, str(folder), str(out), "--rejects", str(rejects))) == 2
+            assert says in capsys.readouterr().err and not out.exists()
+            continue
         assert main(collect_args(tiny_model, inp, str(out), "--rejects", str(rejects))) == 2
         err = capsys.readouterr().err
-        assert err.startswith(f"draftdata collect: error: --rejects {rejects}: ") and says in err
+        assert err.startswith(f"draftdata collect: error: --rejects {rejects}") and says in err
         assert len(err.splitlines()) == 1 and not out.exists()  # refused before any model work
     assert main(["synthesize", "--model", str(tiny_model), "--input", inp, "--output", str(tmp_path / "s.jsonl"),
                  "--rejects", str(folder)]) == 2
