@@ -345,6 +345,31 @@ def test_format_md_reading_sketch_reads_a_dataset_and_an_empty_one(tmp_path, mon
     assert "rec" not in scope
 
 
+@pytest.mark.parametrize("fmt", ["zarr", "arrow"])
+def test_zstd_sees_a_whole_chunk(tmp_path, fmt):
+    """zstd found no repeat farther apart than Blosc's default block (32-64 KiB at level 3; Zarr) or
+    zstd level 1's 512 KiB window (pyarrow's default level; Arrow): on real SmolLM2 states that
+    stored 0.76 / 0.78 of raw, now 0.70 / 0.71. A ~1 MiB chunk whose last quarter repeats rows
+    768 KiB back compresses by that quarter."""
+    h, n = 512, 341                                      # 3 KiB aux rows: one chunk of 341 rows
+
+    def stored(name, repeat):
+        aux = (torch.randn(n, 3 * h, generator=torch.Generator().manual_seed(0)) * 3).to(torch.bfloat16)
+        if repeat:
+            aux[256:] = aux[:n - 256]
+        w = create_dataset(str(tmp_path / name), schema(hidden_size=h), format=fmt, codec="zstd")
+        pw = w.open_part()
+        pw.add({"conversation_id": "a", "input_ids": torch.zeros(n, dtype=torch.long),
+                "loss_mask": torch.ones(n, dtype=torch.long), "aux_hidden_states": aux,
+                "hidden_states": torch.zeros(n, h, dtype=torch.bfloat16)})
+        pw.commit()
+        ds = open_dataset(str(tmp_path / name))
+        assert torch.equal(ds.sample(0)["aux_hidden_states"], aux)
+        return ds.stored_bytes
+
+    assert stored("repeated", True) < 0.8 * stored("random", False)
+
+
 def test_inspect_json_and_errors(tmp_path, s3_bucket):
     url = str(tmp_path / "ds")
     write(url, [make_sample(i, length=20) for i in range(5)], codec="zstd")

@@ -23,6 +23,7 @@ from draftdata.errors import CorruptDataError, DraftdataError
 from draftdata.store.fs import describe_storage_error, get_fs, is_local, is_storage_error, local_path
 from draftdata.store.layout import crc32c, rows_per_chunk
 
+ZSTD_BLOCK_BYTES = 1 << 20  # Blosc block size of the zstd codec (whole chunks; see write_part)
 EMPTY_CHUNK = 2**64 - 1  # shard index entry of a chunk that was never written
 HUGE_PAGE = 2 << 20
 
@@ -54,7 +55,10 @@ def write_part(url: str, arrays: dict[str, np.ndarray], attrs: dict[str, Any], c
             chunks = (r,) + a.shape[1:]
             shards = (r * n_chunks,) + a.shape[1:]
         compress = codec == "zstd" and a.dtype == np.uint16 and a.ndim == 2
-        compressors = [BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.shuffle, typesize=2)] if compress else []
+        # One Blosc block per ~1 MiB chunk: zstd sees the whole chunk (stored/raw 0.70 on SmolLM2
+        # states, 0.76 with Blosc's own 32-64 KiB blocks at level 3) and decodes 2x faster.
+        compressors = [BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.shuffle, typesize=2,
+                                  blocksize=ZSTD_BLOCK_BYTES)] if compress else []
         arr = group.create_array(name, shape=a.shape, dtype=a.dtype, chunks=chunks, shards=shards,
                                  compressors=[*compressors, Crc32cCodec()], fill_value=0,
                                  config={"write_empty_chunks": True})
