@@ -8,7 +8,8 @@ GET /v1/models lists one model. Test hooks: a chat message "FORBIDDEN" gets HTTP
 request whose text contains "FLAKY" (or any completions request while `flaky` is set) gets HTTP
 503 once (the client must retry); `completion_suffix` is appended to completion texts (a
 server that ignores stop_token_ids runs on after the end of turn); `reject_completions` answers
-completions with HTTP 400.
+completions with HTTP 400; the next `filter_completions` completions come back cut by a content
+filter (finish_reason content_filter).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class ChatServer:
         self.generator = HFGenerator(model_path, max_new_tokens=max_new_tokens, dtype="fp32")
         self.name, self.lock, self.requests, self.flaky_failed = name, threading.Lock(), [], False
         self.flaky, self.completion_suffix, self.reject_completions = False, "", False
+        self.filter_completions = 0
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -93,6 +95,10 @@ class ChatServer:
                 return error
             if self.reject_completions:
                 return 400, {"error": {"message": "unknown field stop_token_ids (test)"}}
+            if self.filter_completions > 0:
+                self.filter_completions -= 1
+                return 200, {"object": "text_completion", "model": self.name, "choices": [{
+                    "index": 0, "text": "", "finish_reason": "content_filter"}], "usage": {"completion_tokens": 0}}
             g = self._sampling(body)
             [(tokens, stopped)] = g.generate_ids([body["prompt"]], [body.get("seed", 0)])
             text = g.tokenizer.decode(tokens[:-1] if stopped else tokens,

@@ -380,7 +380,7 @@ def test_rejects_path_is_checked_first_and_never_costs_the_summary(tiny_model, t
     for rejects, says in ((folder, "is a directory; give a file path"),
                           (tmp_path / "a-file" / "rejects.jsonl", "is a file, not a directory"),
                           (inp, "is an input file"),          # overwritten at the end: the input was lost
-                          (folder / "rejects.jsonl", "is in the input directory")):
+                          (folder / "rejects.jsonl", "would be read back as input")):
         if "input" in says and rejects != inp:
             assert main(collect_args(tiny_model, str(folder), str(out), "--rejects", str(rejects))) == 2
             assert says in capsys.readouterr().err and not out.exists()
@@ -389,6 +389,10 @@ def test_rejects_path_is_checked_first_and_never_costs_the_summary(tiny_model, t
         err = capsys.readouterr().err
         assert err.startswith(f"draftdata collect: error: --rejects {rejects}") and says in err
         assert len(err.splitlines()) == 1 and not out.exists()  # refused before any model work
+    for other in ([str(folder / "*.jsonl"), str(folder / "r.jsonl")], [inp, f"file://{inp}"],
+                  [inp, str(Path(inp).parent / "." / Path(inp).name)]):     # a pattern, other spellings
+        assert main(collect_args(tiny_model, other[0], str(out), "--rejects", other[1])) == 2
+        assert "--rejects" in capsys.readouterr().err and not out.exists()
     assert main(["synthesize", "--model", str(tiny_model), "--input", inp, "--output", str(tmp_path / "s.jsonl"),
                  "--rejects", str(folder)]) == 2
     assert "--rejects" in capsys.readouterr().err and not (tmp_path / "s.jsonl").exists()

@@ -289,6 +289,16 @@ def test_endpoint_special_tokens_errors_and_settings(user_model, user_server, tm
                    "--count", 2, "--max-new-tokens", 40, "--seed", 9) == 2  # other settings: refused
     assert "seed: file has 0, this run has 9" in capsys.readouterr().err
 
+    # a sample the server's content filter cut is one dropped sample (other seeds pass), not a stop
+    user_server.filter_completions = 1
+    try:
+        assert run_cli("--endpoint", user_server.url, "--tokenizer", user_model, "--output", tmp_path / "f.jsonl",
+                       "--count", 2, "--max-new-tokens", 40) == 0
+    finally:
+        user_server.filter_completions = 0
+    assert len((tmp_path / "f.jsonl").read_text().splitlines()) == 2
+    assert "content_filter 1" in capsys.readouterr().out
+
     # a server that refuses the request format stops the run at once with what it said
     user_server.reject_completions = True
     try:

@@ -792,8 +792,10 @@ def test_wrong_endpoint_url_says_so_in_one_short_line(tmp_path):
 class OddServer:
     """An OpenAI-compatible front without a model that misbehaves on request, keyed by words in
     the user's message (what proxies and overloaded servers do): USAGESTR (usage "n/a"), FILTER
-    (finish_reason content_filter), CLOSE503 (a 503 whose body is cut off, once), TRICKLE (a body
-    sent a byte at a time), R307 (a redirect), FORBIDDEN (HTTP 400); each answer after `delay` s."""
+    (finish_reason content_filter), CLOSE503 (a 503 whose body is cut off, once), CUT200 (a 200
+    whose body stops short of its Content-Length), TRICKLE (a body sent a byte at a time), R307 (a
+    redirect), FORBIDDEN (HTTP 400), BUSY (HTTP 503); each answer after `delay` s. GET /v1/models
+    redirects to /v1/models/ (as some servers do), which lists the model."""
 
     def __init__(self, delay: float = 0.0):
         import threading
@@ -816,6 +818,8 @@ class OddServer:
                 self.end_headers()
 
             def do_GET(self):
+                if not self.path.endswith("/"):
+                    return self.send(307, b"", headers=[("Location", self.path + "/")])
                 body = json.dumps({"object": "list", "data": [{"id": "odd", "object": "model"}]}).encode()
                 self.send(200, body)
                 self.wfile.write(body)
@@ -823,12 +827,18 @@ class OddServer:
             def do_POST(self):
                 text = self.rfile.read(int(self.headers["Content-Length"])).decode()
                 time.sleep(delay)
-                word = next((w for w in ("USAGESTR", "FILTER", "CLOSE503", "TRICKLE", "R307", "FORBIDDEN")
-                             if w in text), "")
-                if word == "FORBIDDEN":
+                word = next((w for w in ("USAGESTR", "FILTER", "CLOSE503", "CUT200", "TRICKLE", "R307", "FORBIDDEN",
+                                         "BUSY") if w in text), "")
+                if word in ("FORBIDDEN", "BUSY"):
                     body = b'{"error": {"message": "no (test)"}}'
-                    self.send(400, body)
+                    self.send(400 if word == "FORBIDDEN" else 503, body)
                     return self.wfile.write(body)
+                if word == "CUT200":
+                    self.send(200, b"", length=1000)
+                    self.wfile.write(b'{"object": "chat.completion", ')
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
                 if word == "R307":
                     self.send(307, b"", headers=[("Location", "/elsewhere")])
                     return
@@ -885,6 +895,9 @@ def test_endpoint_oddities_are_answered_rejected_retried_or_stop_the_run(tmp_pat
             run_cli("--endpoint", server.url, "--input", slow, "--output", tmp_path / "o2.jsonl",
                     "--request-timeout", 1, "--retries", 0)
         assert time.monotonic() - t0 < 20
+        cut = write_jsonl(tmp_path / "cut.jsonl", [one_turn("cut200", "CUT200 hi")])
+        with pytest.raises(DraftdataError, match="IncompleteRead"):   # a transport failure: stop, rerun resumes
+            run_cli("--endpoint", server.url, "--input", cut, "--output", tmp_path / "o5.jsonl", "--retries", 1)
         moved = write_jsonl(tmp_path / "moved.jsonl", [one_turn("moved", "R307 hi")])
         with pytest.raises(DraftdataError, match=r"redirected \(HTTP 307 to /elsewhere\); give the final URL"):
             run_cli("--endpoint", server.url, "--input", moved, "--output", tmp_path / "o3.jsonl")
@@ -914,6 +927,13 @@ def test_strict_endpoint_run_keeps_every_answer_the_server_gave(tmp_path):
         with pytest.raises(DraftdataError, match="--strict stops"):
             run_cli("--endpoint", server.url, "--input", inp, "--output", out, "--strict", "--concurrency", 8)
         assert sorted(by_id(read_output(out))) == [f"ok{i}" for i in range(7)]
+        # a stop does not sit out another conversation's retries (backoff 1, 2, 4, 8 s here)
+        inp = write_jsonl(tmp_path / "in2.jsonl", [one_turn("busy", "BUSY"), one_turn("bad", "FORBIDDEN")])
+        t0 = time.monotonic()
+        with pytest.raises(DraftdataError, match="--strict stops"):
+            run_cli("--endpoint", server.url, "--input", inp, "--output", tmp_path / "o2.jsonl", "--strict",
+                    "--retries", 4)
+        assert time.monotonic() - t0 < 6
     finally:
         server.close()
 

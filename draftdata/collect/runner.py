@@ -433,32 +433,39 @@ def check_rejects_path(path: str | None, input: str | None = None, output: str |
                        storage_options: dict | None = None) -> None:
     """--rejects PATH must be a file this run can create or overwrite, and none of its input files
     or its output file (it is overwritten at the end of the run: the data there would be lost), nor
-    a JSONL file in the input directory (the next run would read it as input). Checked before any
-    model work."""
+    a JSONL file the input directory or pattern would list (the next run would read it as input).
+    Checked before any model work."""
+    import fnmatch
     import os
 
     from draftdata.collect.conversations import JSONL_SUFFIXES, input_files
-    from draftdata.store.fs import check_writable_file
+    from draftdata.store.fs import check_writable_file, is_local, local_path
 
     if path is None:
         return
-    target = os.path.realpath(path)
-    if output is not None and "://" not in output and os.path.realpath(output) == target:
+
+    def where(url: str) -> str:  # one spelling per location: file://, ~ and relative paths resolved
+        return os.path.realpath(os.path.expanduser(local_path(url))) if is_local(url) else url.rstrip("/")
+
+    target = where(path)
+    if output is not None and where(output) == target:
         raise DraftdataError(f"--rejects {path} is the --output file; write the rejects to another path")
-    if input is not None:
+    if input is not None and is_local(input) == is_local(path):  # a local rejects file is no remote input
         try:
             files = input_files(input, storage_options)
-        except DraftdataError:
-            files = []  # a missing input is reported when the run reads it
+        except Exception:  # noqa: BLE001 - a missing or unreachable input is reported when the run reads it
+            files = []
         for fs, file, name in files:
-            if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)) \
-                    and os.path.realpath(file) == target:
+            if where(fs.unstrip_protocol(file) if not is_local(input) else file) == target:
                 raise DraftdataError(f"--rejects {path} is an input file ({name}); write the rejects to another path")
-        src = input[len("file://"):] if input.startswith("file://") else input
-        if "://" not in src and os.path.isdir(src) and os.path.dirname(target) == os.path.realpath(src) \
-                and path.endswith(JSONL_SUFFIXES):
-            raise DraftdataError(f"--rejects {path} is in the input directory {input}, so the next run would read "
-                                 "the rejects as input; write them elsewhere")
+        src = where(input)
+        listed = (os.path.isdir(src) and os.path.dirname(target) == src) if is_local(input) else False
+        if is_local(input) and any(c in src for c in "*?["):
+            want, got = src.split(os.sep), target.split(os.sep)   # fsspec's "*" does not cross "/"
+            listed = len(want) == len(got) and all(fnmatch.fnmatchcase(g, w) for g, w in zip(got, want))
+        if listed and path.endswith(JSONL_SUFFIXES):
+            raise DraftdataError(f"--rejects {path} would be read back as input (--input {input} lists it), so "
+                                 "the next run would take the rejects for conversations; write them elsewhere")
     check_writable_file(path, "--rejects", "rejects.jsonl")
 
 

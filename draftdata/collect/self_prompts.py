@@ -229,6 +229,7 @@ REJECT_HINTS = {
     "duplicate": "the model repeated itself; raise --temperature",
     "template_token": "the model wrote chat-template tokens into its message; check --chat-template",
     "template_error": "the chat template cannot render these conversations; pass a --chat-template FILE",
+    "content_filter": "the server's content filter cut the samples; serve the model without one",
 }
 
 
@@ -336,13 +337,13 @@ class _Keeper:
             stats.attempts += 1
         return rows
 
-    def take(self, index: int, text: str, stopped: bool, template_token: bool) -> None:
+    def take(self, index: int, text: str, stopped: bool, template_token: bool, filtered: bool = False) -> None:
         """One finished sample (the model's continuation): kept (while prompts are missing) or counted
-        under its reason."""
+        under its reason (`filtered`: a server's content filter cut it)."""
         text = (self.user_prefix(index) + text).strip()
         conv = self.follow[index] if self.follow is not None else None
         seen = self.seen if conv is None else {fold(m["content"]) for m in conv.messages if m["role"] == "user"}
-        reason = "too_long" if not stopped else "template_token" if template_token \
+        reason = "content_filter" if filtered else "too_long" if not stopped else "template_token" if template_token \
             else "too_short" if len(text) < self.settings.min_chars else "duplicate" if fold(text) in seen else None
         if reason is not None:
             self.stats.rejected[reason] += 1
@@ -469,6 +470,10 @@ def _sample_endpoint(client: EndpointClient, fmt: PromptFormat, keep: _Keeper) -
             stats.tokens += answer.tokens
             if keep.progress is not None:
                 keep.progress.update(0, answer.tokens)
+            if answer.filtered:  # one sample the server's filter cut: others (other seeds) may pass
+                keep.take(key, "", False, False, filtered=True)
+                keep.maybe_flush()
+                continue
             if answer.reject is not None:  # every request is this one but for its seed: all would fail
                 hint = (" draftdata sends a token-id prompt with the vLLM/SGLang fields stop_token_ids and "
                         "skip_special_tokens; the server must accept them" if answer.reject[1].startswith("HTTP 4")

@@ -44,6 +44,7 @@ import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -196,6 +197,7 @@ class Answer:
     tokens: int = 0  # generated tokens, incl. the end-of-turn token when there is one
     truncated: bool = False  # stopped by the token limit, not by the model
     reject: tuple[str, str] | None = None  # (reason, detail): this conversation cannot be finished
+    filtered: bool = False  # the reject is a server's content filter (prompts: one failed sample, not a stop)
 
 
 def turn_seed(seed: int, conversation_id: str, turn: int) -> int:
@@ -532,6 +534,7 @@ class EndpointClient:
         self.base = endpoint_base(url)
         self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
         self.api_key, self.timeout, self.retries, self.backoff = api_key, timeout, retries, backoff
+        self.stopping = threading.Event()  # set when the run stops: no further attempt or backoff wait
         self.model = model or self._only_model()
 
     def _headers(self) -> dict[str, str]:
@@ -546,8 +549,8 @@ class EndpointClient:
         data = json.dumps(body).encode() if body is not None else None
         last, garbled = "", None
         for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(min(60.0, self.backoff * 2 ** (attempt - 1)))
+            if attempt and self.stopping.wait(min(60.0, self.backoff * 2 ** (attempt - 1))):
+                raise EndpointError(f"--endpoint {self.base}: {method} {path}: the run is stopping (last: {last})")
             req = urllib.request.Request(url, data=data, method=method, headers=self._headers())
             deadline = time.monotonic() + self.timeout  # for the whole request, not each socket read
             try:
@@ -560,7 +563,7 @@ class EndpointClient:
                     continue
                 return status, payload
             except urllib.error.HTTPError as e:
-                if 300 <= e.code < 400:
+                if 300 <= e.code < 400:  # (a GET to the same host was followed; see _NoRedirect)
                     raise EndpointError(f"--endpoint {self.base}: {method} {path} was redirected (HTTP {e.code} to "
                                         f"{e.headers.get('Location', '?')}); give the final URL") from None
                 try:
@@ -654,7 +657,7 @@ def _answer(payload: dict[str, Any], choice: dict[str, Any], text: str) -> Answe
     that is not numbers (some proxies) only loses the token count."""
     if choice.get("finish_reason") == "content_filter":
         return Answer(reject=("endpoint_rejected", "the server's content filter cut the answer "
-                              "(finish_reason content_filter); it is not the model's own"))
+                              "(finish_reason content_filter); it is not the model's own"), filtered=True)
     usage = payload.get("usage")
     try:
         tokens = int(usage.get("completion_tokens") or 0) if isinstance(usage, dict) else 0
@@ -664,10 +667,15 @@ def _answer(payload: dict[str, Any], choice: dict[str, Any], text: str) -> Answe
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    """Redirects are errors: urllib would turn the POST into a GET and lose its body."""
+    """A redirected POST is an error (urllib would resend it as a GET without its body), and so is a
+    redirect to another host (the Authorization header would go along); a GET on the same host
+    (`/v1/models` -> `/v1/models/`) is followed."""
 
-    def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> None:
-        return None
+    def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> Any:
+        same_host = urllib.parse.urlsplit(newurl).netloc in ("", urllib.parse.urlsplit(req.full_url).netloc)
+        if req.get_method() != "GET" or not same_host:
+            return None
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
 _OPENER = urllib.request.build_opener(_NoRedirect)
@@ -683,6 +691,8 @@ def _read_until(resp: Any, deadline: float) -> bytes:
             raise TimeoutError("the response took longer than --request-timeout")
         block = read(1 << 16)  # read1: returns what one socket read brings, so the deadline is checked
         if not block:
+            if getattr(resp, "length", None):  # Content-Length not reached: read1 ends quietly where read raised
+                raise http.client.IncompleteRead(b"".join(chunks), resp.length)
             return b"".join(chunks)
         chunks.append(block)
 
@@ -959,9 +969,10 @@ def _run_concurrent(conversations: Iterable[Conversation], client: EndpointClien
         stop.set()
         for future in pending:
             future.cancel()
+        client.stopping.set()  # no retry or backoff wait after this; a request under way still ends
         in_flight = [f for f in pending if not f.done() and not f.cancelled()]
         if in_flight:
-            print(f"draftdata synthesize: waiting for {len(in_flight)} request(s) in flight (at most "
+            print(f"draftdata synthesize: waiting for {len(in_flight)} request(s) in flight (each at most "
                   f"--request-timeout {settings.request_timeout:g} s); their finished conversations are kept",
                   file=sys.stderr, flush=True)
         pool.shutdown(wait=True)

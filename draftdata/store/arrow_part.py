@@ -45,7 +45,7 @@ def write_part(fs: fsspec.AbstractFileSystem, directory: str, arrays: dict[str, 
     starts = list(range(0, rows, r)) or [0]
     meta = dict(attrs, offsets=arrays["offsets"].tolist(), rows_per_chunk=r,
                 block_crc32c={k: [crc32c(a[s:s + r]) for s in starts] for k, a in cols.items()})
-    batches = [pa.record_batch({k: _column(a[s:s + r], codec) for k, a in cols.items()}) for s in starts]
+    batches = [pa.RecordBatch.from_pydict({k: _column(a[s:s + r], codec) for k, a in cols.items()}) for s in starts]
     schema = batches[0].schema.with_metadata({META_KEY: json.dumps(meta).encode()})
     # zstd level 3 (pyarrow's default is 1): stored/raw 0.71 instead of 0.78 on SmolLM2 states, same speed
     options = pa.ipc.IpcWriteOptions(compression=pa.Codec("zstd", compression_level=ZSTD_LEVEL)
