@@ -1121,6 +1121,7 @@ def check_settings(output: JsonlOutput, settings: OutputSettings, command: str =
             if recorded.get("endpoint") and current.get("endpoint"):  # http://h:8000, .../v1, .../v1/chat/completions
                 recorded = {**recorded, "endpoint": endpoint_base(recorded["endpoint"])}
                 current["endpoint"] = endpoint_base(current["endpoint"])
+                recorded.pop("max_seq_len", None)  # a local-generation setting: the server decides here
             diffs = [f"{k}: file has {recorded.get(k)!r}, this run has {current.get(k)!r}"
                      for k in sorted(recorded) if recorded.get(k) != current.get(k)]
             if diffs:
