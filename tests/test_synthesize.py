@@ -903,7 +903,7 @@ def test_endpoint_oddities_are_answered_rejected_retried_or_stop_the_run(tmp_pat
             run_cli("--endpoint", server.url, "--input", moved, "--output", tmp_path / "o3.jsonl")
         # the same server spelled another documented way resumes; compressed outputs are refused
         assert run_cli("--endpoint", server.url + "/v1/chat/completions", "--input", inp, "--output", out,
-                       "--retries", 2) == 0
+                       "--retries", 2, "--max-seq-len", 777) == 0    # (--max-seq-len is local generation's)
         with pytest.raises(DraftdataError, match="appends plain JSONL lines"):
             run_cli("--endpoint", server.url, "--input", inp, "--output", tmp_path / "o4.jsonl.gz")
         # --rejects onto the output or an input file overwrote it at the end of the run
