@@ -448,6 +448,37 @@ def test_checkpoints_at_an_epoch_boundary_resume_the_new_epoch(local_ds):
         assert head + [ids_of(x) for x in again] == full, head_n
 
 
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_checkpoint_at_the_end_of_an_epoch_resumes_the_next_one(local_ds, num_workers):
+    """The usual trainer: the loop of epoch e ends, the loader is checkpointed, and after a restart
+    it is loaded and set_epoch(e + 1) called. StatefulDataLoader hands the saved state over only
+    when the iterator starts, after set_epoch: the state of the finished epoch e rewound the
+    dataset to e, which then yielded nothing (in process) or epoch e again (workers)."""
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    url, _ = local_ds
+    kw = {"seed": 3, "prefetch_bytes": 40 * TOKEN_BYTES}
+    want = HiddenStateDataset(url, **kw)
+    want.set_epoch(2)
+    full = run_loader(want, num_workers=num_workers)
+    ds = HiddenStateDataset(url, **kw)
+    loader = StatefulDataLoader(ds, batch_size=None, num_workers=num_workers)
+    for epoch in (0, 1):
+        ds.set_epoch(epoch)
+        for _ in loader:
+            pass
+    state = pickle.loads(pickle.dumps(loader.state_dict()))
+    for load_first in (True, False):                       # load, then set_epoch, or the other way round
+        ds2 = HiddenStateDataset(url, **kw)
+        again = StatefulDataLoader(ds2, batch_size=None, num_workers=num_workers)
+        if load_first:
+            again.load_state_dict(state)
+        ds2.set_epoch(2)
+        if not load_first:
+            again.load_state_dict(state)
+        assert [ids_of(x) for x in again] == full and ds2.epoch == 2, load_first
+
+
 def test_a_loaded_state_applies_to_one_iteration_with_workers(local_ds):
     """Workers apply a loaded state once: iterating the same epoch again (no set_epoch) reads all of
     it, as in process (the state stuck in the main process's copy and every iteration resumed)."""

@@ -255,7 +255,8 @@ class HiddenStateDataset(IterableDataset):
         cursor `{"epoch": e, "items_consumed": n}`: the number of items this rank's DataLoader
         had yielded in epoch e (count them in your training loop; needs the same num_workers: add
         `"num_workers": w` to have a different one refused instead of resuming at wrong items).
-        A loaded state applies to the next iteration only (of each DataLoader worker).
+        A loaded state applies to the next iteration only (of each DataLoader worker). A state of an
+        earlier epoch than the one `set_epoch` selected is ignored (set_epoch wins, in either order).
 
         The global cursor assumes `DataLoader(ds, batch_size=None)` (the dataset batches, or
         yields samples one by one), where the DataLoader takes one item from each worker in turn.
@@ -272,6 +273,11 @@ class HiddenStateDataset(IterableDataset):
         if "fingerprint" in state and state["fingerprint"] != self.fingerprint():
             raise DraftdataError(f"cannot resume: {self._state_differences(state)}; open the same parts (parts=...) "
                                  "with the same settings")
+        if int(state["epoch"]) < self.epoch:
+            # A state of an earlier epoch than set_epoch chose: StatefulDataLoader hands its saved
+            # states over only when the iterator starts, after the trainer's set_epoch(e + 1) for a
+            # checkpoint taken at the end of epoch e; applying it rewound to e (replayed, or empty).
+            return
         self.epoch = int(state["epoch"])
         self._resume = dict(state)
         # Not the `random` module: StatefulDataLoader seeds it per worker before loading a state, so

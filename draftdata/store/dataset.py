@@ -516,7 +516,8 @@ class Dataset:
     def reader(self, p: int, *, whole: bool = False):
         """The format reader of part p, for range reads or (`whole=True`) reading all of it.
 
-        Range readers hold only a part's metadata and file handle and are cached per process. A
+        Range readers hold a part's metadata and file handle (a remote Arrow one also fsspec's
+        read-ahead: up to 4 MiB and the last range read) and are cached per process, up to 65. A
         whole reader of a remote Arrow part holds the downloaded file, so it is never cached:
         caching it would keep every part read so far in memory, beyond the loader's prefetch bound.
         """
