@@ -708,8 +708,9 @@ def test_output_lock_refuses_a_second_holder_in_the_same_process(tmp_path):
     probe = [sys.executable, "-c", "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR); "
              "fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)", str(out / ".collect.lock")]
     first = OutputLock(str(out))
-    with pytest.raises(DraftdataError, match=r"another draftdata collect in this process \(pid \d+\)"):
-        OutputLock(str(out))
+    for spelling in (str(out), f"file://{out}", f"local://{out}", f"{out}/"):   # local:// took no lock at all
+        with pytest.raises(DraftdataError, match=r"another draftdata collect in this process \(pid \d+\)"):
+            OutputLock(spelling)
     assert subprocess.run(probe, capture_output=True).returncode != 0      # still held against others
     first.release()
     assert subprocess.run(probe, capture_output=True).returncode == 0
@@ -798,3 +799,13 @@ def test_progress_lines_off_a_terminal_with_eta_and_one_final_line():
     p.close()  # nothing within the interval: the close line carries the totals
     (line,) = quiet.getvalue().splitlines()
     assert line.startswith("synthesize: 3 convs, 70 tok, ") and "ETA" not in line
+
+
+def test_collect_to_a_local_scheme_url_writes_zarr_and_locks(tiny_model, tmp_path):
+    """fsspec's local:// spelling of a path: zarr parts failed to write (it was taken for a remote
+    store) and the output lock was skipped (two writers stored every conversation twice)."""
+    inp = write_input(tmp_path / "in.jsonl", valid_conversations(3))
+    url = f"local://{tmp_path}/ds"
+    assert main(collect_args(tiny_model, inp, url)) == 0
+    assert sorted(stored_ids(url)) == sorted(stored_ids(str(tmp_path / "ds"))) == ["c0000", "c0001", "c0002"]
+    assert (tmp_path / "ds" / ".collect.lock").is_file()

@@ -107,7 +107,9 @@ def input_files(input: str, storage_options: dict | None = None) -> list[tuple[A
     (sorted by name), a glob, or any fsspec URL of those. Raises if nothing is there."""
     import fsspec
 
-    remote = "://" in input and not input.startswith("file://")
+    from draftdata.store.fs import is_local  # (here: importing the store loads torch)
+
+    remote = not is_local(input)
     fs, path = fsspec.core.url_to_fs(input, **((storage_options or {}) if remote else {}))
     if any(c in path for c in "*?["):
         paths, folder = sorted(fs.glob(path)), os.path.dirname(input)

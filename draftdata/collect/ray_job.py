@@ -311,8 +311,9 @@ def acquire_output_lock(url: str, timeout: float = LOCK_WAIT_S) -> tuple[Any, st
     import ray
 
     from draftdata.collect.ray_pool import wait_named_actors_gone
+    from draftdata.store.fs import canonical_location
 
-    key = hashlib.sha256(url.encode()).hexdigest()[:16]
+    key = hashlib.sha256(canonical_location(url).encode()).hexdigest()[:16]  # every spelling of one output
     lock_name, worker_prefix = f"draftdata-collect-{key}-lock", f"draftdata-collect-{key}-w"
     lock_cls = ray.remote(num_cpus=0)(_OutputLock)
     deadline = time.monotonic() + timeout

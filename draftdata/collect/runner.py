@@ -439,14 +439,12 @@ def check_rejects_path(path: str | None, input: str | None = None, output: str |
     import os
 
     from draftdata.collect.conversations import JSONL_SUFFIXES, input_files
-    from draftdata.store.fs import check_writable_file, is_local, local_path
+    from draftdata.store.fs import canonical_location, check_writable_file, is_local
 
     if path is None:
         return
 
-    def where(url: str) -> str:  # one spelling per location: file://, ~ and relative paths resolved
-        return os.path.realpath(os.path.expanduser(local_path(url))) if is_local(url) else url.rstrip("/")
-
+    where = canonical_location  # one spelling per location: file://, local://, ~ and relative paths resolved
     target = where(path)
     if output is not None and where(output) == target:
         raise DraftdataError(f"--rejects {path} is the --output file; write the rejects to another path")

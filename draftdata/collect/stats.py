@@ -73,8 +73,10 @@ def write_run_reports(command: str, folder: str, summary_name: str, rejects_name
 
     folder = fill(folder).rstrip("/")
 
+    from draftdata.store.fs import is_local  # (here: importing the store loads torch)
+
     def opts(url: str) -> dict[str, Any]:
-        return dict(storage_options or {}) if "://" in url and not url.startswith("file://") else {}
+        return {} if is_local(url) else dict(storage_options or {})
 
     summary: dict[str, Any] = {"stats": stats.to_dict(), "settings": settings, "finished_at": stamp}
     where = None

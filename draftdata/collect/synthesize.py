@@ -1203,12 +1203,13 @@ def validate_input(settings: SynthSettings) -> int:
 def check_paths(settings: SynthSettings) -> None:
     """The output is a local file that is none of the input files (fails before anything is created)."""
     from draftdata.collect.conversations import input_files
+    from draftdata.store.fs import is_local, local_path
 
     out = settings.output
-    if "://" in out and not out.startswith("file://"):
+    if not is_local(out):
         raise DraftdataError(f"--output {out}: synthesize appends to a local (or mounted) file; write it locally "
                              f"and copy it to object storage afterwards")
-    out = out[len("file://"):] if out.startswith("file://") else out
+    out = local_path(out)
     settings.output = out
     files = input_files(settings.input, settings.storage_options)
     target = os.path.realpath(out)
@@ -1218,8 +1219,8 @@ def check_paths(settings: SynthSettings) -> None:
             raise DraftdataError(f"--output {out} is also an input file ({name}); write to another path")
     # Not there yet, but the input is listed again once the output exists: a *.jsonl output in an
     # input directory, or one the input pattern matches, would be read back as input.
-    src = settings.input[len("file://"):] if settings.input.startswith("file://") else settings.input
-    if "://" not in src:
+    src = local_path(settings.input)
+    if is_local(settings.input):
         inside = os.path.isdir(src) and os.path.dirname(target) == os.path.realpath(src) \
             and out.endswith(JSONL_SUFFIXES)
         # fnmatch's "*" crosses "/", fsspec's glob does not: match path component by component.

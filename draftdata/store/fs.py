@@ -30,12 +30,26 @@ def normalize_url(url: str) -> str:
     return url
 
 
+LOCAL_PREFIXES = ("file://", "local://")  # fsspec's two spellings of the local file system
+
+
 def is_local(url: str) -> bool:
-    return "://" not in url or url.startswith("file://")
+    return "://" not in url or url.startswith(LOCAL_PREFIXES)
 
 
 def local_path(url: str) -> str:
-    return url[len("file://"):] if url.startswith("file://") else url
+    for prefix in LOCAL_PREFIXES:
+        if url.startswith(prefix):
+            return url[len(prefix):]
+    return url
+
+
+def canonical_location(url: str) -> str:
+    """One spelling per location, for locks and keys: a local path resolved (file://, local://, ~,
+    relative parts, symlinks), a URL without trailing slashes."""
+    if is_local(url):
+        return os.path.realpath(os.path.expanduser(local_path(url)))
+    return url.rstrip("/")
 
 
 def check_writable_file(path: str, flag: str, example: str = "out") -> None:
