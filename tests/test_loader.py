@@ -478,6 +478,23 @@ def test_a_checkpoint_at_the_end_of_an_epoch_resumes_the_next_one(local_ds, num_
             again.load_state_dict(state)
         assert [ids_of(x) for x in again] == full and ds2.epoch == 2, load_first
 
+    # Not at the end of its epoch, an earlier state is a rollback: applied, also after set_epoch
+    # and after another load (it was dropped, and the run silently started the newer epoch).
+    ds = HiddenStateDataset(url, **kw)
+    ds.set_epoch(1)
+    it = iter(ds)
+    head = take(it, 2)
+    mid = ds.state_dict()
+    rest = [ids_of(x) for x in it]
+    for before in ({"set_epoch": 5}, {"load": {"epoch": 3, "items_consumed": 1}}):
+        again = HiddenStateDataset(url, **kw)
+        if "set_epoch" in before:
+            again.set_epoch(before["set_epoch"])
+        else:
+            again.load_state_dict(before["load"])
+        again.load_state_dict(mid)
+        assert again.epoch == 1 and [ids_of(x) for x in again] == rest and len(head) == 2, before
+
 
 def test_a_loaded_state_applies_to_one_iteration_with_workers(local_ds):
     """Workers apply a loaded state once: iterating the same epoch again (no set_epoch) reads all of

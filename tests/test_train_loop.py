@@ -625,8 +625,8 @@ def test_resume_accepts_the_same_paths_spelled_differently(tmp_path, tiny_model,
     assert saved["data"] == os.path.realpath(train_data) and saved["model"] == os.path.realpath(tiny_model)
 
     monkeypatch.chdir(tmp_path)                                       # elsewhere, spelled otherwise
-    again = ["train", "--data", train_data, "--model", "./" + os.path.relpath(tiny_model), "--output", "run",
-             "--resume", "--max-minutes", "0.0001"]
+    again = ["train", "--data", f"local://{train_data}", "--model", "./" + os.path.relpath(tiny_model),
+             "--output", "run", "--resume", "--max-minutes", "0.0001"]       # (local:// was taken for a URL)
     assert main(again + common) == 0
     assert "resumed from" in capsys.readouterr().err
     # A train_config.json from before paths were normalized holds them as given: read relative to here.
@@ -642,6 +642,7 @@ def test_resume_accepts_the_same_paths_spelled_differently(tmp_path, tiny_model,
     assert "model: checkpoint run had" in capsys.readouterr().err
     for name in ("smollm2", "HuggingFaceTB/SmolLM2-135M-Instruct", "s3://bucket/ds", None):
         assert normalize_location(name) == name
+    assert normalize_location(f"file://{train_data}") == os.path.realpath(train_data)
 
 
 def test_bad_inputs_and_outputs_are_refused_before_anything_is_written(tmp_path, tiny_model, train_data,  # noqa: F811

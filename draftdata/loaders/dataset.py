@@ -123,6 +123,7 @@ class HiddenStateDataset(IterableDataset):
         # see set_epoch / load_state_dict from the main process at their next iteration.
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         self._worker_epoch = torch.full((), -1, dtype=torch.int64).share_memory_()  # last epoch workers iterated
+        self._chosen_epoch = torch.full((), -1, dtype=torch.int64).share_memory_()  # the last set_epoch(e), -1: none
         self._counts = [p.num_samples for p in self.store.parts]
         self._lengths = [p.lengths for p in self.store.parts]
         self._resume: dict[str, Any] | None = None
@@ -205,6 +206,7 @@ class HiddenStateDataset(IterableDataset):
         """Select the epoch to iterate next (before creating the DataLoader iterator, or before the
         next `iter(loader)` of a DataLoader with persistent workers)."""
         self.epoch = int(epoch)
+        self._chosen_epoch.fill_(int(epoch))
         if self._resume is not None and self._resume["epoch"] != self.epoch:
             self._resume = None
 
@@ -255,8 +257,9 @@ class HiddenStateDataset(IterableDataset):
         cursor `{"epoch": e, "items_consumed": n}`: the number of items this rank's DataLoader
         had yielded in epoch e (count them in your training loop; needs the same num_workers: add
         `"num_workers": w` to have a different one refused instead of resuming at wrong items).
-        A loaded state applies to the next iteration only (of each DataLoader worker). A state of an
-        earlier epoch than the one `set_epoch` selected is ignored (set_epoch wins, in either order).
+        A loaded state applies to the next iteration only (of each DataLoader worker). The end of an
+        epoch before the one `set_epoch` selected is ignored (a checkpoint at the end of epoch e with
+        set_epoch(e + 1), in either order, starts e + 1); any other state is applied and sets the epoch.
 
         The global cursor assumes `DataLoader(ds, batch_size=None)` (the dataset batches, or
         yields samples one by one), where the DataLoader takes one item from each worker in turn.
@@ -273,8 +276,8 @@ class HiddenStateDataset(IterableDataset):
         if "fingerprint" in state and state["fingerprint"] != self.fingerprint():
             raise DraftdataError(f"cannot resume: {self._state_differences(state)}; open the same parts (parts=...) "
                                  "with the same settings")
-        if int(state["epoch"]) < self.epoch:
-            # A state of an earlier epoch than set_epoch chose: StatefulDataLoader hands its saved
+        if int(state["epoch"]) < int(self._chosen_epoch) and self._finished_epoch(state):
+            # The end of an epoch before the one set_epoch chose: StatefulDataLoader hands its saved
             # states over only when the iterator starts, after the trainer's set_epoch(e + 1) for a
             # checkpoint taken at the end of epoch e; applying it rewound to e (replayed, or empty).
             return
@@ -284,6 +287,15 @@ class HiddenStateDataset(IterableDataset):
         # reloading a checkpoint would draw the same id and be taken as already applied.
         self._resume_id = int.from_bytes(os.urandom(8), "little") >> 2 | 1
         self._iter_worker = None  # state_dict() now reports the loaded position
+
+    def _finished_epoch(self, state: dict[str, Any]) -> bool:
+        """Whether `state` is the end of its epoch (every item of its worker, or of the rank, yielded)."""
+        plan = self.plan(int(state["epoch"]))
+        if "items_consumed" in state:
+            return int(state["items_consumed"]) >= plan.num_items
+        counts = plan.worker_item_counts(int(state.get("num_workers", 1)))
+        logical = int(state.get("logical_worker", state.get("worker_id", 0)))
+        return logical < len(counts) and int(state.get("items_yielded", 0)) >= counts[logical]
 
     def _state_differences(self, state: dict[str, Any]) -> str:
         """What differs from when `state` was saved, as far as the state says (older states: only

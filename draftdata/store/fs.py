@@ -38,10 +38,11 @@ def is_local(url: str) -> bool:
 
 
 def local_path(url: str) -> str:
+    """The path of a local URL (`file://`, `local://` or bare), `~` expanded as fsspec does."""
     for prefix in LOCAL_PREFIXES:
         if url.startswith(prefix):
-            return url[len(prefix):]
-    return url
+            return os.path.expanduser(url[len(prefix):])
+    return os.path.expanduser(url)
 
 
 def canonical_location(url: str) -> str:

@@ -335,9 +335,11 @@ def normalize_location(value: str | None) -> str | None:
     """A local path as its absolute real path, so `base`, `./base` and `/abs/base` (or the same
     path given from another directory) record and compare as one; URLs (`://`), hub ids and
     `smollm2`, which name no local file, stay as given."""
-    if value is None or "://" in value or value.lower() == "smollm2":
+    from draftdata.store.fs import is_local, local_path
+
+    if value is None or not is_local(value) or value.lower() == "smollm2":
         return value
-    path = os.path.expanduser(value)
+    path = local_path(value)  # file:// and local:// spell local paths too
     return os.path.realpath(path) if os.path.exists(path) else value
 
 
@@ -1166,8 +1168,7 @@ def train_with_ray(cfg: TrainConfig, num_workers: int, *, use_gpu: bool | None =
     cfg.validate()
     # Ray Train workers run in a session directory of their own: hand them absolute local paths.
     cfg = dataclasses.replace(cfg, output=str(Path(cfg.output).resolve()), **{
-        name: str(Path(value).resolve()) for name in PATH_SETTINGS
-        if (value := getattr(cfg, name)) and "://" not in value and Path(value).exists()})
+        name: normalize_location(value) for name in PATH_SETTINGS if (value := getattr(cfg, name))})
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"))
     if use_gpu is None:  # --device cpu on a GPU cluster: CPU workers (an NCCL group cannot serve them)
