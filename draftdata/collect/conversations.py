@@ -134,6 +134,31 @@ def input_files(input: str, storage_options: dict | None = None) -> list[tuple[A
     return [(fs, p, display(p)) for p in paths]
 
 
+def input_reads(input: str, path: str, files: list[tuple[Any, str, str]]) -> tuple[str, str] | None:
+    """Whether the reader of `input` (whose files, from `input_files`, are `files`) reads the file
+    `path`: ("file", display name) when it is one of them, ("listed", "") when it would be once
+    written (a JSONL name in the input directory, or a name the input pattern matches), else None.
+    Local paths compare by their canonical location (file://, local://, ~, symlinks)."""
+    import fnmatch
+
+    from draftdata.store.fs import canonical_location, is_local
+
+    target = canonical_location(path)
+    for fs, file, name in files:
+        if canonical_location(file if is_local(input) else fs.unstrip_protocol(file)) == target:
+            return "file", name
+    if is_local(input) and is_local(path):
+        src = canonical_location(input)
+        inside = os.path.isdir(src) and os.path.dirname(target) == src and path.endswith(JSONL_SUFFIXES)
+        # fnmatch's "*" crosses "/", fsspec's glob does not: match path component by component.
+        want, got = src.split(os.sep), target.split(os.sep)
+        globbed = any(c in src for c in "*?[") and len(want) == len(got) \
+            and all(fnmatch.fnmatchcase(g, w) for g, w in zip(got, want))
+        if inside or globbed:
+            return "listed", ""
+    return None
+
+
 def _lines(fs: Any, path: str) -> Iterator[tuple[int, bytes]]:
     with fs.open(path, "rb", compression="infer") as f:
         for lineno, raw in enumerate(f, 1):

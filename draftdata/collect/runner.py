@@ -435,33 +435,22 @@ def check_rejects_path(path: str | None, input: str | None = None, output: str |
     or its output file (it is overwritten at the end of the run: the data there would be lost), nor
     a JSONL file the input directory or pattern would list (the next run would read it as input).
     Checked before any model work."""
-    import fnmatch
-    import os
-
-    from draftdata.collect.conversations import JSONL_SUFFIXES, input_files
+    from draftdata.collect.conversations import input_files, input_reads
     from draftdata.store.fs import canonical_location, check_writable_file, is_local
 
     if path is None:
         return
-
-    where = canonical_location  # one spelling per location: file://, local://, ~ and relative paths resolved
-    target = where(path)
-    if output is not None and where(output) == target:
+    if output is not None and canonical_location(output) == canonical_location(path):
         raise DraftdataError(f"--rejects {path} is the --output file; write the rejects to another path")
     if input is not None and is_local(input) == is_local(path):  # a local rejects file is no remote input
         try:
             files = input_files(input, storage_options)
         except Exception:  # noqa: BLE001 - a missing or unreachable input is reported when the run reads it
             files = []
-        for fs, file, name in files:
-            if where(fs.unstrip_protocol(file) if not is_local(input) else file) == target:
-                raise DraftdataError(f"--rejects {path} is an input file ({name}); write the rejects to another path")
-        src = where(input)
-        listed = (os.path.isdir(src) and os.path.dirname(target) == src) if is_local(input) else False
-        if is_local(input) and any(c in src for c in "*?["):
-            want, got = src.split(os.sep), target.split(os.sep)   # fsspec's "*" does not cross "/"
-            listed = len(want) == len(got) and all(fnmatch.fnmatchcase(g, w) for g, w in zip(got, want))
-        if listed and path.endswith(JSONL_SUFFIXES):
+        reads = input_reads(input, path, files)
+        if reads is not None and reads[0] == "file":
+            raise DraftdataError(f"--rejects {path} is an input file ({reads[1]}); write the rejects to another path")
+        if reads is not None:
             raise DraftdataError(f"--rejects {path} would be read back as input (--input {input} lists it), so "
                                  "the next run would take the rejects for conversations; write them elsewhere")
     check_writable_file(path, "--rejects", "rejects.jsonl")

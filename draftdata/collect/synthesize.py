@@ -34,7 +34,6 @@ rejects.
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import hashlib
 import http.client
 import json
@@ -54,7 +53,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from draftdata.collect.conversations import (
-    JSONL_SUFFIXES,
     Conversation,
     RecordError,
     Reject,
@@ -547,12 +545,13 @@ class EndpointClient:
         """(status, parsed JSON or text); retries transient failures, raises EndpointError when they persist."""
         url = self.base + path
         data = json.dumps(body).encode() if body is not None else None
-        last, garbled = "", None
+        last = ""
         for attempt in range(self.retries + 1):
             if attempt and self.stopping.wait(min(60.0, self.backoff * 2 ** (attempt - 1))):
                 raise EndpointError(f"--endpoint {self.base}: {method} {path}: the run is stopping (last: {last})")
             req = urllib.request.Request(url, data=data, method=method, headers=self._headers())
             deadline = time.monotonic() + self.timeout  # for the whole request, not each socket read
+            garbled = None  # the body of this attempt's 200 when it is not JSON
             try:
                 with _OPENER.open(req, timeout=self.timeout) as resp:
                     status, raw = resp.status, _read_until(resp, deadline)
@@ -576,8 +575,7 @@ class EndpointClient:
                 return e.code, payload
             except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError) as e:
                 last = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
-                garbled = None
-        if garbled is not None and last.startswith("HTTP 200"):
+        if garbled is not None:  # the last attempt too: the same every time, so the caller rejects it
             return 200, garbled
         raise EndpointError(f"--endpoint {self.base}: {method} {path} failed {self.retries + 1} times, last: "
                             f"{last}. Check that the server is up; rerun the same command to resume")
@@ -1202,7 +1200,7 @@ def validate_input(settings: SynthSettings) -> int:
 
 def check_paths(settings: SynthSettings) -> None:
     """The output is a local file that is none of the input files (fails before anything is created)."""
-    from draftdata.collect.conversations import input_files
+    from draftdata.collect.conversations import input_files, input_reads
     from draftdata.store.fs import is_local, local_path
 
     out = settings.output
@@ -1211,25 +1209,14 @@ def check_paths(settings: SynthSettings) -> None:
                              f"and copy it to object storage afterwards")
     out = local_path(out)
     settings.output = out
-    files = input_files(settings.input, settings.storage_options)
-    target = os.path.realpath(out)
-    for fs, path, name in files:
-        if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)) \
-                and os.path.realpath(path) == target:
-            raise DraftdataError(f"--output {out} is also an input file ({name}); write to another path")
-    # Not there yet, but the input is listed again once the output exists: a *.jsonl output in an
-    # input directory, or one the input pattern matches, would be read back as input.
-    src = local_path(settings.input)
-    if is_local(settings.input):
-        inside = os.path.isdir(src) and os.path.dirname(target) == os.path.realpath(src) \
-            and out.endswith(JSONL_SUFFIXES)
-        # fnmatch's "*" crosses "/", fsspec's glob does not: match path component by component.
-        want, got = os.path.realpath(src).split(os.sep), target.split(os.sep)
-        globbed = any(c in src for c in "*?[") and len(want) == len(got) \
-            and all(fnmatch.fnmatchcase(g, w) for g, w in zip(got, want))
-        if inside or globbed:
-            raise DraftdataError(f"--output {out} would be read back as input (--input {settings.input} "
-                                 "covers it); write it outside the input directory or pattern")
+    # Also not there yet: a *.jsonl output in an input directory, or one the input pattern
+    # matches, would be read back as input once it exists.
+    reads = input_reads(settings.input, out, input_files(settings.input, settings.storage_options))
+    if reads is not None and reads[0] == "file":
+        raise DraftdataError(f"--output {out} is also an input file ({reads[1]}); write to another path")
+    if reads is not None:
+        raise DraftdataError(f"--output {out} would be read back as input (--input {settings.input} "
+                             "covers it); write it outside the input directory or pattern")
 
 
 def resolve_endpoint_model(settings: SynthSettings) -> None:

@@ -49,7 +49,7 @@ def canonical_location(url: str) -> str:
     """One spelling per location, for locks and keys: a local path resolved (file://, local://, ~,
     relative parts, symlinks), a URL without trailing slashes."""
     if is_local(url):
-        return os.path.realpath(os.path.expanduser(local_path(url)))
+        return os.path.realpath(local_path(url))
     return url.rstrip("/")
 
 
@@ -60,7 +60,7 @@ def check_writable_file(path: str, flag: str, example: str = "out") -> None:
     folder; an existing file is opened for appending). Object-store URLs are not checked."""
     if not is_local(path):
         return
-    local = os.path.abspath(os.path.expanduser(local_path(path)))
+    local = os.path.abspath(local_path(path))
     if os.path.isdir(local):
         raise DraftdataError(f"{flag} {path}: is a directory; give a file path, e.g. {os.path.join(path, example)}")
     folder = os.path.dirname(local)

@@ -130,14 +130,14 @@ def rope_fields(rope_theta: float, rope_scaling: dict[str, Any] | None) -> dict[
 def _base_special_tokens(cfg: Any) -> dict[str, Any]:
     """bos/eos/pad ids of the base: recorded at training time, else (a checkpoint from before they
     were recorded) from the base config.json when it is still where training found it."""
+    from draftdata.train.model import read_base_config
+
     if cfg.base_special_tokens:
         return dict(cfg.base_special_tokens)
-    base_model_path = cfg.base_model_path
     try:
-        raw = json.loads((Path(base_model_path) / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
+        return dict(read_base_config(cfg.base_model_path).special_tokens)
+    except DraftdataError:  # the base is gone, or its config.json unreadable
         return {}
-    return {k: raw[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if raw.get(k) is not None}
 
 
 def _base_hash(base_model_path: str) -> str | None:

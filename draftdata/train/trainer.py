@@ -430,10 +430,15 @@ def _checkpoint_dir(output: Path, step: int) -> Path:
     return output / CHECKPOINTS / f"step-{step:08d}"
 
 
+def complete_checkpoints(output: str | Path) -> list[Path]:
+    """The complete checkpoints under output/checkpoints (trainer_state.pt written), oldest first."""
+    root = Path(output) / CHECKPOINTS
+    return sorted(p for p in root.glob("step-*") if (p / TRAINER_STATE).exists() and not p.name.endswith(".tmp"))
+
+
 def latest_checkpoint(output: str | Path) -> Path | None:
     """The newest complete checkpoint under output/checkpoints (complete = trainer_state.pt exists)."""
-    root = Path(output) / CHECKPOINTS
-    done = sorted(p for p in root.glob("step-*") if (p / TRAINER_STATE).exists() and not p.name.endswith(".tmp"))
+    done = complete_checkpoints(output)
     return done[-1] if done else None
 
 
@@ -444,10 +449,8 @@ def load_newest_checkpoint(output: Path, info: Dist) -> tuple[Path, dict[str, An
     from safetensors.torch import load_file
 
     root = Path(output) / CHECKPOINTS
-    complete = sorted((p for p in root.glob("step-*") if (p / TRAINER_STATE).exists() and not p.name.endswith(".tmp")),
-                      reverse=True)
     damaged = []
-    for ckpt in complete:
+    for ckpt in reversed(complete_checkpoints(output)):
         try:
             state = torch.load(ckpt / TRAINER_STATE, map_location="cpu", weights_only=True)
             weights = load_file(str(ckpt / "draft.safetensors"))
@@ -471,17 +474,12 @@ def load_newest_checkpoint(output: Path, info: Dist) -> tuple[Path, dict[str, An
 def _fsync_dir_files(path: Path) -> None:
     """Flush a checkpoint's files and directory to the disk before it is renamed into place, so a
     crash of the machine cannot leave a complete-looking checkpoint with empty files."""
-    for f in path.iterdir():
-        fd = os.open(f, os.O_RDONLY)
+    for p in [*path.iterdir(), path]:  # the files, then the directory that lists them
+        fd = os.open(p, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def save_checkpoint(output: Path, step: int, draft, state: dict[str, Any], rng_states: list[Any],
@@ -755,9 +753,8 @@ def _train(cfg: TrainConfig) -> TrainResult:
         if info.main:  # a second run on this output (a --resume while it trains) stops here
             lock = DirectoryLock(str(output), TRAIN_LOCK, "train", "training into it",
                                  "two runs would log each step twice and overwrite each other's checkpoints")
-        found = load_newest_checkpoint(output, info)
-        ckpt, resume_state, resume_weights = found if found else (None, None, None)
-        found = None  # the weights are dropped (del resume_weights) once loaded into the draft
+        # (the weights are dropped, `del resume_weights`, once loaded into the draft)
+        ckpt, resume_state, resume_weights = load_newest_checkpoint(output, info) or (None, None, None)
         if ckpt is not None and (output / TRAIN_CONFIG).exists():
             saved = json.loads((output / TRAIN_CONFIG).read_text())
             changed = _check_resume_config(saved, json.loads(json.dumps(run_settings)), ckpt)
