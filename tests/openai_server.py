@@ -9,13 +9,14 @@ request whose text contains "FLAKY" (or any completions request while `flaky` is
 503 once (the client must retry); `completion_suffix` is appended to completion texts (a
 server that ignores stop_token_ids runs on after the end of turn); `reject_completions` answers
 completions with HTTP 400; the next `filter_completions` completions come back cut by a content
-filter (finish_reason content_filter).
+filter (finish_reason content_filter). `OddServer` has no model and misbehaves on request.
 """
 
 from __future__ import annotations
 
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -106,6 +107,90 @@ class ChatServer:
         return 200, {"object": "text_completion", "model": self.name, "choices": [{
             "index": 0, "text": text + self.completion_suffix, "finish_reason": "stop" if stopped else "length"}],
             "usage": {"completion_tokens": len(tokens)}}
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+class OddServer:
+    """An OpenAI-compatible front without a model that misbehaves on request, keyed by words in
+    the user's message (what proxies and overloaded servers do): USAGESTR (usage "n/a"), FILTER
+    (finish_reason content_filter), CLOSE503 (a 503 whose body is cut off, once), CUT200 (a 200
+    whose body stops short of its Content-Length), TRICKLE (a body sent a byte at a time), R307 (a
+    redirect), FORBIDDEN (HTTP 400), BUSY (HTTP 503), HANG (no answer for `hang` s; every POST
+    when `hang_all` is set); each answer after `delay` s. GET /v1/models redirects to /v1/models/
+    (as some servers do), which lists the model. `posts` counts the POSTs received."""
+
+    def __init__(self, delay: float = 0.0, hang: float = 120.0):
+        state = {"close503": 0}
+        self.hang_all, self.posts = False, 0
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def send(self, status, body: bytes, length=None, headers=()):
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body) if length is None else length))
+                for k, v in headers:
+                    self.send_header(k, v)
+                self.end_headers()
+
+            def do_GET(self):
+                if not self.path.endswith("/"):
+                    return self.send(307, b"", headers=[("Location", self.path + "/")])
+                body = json.dumps({"object": "list", "data": [{"id": "odd", "object": "model"}]}).encode()
+                self.send(200, body)
+                self.wfile.write(body)
+
+            def do_POST(self):
+                text = self.rfile.read(int(self.headers["Content-Length"])).decode()
+                server.posts += 1
+                time.sleep(hang if "HANG" in text or server.hang_all else delay)
+                word = next((w for w in ("USAGESTR", "FILTER", "CLOSE503", "CUT200", "TRICKLE", "R307", "FORBIDDEN",
+                                         "BUSY") if w in text), "")
+                if word in ("FORBIDDEN", "BUSY"):
+                    body = b'{"error": {"message": "no (test)"}}'
+                    self.send(400 if word == "FORBIDDEN" else 503, body)
+                    return self.wfile.write(body)
+                if word == "CUT200":
+                    self.send(200, b"", length=1000)
+                    self.wfile.write(b'{"object": "chat.completion", ')
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
+                if word == "R307":
+                    self.send(307, b"", headers=[("Location", "/elsewhere")])
+                    return
+                if word == "CLOSE503" and state["close503"] == 0:
+                    state["close503"] += 1
+                    self.send(503, b"", length=1000)
+                    self.wfile.write(b'{"error": ')
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
+                body = json.dumps({"object": "chat.completion", "model": "odd", "choices": [{
+                    "index": 0, "message": {"role": "assistant", "content": f"answer to {word or 'you'}"},
+                    "finish_reason": "content_filter" if word == "FILTER" else "stop"}],
+                    "usage": "n/a" if word == "USAGESTR" else {"completion_tokens": 3}}).encode()
+                self.send(200, body)
+                if word == "TRICKLE":
+                    for b in body:
+                        self.wfile.write(bytes([b]))
+                        self.wfile.flush()
+                        time.sleep(0.2)
+                else:
+                    self.wfile.write(body)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
     def close(self) -> None:
         self.httpd.shutdown()

@@ -10,10 +10,15 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
+from openai_server import OddServer
 
 from draftdata.cli import main
 from draftdata.errors import DraftdataError
@@ -260,6 +265,27 @@ def test_endpoint_writes_what_local_sampling_writes(user_model, user_server, tmp
     assert run_cli("--model", user_model, "--dtype", "fp32", "--output", local, "--batch-size", 1, *flags[:1], 5,
                    *flags[2:]) == 0
     assert len(records(remote)) == 5 and records(remote) == records(local)
+
+
+def test_endpoint_stop_cuts_off_requests_in_flight(user_model, tmp_path):
+    """Ctrl-C during `prompts --endpoint` held the exit until every request under way was answered
+    (the pool's threads are joined at exit; up to --request-timeout, 600 s by default)."""
+    server = OddServer(hang=90)
+    server.hang_all = True
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "draftdata.cli", "prompts", "--endpoint", server.url,
+                                 "--tokenizer", str(user_model), "--output", str(tmp_path / "p.jsonl"),
+                                 "--count", "4", "--concurrency", "2"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while server.posts < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        t0 = time.monotonic()
+        _, err = proc.communicate(timeout=60)
+        assert time.monotonic() - t0 < 20 and proc.returncode == 130, err[-2000:]
+    finally:
+        server.close()
 
 
 def test_endpoint_special_tokens_errors_and_settings(user_model, user_server, tmp_path, capsys, monkeypatch):

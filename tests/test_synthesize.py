@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from openai_server import ChatServer
+from openai_server import ChatServer, OddServer
 
 from draftdata.cli import main
 from draftdata.collect.conversations import REASONS, parse_record, read_conversations
@@ -789,89 +789,6 @@ def test_wrong_endpoint_url_says_so_in_one_short_line(tmp_path):
         server.close()
 
 
-class OddServer:
-    """An OpenAI-compatible front without a model that misbehaves on request, keyed by words in
-    the user's message (what proxies and overloaded servers do): USAGESTR (usage "n/a"), FILTER
-    (finish_reason content_filter), CLOSE503 (a 503 whose body is cut off, once), CUT200 (a 200
-    whose body stops short of its Content-Length), TRICKLE (a body sent a byte at a time), R307 (a
-    redirect), FORBIDDEN (HTTP 400), BUSY (HTTP 503); each answer after `delay` s. GET /v1/models
-    redirects to /v1/models/ (as some servers do), which lists the model."""
-
-    def __init__(self, delay: float = 0.0):
-        import threading
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-        state = {"close503": 0}
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def send(self, status, body: bytes, length=None, headers=()):
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body) if length is None else length))
-                for k, v in headers:
-                    self.send_header(k, v)
-                self.end_headers()
-
-            def do_GET(self):
-                if not self.path.endswith("/"):
-                    return self.send(307, b"", headers=[("Location", self.path + "/")])
-                body = json.dumps({"object": "list", "data": [{"id": "odd", "object": "model"}]}).encode()
-                self.send(200, body)
-                self.wfile.write(body)
-
-            def do_POST(self):
-                text = self.rfile.read(int(self.headers["Content-Length"])).decode()
-                time.sleep(delay)
-                word = next((w for w in ("USAGESTR", "FILTER", "CLOSE503", "CUT200", "TRICKLE", "R307", "FORBIDDEN",
-                                         "BUSY") if w in text), "")
-                if word in ("FORBIDDEN", "BUSY"):
-                    body = b'{"error": {"message": "no (test)"}}'
-                    self.send(400 if word == "FORBIDDEN" else 503, body)
-                    return self.wfile.write(body)
-                if word == "CUT200":
-                    self.send(200, b"", length=1000)
-                    self.wfile.write(b'{"object": "chat.completion", ')
-                    self.wfile.flush()
-                    self.close_connection = True
-                    return
-                if word == "R307":
-                    self.send(307, b"", headers=[("Location", "/elsewhere")])
-                    return
-                if word == "CLOSE503" and state["close503"] == 0:
-                    state["close503"] += 1
-                    self.send(503, b"", length=1000)
-                    self.wfile.write(b'{"error": ')
-                    self.wfile.flush()
-                    self.close_connection = True
-                    return
-                body = json.dumps({"object": "chat.completion", "model": "odd", "choices": [{
-                    "index": 0, "message": {"role": "assistant", "content": f"answer to {word or 'you'}"},
-                    "finish_reason": "content_filter" if word == "FILTER" else "stop"}],
-                    "usage": "n/a" if word == "USAGESTR" else {"completion_tokens": 3}}).encode()
-                self.send(200, body)
-                if word == "TRICKLE":
-                    for b in body:
-                        self.wfile.write(bytes([b]))
-                        self.wfile.flush()
-                        time.sleep(0.2)
-                else:
-                    self.wfile.write(body)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 def one_turn(cid: str, text: str) -> dict:
     return {"conversation_id": cid, "conversations": [{"role": "user", "content": text}]}
 
@@ -934,6 +851,36 @@ def test_strict_endpoint_run_keeps_every_answer_the_server_gave(tmp_path):
             run_cli("--endpoint", server.url, "--input", inp, "--output", tmp_path / "o2.jsonl", "--strict",
                     "--retries", 4)
         assert time.monotonic() - t0 < 6
+    finally:
+        server.close()
+
+
+def test_a_stopping_endpoint_run_cuts_off_requests_in_flight(tmp_path):
+    """--strict and Ctrl-C waited for every request under way, up to --request-timeout (600 s by
+    default): a run stops within seconds now, keeps what the server finished, and a rerun asks for
+    the cut-off conversations again."""
+    server = OddServer(hang=90)
+    try:
+        inp = write_jsonl(tmp_path / "in.jsonl", [one_turn("slow", "HANG"), one_turn("bad", "FORBIDDEN")])
+        t0 = time.monotonic()
+        with pytest.raises(DraftdataError, match="--strict stops"):
+            run_cli("--endpoint", server.url, "--input", inp, "--output", tmp_path / "o.jsonl", "--strict",
+                    "--concurrency", 2)
+        assert time.monotonic() - t0 < 20
+        inp = write_jsonl(tmp_path / "in2.jsonl", [one_turn("ok", "hi"), one_turn("slow", "HANG")])
+        out = tmp_path / "o2.jsonl"
+        proc = subprocess.Popen([sys.executable, "-m", "draftdata.cli", "synthesize", "--endpoint", server.url,
+                                 "--input", str(inp), "--output", str(out), "--concurrency", "2"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while not (out.exists() and out.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)  # Ctrl-C while "slow" waits for its answer
+        t0 = time.monotonic()
+        _, err = proc.communicate(timeout=60)
+        assert time.monotonic() - t0 < 20 and proc.returncode == 130, err[-2000:]
+        assert "cutting off 1 request(s) in flight" in err
+        assert list(by_id(read_output(out))) == ["ok"]
     finally:
         server.close()
 

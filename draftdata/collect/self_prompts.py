@@ -486,6 +486,7 @@ def _sample_endpoint(client: EndpointClient, fmt: PromptFormat, keep: _Keeper) -
             keep.take(key, text, stopped, any(t in text for t in specials))
             keep.maybe_flush()
     finally:
+        client.cut_off()  # requests under way end now (their threads would hold the exit until answered)
         pool.shutdown(wait=False, cancel_futures=True)
 
 

@@ -39,12 +39,14 @@ import http.client
 import json
 import os
 import re
+import socket
 import sys
 import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -521,6 +523,9 @@ def endpoint_base(url: str) -> str:
     return base + "/v1"
 
 
+STOP_GRACE_S = 2.0  # how long a stopping run waits for answers under way before it cuts them off
+
+
 class EndpointClient:
     """Answers prompts through POST {base}/chat/completions, one request per turn, with retries
     (connection errors, 408/429/5xx: exponential backoff) and the per-turn seed; `complete`
@@ -533,7 +538,28 @@ class EndpointClient:
         self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
         self.api_key, self.timeout, self.retries, self.backoff = api_key, timeout, retries, backoff
         self.stopping = threading.Event()  # set when the run stops: no further attempt or backoff wait
+        self._sockets: weakref.WeakSet[socket.socket] = weakref.WeakSet()  # connections, for cut_off
+        self._sockets_lock, self._cut = threading.Lock(), threading.Event()
+        self._opener = urllib.request.build_opener(_NoRedirect, _TrackedHTTPHandler(self),
+                                                   _TrackedHTTPSHandler(self))
         self.model = model or self._only_model()
+
+    def _connected(self, sock: socket.socket) -> None:
+        """Remember a request's connection, so that cut_off can end it."""
+        with self._sockets_lock:
+            self._sockets.add(sock)
+        if self._cut.is_set():  # connected while cut_off ran
+            _shut(sock)
+
+    def cut_off(self) -> None:
+        """End every request under way at once (their calls fail and make no further attempt):
+        urllib's blocking reads otherwise hold a stopping run for up to --request-timeout."""
+        self.stopping.set()
+        self._cut.set()
+        with self._sockets_lock:
+            sockets = list(self._sockets)
+        for sock in sockets:
+            _shut(sock)
 
     def _headers(self) -> dict[str, str]:
         h = {"Content-Type": "application/json"}
@@ -553,7 +579,7 @@ class EndpointClient:
             deadline = time.monotonic() + self.timeout  # for the whole request, not each socket read
             garbled = None  # the body of this attempt's 200 when it is not JSON
             try:
-                with _OPENER.open(req, timeout=self.timeout) as resp:
+                with self._opener.open(req, timeout=self.timeout) as resp:
                     status, raw = resp.status, _read_until(resp, deadline)
                 payload = _json_or_text(raw)
                 if status == 200 and isinstance(payload, str) and method == "POST":
@@ -676,7 +702,37 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
-_OPENER = urllib.request.build_opener(_NoRedirect)
+def _shut(sock: socket.socket) -> None:
+    """Shut a connection down: a thread blocked reading it returns at once."""
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+def _tracked(connection_class: type, client: EndpointClient) -> type:
+    """`connection_class` that hands each socket it connects to the client (for cut_off)."""
+    class Tracked(connection_class):  # type: ignore[misc, valid-type]
+        def connect(self) -> None:
+            super().connect()
+            client._connected(self.sock)
+    return Tracked
+
+
+class _TrackedHTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, client: EndpointClient):
+        super().__init__()
+        self._connection = _tracked(http.client.HTTPConnection, client)
+
+    def do_open(self, http_class: Any, req: Any, **kwargs: Any) -> Any:
+        return super().do_open(self._connection, req, **kwargs)
+
+
+class _TrackedHTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, client: EndpointClient):
+        super().__init__()
+        self._connection = _tracked(http.client.HTTPSConnection, client)
+
+    def do_open(self, http_class: Any, req: Any, **kwargs: Any) -> Any:
+        return super().do_open(self._connection, req, **kwargs)
 
 
 def _read_until(resp: Any, deadline: float) -> bytes:
@@ -967,12 +1023,15 @@ def _run_concurrent(conversations: Iterable[Conversation], client: EndpointClien
         stop.set()
         for future in pending:
             future.cancel()
-        client.stopping.set()  # no retry or backoff wait after this; a request under way still ends
+        client.stopping.set()  # no retry or backoff wait after this
         in_flight = [f for f in pending if not f.done() and not f.cancelled()]
-        if in_flight:
-            print(f"draftdata synthesize: waiting for {len(in_flight)} request(s) in flight (each at most "
-                  f"--request-timeout {settings.request_timeout:g} s); their finished conversations are kept",
-                  file=sys.stderr, flush=True)
+        try:  # answers arriving in this moment are kept; the rest are cut off (a rerun asks again)
+            if in_flight and wait(in_flight, timeout=STOP_GRACE_S).not_done:
+                print(f"draftdata synthesize: cutting off {sum(not f.done() for f in in_flight)} request(s) "
+                      "in flight; a rerun of the same command asks for those conversations again",
+                      file=sys.stderr, flush=True)
+        finally:
+            client.cut_off()
         pool.shutdown(wait=True)
         with contextlib.suppress(Exception):  # answers that arrived while the run stopped (an error is already on its way)
             keep([f for f in pending if f.done() and not f.cancelled()], raise_after=False)
