@@ -809,3 +809,53 @@ def test_collect_to_a_local_scheme_url_writes_zarr_and_locks(tiny_model, tmp_pat
     assert main(collect_args(tiny_model, inp, url)) == 0
     assert sorted(stored_ids(url)) == sorted(stored_ids(str(tmp_path / "ds"))) == ["c0000", "c0001", "c0002"]
     assert (tmp_path / "ds" / ".collect.lock").is_file()
+
+
+def test_an_input_pattern_over_the_output_skips_rejects_files_and_folders(tiny_model, tmp_path, capsys):
+    """`--input 'data/**/*.jsonl'` with the output inside data/ read the run's own rejects file back
+    as input: the documented rerun after too_long rejects (--on-long truncate) then collected
+    nothing (each reject line took its conversation's id, the real record became a duplicate). A
+    sub-folder the pattern or directory lists was a traceback."""
+    data = tmp_path / "data"
+    (data / "z").mkdir(parents=True)
+    (data / "sub.jsonl").mkdir()            # a folder named like an input file
+    long_text = " ".join(["word"] * 300)
+    write_input(data / "z" / "long.jsonl",
+                [conv(f"l{i}", ("user", "q"), ("assistant", long_text)) for i in range(3)] + valid_conversations(4))
+    pattern, out = str(data / "**" / "*.jsonl"), str(data / "ds")
+    assert main(collect_args(tiny_model, pattern, out)) == 0
+    assert "too_long 3" in capsys.readouterr().out
+    assert list((data / "ds" / "_reports").glob("collect-*/rejects.jsonl"))
+    assert main(collect_args(tiny_model, pattern, out, "--on-long", "truncate")) == 0
+    summary = capsys.readouterr().out
+    assert "written    3 conversations" in summary and "duplicate_id" not in summary, summary
+    assert sorted(stored_ids(out)) == sorted(["l0", "l1", "l2", *(f"c{i:04d}" for i in range(4))])
+    write_input(data / "top.jsonl", valid_conversations(2, seed=1))
+    assert main(collect_args(tiny_model, str(data / "*"), str(tmp_path / "ds2"))) == 0   # lists sub.jsonl/, z/
+    assert main(collect_args(tiny_model, str(data), str(tmp_path / "ds3"))) == 0        # lists sub.jsonl/
+    assert len(stored_ids(str(tmp_path / "ds2"))) == len(stored_ids(str(tmp_path / "ds3"))) == 2
+
+
+def test_a_stopped_run_counts_truncated_among_the_written_only(tiny_model, tmp_path):
+    """The reader tokenizes thousands of samples ahead of the model: a run stopped early reported
+    every sample it had tokenized as `truncated` (2,534 of 96 written, in the report)."""
+    long_text = " ".join(["word"] * 40)
+    inp = write_input(tmp_path / "in.jsonl", [conv(f"t{i:05d}", ("user", "q"), ("assistant", long_text))
+                                              for i in range(3000)])
+    out = tmp_path / "ds"
+    cmd = [sys.executable, "-m", "draftdata.cli", *collect_args(tiny_model, inp, str(out), "--part-size", "0.02",
+                                                                "--batch-tokens", "256", "--on-long", "truncate"),
+           "--max-seq-len", "16"]
+    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while commits(out) < 2:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-2000:]
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    summary = json.loads(next((out / "_reports").glob("collect-*/summary.json")).read_text())["stats"]
+    written = len(stored_ids(str(out)))
+    assert 0 < written < summary["read"] and summary["written"] == written
+    assert summary["truncated"] == written, summary    # every sample is cut, and only the written count
+    assert proc.returncode == 130 and "read ahead of the stop" in err, err[-2000:]

@@ -119,10 +119,20 @@ def test_reject_details_say_what_is_wrong(tmp_path, tokenizer):
     """A JSON error gives the column in its line (not JSON's own "line 2", which next to file:LINE
     reads as another line of the file); an assistant-first conversation says so, instead of the
     template's "empty conversation" of the prefix render."""
-    path = write_jsonl(tmp_path / "in.jsonl", ['{"id": "cut", "messages": ', "{broken"])
+    path = write_jsonl(tmp_path / "in.jsonl", ['{"id": "cut", "messages": ', "{broken", '{"id": "cut", "messa',
+                                               "[", '  {"id": "x"},'])
+    with open(path, "ab") as f:
+        f.write(b'{"id": "\xff"}\n{"id": "cut", "messa')   # the last line without its newline
     details = [r.detail for r in read_conversations(str(path))]
-    assert details == ["Expecting value at column 28 (the end of the line: the record is cut short)",
-                       "Expecting property name enclosed in double quotes at column 2"]
+    cut = " (the end of the line: the record is cut short)"
+    assert details == ["Expecting value at column 26" + cut,     # the end of the line, not past its newline
+                       "Expecting property name enclosed in double quotes at column 2",
+                       "Invalid control character at column 21" + cut,   # said "at at column"
+                       "Expecting value at column 2" + cut + "; the input must be JSON Lines, one object per "
+                       "line, not a JSON array",
+                       "Extra data at column 14",
+                       "not UTF-8: byte 0xff at byte 9 of the line (invalid start byte)",  # Python's "position 8"
+                       "Unterminated string starting at column 15" + cut]  # said neither "column" nor "cut short"
     chat = ChatTokenizer(tokenizer)
     first = Conversation("a1", [{"role": "assistant", "content": "Hi! How can I help?"},
                                 {"role": "user", "content": "hello"}], "f.jsonl:2")

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -112,11 +113,11 @@ def input_files(input: str, storage_options: dict | None = None) -> list[tuple[A
     remote = not is_local(input)
     fs, path = fsspec.core.url_to_fs(input, **((storage_options or {}) if remote else {}))
     if any(c in path for c in "*?["):
-        paths, folder = sorted(fs.glob(path)), os.path.dirname(input)
+        paths, folder = _files(fs.glob(path, detail=True)), os.path.dirname(input)
         if any(c in folder for c in "*?["):  # "in/*/part.jsonl": the folder differs per file
             folder = ""
     elif fs.isdir(path):
-        paths, folder = sorted(p for p in fs.ls(path, detail=False) if p.endswith(JSONL_SUFFIXES)), input
+        paths, folder = [p for p in _files(fs.ls(path, detail=True)) if p.endswith(JSONL_SUFFIXES)], input
         if not paths:
             raise DraftdataError(f"--input {input}: directory holds no *.jsonl files")
     elif fs.exists(path):
@@ -132,6 +133,19 @@ def input_files(input: str, storage_options: dict | None = None) -> list[tuple[A
         return input if folder is None else f"{folder.rstrip('/')}/{os.path.basename(p)}"
 
     return [(fs, p, display(p)) for p in paths]
+
+
+# The rejects files draftdata writes (collect: in the dataset, synthesize: beside its output). A
+# directory or pattern never lists them: a rerun would read an earlier run's rejects as input.
+OWN_REJECTS = re.compile(r"(^|/)_reports/collect-[^/]+/rejects\.jsonl$|\.synth/rejects-[^/]+\.jsonl$")
+
+
+def _files(entries: Any) -> list[str]:
+    """The sorted file paths among fsspec `ls`/`glob` entries: no directories (an input folder may
+    hold sub-folders), none of draftdata's own rejects files."""
+    infos = entries.values() if isinstance(entries, dict) else entries
+    return sorted(e["name"] for e in infos
+                  if e.get("type") != "directory" and not OWN_REJECTS.search(e["name"]))
 
 
 def input_reads(input: str, path: str, files: list[tuple[Any, str, str]]) -> tuple[str, str] | None:
@@ -210,7 +224,7 @@ def read_conversations(input: str, storage_options: dict | None = None, *, limit
                 yield Reject(source, "malformed_json", json_error_detail(e))
                 continue
             except UnicodeDecodeError as e:
-                yield Reject(source, "malformed_json", str(e))
+                yield Reject(source, "malformed_json", utf8_error_detail(e))
                 continue
             try:
                 conv = parse_record(obj, source)
@@ -239,10 +253,18 @@ def read_conversations(input: str, storage_options: dict | None = None, *, limit
 def json_error_detail(error: json.JSONDecodeError) -> str:
     """JSON's message with the column in the line: its own "line 2 column 1" counts the line's
     newline as a second line, which next to `file:LINE` reads as another line of the file."""
-    where = f"at column {error.pos + 1}"
-    if error.pos >= len(error.doc.rstrip()):
+    end = len(error.doc.rstrip())
+    where = f"{'' if error.msg.endswith(' at') else 'at '}column {min(error.pos, end) + 1}"
+    if error.pos >= end or error.msg.startswith("Unterminated string"):
         where += " (the end of the line: the record is cut short)"
+    if error.doc.lstrip().startswith(("[", "]")):
+        where += "; the input must be JSON Lines, one object per line, not a JSON array"
     return f"{error.msg} {where}"
+
+
+def utf8_error_detail(error: UnicodeDecodeError) -> str:
+    """A line that is not UTF-8, with the byte's place in the line (Python's "position" counts from 0)."""
+    return f"not UTF-8: byte 0x{error.object[error.start]:02x} at byte {error.start + 1} of the line ({error.reason})"
 
 
 def parse_record(obj: Any, source: str = "") -> Conversation:

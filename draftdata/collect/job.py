@@ -342,6 +342,7 @@ def _collect_with(settings: CollectSettings, schema: DatasetSchema, info: BaseMo
     from draftdata.collect.runner import (
         CollectOptions,
         CollectStats,
+        KeptFlags,
         RejectLog,
         collect_records,
         prepare_samples,
@@ -365,26 +366,40 @@ def _collect_with(settings: CollectSettings, schema: DatasetSchema, info: BaseMo
                              part_bytes=settings.part_bytes)
     stats = CollectStats()
     rejects = RejectLog(stats)
+    flags = KeptFlags()
     bar = JobProgress(total=total, desc="collect", unit="conv")  # thread-safe: the reader thread reports too
     t_loop = time.perf_counter()
     interrupted = True
     try:
         samples = prepare_samples(read_input(settings), chat, skip_ids=committed, stats=stats,
-                                  on_reject=rejects, progress=bar.update)
+                                  on_reject=rejects, flags=flags, progress=bar.update)
         collect_records(samples, backend, writer, options, progress=bar.update, stats=stats, on_reject=rejects)
         interrupted = False
     finally:
         bar.close()
         stats.collect_seconds = time.perf_counter() - t_loop
         stats.seconds = time.perf_counter() - t_start
+        flags.count(stats, written_ids(ledger, parts_before))
         where = write_reports(writer.url, settings.storage_options, stats, rejects, settings.report_dict(),
                               settings.rejects)
         print(stats.format(writer.url, settings.input, where))
         if interrupted:
-            print("draftdata collect: stopped early; committed parts are kept, rerun the same command to "
-                  "resume", file=sys.stderr)
-    ledger.refresh()
+            print(STOPPED_EARLY, file=sys.stderr)
     return 1 if report_duplicates(ledger, writer.url, parts_before) else 0
+
+
+# The reader runs ahead of the model: a stopped run has read (and judged) records it did not collect.
+STOPPED_EARLY = ("draftdata collect: stopped early; committed parts are kept, rerun the same command to resume "
+                 "(`read` and `skipped` count records read ahead of the stop; the rerun reads them again)")
+
+
+def written_ids(ledger: CommitLedger, parts_before: set[str]) -> set[str] | None:
+    """Ids this run committed (refreshing `ledger`); None when the commit records cannot be read."""
+    try:
+        ledger.refresh()
+    except Exception:  # noqa: BLE001 - the summary falls back to what was tokenized
+        return None
+    return {cid for cid, part in ledger.where.items() if part not in parts_before}
 
 
 def report_duplicates(ledger: CommitLedger, url: str, parts_before: set[str]) -> bool:

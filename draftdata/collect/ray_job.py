@@ -56,13 +56,14 @@ from collections.abc import Iterator
 from typing import Any
 
 from draftdata.collect.job import (
+    STOPPED_EARLY,
     CollectSettings,
     CommitLedger,
     OutputLock,
     report_duplicates,
     warn_mixed_compute,
 )
-from draftdata.collect.runner import CollectOptions, CollectStats
+from draftdata.collect.runner import CollectOptions, CollectStats, KeptFlags
 from draftdata.config import DatasetSchema
 from draftdata.errors import DraftdataError, SchemaMismatchError
 
@@ -345,14 +346,14 @@ def _worker_settings(settings: CollectSettings, plan: RayPlan, output_url: str) 
 
 
 def _units(settings: CollectSettings, chat: Any, options: CollectOptions, skip_ids: frozenset[str],
-           stats: CollectStats, rejects: Any, progress: Any) -> Iterator[Any]:
+           stats: CollectStats, rejects: Any, flags: KeptFlags, progress: Any) -> Iterator[Any]:
     """The work units: windows of tokenized samples, exactly as `collect_records` would form them."""
     from draftdata.collect.job import read_input
     from draftdata.collect.ray_pool import WorkUnit
     from draftdata.collect.runner import _windows, prepare_samples
 
     samples = prepare_samples(read_input(settings), chat, skip_ids=skip_ids, stats=stats, on_reject=rejects,
-                              progress=lambda n, t: progress.update(n))
+                              flags=flags, progress=lambda n, t: progress.update(n))
     for i, window in enumerate(_windows(samples, options.window_tokens)):
         ids = [s.conversation_id for s in window]
         digest = hashlib.sha256("\n".join(ids).encode()).hexdigest()[:12]
@@ -474,7 +475,8 @@ def _drive(settings: CollectSettings, writer: Any, chat: Any, plan: RayPlan, poo
         unit.args = (unit.args[0], done)
         return unit
 
-    units = _units(settings, chat, options, frozenset(ledger.where), stats, rejects, progress)
+    flags = KeptFlags()
+    units = _units(settings, chat, options, frozenset(ledger.where), stats, rejects, flags, progress)
     report = None
     interrupted = True
     try:
@@ -503,6 +505,7 @@ def _drive(settings: CollectSettings, writer: Any, chat: Any, plan: RayPlan, poo
         stats.raw_bytes = stats.tokens * row_bytes
         stats.forward_seconds = forward_seconds
         stats.seconds = time.perf_counter() - t_start
+        flags.count(stats, {cid for cid, part in ledger.where.items() if part not in parts_before})
         ray_info = {"workers": plan.num_workers, "cpus_per_worker": plan.num_cpus, "gpus_per_worker": plan.num_gpus,
                     "device": plan.device, "nodes": plan.nodes, "window_tokens": options.window_tokens,
                     "max_retries": pool.max_retries,
@@ -537,6 +540,5 @@ def _drive(settings: CollectSettings, writer: Any, chat: Any, plan: RayPlan, poo
         new_duplicates = report_duplicates(ledger, writer.url, parts_before)
         warn_mixed_compute(writer.url, ledger.parts.values(), after_ray_run=True)
         if interrupted:
-            print("draftdata collect: stopped early; committed parts are kept, rerun the same command to resume",
-                  file=sys.stderr)
+            print(STOPPED_EARLY, file=sys.stderr)
     return 1 if failed or new_duplicates or invisible else 0

@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -126,17 +126,35 @@ class RejectLog:
         return "".join(json.dumps(r.to_dict(), ensure_ascii=False) + "\n" for r in self.rejects).encode()
 
 
+@dataclass
+class KeptFlags:
+    """Ids of the samples cut to --max-seq-len and of those with an empty answer, noted when they
+    are tokenized and counted in the summary once the run knows which it wrote: the reader runs
+    thousands of samples ahead, so a run that stops early did not write all it tokenized."""
+
+    truncated: set[str] = field(default_factory=set)
+    empty: set[str] = field(default_factory=set)
+
+    def count(self, stats: CollectStats, written: Collection[str] | None) -> None:
+        """Set stats.truncated / empty_answers to the flagged ids among `written` (None: all of them,
+        when what was written cannot be read back)."""
+        def among(ids: set[str]) -> int:
+            return len(ids) if written is None else sum(cid in written for cid in ids)
+        stats.truncated, stats.empty_answers = among(self.truncated), among(self.empty)
+
+
 def prepare_samples(items: Iterable[Conversation | Reject], chat: ChatTokenizer, *, skip_ids: set[str],
-                    stats: CollectStats, on_reject: Callable[[Reject], None],
+                    stats: CollectStats, on_reject: Callable[[Reject], None], flags: KeptFlags | None = None,
                     progress: Progress | None = None, chunk: int = 256) -> Iterator[TokenizedSample]:
     """Read results -> tokenized samples still to collect.
 
     Conversations whose id is in `skip_ids` (already committed) are counted as skipped and
-    never tokenized; rejects go to `on_reject`. Every record advances `progress` exactly once:
-    here when it is skipped or rejected, in `collect_records` when it is written.
+    never tokenized; rejects go to `on_reject`; truncated samples and empty answers are noted
+    in `flags` (for the summary). Every record advances `progress` exactly once: here when it is skipped or
+    rejected, in `collect_records` when it is written.
     """
 
-    empty: set[str] = set()  # ids of conversations with an empty answer, counted once they are written
+    empty: set[str] = set()  # ids of conversations with an empty answer
 
     def fresh() -> Iterator[Conversation | Reject]:
         for item in items:
@@ -157,11 +175,12 @@ def prepare_samples(items: Iterable[Conversation | Reject], chat: ChatTokenizer,
             if progress:
                 progress(1, 0)
             continue
-        if item.truncated:
-            stats.truncated += 1
+        if item.truncated and flags is not None:
+            flags.truncated.add(item.conversation_id)
         if item.conversation_id in empty:
             empty.discard(item.conversation_id)
-            stats.empty_answers += 1
+            if flags is not None:
+                flags.empty.add(item.conversation_id)
         yield item
 
 
