@@ -207,6 +207,26 @@ def test_assistant_mask_covers_replies_and_end_of_turn_only(tokenizer):
 
 
 @pytest.mark.parametrize("template", [None, "qwen3"])
+def test_a_truncated_reply_trains_its_text_not_an_end_of_turn(tokenizer, template):
+    """An answer synthesize cut at the token limit ends in an end of turn only in the rendered
+    conversation: the model never ended it there, and the draft learned to end turns mid-sentence."""
+    record = conv(("user", "Count."), ("assistant", "one two three"), ("user", "More?"), ("assistant", "four five"))
+    record["conversations"][1]["truncated"] = True
+    record["conversations"][3]["truncated"] = True
+    kw = {"chat_template": QWEN3_LIKE} if template else {}
+    c = parse_record(record)
+    assert [m.get("truncated") for m in c.messages] == [None, True, None, True]
+    for fast in (True, False):
+        chat = ChatTokenizer(tokenizer, max_seq_len=512, **kw)
+        chat._fast = fast
+        (s,) = chat.tokenize([c])
+        last = "<think>\n\n</think>\n\nfour five" if template else "four five"  # (Qwen3 writes it, the model too)
+        assert masked_text(tokenizer, s) == ["one two three", last]
+    record["conversations"][0]["truncated"] = True               # only an assistant message can be cut
+    assert "truncated" not in parse_record(record).messages[0]
+
+
+@pytest.mark.parametrize("template", [None, "qwen3"])
 def test_tokenizers_without_offsets_get_the_same_mask(tokenizer, template):
     """Slow tokenizers return no character offsets; the mask then comes from token counts of the
     text before each reply's edges, and must equal the offsets path's."""

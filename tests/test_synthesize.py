@@ -432,6 +432,20 @@ def test_answers_stop_at_end_of_turn_or_are_counted_truncated(generator):
     assert generator.tokenizer.convert_tokens_to_ids("<|im_end|>") in generator.stop_ids
 
 
+def test_a_cut_answer_is_marked_truncated_in_the_output(tiny_model, tmp_path):
+    """Answers cut at --max-new-tokens carry "truncated": true (collect then leaves the end of turn
+    after them out of the loss); the mark never goes back to the model in a later turn's prompt."""
+    inp = write_jsonl(tmp_path / "in.jsonl", conversations())
+    out = tmp_path / "out.jsonl"
+    assert run_cli("--model", tiny_model, "--input", inp, "--output", out, "--max-new-tokens", 2) == 0
+    answers = [m for r in read_output(out) for m in r["conversations"] if m["role"] == "assistant"]
+    assert answers and all(m.get("truncated") is True for m in answers if m["content"].strip())
+    state = TurnState(parse_record(read_output(out)[0]), seed=0, system_prompt=None, replace_system_prompt=False,
+                      keep_answers=True)
+    assert any("truncated" in m for m in state.messages)
+    assert all(set(m) == {"role", "content"} for m in state.prompt().messages)
+
+
 # ------------------------------------------------------------------ the CLI, output file, resume
 
 def run_cli(*args: object) -> int:

@@ -267,6 +267,11 @@ def utf8_error_detail(error: UnicodeDecodeError) -> str:
     return f"not UTF-8: byte 0x{error.object[error.start]:02x} at byte {error.start + 1} of the line ({error.reason})"
 
 
+# An assistant message with "truncated": true (synthesize writes it on answers cut at the token
+# limit) trains its text but not the end of turn the template puts after it: the model never ended it.
+TRUNCATED = "truncated"
+
+
 def parse_record(obj: Any, source: str = "") -> Conversation:
     """Normalize one JSON record to a Conversation; raises RecordError(reason, detail)."""
     if not isinstance(obj, dict):
@@ -301,7 +306,8 @@ def parse_record(obj: Any, source: str = "") -> Conversation:
             raise RecordError("non_string_content", f"{key}[{i}] content is "
                               f"{type(content).__name__}, expected a string", cid)
         _check_unicode(content, f"{key}[{i}] content", cid)
-        messages.append({"role": ROLES[role], "content": content})
+        messages.append({"role": ROLES[role], "content": content,
+                         **({TRUNCATED: True} if m.get(TRUNCATED) is True and ROLES[role] == "assistant" else {})})
     if messages and messages[0]["role"] == "system":
         _check_unicode(messages[0]["content"], "the system prompt", cid)
     category = obj.get("category")
@@ -454,6 +460,10 @@ class ChatTokenizer:
                                       "conversation (the template rewrites its content)")
             while end > start and text[end - 1].isspace():
                 end -= 1
+            if m.get(TRUNCATED) and m["content"].strip():  # the reply's text only, without its end of turn
+                at = text.find(m["content"].rstrip(), start, end)
+                if at >= 0:
+                    end = at + len(m["content"].rstrip())
             spans.append((start, end))
             cursor = max(cursor, end)
         return spans

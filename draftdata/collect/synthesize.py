@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from draftdata.collect.conversations import (
+    TRUNCATED,
     Conversation,
     RecordError,
     Reject,
@@ -259,11 +260,14 @@ class TurnState:
                 return
 
     def prompt(self) -> Prompt:
-        return Prompt(list(self.messages), turn_seed(self.seed, self.conv.conversation_id, self.turn),
-                      self.conv.source)
+        messages = [{"role": m["role"], "content": m["content"]} for m in self.messages]  # no "truncated"
+        return Prompt(messages, turn_seed(self.seed, self.conv.conversation_id, self.turn), self.conv.source)
 
     def add_answer(self, answer: Answer) -> None:
-        self.messages.append({"role": "assistant", "content": answer.text})
+        # A cut answer is marked: the end of turn after it in a rendered conversation is not the
+        # model's, and collect leaves it out of the loss.
+        self.messages.append({"role": "assistant", "content": answer.text, **({TRUNCATED: True} if answer.truncated
+                                                                              else {})})
         self.waiting = False
         self.turn += 1
         self.tokens += answer.tokens
