@@ -11,9 +11,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
 
-from draftdata.errors import DraftdataError
+from draftdata.errors import TERMINATED, DraftdataError, stop_on_sigterm
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -65,17 +66,25 @@ def main(argv: list[str] | None = None) -> int:
     if extra:  # the command's own usage, not the top-level one
         command_parser.error(f"unrecognized arguments: {' '.join(extra)}")
     module = importlib.import_module(args._module)
+    previous = stop_on_sigterm()
     try:
-        return int(module.run(args) or 0)
+        status = int(module.run(args) or 0)
+        return 143 if TERMINATED.is_set() and status == 130 else status
     except DraftdataError as e:
         print(f"draftdata {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        if TERMINATED.is_set():
+            print(f"draftdata {args.command}: terminated (SIGTERM)", file=sys.stderr)
+            return 143
         print(f"draftdata {args.command}: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `draftdata inspect DS | head`: the reader left; no traceback
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python flushes stdout at exit
         return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

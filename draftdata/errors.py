@@ -1,4 +1,8 @@
-"""Exceptions that the CLI prints as one line (no traceback)."""
+"""Exceptions that the CLI prints as one line (no traceback), and the CLI's stop signals."""
+
+import signal
+import threading
+from typing import Any
 
 
 class DraftdataError(Exception):
@@ -28,3 +32,26 @@ class StorageAccessError(DraftdataError):
 def name_some(names: list[str], limit: int = 5) -> str:
     """`a, b, c, d, e, ... (N entries)`: what a directory holds, short enough for a one-line error."""
     return ", ".join(names[:limit]) + (f", ... ({len(names)} entries)" if len(names) > limit else "")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's preemption, `timeout`, `docker stop`, `kill`), raised in the main
+    thread so that a run stops as on Ctrl-C: it keeps what it finished and writes its reports."""
+
+
+# Set once SIGTERM reached the CLI: it then exits 143, also when a command stopped gracefully.
+TERMINATED = threading.Event()
+
+
+def raise_terminated(signum: int, frame: Any) -> None:
+    """The CLI's SIGTERM handler (main thread)."""
+    TERMINATED.set()
+    raise Terminated()
+
+
+def stop_on_sigterm() -> Any:
+    """Make SIGTERM stop a command as Ctrl-C does; returns the handler to restore (None: left as
+    it was, outside the main thread or where SIGTERM is already handled or ignored)."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        return None
+    return signal.signal(signal.SIGTERM, raise_terminated)

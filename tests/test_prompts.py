@@ -288,6 +288,27 @@ def test_endpoint_stop_cuts_off_requests_in_flight(user_model, tmp_path):
         server.close()
 
 
+def test_a_stopped_run_prints_and_writes_its_summary(user_model, tmp_path):
+    """Ctrl-C or SIGTERM kept the prompts written, but printed no summary and wrote no
+    prompts-summary-*.json (synthesize and collect do both); SIGTERM killed the run at once."""
+    out = tmp_path / "p.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "draftdata.cli", "prompts", "--model", str(user_model),
+                             "--output", str(out), "--count", "3000", "--max-new-tokens", "40", "--dtype", "fp32",
+                             "--batch-size", "4", "--max-attempts", "100000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 120
+    while not (out.exists() and out.read_text()):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-2000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    stdout, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and "stopped early" in err, err[-2000:]
+    assert "prompts summary" in stdout, stdout
+    (summary,) = (tmp_path / "p.jsonl.synth").glob("prompts-summary-*.json")
+    assert json.loads(summary.read_text())["stopped_early"] is True
+
+
 def test_endpoint_special_tokens_errors_and_settings(user_model, user_server, tmp_path, capsys, monkeypatch):
     # a special token inside the text (the model wrote past the user's turn): template_token
     out = tmp_path / "prompts.jsonl"

@@ -899,6 +899,28 @@ def test_a_stopping_endpoint_run_cuts_off_requests_in_flight(tmp_path):
         server.close()
 
 
+def test_sigterm_stops_like_ctrl_c_keeping_finished_answers_and_reports(tiny_model, tmp_path):
+    """SIGTERM (what slurm, Kubernetes, `timeout` and `docker stop` send) killed the run at once:
+    the answers finished but not yet written, the summary and the rejects were lost."""
+    inp = write_jsonl(tmp_path / "in.jsonl", [one_turn(f"c{i}", f"hello number {i}") for i in range(400)])
+    out = tmp_path / "out.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "draftdata.cli", "synthesize", "--model", str(tiny_model),
+                             "--input", str(inp), "--output", str(out), "--max-new-tokens", "24",
+                             "--batch-size", "4", "--dtype", "fp32"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 120
+    while not (out.exists() and out.read_text().count("\n") >= 2):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-2000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    stdout, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and "terminated (SIGTERM)" in err, err[-2000:]
+    written = len(read_output(out))
+    assert 2 <= written < 400 and f"written    {written:,}" in stdout, stdout
+    assert list((tmp_path / "out.jsonl.synth").glob("summary-*.json"))
+
+
 def test_quoted_response_bodies_are_one_short_line():
     assert _error_text({"error": {"message": "bad\n  request " + "x" * 500}}) == "bad request " + "x" * 185 + "..."
     assert _error_text("<html><script>var a = 1;</script><b>Gone</b>\n</html>") == "Gone"

@@ -680,11 +680,13 @@ def test_bad_inputs_and_outputs_are_refused_before_anything_is_written(tmp_path,
     assert f"--output {unwritable_dir / 'run'}: cannot write there" in run(unwritable_dir / "run")
 
 
-def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path, tiny_model, train_data, capsys):  # noqa: F811
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path, tiny_model, train_data, capsys, sig):  # noqa: F811
     """SIGINT stops `draftdata train` at the end of the step it is in, with a checkpoint at that
     step (none was due: --save-every 500), says which one is kept, and --resume continues there.
     The run resumed a shorter one: its final/ (step 2) is gone, so `export RUN` takes the newer
-    checkpoint (it took the stale final/)."""
+    checkpoint (it took the stale final/). SIGTERM (a scheduler's preemption) does the same and
+    exits 143 (it killed the run at once, without a checkpoint)."""
     out = tmp_path / "run"
     args = ["train", "--data", train_data, "--model", str(tiny_model), "--output", str(out),
             "--eagle-config", str(eagle_file(tmp_path)), "--batch-tokens", "256", "--save-every", "500",
@@ -694,10 +696,10 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path, tiny_model, tr
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
     for line in proc.stdout:
         if line.startswith("step 3/"):
-            proc.send_signal(signal.SIGINT)
+            proc.send_signal(sig)
             break
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err[-2000:]
+    assert proc.returncode == (130 if sig == signal.SIGINT else 143), err[-2000:]
     stopped = re.search(r"draftdata train: interrupted at step (\d+)/1000: kept checkpoint (\S+); the same "
                         r"command with --resume continues from it", err)
     assert stopped, err[-2000:]

@@ -272,7 +272,8 @@ class _Keeper:
     answered conversation of the input (`follow`) and keeps its id."""
 
     def __init__(self, settings: PromptSettings, out: JsonlOutput, fmt: HFGenerator | PromptFormat,
-                 progress: JobProgress | None, flush_at: int, follow: list[Conversation] | None = None) -> None:
+                 progress: JobProgress | None, flush_at: int, follow: list[Conversation] | None = None,
+                 stats: PromptStats | None = None) -> None:
         self.settings, self.out, self.fmt, self.progress, self.flush_at = settings, out, fmt, progress, flush_at
         self.follow = follow
         self.seen: set[str] = set()  # folded prompts written so far (fresh prompts only; a follow-up is
@@ -289,7 +290,7 @@ class _Keeper:
             self.index = 0
         self.wanted = settings.count if settings.count is not None else len(follow or [])
         self.have = len(out.ids)
-        self.stats = PromptStats()
+        self.stats = stats if stats is not None else PromptStats()
         self.pending: list[dict[str, Any]] = []
         self.last_flush = time.perf_counter()
 
@@ -391,19 +392,20 @@ def read_follow_up(settings: PromptSettings) -> tuple[list[Conversation], Counte
 
 def generate_prompts(source: HFGenerator | EndpointClient, settings: PromptSettings, out: JsonlOutput, *,
                      fmt: PromptFormat | None = None, progress: JobProgress | None = None,
-                     follow: list[Conversation] | None = None) -> PromptStats:
+                     follow: list[Conversation] | None = None, stats: PromptStats | None = None) -> PromptStats:
     """Sample prompts into `out` until it holds --count of them (or --max-attempts samples were
     drawn, or every conversation of `follow` had its sample).
 
     source: the local generator, or an endpoint client together with `fmt` (the model's tokenizer
-    and template, read here). follow: the answered conversations to continue (--follow-up)."""
+    and template, read here). follow: the answered conversations to continue (--follow-up).
+    stats: counts to update (the caller's, so that they survive an interrupt)."""
     local = isinstance(source, HFGenerator)
     fmt = source if local else fmt
     if fmt is None:
         raise ValueError("an endpoint source needs fmt (PromptFormat)")
     t0 = time.perf_counter()
     keep = _Keeper(settings, out, fmt, progress, flush_at=settings.batch_size if local else settings.concurrency,
-                   follow=follow)
+                   follow=follow, stats=stats)
     try:
         if local:
             _sample_local(source, keep)
@@ -411,7 +413,7 @@ def generate_prompts(source: HFGenerator | EndpointClient, settings: PromptSetti
             _sample_endpoint(source, fmt, keep)
     finally:
         keep.flush()  # what was kept before an error or interrupt is written
-    keep.stats.seconds = time.perf_counter() - t0
+        keep.stats.seconds = time.perf_counter() - t0
     return keep.stats
 
 
@@ -523,24 +525,31 @@ def run(settings: PromptSettings) -> int:
                                     dtype=settings.dtype, device=settings.device,
                                     chat_template=settings.chat_template)
         bar = JobProgress(total=wanted - have, desc="prompts", unit="prompt")
+        stats = PromptStats()
+        stopped = True
         try:
             if generator is None:
-                stats = generate_prompts(client, settings, out, fmt=fmt, progress=bar, follow=follow)
+                generate_prompts(client, settings, out, fmt=fmt, progress=bar, follow=follow, stats=stats)
             else:
                 generator.on_step = lambda t: bar.update(0, t)
-                stats = generate_prompts(generator, settings, out, progress=bar, follow=follow)
-        finally:
+                generate_prompts(generator, settings, out, progress=bar, follow=follow, stats=stats)
+            stopped = False
+        finally:  # also after Ctrl-C or an error once sampling began: the summary of what was written
             bar.close()
             if generator is not None:
                 generator.close()
-        total = len(out.ids)
-        stats.skipped_input = skipped
-        goal = f"--count {wanted:,}" if settings.count is not None else f"{wanted:,} conversations to continue"
-        print(stats.format(str(out.path), goal, total, follow=follow is not None))
-        (sidecar_dir(out.path) / f"prompts-summary-{int(time.time())}.json").write_text(
-            json.dumps({"stats": {**asdict(stats), "rejected": dict(stats.rejected),
-                                  "skipped_input": dict(stats.skipped_input)},
-                        "settings": settings.report_dict()}, indent=2) + "\n")
+            total = len(out.ids)
+            if not stopped or stats.attempts:
+                stats.skipped_input = skipped
+                goal = f"--count {wanted:,}" if settings.count is not None else f"{wanted:,} conversations to continue"
+                print(stats.format(str(out.path), goal, total, follow=follow is not None))
+                (sidecar_dir(out.path) / f"prompts-summary-{int(time.time())}.json").write_text(
+                    json.dumps({"stats": {**asdict(stats), "rejected": dict(stats.rejected),
+                                          "skipped_input": dict(stats.skipped_input)},
+                                "settings": settings.report_dict(), "stopped_early": stopped}, indent=2) + "\n")
+                if stopped:
+                    print("draftdata prompts: stopped early; every prompt written so far is kept, rerun the same "
+                          "command to continue", file=sys.stderr)
     if settings.count is not None and total < settings.count:
         ran_out = f"--follow-up's {len(follow):,} conversations" if follow is not None and \
             stats.attempts < settings.max_attempts else f"--max-attempts {settings.max_attempts:,}"

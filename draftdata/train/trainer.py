@@ -65,7 +65,7 @@ import torch
 import torch.distributed as dist
 
 from draftdata.config import EagleConfig
-from draftdata.errors import DraftdataError, MissingPartsError, name_some
+from draftdata.errors import TERMINATED, DraftdataError, MissingPartsError, name_some, raise_terminated
 from draftdata.locks import DirectoryLock
 
 CHECKPOINTS = "checkpoints"
@@ -384,36 +384,42 @@ class TrainInterrupted(KeyboardInterrupt):
 
 
 class StopOnInterrupt:
-    """Once installed, the first Ctrl-C (SIGINT) only asks the loop to stop at the end of the
-    current step, so that it saves a checkpoint there; a second one interrupts at once.
+    """Once installed, the first Ctrl-C (SIGINT), or SIGTERM (a scheduler's preemption), only
+    asks the loop to stop at the end of the current step, so that it saves a checkpoint there; a
+    second one interrupts at once.
 
     Only where that is safe: one process (under torchrun the launcher signals the ranks again and
-    kills them soon after), in the main thread (Ray Train runs `train` in another), and when SIGINT
-    would otherwise raise KeyboardInterrupt (not when the launcher ignores it)."""
+    kills them soon after), in the main thread (Ray Train runs `train` in another), and when the
+    signal would otherwise raise KeyboardInterrupt (SIGINT's default; SIGTERM under the CLI), not
+    when the launcher ignores or handles it."""
 
     def __init__(self, enabled: bool) -> None:
         self.requested = False
         self.enabled = enabled
-        self.installed = False
+        self._previous: dict[int, Any] = {}
 
     def install(self) -> None:
-        if (self.enabled and threading.current_thread() is threading.main_thread()
-                and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
-            signal.signal(signal.SIGINT, self._handle)
-            self.installed = True
+        if not self.enabled or threading.current_thread() is not threading.main_thread():
+            return
+        for sig, raising in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, raise_terminated)):
+            if signal.getsignal(sig) is raising:
+                self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.requested = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        if signum == signal.SIGTERM:
+            TERMINATED.set()
+        self.remove()  # a second signal raises at once
         # os.write, not print: the main thread may be inside a write to stderr (a reentrant
         # buffered write raises RuntimeError and would kill the run this handler is saving)
-        os.write(2, b"Ctrl-C: stopping at the end of this step with a checkpoint (Ctrl-C again stops at once, "
-                    b"without one)\n")
+        what = b"SIGTERM" if signum == signal.SIGTERM else b"Ctrl-C"
+        os.write(2, what + b": stopping at the end of this step with a checkpoint (" + what +
+                 b" again stops at once, without one)\n")
 
     def remove(self) -> None:
-        if self.installed:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            self.installed = False
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous = {}
 
 
 def _ignore_sigint(worker_id: int) -> None:
