@@ -424,8 +424,10 @@ class StopOnInterrupt:
 
 def _ignore_sigint(worker_id: int) -> None:
     """DataLoader worker init: a terminal's Ctrl-C reaches the workers too; leave it to the main
-    process, which stops at a step boundary and then shuts the workers down."""
+    process, which stops at a step boundary and then shuts the workers down. SIGTERM ends a
+    worker at once (the main process's step-boundary handler was inherited through fork)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 # ---------------------------------------------------------------------------------------------
