@@ -286,6 +286,17 @@ def same_model_hash(a: str | None, b: str | None) -> bool | None:
     return a == b
 
 
+def generation_hash(model_dir: str | os.PathLike) -> str:
+    """Fingerprint of what local generation reads besides the weights: the tokenizer files (its
+    chat template included) and generation_config.json (the end-of-turn ids). Kept apart from
+    `tokenizer_hash`, which datasets record and compare."""
+    h = hashlib.sha256(tokenizer_hash(model_dir).encode())
+    p = Path(model_dir) / "generation_config.json"
+    if p.is_file():
+        h.update(b"\ngeneration_config.json\n" + p.read_bytes())
+    return "sha256:" + h.hexdigest()[:32]
+
+
 def tokenizer_hash(model_dir: str | os.PathLike, chat_template: str | None = None) -> str:
     """Fingerprint of what tokenization depends on: the tokenizer files' content, and the chat
     template used when it overrides the model's own (`--chat-template`)."""

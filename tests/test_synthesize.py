@@ -526,6 +526,29 @@ def test_resume_with_other_settings_is_refused(tiny_model, tmp_path):
                    "--max-seq-len", 64) == 0
 
 
+def test_resume_checks_the_template_and_end_of_turn_ids_but_not_what_cannot_change_answers(tiny_model, tmp_path):
+    """A chat template or generation_config.json edited in the model directory between two runs
+    appended differently rendered conversations silently; the same weights at another path, or
+    --seed / --top-p of a greedy run, were refused though they change no answer."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    convs = conversations()
+    inp = write_jsonl(tmp_path / "in.jsonl", convs[:2])
+    out = tmp_path / "out.jsonl"
+    common = ["--max-new-tokens", MAX_NEW, "--output", out]
+    assert run_cli("--model", model, "--input", inp, *common) == 0
+    moved = tmp_path / "moved"
+    shutil.copytree(model, moved)
+    assert run_cli("--model", moved, "--input", write_jsonl(tmp_path / "i3.jsonl", convs[:3]), *common,
+                   "--seed", 5, "--top-p", 0.5) == 0
+    template = model / "chat_template.jinja"
+    template.write_text(template.read_text().replace("<|im_start|>", "<|im_start|> "))
+    with pytest.raises(DraftdataError, match="generation_hash: file has"):
+        run_cli("--model", model, "--input", write_jsonl(tmp_path / "i4.jsonl", convs[:4]), *common)
+
+
 def test_resume_on_another_device_with_dtype_auto_warns(tiny_model, tmp_path, capsys):
     """--dtype auto resolves by device, so resuming a file written on a GPU on the CPU (or the
     reverse) would mix compute dtypes silently: the run says so."""

@@ -126,14 +126,15 @@ class PromptSettings:
         """The settings that decide what gets written (a rerun into the same output must keep them)."""
         import hashlib
 
-        from draftdata.models import model_hash, model_identity, tokenizer_hash
+        from draftdata.models import generation_hash, model_hash, model_identity, tokenizer_hash
 
         template = hashlib.sha256(self.chat_template.encode()).hexdigest()[:16] if self.chat_template else None
         if self.endpoint:
             model = {"model_id": self.model, "model_hash": None, "endpoint": self.endpoint,
                      "tokenizer_hash": tokenizer_hash(self.model_path)}
         else:
-            model = {"model_id": model_identity(self.model_path)[0], "model_hash": model_hash(self.model_path)}
+            model = {"model_id": model_identity(self.model_path)[0], "model_hash": model_hash(self.model_path),
+                     "generation_hash": generation_hash(self.model_path)}
         return {"command": "prompts", **model, "max_new_tokens": self.max_new_tokens,
                 "temperature": self.temperature, "top_p": self.top_p, "seed": self.seed,
                 "system_prompt": self.system_prompt, "user_prefixes": self.user_prefixes or None,

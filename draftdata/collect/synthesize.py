@@ -133,14 +133,15 @@ class SynthSettings:
 
     def identity(self) -> dict[str, Any]:
         """The settings that decide what gets written (compared when a run resumes an output)."""
-        from draftdata.models import model_hash, model_identity
+        from draftdata.models import generation_hash, model_hash, model_identity
 
         if self.endpoint:
-            model_id, weights = self.model, None
+            model_id, weights, files = self.model, None, None
         else:
             model_id, weights = model_identity(self.model_path)[0], model_hash(self.model_path)
+            files = generation_hash(self.model_path)  # the template and end-of-turn ids
         template = hashlib.sha256(self.chat_template.encode()).hexdigest()[:16] if self.chat_template else None
-        return {"model_id": model_id, "model_hash": weights, "endpoint": self.endpoint,
+        return {"model_id": model_id, "model_hash": weights, "generation_hash": files, "endpoint": self.endpoint,
                 "max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "top_p": self.top_p,
                 "seed": self.seed, "system_prompt": self.system_prompt,
                 "replace_system_prompt": self.replace_system_prompt, "keep_answers": self.keep_answers,
@@ -1176,9 +1177,16 @@ def check_settings(output: JsonlOutput, settings: OutputSettings, command: str =
             recorded, saved_settings = None, {}
         if recorded is not None:
             if recorded.get("model_hash") and current.get("model_hash"):  # in the file's fingerprint scheme
+                from draftdata.config import SAMPLED_MODEL_HASH
                 from draftdata.models import model_hash
 
                 current["model_hash"] = model_hash(settings.model_path, like=recorded["model_hash"])
+                if current["model_hash"] == recorded["model_hash"] and \
+                        current["model_hash"].startswith(SAMPLED_MODEL_HASH):  # the same weights, moved
+                    current["model_id"] = recorded.get("model_id")
+            if recorded.get("temperature") == current.get("temperature") == 0:  # greedy: no sampling settings
+                for key in ("top_p", "seed"):
+                    current[key] = recorded.get(key)
             if recorded.get("endpoint") and current.get("endpoint"):  # http://h:8000, .../v1, .../v1/chat/completions
                 recorded = {**recorded, "endpoint": endpoint_base(recorded["endpoint"])}
                 current["endpoint"] = endpoint_base(current["endpoint"])
