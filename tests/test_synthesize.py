@@ -432,6 +432,14 @@ def test_answers_stop_at_end_of_turn_or_are_counted_truncated(generator):
     assert generator.tokenizer.convert_tokens_to_ids("<|im_end|>") in generator.stop_ids
 
 
+def test_max_seq_len_past_the_model_positions_warns(tiny_model, capsys):
+    """--max-seq-len 4096 on a 512-position model generated past RoPE's range without a word."""
+    HFGenerator(tiny_model, max_new_tokens=MAX_NEW, dtype="fp32", max_seq_len=4096)
+    assert "--max-seq-len 4096 is above the model's 512 positions" in capsys.readouterr().err
+    HFGenerator(tiny_model, max_new_tokens=MAX_NEW, dtype="fp32", max_seq_len=512)
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_a_cut_answer_is_marked_truncated_in_the_output(tiny_model, tmp_path):
     """Answers cut at --max-new-tokens carry "truncated": true (collect then leaves the end of turn
     after them out of the loss); the mark never goes back to the model in a later turn's prompt."""

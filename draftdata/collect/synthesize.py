@@ -421,7 +421,12 @@ class HFGenerator:
         self.input_device = self.model.get_input_embeddings().weight.device
         config = self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") \
             else self.model.config
-        self.max_seq_len = max_seq_len or getattr(config, "max_position_embeddings", None) or 1 << 30
+        positions = getattr(config, "max_position_embeddings", None)
+        if max_seq_len and positions and max_seq_len > positions:  # RoPE past its range: fluent-looking garbage
+            print(f"draftdata: warning: --max-seq-len {max_seq_len} is above the model's {positions} positions "
+                  "(max_position_embeddings); answers past them are not what the model was trained to write",
+                  file=sys.stderr)
+        self.max_seq_len = max_seq_len or positions or 1 << 30
         self.stop_ids = stop_token_ids(getattr(self.model.generation_config, "eos_token_id", None), self.tokenizer,
                                        self.chat.render)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None \
