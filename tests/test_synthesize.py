@@ -430,6 +430,9 @@ def test_answers_stop_at_end_of_turn_or_are_counted_truncated(generator):
     assert len(tokens) <= MAX_NEW
     assert stopped == (tokens[-1] in generator.stop_ids)
     assert generator.tokenizer.convert_tokens_to_ids("<|im_end|>") in generator.stop_ids
+    # a cut inside a character's bytes: the partial character is no text of the model's (it was U+FFFD)
+    bytes_of = generator.tokenizer("ok 東", add_special_tokens=False)["input_ids"]
+    assert generator.answer(bytes_of[:-1], stopped=False).text == "ok "
 
 
 def test_max_seq_len_past_the_model_positions_warns(tiny_model, capsys):

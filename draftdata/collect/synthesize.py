@@ -459,7 +459,10 @@ class HFGenerator:
     def answer(self, tokens: list[int], stopped: bool) -> Answer:
         """The Answer for generated tokens (the stop token is counted, not decoded)."""
         body = tokens[:-1] if stopped else tokens
-        return Answer(self.tokenizer.decode(body, skip_special_tokens=True), len(tokens), truncated=not stopped)
+        text = self.tokenizer.decode(body, skip_special_tokens=True)
+        if not stopped:  # a cut inside a character's bytes decodes to U+FFFD: not the model's text
+            text = text.rstrip("\ufffd")
+        return Answer(text, len(tokens), truncated=not stopped)
 
     def generate(self, prompts: list[Prompt]) -> list[Answer]:
         """One answer per prompt, in order (all of them decoded as one running batch)."""
