@@ -172,7 +172,7 @@ class SynthStats(RunStats):
                                                   f"answers, {self.tokens:,} tokens generated ({rate:,.0f} tokens/s)"],
                                    input)
         if self.truncated:
-            lines.append(f"  truncated  {self.truncated:,} answers cut at --max-new-tokens or the context (kept, marked "truncated")")
+            lines.append(f"  truncated  {self.truncated:,} answers cut at --max-new-tokens or the context (kept, marked 'truncated')")
         if self.empty:
             lines.append(f"  empty      {self.empty:,} answers have no text (the model ended its turn at once; kept)")
         if self.leading_assistant:
