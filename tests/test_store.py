@@ -478,6 +478,17 @@ def test_s3_folder_marker_is_not_an_entry(s3_bucket):
                  aws_secret_access_key="testing", region_name="us-east-1").put_object(
         Bucket=bucket[len("s3://"):], Key="ds/", Body=b"")
     assert list_entries(f"{bucket}/ds", opts) == []
+    # inside a dataset, a `parts/` marker is no crashed writer's leftover: gc removed it as a tree,
+    # that is every committed part
+    url = f"{bucket}/full"
+    write(url, [make_sample(i) for i in range(4)], opts=opts)
+    boto3.client("s3", endpoint_url=opts["client_kwargs"]["endpoint_url"], aws_access_key_id="testing",
+                 aws_secret_access_key="testing", region_name="us-east-1").put_object(
+        Bucket=bucket[len("s3://"):], Key="full/parts/", Body=b"")
+    assert leftovers(url, storage_options=opts) == []
+    assert garbage_collect(url, storage_options=opts, grace_seconds=0) == ([], [])
+    ds = open_dataset(url, storage_options=opts)
+    assert ds.num_samples == 4 and verify_dataset(ds) == []
 
 
 @pytest.mark.parametrize("fmt", ["zarr", "arrow"])

@@ -132,12 +132,16 @@ def _leftovers(url: str, storage_options: dict[str, Any] | None) -> list[tuple[s
         newest = _newest_mtime(fs, path)
         found.append((path, None if newest is None else now - newest, lambda: remove_tree(fs, path)))
 
+    parts = f"{root}/parts"
     try:
-        entries = fs.ls(f"{root}/parts", detail=True)
+        entries = fs.ls(parts, detail=True)
     except FileNotFoundError:
         entries = []
     for e in entries:
-        if e["name"].rstrip("/").rsplit("/", 1)[-1] not in committed:
+        path = e["name"].rstrip("/")
+        if path == parts.rstrip("/"):  # an S3 "folder" marker (`parts/`, the console's "Create folder"):
+            continue                   # as a tree it is every part of the dataset
+        if path.rsplit("/", 1)[-1] not in committed:
             tree(e["name"])
     try:
         for path in fs.ls(f"{root}/commits", detail=False):
