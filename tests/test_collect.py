@@ -859,3 +859,23 @@ def test_a_stopped_run_counts_truncated_among_the_written_only(tiny_model, tmp_p
     assert 0 < written < summary["read"] and summary["written"] == written
     assert summary["truncated"] == written, summary    # every sample is cut, and only the written count
     assert proc.returncode == 130 and "read ahead of the stop" in err, err[-2000:]
+
+
+def test_a_dataset_created_meanwhile_by_another_writer_is_adopted(tiny_model, tmp_path, monkeypatch):
+    """Two collects starting on one new object-store output (no lock there): the second found no
+    dataset.json, then listed one the first had just written, and stopped with "no dataset here"."""
+    from draftdata.store import dataset as store_dataset
+
+    out, inp = str(tmp_path / "ds"), write_input(tmp_path / "in.jsonl", valid_conversations(6))
+    read_schema, raced = store_dataset._Location.read_schema, []
+
+    def other_writer_between(self):  # the other collect commits right after this run's first read
+        schema = read_schema(self)
+        if schema is None and not raced:
+            raced.append(True)
+            assert main(collect_args(tiny_model, inp, out, "--limit", "2")) == 0
+        return schema
+
+    monkeypatch.setattr(store_dataset._Location, "read_schema", other_writer_between)
+    assert main(collect_args(tiny_model, inp, out)) == 0 and raced
+    assert sorted(stored_ids(out)) == [f"c{i:04d}" for i in range(6)]

@@ -147,13 +147,15 @@ def check_output(settings: CollectSettings, schema: DatasetSchema) -> DatasetSch
         existing = open_dataset(settings.output, storage_options=settings.storage_options).schema
     except DatasetNotFoundError:
         names = list_entries(settings.output, settings.storage_options)
-        if SCHEMA_FILE in names:  # a dataset.json that is not a draftdata schema: say so
-            raise
-        if names:
-            raise DraftdataError(f"--output {settings.output}: the directory already holds {name_some(names)} and no "
-                                 f"{SCHEMA_FILE}, so it is not a draftdata dataset; choose a new or empty "
-                                 "directory") from None
-        return schema
+        if SCHEMA_FILE not in names:
+            if names:
+                raise DraftdataError(f"--output {settings.output}: the directory already holds {name_some(names)} "
+                                     f"and no {SCHEMA_FILE}, so it is not a draftdata dataset; choose a new or empty "
+                                     "directory") from None
+            return schema
+        # Created since the first read: another writer starting on the same new object-store output
+        # (no lock there) wrote it in between; read it again (it said "no dataset here" before).
+        existing = open_dataset(settings.output, storage_options=settings.storage_options).schema
     if settings.format is None:
         schema.storage_format = existing.storage_format
     if settings.codec is None:
