@@ -847,6 +847,14 @@ def test_writing_to_a_missing_bucket_never_creates_it(s3_bucket):
     fs = fsspec.filesystem("s3", **opts)
     fs.invalidate_cache()
     assert missing[len("s3://"):] not in [b.rstrip("/") for b in fs.ls("")]
+    # readers (inspect, verify, train) said "no dataset here" of a missing bucket
+    with pytest.raises(StorageAccessError, match=f"the bucket {missing[len('s3://'):]} does not exist"):
+        open_dataset(f"{missing}/ds", storage_options=opts)
+    with pytest.raises(DatasetNotFoundError, match="no dataset here"):       # the bucket is there
+        open_dataset(f"{s3_bucket[0]}/nothing", storage_options=opts)
+    write(f"{s3_bucket[0]}/ds", [make_sample(0)], opts=opts)                 # and a file is named as one
+    with pytest.raises(DraftdataError, match="is a file, not a dataset directory"):
+        open_dataset(f"{s3_bucket[0]}/ds/dataset.json", storage_options=opts)
 
 
 def test_aborting_a_part_during_an_s3_outage_does_not_raise():

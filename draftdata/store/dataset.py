@@ -660,6 +660,18 @@ def open_location(url: str, storage_options: dict[str, Any] | None = None) -> tu
     loc = _Location(url, storage_options)
     schema = loc.read_schema()
     if schema is None:
+        entries = loc.entries()  # a file given as the dataset is named as such here
+        bucket = loc.root.split("/", 1)[0]
+        if not entries and is_bucket_fs(loc.fs) and bucket and not _exists(loc.fs, bucket):
+            raise StorageAccessError(f"{loc.url}: the bucket {bucket} does not exist (or these credentials cannot "
+                                     "see it); check the URL")
         raise DatasetNotFoundError(f"{loc.url}: no dataset here ({SCHEMA_FILE} not found); "
                                    "create one with `draftdata collect --output URL`")
     return loc, schema
+
+
+def _exists(fs: Any, path: str) -> bool:
+    try:
+        return bool(fs.exists(path))
+    except Exception:  # noqa: BLE001 - unknown: say what is known, that there is no dataset.json
+        return True
