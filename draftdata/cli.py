@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 
-from draftdata.errors import TERMINATED, DraftdataError, stop_on_sigterm
+from draftdata.errors import TERMINATED, DraftdataError, release_sigterm, stop_on_sigterm
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+            release_sigterm()
 
 
 if __name__ == "__main__":

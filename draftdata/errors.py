@@ -49,9 +49,25 @@ def raise_terminated(signum: int, frame: Any) -> None:
     raise Terminated()
 
 
+_CLI_HANDLES_SIGTERM = threading.Event()
+
+
 def stop_on_sigterm() -> Any:
     """Make SIGTERM stop a command as Ctrl-C does; returns the handler to restore (None: left as
     it was, outside the main thread or where SIGTERM is already handled or ignored)."""
     if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
         return None
+    _CLI_HANDLES_SIGTERM.set()
     return signal.signal(signal.SIGTERM, raise_terminated)
+
+
+def release_sigterm() -> None:
+    """The command is over: `reclaim_sigterm` no longer applies."""
+    _CLI_HANDLES_SIGTERM.clear()
+
+
+def reclaim_sigterm() -> None:
+    """After `ray.init`, which installs its own SIGTERM handler (an exit with status 1 and a dump):
+    SIGTERM stops the command as Ctrl-C does again, where the CLI had made it so."""
+    if _CLI_HANDLES_SIGTERM.is_set() and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, raise_terminated)

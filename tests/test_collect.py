@@ -826,6 +826,8 @@ def test_an_input_pattern_over_the_output_skips_rejects_files_and_folders(tiny_m
     assert main(collect_args(tiny_model, pattern, out)) == 0
     assert "too_long 3" in capsys.readouterr().out
     assert list((data / "ds" / "_reports").glob("collect-*/rejects.jsonl"))
+    from draftdata.collect.conversations import count_records
+    assert count_records(str(data / "ds" / "_reports" / "*" / "rejects.jsonl")) == 3   # asked for: listed
     assert main(collect_args(tiny_model, pattern, out, "--on-long", "truncate")) == 0
     summary = capsys.readouterr().out
     assert "written    3 conversations" in summary and "duplicate_id" not in summary, summary

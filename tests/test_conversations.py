@@ -132,7 +132,8 @@ def test_reject_details_say_what_is_wrong(tmp_path, tokenizer):
                        "line, not a JSON array",
                        "Extra data at column 14",
                        "not UTF-8: byte 0xff at byte 9 of the line (invalid start byte)",  # Python's "position 8"
-                       "Unterminated string starting at column 15" + cut]  # said neither "column" nor "cut short"
+                       "Unterminated string starting at column 15 (it runs to the end of the line: the record is "
+                       "cut short)"]  # said neither "column" nor "cut short"
     chat = ChatTokenizer(tokenizer)
     first = Conversation("a1", [{"role": "assistant", "content": "Hi! How can I help?"},
                                 {"role": "user", "content": "hello"}], "f.jsonl:2")
@@ -224,6 +225,21 @@ def test_a_truncated_reply_trains_its_text_not_an_end_of_turn(tokenizer, templat
         assert masked_text(tokenizer, s) == ["one two three", last]
     record["conversations"][0]["truncated"] = True               # only an assistant message can be cut
     assert "truncated" not in parse_record(record).messages[0]
+    # whatever the template does to the reply (trims it; keeps only the answer after </think> in an
+    # earlier reply), and a cut reply of whitespace only: no end of turn is trained
+    trimming = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | trim }}<|im_end|>\n"
+                "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    cases = [(trimming, [("user", "Go."), ("assistant", "  spaced out\n"), ("user", "ok")], ["spaced out"]),
+             (QWEN3_LIKE, [("user", "Go."), ("assistant", "<think>\nhmm\n</think>\n\nthe answer"),
+                           ("user", "ok"), ("assistant", "fine")], ["the answer"]),
+             (None, [("user", "Go."), ("assistant", "\n\n\n"), ("user", "ok"), ("assistant", "fine")], [])]
+    for template, turns, want in cases:
+        r = conv(*turns)
+        r["conversations"][1]["truncated"] = True
+        chat = ChatTokenizer(tokenizer, max_seq_len=512, **({"chat_template": template} if template else {}))
+        (s,) = chat.tokenize([parse_record(r)])
+        got = masked_text(tokenizer, s)
+        assert [t for t in got if "fine" not in t] == want, (template, got)
 
 
 @pytest.mark.parametrize("template", [None, "qwen3"])

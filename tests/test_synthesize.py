@@ -760,6 +760,21 @@ def test_endpoint_mode_matches_local_generation(chat_server, tiny_model, tmp_pat
     assert second_turn["seed"] == turn_seed(11, "multi", 1)
 
 
+def test_one_endpoint_client_answers_run_after_run(chat_server):
+    """A `--ray` actor keeps one client for all its work units: the first unit's end left it
+    stopped (every later request cut off at connect: units failed until the run gave up; before
+    that, later units silently had no retries)."""
+    from draftdata.collect.synthesize import make_generator
+
+    settings = SynthSettings(input="-", output="-", endpoint=chat_server.url, max_new_tokens=MAX_NEW)
+    client = make_generator(settings)
+    convs = [parse_record(c, f"in:{i + 1}") for i, c in enumerate(conversations()[:4])]
+    for unit in (convs[:2], convs[2:]):
+        records, rejects = [], []
+        synthesize_conversations(unit, client, settings, sink=records.extend, on_reject=rejects.append)
+        assert len(records) == 2 and not rejects, rejects
+
+
 def test_endpoint_errors_retries_and_api_key(chat_server, tmp_path, monkeypatch):
     inp = write_jsonl(tmp_path / "in.jsonl", [
         {"conversation_id": "ok", "conversations": [{"role": "user", "content": "hello"}]},
@@ -959,6 +974,36 @@ def test_sigterm_stops_like_ctrl_c_keeping_finished_answers_and_reports(tiny_mod
     assert list((tmp_path / "out.jsonl.synth").glob("summary-*.json"))
 
 
+def test_a_server_that_never_accepts_is_given_up_on_at_connect(monkeypatch):
+    """A stopping run cannot cut a socket still connecting (a crashed host, a firewall dropping
+    packets): such a request held the run for all of --request-timeout (600 s by default); the
+    handshake now has its own bound, CONNECT_TIMEOUT_S (10 s; 1 s here)."""
+    import socket
+
+    from draftdata.collect import synthesize as synth_module
+    from draftdata.collect.synthesize import EndpointClient, EndpointError
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(0)                                 # a full accept queue: further handshakes hang
+    port = server.getsockname()[1]
+    queued = []
+    for _ in range(3):
+        c = socket.socket()
+        c.setblocking(False)
+        c.connect_ex(("127.0.0.1", port))
+        queued.append(c)
+    time.sleep(0.3)
+    monkeypatch.setattr(synth_module, "CONNECT_TIMEOUT_S", 1.0)
+    client = EndpointClient(f"http://127.0.0.1:{port}", model="m", timeout=60, retries=0)
+    t0 = time.monotonic()
+    with pytest.raises(EndpointError, match="timed out"):
+        client.answer(Prompt([{"role": "user", "content": "hi"}], 0))
+    assert time.monotonic() - t0 < 20
+    for c in [*queued, server]:
+        c.close()
+
+
 def test_quoted_response_bodies_are_one_short_line():
     assert _error_text({"error": {"message": "bad\n  request " + "x" * 500}}) == "bad request " + "x" * 185 + "..."
     assert _error_text("<html><script>var a = 1;</script><b>Gone</b>\n</html>") == "Gone"
@@ -986,6 +1031,32 @@ def test_ray_matches_local_output(tiny_model, tmp_path, capfd):
     records = read_output(distributed)
     assert len(records) == len({r["conversation_id"] for r in records}) == len(conversations())
     assert by_id(records) == by_id(read_output(local))  # same answers, however the work was split
+
+
+def test_sigterm_stops_a_ray_run_as_ctrl_c_does(tmp_path):
+    """ray.init replaces the CLI's SIGTERM handler with its own exit (status 1 or 15, a dump, no
+    'terminated' line): the CLI takes SIGTERM back after connecting."""
+    import socket
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(64)                                   # accepts, never answers
+    inp = write_jsonl(tmp_path / "in.jsonl", [one_turn(f"c{i}", f"hi {i}") for i in range(4)])
+    proc = subprocess.Popen([sys.executable, "-m", "draftdata.cli", "synthesize", "--endpoint",
+                             f"http://127.0.0.1:{server.getsockname()[1]}", "--model", "m", "--input", str(inp),
+                             "--output", str(tmp_path / "out.jsonl"), "--ray", "--num-workers", "1",
+                             "--request-timeout", "60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled"})
+    try:
+        server.settimeout(120)
+        conn, _ = server.accept()                       # a worker's request: the run is under way
+        time.sleep(1)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+        server.close()
+    assert proc.returncode == 143 and "terminated (SIGTERM)" in err, err[-2000:]
 
 
 def test_pick_tokens_samples_the_distribution_row_by_row():

@@ -113,11 +113,11 @@ def input_files(input: str, storage_options: dict | None = None) -> list[tuple[A
     remote = not is_local(input)
     fs, path = fsspec.core.url_to_fs(input, **((storage_options or {}) if remote else {}))
     if any(c in path for c in "*?["):
-        paths, folder = _files(fs.glob(path, detail=True)), os.path.dirname(input)
+        paths, folder = _files(fs.glob(path, detail=True), input), os.path.dirname(input)
         if any(c in folder for c in "*?["):  # "in/*/part.jsonl": the folder differs per file
             folder = ""
     elif fs.isdir(path):
-        paths, folder = [p for p in _files(fs.ls(path, detail=True)) if p.endswith(JSONL_SUFFIXES)], input
+        paths, folder = [p for p in _files(fs.ls(path, detail=True), input) if p.endswith(JSONL_SUFFIXES)], input
         if not paths:
             raise DraftdataError(f"--input {input}: directory holds no *.jsonl files")
     elif fs.exists(path):
@@ -140,12 +140,13 @@ def input_files(input: str, storage_options: dict | None = None) -> list[tuple[A
 OWN_REJECTS = re.compile(r"(^|/)_reports/collect-[^/]+/rejects\.jsonl$|\.synth/rejects-[^/]+\.jsonl$")
 
 
-def _files(entries: Any) -> list[str]:
+def _files(entries: Any, input: str) -> list[str]:
     """The sorted file paths among fsspec `ls`/`glob` entries: no directories (an input folder may
-    hold sub-folders), none of draftdata's own rejects files."""
+    hold sub-folders), none of draftdata's own rejects files unless `input` names their folder."""
     infos = entries.values() if isinstance(entries, dict) else entries
+    own = "_reports/" not in input and ".synth/" not in input
     return sorted(e["name"] for e in infos
-                  if e.get("type") != "directory" and not OWN_REJECTS.search(e["name"]))
+                  if e.get("type") != "directory" and not (own and OWN_REJECTS.search(e["name"])))
 
 
 def input_reads(input: str, path: str, files: list[tuple[Any, str, str]]) -> tuple[str, str] | None:
@@ -255,7 +256,9 @@ def json_error_detail(error: json.JSONDecodeError) -> str:
     newline as a second line, which next to `file:LINE` reads as another line of the file."""
     end = len(error.doc.rstrip())
     where = f"{'' if error.msg.endswith(' at') else 'at '}column {min(error.pos, end) + 1}"
-    if error.pos >= end or error.msg.startswith("Unterminated string"):
+    if error.msg.startswith("Unterminated string"):
+        where += " (it runs to the end of the line: the record is cut short)"
+    elif error.pos >= end:
         where += " (the end of the line: the record is cut short)"
     if error.doc.lstrip().startswith(("[", "]")):
         where += "; the input must be JSON Lines, one object per line, not a JSON array"
@@ -460,13 +463,25 @@ class ChatTokenizer:
                                       "conversation (the template rewrites its content)")
             while end > start and text[end - 1].isspace():
                 end -= 1
-            if m.get(TRUNCATED) and m["content"].strip():  # the reply's text only, without its end of turn
-                at = text.find(m["content"].rstrip(), start, end)
-                if at >= 0:
-                    end = at + len(m["content"].rstrip())
+            if m.get(TRUNCATED):  # the reply's text only: the special tokens ending it were never generated
+                end = self._before_end_markers(text, start, end)
             spans.append((start, end))
             cursor = max(cursor, end)
         return spans
+
+    def _before_end_markers(self, text: str, start: int, end: int) -> int:
+        """`end` moved back over the special tokens (and whitespace) that close text[start:end]:
+        where a reply cut at the token limit ends. Whatever the template did to the reply's own
+        text (trimmed it, kept only the answer after </think>), its end of turn is such a token."""
+        while end > start:
+            while end > start and text[end - 1].isspace():
+                end -= 1
+            size = next((len(sp) for sp in self._specials if text.startswith(sp, end - len(sp))
+                         and end - len(sp) >= start), 0)
+            if not size:
+                break
+            end -= size
+        return end
 
     def _header_at(self, header: str, text: str, lo: int) -> int:
         """How much of the generation prompt's tail (`header`, e.g. "<|im_start|>assistant\n") `text`

@@ -387,6 +387,7 @@ def _collect_with(settings: CollectSettings, schema: DatasetSchema, info: BaseMo
         print(stats.format(writer.url, settings.input, where))
         if interrupted:
             print(STOPPED_EARLY, file=sys.stderr)
+    ledger.refresh()  # (again: a failure to read the commit records above only cost the summary's counts)
     return 1 if report_duplicates(ledger, writer.url, parts_before) else 0
 
 

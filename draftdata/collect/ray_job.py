@@ -65,7 +65,7 @@ from draftdata.collect.job import (
 )
 from draftdata.collect.runner import CollectOptions, CollectStats, KeptFlags
 from draftdata.config import DatasetSchema
-from draftdata.errors import DraftdataError, SchemaMismatchError
+from draftdata.errors import DraftdataError, SchemaMismatchError, reclaim_sigterm
 
 NAMESPACE = "draftdata"
 MAX_RETRIES = 2  # attempts per unit = MAX_RETRIES + 1
@@ -292,6 +292,7 @@ def connect(address: str | None) -> bool:
         kwargs["address"] = address
     try:
         ray.init(**kwargs)
+        reclaim_sigterm()
     except ray.exceptions.AuthenticationError as e:
         raise DraftdataError(
             f"Ray at {address or 'the default address'} refused the connection: {str(e).splitlines()[0]}. The "

@@ -564,9 +564,15 @@ class EndpointClient:
         if self._cut.is_set():  # connected while cut_off ran
             _shut(sock)
 
+    def start_run(self) -> None:
+        """Clear an earlier run's stop (a Ray actor keeps one client for all its work units)."""
+        self.stopping.clear()
+        self._cut.clear()
+
     def cut_off(self) -> None:
         """End every request under way at once (their calls fail and make no further attempt):
-        urllib's blocking reads otherwise hold a stopping run for up to --request-timeout."""
+        urllib's blocking reads otherwise hold a stopping run for up to --request-timeout. A
+        request still connecting ends within CONNECT_TIMEOUT_S."""
         self.stopping.set()
         self._cut.set()
         with self._sockets_lock:
@@ -721,11 +727,23 @@ def _shut(sock: socket.socket) -> None:
         sock.shutdown(socket.SHUT_RDWR)
 
 
+CONNECT_TIMEOUT_S = 10.0  # a TCP (and TLS) handshake: a server that takes longer is down, and is retried
+
+
 def _tracked(connection_class: type, client: EndpointClient) -> type:
-    """`connection_class` that hands each socket it connects to the client (for cut_off)."""
+    """`connection_class` that connects within CONNECT_TIMEOUT_S (a stopping run cannot cut a
+    socket still connecting) and hands each socket it connects to the client (for cut_off)."""
     class Tracked(connection_class):  # type: ignore[misc, valid-type]
         def connect(self) -> None:
-            super().connect()
+            full = self.timeout
+            if isinstance(full, (int, float)):
+                self.timeout = min(full, CONNECT_TIMEOUT_S)
+            try:
+                super().connect()
+            finally:
+                self.timeout = full
+            if isinstance(full, (int, float)):
+                self.sock.settimeout(full)  # reads: each bounded by --request-timeout again
             client._connected(self.sock)
     return Tracked
 
@@ -978,6 +996,7 @@ def _shrink_after_oom(capacity: int, batch: RunningBatch, running: dict[int, Tur
 def _run_concurrent(conversations: Iterable[Conversation], client: EndpointClient, settings: SynthSettings,
                     sink: Sink, on_reject: Callable[[Reject], None], stats: SynthStats, progress: Progress) -> None:
     stop = threading.Event()
+    client.start_run()
 
     def converse(state: TurnState) -> tuple[TurnState, tuple[str, str] | None]:
         while not state.finished and not stop.is_set():

@@ -664,7 +664,7 @@ def open_location(url: str, storage_options: dict[str, Any] | None = None) -> tu
         bucket = loc.root.split("/", 1)[0]
         if not entries and is_bucket_fs(loc.fs) and bucket and not _exists(loc.fs, bucket):
             raise StorageAccessError(f"{loc.url}: the bucket {bucket} does not exist (or these credentials cannot "
-                                     "see it); check the URL")
+                                     "see it); create it first, or check the URL (draftdata never creates buckets)")
         raise DatasetNotFoundError(f"{loc.url}: no dataset here ({SCHEMA_FILE} not found); "
                                    "create one with `draftdata collect --output URL`")
     return loc, schema

@@ -65,7 +65,14 @@ import torch
 import torch.distributed as dist
 
 from draftdata.config import EagleConfig
-from draftdata.errors import TERMINATED, DraftdataError, MissingPartsError, name_some, raise_terminated
+from draftdata.errors import (
+    TERMINATED,
+    DraftdataError,
+    MissingPartsError,
+    name_some,
+    raise_terminated,
+    reclaim_sigterm,
+)
 from draftdata.locks import DirectoryLock
 
 CHECKPOINTS = "checkpoints"
@@ -423,11 +430,12 @@ class StopOnInterrupt:
 
 
 def _ignore_sigint(worker_id: int) -> None:
-    """DataLoader worker init: a terminal's Ctrl-C reaches the workers too; leave it to the main
-    process, which stops at a step boundary and then shuts the workers down. SIGTERM ends a
-    worker at once (the main process's step-boundary handler was inherited through fork)."""
+    """DataLoader worker init: a terminal's Ctrl-C, and a scheduler's SIGTERM to the process
+    group, reach the workers too; leave them to the main process, which stops at a step boundary
+    and then shuts the workers down (a worker killed mid-step made torch raise in the main
+    process; a worker outliving its main process exits on its own)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1176,6 +1184,7 @@ def train_with_ray(cfg: TrainConfig, num_workers: int, *, use_gpu: bool | None =
         name: normalize_location(value) for name in PATH_SETTINGS if (value := getattr(cfg, name))})
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"))
+        reclaim_sigterm()
     if use_gpu is None:  # --device cpu on a GPU cluster: CPU workers (an NCCL group cannot serve them)
         use_gpu = cfg.device != "cpu" and bool(ray.cluster_resources().get("GPU", 0))
     elif use_gpu and cfg.device == "cpu":
