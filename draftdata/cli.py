@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     if extra:  # the command's own usage, not the top-level one
         command_parser.error(f"unrecognized arguments: {' '.join(extra)}")
     module = importlib.import_module(args._module)
+    TERMINATED.clear()  # (main() may run again in one process: a library user, the tests)
     previous = stop_on_sigterm()
     try:
         status = int(module.run(args) or 0)
