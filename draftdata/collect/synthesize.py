@@ -553,8 +553,7 @@ class EndpointClient:
         self.stopping = threading.Event()  # set when the run stops: no further attempt or backoff wait
         self._sockets: weakref.WeakSet[socket.socket] = weakref.WeakSet()  # connections, for cut_off
         self._sockets_lock, self._cut = threading.Lock(), threading.Event()
-        self._opener = urllib.request.build_opener(_NoRedirect, _TrackedHTTPHandler(self),
-                                                   _TrackedHTTPSHandler(self))
+        self._opener = urllib.request.build_opener(_NoRedirect, *_tracking_handlers(self))
         self.model = model or self._only_model()
 
     def _connected(self, sock: socket.socket) -> None:
@@ -748,22 +747,18 @@ def _tracked(connection_class: type, client: EndpointClient) -> type:
     return Tracked
 
 
-class _TrackedHTTPHandler(urllib.request.HTTPHandler):
-    def __init__(self, client: EndpointClient):
-        super().__init__()
-        self._connection = _tracked(http.client.HTTPConnection, client)
+def _tracking_handlers(client: EndpointClient) -> list[Any]:
+    """urllib's http and https handlers, opening their connections as `_tracked` ones."""
+    handlers = []
+    for handler_class, connection_class in ((urllib.request.HTTPHandler, http.client.HTTPConnection),
+                                            (urllib.request.HTTPSHandler, http.client.HTTPSConnection)):
+        class Handler(handler_class):  # type: ignore[misc, valid-type]
+            connection = _tracked(connection_class, client)
 
-    def do_open(self, http_class: Any, req: Any, **kwargs: Any) -> Any:
-        return super().do_open(self._connection, req, **kwargs)
-
-
-class _TrackedHTTPSHandler(urllib.request.HTTPSHandler):
-    def __init__(self, client: EndpointClient):
-        super().__init__()
-        self._connection = _tracked(http.client.HTTPSConnection, client)
-
-    def do_open(self, http_class: Any, req: Any, **kwargs: Any) -> Any:
-        return super().do_open(self._connection, req, **kwargs)
+            def do_open(self, http_class: Any, req: Any, **kwargs: Any) -> Any:
+                return super().do_open(self.connection, req, **kwargs)
+        handlers.append(Handler())
+    return handlers
 
 
 def _read_until(resp: Any, deadline: float) -> bytes:
