@@ -54,6 +54,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The CLI: returns the exit status. Ctrl-C exits 130 and SIGTERM 143, also while the
+    command's modules (torch) are still loading."""
+    TERMINATED.clear()  # (main() may run again in one process: a library user, the tests)
+    previous = stop_on_sigterm()
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # before the command started
+        print(f"draftdata: {'terminated (SIGTERM)' if TERMINATED.is_set() else 'interrupted'}", file=sys.stderr)
+        return 143 if TERMINATED.is_set() else 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+            release_sigterm()
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if not getattr(args, "command", None):
@@ -66,8 +82,6 @@ def main(argv: list[str] | None = None) -> int:
     if extra:  # the command's own usage, not the top-level one
         command_parser.error(f"unrecognized arguments: {' '.join(extra)}")
     module = importlib.import_module(args._module)
-    TERMINATED.clear()  # (main() may run again in one process: a library user, the tests)
-    previous = stop_on_sigterm()
     try:
         status = int(module.run(args) or 0)
         return 143 if TERMINATED.is_set() and status == 130 else status
@@ -83,10 +97,6 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `draftdata inspect DS | head`: the reader left; no traceback
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python flushes stdout at exit
         return 1
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-            release_sigterm()
 
 
 if __name__ == "__main__":

@@ -881,3 +881,25 @@ def test_a_dataset_created_meanwhile_by_another_writer_is_adopted(tiny_model, tm
     monkeypatch.setattr(store_dataset._Location, "read_schema", other_writer_between)
     assert main(collect_args(tiny_model, inp, out)) == 0 and raced
     assert sorted(stored_ids(out)) == [f"c{i:04d}" for i in range(6)]
+
+
+def test_a_stop_while_the_command_loads_is_one_line(monkeypatch, capsys):
+    """Ctrl-C in the first second of any command (while torch and pyarrow load, before the
+    command runs) printed a 40-line traceback and died of the signal; SIGTERM there killed it
+    silently."""
+    from draftdata import cli, errors
+
+    def ctrl_c_while_loading():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", ctrl_c_while_loading)
+    assert cli.main(["collect"]) == 130
+    assert capsys.readouterr().err == "draftdata: interrupted\n"
+
+    def sigterm_while_loading():
+        errors.raise_terminated(signal.SIGTERM, None)
+
+    monkeypatch.setattr(cli, "build_parser", sigterm_while_loading)
+    assert cli.main(["collect"]) == 143
+    assert capsys.readouterr().err == "draftdata: terminated (SIGTERM)\n"
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL   # the handler is the process's again

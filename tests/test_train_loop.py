@@ -715,8 +715,11 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path, tiny_model, tr
     from draftdata.train.export import find_checkpoint
     assert find_checkpoint(out) == out / "checkpoints" / f"step-{step:08d}"
 
+    partial = out / "checkpoints" / "step-00000001.tmp"     # a save a second signal cut short: it stayed
+    partial.mkdir()
     assert main(args + ["--steps", str(step + 2), "--resume"]) == 0
     assert f"at step {step} " in capsys.readouterr().err
+    assert not partial.exists()
     assert [r["step"] for r in read_metrics(out)] == list(range(1, step + 3))
 
 

@@ -505,7 +505,8 @@ def save_checkpoint(output: Path, step: int, draft, state: dict[str, Any], rng_s
 
     final = _checkpoint_dir(output, step)
     tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    for partial in final.parent.glob("step-*.tmp"):  # this one, and any a kill cut short (one run per output)
+        shutil.rmtree(partial, ignore_errors=True)
     save_draft(tmp, draft)
     torch.save({**state, "rng": rng_states}, tmp / TRAINER_STATE)
     _fsync_dir_files(tmp)
