@@ -61,6 +61,9 @@ def draftdata(argv: list[str]) -> None:
     from draftdata.cli import main
 
     rc = main(argv)
+    if rc in (130, 143):  # Ctrl-C or SIGTERM: the step kept what it finished
+        print("demo: stopped; the same `draftdata demo` command continues where it stopped", file=sys.stderr)
+        raise SystemExit(rc)
     if rc != 0:  # the step said why; the demo ends with its exit status (2: a usage error)
         print(f"demo: `draftdata {shlex.join(argv)}` failed with exit code {rc}", file=sys.stderr)
         raise SystemExit(rc)
@@ -72,17 +75,51 @@ RERUN_FIXED = ("model", "holdout", "max_new_tokens", "draft_vocab_size")
 
 def check_rerun(out: Path, settings: dict) -> None:
     """Refuse a rerun into an --out whose earlier run had other settings (its dataset, vocabulary
-    and draft would be mixed with the new ones, and held-out prompts could be trained on)."""
+    and draft would be mixed with the new ones, and held-out prompts could be trained on), and an
+    --out that holds anything else (the demo would overwrite and mix in files of the same names)."""
     path = out / "demo_settings.json"
+    if not path.is_file():
+        held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+        if held:
+            from draftdata.errors import name_some
+
+            raise DraftdataError(f"--out {out} holds {name_some(held)} and no demo_settings.json, so it is no "
+                                 "demo directory (the demo would overwrite files there); give a new or empty one")
+        return
     try:
         then = json.loads(path.read_text())
     except (OSError, ValueError):
-        return
+        then = None
+    if not isinstance(then, dict):
+        raise DraftdataError(f"--out {out}: {path.name} is damaged, so whether a rerun there fits the earlier run "
+                             "cannot be told; use a new --out, or delete that one")
     diffs = ["the --prompts content" if k == "prompts_sha256" else f"{k} {then.get(k)!r} then, {settings.get(k)!r} now"
              for k in settings if then.get(k) != settings.get(k)]
     if diffs:
         raise DraftdataError(f"--out {out} holds a demo run with other settings ({'; '.join(diffs)}); a rerun "
                              "there resumes that run: use a new --out, or delete that one")
+
+
+def usable_prompts(source: Path) -> list[str]:
+    """The records of --prompts as JSONL lines, each with its id: checked here, against the user's
+    own file and line, before any step runs (a bad held-out record failed only at the last step,
+    after training), and split by record, so that no id is on both sides of the split."""
+    from draftdata.collect.conversations import Reject, read_conversations
+
+    rejects, lines = [], []
+    for item in read_conversations(str(source), require_assistant=False):
+        if isinstance(item, Reject):
+            rejects.append(item)
+            continue
+        record = {"conversation_id": item.conversation_id, "conversations": item.messages}
+        if item.category is not None:
+            record["category"] = item.category
+        lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+    if rejects:
+        shown = "; ".join(f"{r.source}: {r.reason}: {r.detail}" for r in rejects[:3])
+        raise DraftdataError(f"--prompts {source}: {len(rejects)} record(s) cannot be used ({shown}"
+                             f"{'; ...' if len(rejects) > 3 else ''}); fix or remove them")
+    return lines
 
 
 def run(args: argparse.Namespace) -> int:
@@ -91,16 +128,20 @@ def run(args: argparse.Namespace) -> int:
             raise DraftdataError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
     if not args.train_minutes > 0:
         raise DraftdataError(f"--train-minutes {args.train_minutes:g}: must be more than 0")
+    from draftdata.models import check_device
+
+    check_device(args.device)  # before anything is written
     source = Path(args.prompts or bundled_prompts())
     if not source.is_file():
         raise DraftdataError(f"--prompts {source}: no such file")
     # split("\n"), not splitlines(): U+2028 and U+2029 are valid inside JSON strings
     lines = [x for x in source.read_text(encoding="utf-8").split("\n") if x.strip()]
-    if len(lines) < 2:
-        raise DraftdataError(f"--prompts {source}: holds {len(lines)} record(s); the demo needs at least 2 (one "
+    records = usable_prompts(source)
+    if len(records) < 2:
+        raise DraftdataError(f"--prompts {source}: holds {len(records)} record(s); the demo needs at least 2 (one "
                              "to train on, one to evaluate)")
-    if not 1 <= args.holdout < len(lines):
-        raise DraftdataError(f"--holdout {args.holdout}: keep between 1 and {len(lines) - 1} of the {len(lines)} "
+    if not 1 <= args.holdout < len(records):
+        raise DraftdataError(f"--holdout {args.holdout}: keep between 1 and {len(records) - 1} of the {len(records)} "
                              f"prompts in {source} for the evaluation (the rest train the draft)")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -110,13 +151,15 @@ def run(args: argparse.Namespace) -> int:
     settings = {k: getattr(args, k) for k in RERUN_FIXED}
     if Path(args.model).exists():  # a local model: the same directory however it is spelled
         settings["model"] = str(Path(args.model).resolve())
+    elif args.model.lower() == "smollm2":  # the embedded model's name, in any case
+        settings["model"] = "smollm2"
     settings["prompts_sha256"] = hashlib.sha256("\n".join(lines).encode()).hexdigest()
     check_rerun(out, settings)
     try:
         out.mkdir(parents=True, exist_ok=True)
         (out / "demo_settings.json").write_text(json.dumps(settings, indent=2) + "\n")
-        train_prompts.write_text("\n".join(lines[:-args.holdout]) + "\n")
-        eval_prompts.write_text("\n".join(lines[-args.holdout:]) + "\n")
+        train_prompts.write_text("".join(records[:-args.holdout]))
+        eval_prompts.write_text("".join(records[-args.holdout:]))
     except OSError as e:
         raise DraftdataError(f"--out {out}: cannot write into it ({e.strerror or e}); give a writable "
                              "directory") from None
@@ -173,7 +216,8 @@ def run(args: argparse.Namespace) -> int:
     print("\n== demo finished in " + f"{total / 60:.1f} min ("
           + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()) + ")", file=sys.stderr)
     print(f"acceptance length (tokens per base forward, K=5, greedy): {eagle['acceptance_length']:.2f}")
-    if lookup.get("tokens_per_base_forward"):
-        print(f"prompt-lookup decoding, same prompts: {lookup['tokens_per_base_forward']:.2f} tokens per base forward")
+    if lookup.get("tokens_per_base_forward"):  # both counting the prefill forward: like for like
+        print(f"prompt-lookup decoding, same prompts: {lookup['tokens_per_base_forward']:.2f} tokens per base forward "
+              f"with its prefill (EAGLE: {eagle.get('tokens_per_base_forward', float('nan')):.2f})")
     print(f"outputs: dataset {dataset}, draft {draft}, eval report {report_file}")
     return 0

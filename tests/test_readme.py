@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -82,6 +83,27 @@ def test_demo_and_vocab_refuse_bad_arguments_in_one_line(tmp_path, capsys):
     assert main(["demo", "--holdout", "5", "--out", str(tmp_path / "old")]) == 2
     assert "holds a demo run with other settings (" in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "old").iterdir()) == ["demo_settings.json"]
+    # a damaged settings file switched the check off (or was a traceback)
+    (tmp_path / "old" / "demo_settings.json").write_text("[]")
+    assert main(["demo", "--out", str(tmp_path / "old")]) == 2
+    assert "demo_settings.json is damaged" in capsys.readouterr().err
+    # a directory of the user's own: the demo overwrote train_prompts.jsonl there and trained into train/
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "train_prompts.jsonl").write_text("MY NOTES\n")
+    assert main(["demo", "--out", str(mine)]) == 2
+    assert "holds train_prompts.jsonl and no demo_settings.json" in capsys.readouterr().err
+    assert (mine / "train_prompts.jsonl").read_text() == "MY NOTES\n"
+    # a bad record is named in the user's file before any step (it failed at eval, the last step,
+    # naming the demo's copy); a bad --device before anything is written
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps({"id": f"t{i}", "messages": [{"role": "user", "content": f"q{i}"}]}) + "\n"
+                           for i in range(3)) + '{"id": "e0", "prompt": "Say hi"}\n')
+    assert main(["demo", "--prompts", str(bad), "--holdout", "1", "--out", str(tmp_path / "b")]) == 2
+    assert f"{bad}:4: missing_conversations" in capsys.readouterr().err
+    assert main(["demo", "--device", "bogus", "--out", str(tmp_path / "b")]) == 2
+    assert "--device" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
 
 
 def test_progress_interval_env_var_must_be_a_number(monkeypatch):
