@@ -22,7 +22,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from draftdata.store import open_dataset
-    from draftdata.store.verify import garbage_collect, leftovers, verify_dataset
+    from draftdata.store.verify import count_problems, garbage_collect, leftovers, verify_dataset
 
     opts = parse_storage_options(args.storage_option)
     if args.gc:
@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     for line in problems:
         print(line)
     if problems:
-        print(f"{len(problems)} problem(s) in {ds.url}", file=sys.stderr)
+        print(f"{count_problems(problems)} problem(s) in {ds.url}", file=sys.stderr)
         return 1
     print(f"ok: {len(ds.parts)} parts, {ds.num_samples} samples, {ds.num_tokens} tokens verified", file=sys.stderr)
     return 0

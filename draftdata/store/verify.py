@@ -108,8 +108,18 @@ def verify_dataset(ds: Dataset, progress: Callable[[int], Any] | None = None) ->
         where = [p.id for p in ds.parts if cid in p.conversation_ids]
         problems.append(f"conversation {cid!r}: stored {n} times (parts {', '.join(where)})")
     if len(dups) > 50:
-        problems.append(f"... and {len(dups) - 50} more duplicated conversation ids")
+        problems.append(f"{MORE_DUPLICATES} {len(dups) - 50} more duplicated conversation ids")
     return problems
+
+
+MORE_DUPLICATES = "... and"  # the line that stands for the duplicated ids not listed
+
+
+def count_problems(problems: list[str]) -> int:
+    """How many problems `verify_dataset`'s lines stand for (its last line may count many)."""
+    if problems and problems[-1].startswith(MORE_DUPLICATES):
+        return len(problems) - 1 + int(problems[-1].split()[2])
+    return len(problems)
 
 
 def leftovers(url: str, *, storage_options: dict[str, Any] | None = None) -> list[tuple[str, float | None]]:
