@@ -61,12 +61,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _main(argv)
     except KeyboardInterrupt:  # before the command started
-        print(f"draftdata: {'terminated (SIGTERM)' if TERMINATED.is_set() else 'interrupted'}", file=sys.stderr)
-        return 143 if TERMINATED.is_set() else 130
+        return _stopped("draftdata")
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
             release_sigterm()
+
+
+def _stopped(who: str) -> int:
+    """Say that Ctrl-C (130) or SIGTERM (143) stopped `who`; the exit status."""
+    print(f"{who}: {'terminated (SIGTERM)' if TERMINATED.is_set() else 'interrupted'}", file=sys.stderr)
+    return 143 if TERMINATED.is_set() else 130
 
 
 def _main(argv: list[str] | None) -> int:
@@ -89,11 +94,7 @@ def _main(argv: list[str] | None) -> int:
         print(f"draftdata {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        if TERMINATED.is_set():
-            print(f"draftdata {args.command}: terminated (SIGTERM)", file=sys.stderr)
-            return 143
-        print(f"draftdata {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return _stopped(f"draftdata {args.command}")
     except BrokenPipeError:  # `draftdata inspect DS | head`: the reader left; no traceback
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python flushes stdout at exit
         return 1

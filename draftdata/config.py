@@ -14,6 +14,13 @@ from draftdata.errors import DraftdataError
 # draftdata.models.model_hash's prefix for fingerprints that read the weight bytes
 SAMPLED_MODEL_HASH = "sampled-sha256:"
 
+
+def same_weights(a: str | None, b: str | None) -> bool:
+    """Two model fingerprints agree on the weights' content (the sampled scheme; the older one
+    hashed names and sizes only, which a fine-tune of the same shape shares)."""
+    return bool(a) and str(a).startswith(SAMPLED_MODEL_HASH) and a == b
+
+
 FORMAT_NAME = "draftdata"
 FORMAT_VERSION = 1
 LAYER_ID_CONVENTION = "decoder_layer_output_0based"
@@ -97,8 +104,7 @@ class DatasetSchema:
     def same_model_elsewhere(self, other: DatasetSchema) -> bool:
         """Both name their base by a directory path, and the weights' content fingerprints agree."""
         return (str(self.base_model_id).startswith("/") and str(other.base_model_id).startswith("/")
-                and bool(self.base_model_hash) and str(self.base_model_hash).startswith(SAMPLED_MODEL_HASH)
-                and self.base_model_hash == other.base_model_hash)
+                and same_weights(self.base_model_hash, other.base_model_hash))
 
     def differences(self, other: DatasetSchema) -> list[str]:
         """Human-readable list of identity fields where `other` differs from self (empty if compatible)."""

@@ -134,7 +134,8 @@ def run(args: argparse.Namespace) -> int:
     source = Path(args.prompts or bundled_prompts())
     if not source.is_file():
         raise DraftdataError(f"--prompts {source}: no such file")
-    # split("\n"), not splitlines(): U+2028 and U+2029 are valid inside JSON strings
+    # The file's lines name its content in demo_settings.json (as earlier demo directories recorded
+    # it). split("\n"), not splitlines(): U+2028 and U+2029 are valid inside JSON strings.
     lines = [x for x in source.read_text(encoding="utf-8").split("\n") if x.strip()]
     records = usable_prompts(source)
     if len(records) < 2:

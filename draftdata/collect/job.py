@@ -268,6 +268,10 @@ class CommitLedger:
                     self.where[cid] = info.id
         return new
 
+    def committed_since(self, parts_before: set[str]) -> set[str]:
+        """Ids of the parts committed since `parts_before` (as of the last refresh)."""
+        return {cid for cid, part in self.where.items() if part not in parts_before}
+
 
 def compute_dtypes(parts: Any) -> dict[str, int]:
     """Parts per compute dtype, from the commit records' `producer` (parts written before it was
@@ -381,13 +385,15 @@ def _collect_with(settings: CollectSettings, schema: DatasetSchema, info: BaseMo
         bar.close()
         stats.collect_seconds = time.perf_counter() - t_loop
         stats.seconds = time.perf_counter() - t_start
-        flags.count(stats, written_ids(ledger, parts_before))
+        written = written_ids(ledger, parts_before)
+        flags.count(stats, written)
         where = write_reports(writer.url, settings.storage_options, stats, rejects, settings.report_dict(),
                               settings.rejects)
         print(stats.format(writer.url, settings.input, where))
         if interrupted:
             print(STOPPED_EARLY, file=sys.stderr)
-    ledger.refresh()  # (again: a failure to read the commit records above only cost the summary's counts)
+    if written is None:  # the commit records could not be read for the summary: their error, now
+        ledger.refresh()
     return 1 if report_duplicates(ledger, writer.url, parts_before) else 0
 
 
@@ -402,7 +408,7 @@ def written_ids(ledger: CommitLedger, parts_before: set[str]) -> set[str] | None
         ledger.refresh()
     except Exception:  # noqa: BLE001 - the summary falls back to what was tokenized
         return None
-    return {cid for cid, part in ledger.where.items() if part not in parts_before}
+    return ledger.committed_since(parts_before)
 
 
 def report_duplicates(ledger: CommitLedger, url: str, parts_before: set[str]) -> bool:

@@ -506,7 +506,7 @@ def _drive(settings: CollectSettings, writer: Any, chat: Any, plan: RayPlan, poo
         stats.raw_bytes = stats.tokens * row_bytes
         stats.forward_seconds = forward_seconds
         stats.seconds = time.perf_counter() - t_start
-        flags.count(stats, {cid for cid, part in ledger.where.items() if part not in parts_before})
+        flags.count(stats, ledger.committed_since(parts_before))
         ray_info = {"workers": plan.num_workers, "cpus_per_worker": plan.num_cpus, "gpus_per_worker": plan.num_gpus,
                     "device": plan.device, "nodes": plan.nodes, "window_tokens": options.window_tokens,
                     "max_retries": pool.max_retries,

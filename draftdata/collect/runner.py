@@ -150,8 +150,8 @@ def prepare_samples(items: Iterable[Conversation | Reject], chat: ChatTokenizer,
 
     Conversations whose id is in `skip_ids` (already committed) are counted as skipped and
     never tokenized; rejects go to `on_reject`; truncated samples and empty answers are noted
-    in `flags` (for the summary). Every record advances `progress` exactly once: here when it is skipped or
-    rejected, in `collect_records` when it is written.
+    in `flags` (for the summary). Every record advances `progress` exactly once: here when it
+    is skipped or rejected, in `collect_records` when it is written.
     """
 
     empty: set[str] = set()  # ids of conversations with an empty answer

@@ -172,7 +172,8 @@ class SynthStats(RunStats):
                                                   f"answers, {self.tokens:,} tokens generated ({rate:,.0f} tokens/s)"],
                                    input)
         if self.truncated:
-            lines.append(f"  truncated  {self.truncated:,} answers cut at --max-new-tokens or the context (kept, marked 'truncated')")
+            lines.append(f"  truncated  {self.truncated:,} answers cut at --max-new-tokens or the context "
+                         "(kept, marked 'truncated')")
         if self.empty:
             lines.append(f"  empty      {self.empty:,} answers have no text (the model ended its turn at once; kept)")
         if self.leading_assistant:
@@ -1199,12 +1200,11 @@ def check_settings(output: JsonlOutput, settings: OutputSettings, command: str =
             recorded, saved_settings = None, {}
         if recorded is not None:
             if recorded.get("model_hash") and current.get("model_hash"):  # in the file's fingerprint scheme
-                from draftdata.config import SAMPLED_MODEL_HASH
+                from draftdata.config import same_weights
                 from draftdata.models import model_hash
 
                 current["model_hash"] = model_hash(settings.model_path, like=recorded["model_hash"])
-                if current["model_hash"] == recorded["model_hash"] and \
-                        current["model_hash"].startswith(SAMPLED_MODEL_HASH):  # the same weights, moved
+                if same_weights(current["model_hash"], recorded["model_hash"]):  # the same weights, moved
                     current["model_id"] = recorded.get("model_id")
             if recorded.get("temperature") == current.get("temperature") == 0:  # greedy: no sampling settings
                 for key in ("top_p", "seed"):

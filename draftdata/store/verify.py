@@ -149,7 +149,7 @@ def _leftovers(url: str, storage_options: dict[str, Any] | None) -> list[tuple[s
         entries = []
     for e in entries:
         path = e["name"].rstrip("/")
-        if path == parts.rstrip("/"):  # an S3 "folder" marker (`parts/`, the console's "Create folder"):
+        if path == parts:  # an S3 "folder" marker (`parts/`, the console's "Create folder"):
             continue                   # as a tree it is every part of the dataset
         if path.rsplit("/", 1)[-1] not in committed:
             tree(e["name"])

@@ -429,7 +429,7 @@ class StopOnInterrupt:
         self._previous = {}
 
 
-def _ignore_sigint(worker_id: int) -> None:
+def _leave_stops_to_main(worker_id: int) -> None:
     """DataLoader worker init: a terminal's Ctrl-C, and a scheduler's SIGTERM to the process
     group, reach the workers too; leave them to the main process, which stops at a step boundary
     and then shuts the workers down (a worker killed mid-step made torch raise in the main
@@ -973,7 +973,7 @@ def _train(cfg: TrainConfig) -> TrainResult:
                 dataset.load_state_dict({"epoch": epoch, "items_consumed": consumed, "num_workers": cfg.num_workers})
             loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers,
                                                  pin_memory=device.type == "cuda",
-                                                 worker_init_fn=_ignore_sigint if cfg.num_workers else None)
+                                                 worker_init_fn=_leave_stops_to_main if cfg.num_workers else None)
             # The iterator draws a seed from the global RNG: keep that draw out of the run's own stream
             # (hidden-state mixing), which a resumed run restores from the checkpoint before this point.
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
