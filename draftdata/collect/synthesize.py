@@ -1150,15 +1150,16 @@ class JsonlOutput:
         return ids, duplicates
 
     def append(self, records: list[dict[str, Any]]) -> None:
-        """Append whole lines (one write, then fsync) and remember their ids."""
+        """Append whole lines (one write, then fsync) and remember their ids (before the fsync: a
+        Ctrl-C or SIGTERM lands after a system call, and the run's summary counts these ids)."""
         if not records:
             return
         data = memoryview(encode_records(records))
         while data:  # a regular file takes it in one write; loop in case the kernel writes less
             n = os.write(self.fd, data)
             data = data[n:]
-        os.fsync(self.fd)
         self.ids.update(r["conversation_id"] for r in records)
+        os.fsync(self.fd)
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -1349,6 +1350,7 @@ def run_local(settings: SynthSettings) -> int:
             generator.on_step = lambda t: bar.update(0, t)
 
         interrupted = True
+        before = len(out.ids)
         try:
             items = pending_conversations(settings, skip_ids=set(out.ids), stats=stats, on_reject=rejects,
                                           progress=progress)
@@ -1359,6 +1361,8 @@ def run_local(settings: SynthSettings) -> int:
             bar.close()
             generator.close()
             stats.seconds = time.perf_counter() - t_start
+            # What the file gained: a stop between a write and its count (flush) made the summary short.
+            stats.written = len(out.ids) - before
             where = write_reports(out.path, stats, rejects, settings)
             print(stats.format(str(out.path), settings.input, where))
             if interrupted:
