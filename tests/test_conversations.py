@@ -431,6 +431,25 @@ def test_too_long_skip_and_truncate(tokenizer):
     assert isinstance(r2, Reject) and r2.reason == "too_long" and "no assistant tokens" in r2.detail
 
 
+def test_long_text_is_tokenized_by_its_head(tokenizer):
+    """A record far longer than --max-seq-len is tokenized by its head (whole, a 10 MB line took
+    1.9 GB and 20 s before its reject): the same reject, and the same truncated sample, as from
+    the whole text; a text of more than 8 characters a token is still tokenized whole."""
+    words = " ".join(f"word{i % 997} {i}" for i in range(20_000))  # ~200k characters
+    c = parse_record(conv(("user", "list"), ("assistant", words)), "f.jsonl:1")
+    whole = ChatTokenizer(tokenizer, max_seq_len=10**9).tokenize([c])[0]
+    (r,) = ChatTokenizer(tokenizer, max_seq_len=40).tokenize([c])
+    assert isinstance(r, Reject) and r.reason == "too_long", r
+    assert "tokens in its first 1,344 of" in r.detail and "> --max-seq-len 40" in r.detail
+    (s,) = ChatTokenizer(tokenizer, max_seq_len=40, on_long="truncate").tokenize([c])
+    assert s.truncated and s.input_ids.tolist() == whole.input_ids[:40].tolist()
+    assert s.loss_mask.tolist() == whole.loss_mask[:40].tolist() and s.loss_mask.any()
+    dense = parse_record(conv(("user", "x"), ("assistant", "<|im_start|>" * 3000)), "f.jsonl:2")
+    n = len(ChatTokenizer(tokenizer, max_seq_len=10**9).tokenize([dense])[0].input_ids)
+    (r2,) = ChatTokenizer(tokenizer, max_seq_len=200).tokenize([dense])
+    assert isinstance(r2, Reject) and f"{n} tokens > --max-seq-len 200" in r2.detail, r2
+
+
 def test_tokenize_stream_keeps_order_across_chunks(tokenizer):
     chat = ChatTokenizer(tokenizer)
     items = []

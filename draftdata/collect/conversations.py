@@ -537,9 +537,10 @@ class ChatTokenizer:
                 rendered.append(Reject(c.source, "template_error", f"{type(e).__name__}: {e}",
                                        c.conversation_id))
         ok = [r for r in rendered if not isinstance(r, Reject)]
-        want_offsets = self.loss_mask == "assistant" and self._fast
-        enc = self.tokenizer([t for _, t, _ in ok], add_special_tokens=False,
-                             return_offsets_mapping=want_offsets) if ok else {"input_ids": []}
+        # A record far longer than --max-seq-len (a 10 MB line) is tokenized by its head only: whole,
+        # its ids and offsets took 1.9 GB and 20 s before the length check threw them away.
+        head = self.max_seq_len * HEAD_CHARS_PER_TOKEN + 1024
+        encoded = self._encode([t[:head] for _, t, _ in ok], [sp for _, _, sp in ok])
         out: list[TokenizedSample | Reject] = []
         j = 0
         for r in rendered:
@@ -547,16 +548,33 @@ class ChatTokenizer:
                 out.append(r)
                 continue
             conv, text, spans = r
+            ids, mask = encoded[j]
+            j += 1
+            cut = len(text) > head
+            if cut and len(ids) <= self.max_seq_len + HEAD_SPARE_TOKENS:  # > 8 characters a token: the whole
+                ids, mask = self._encode([text], [spans])[0]
+                cut = False
+            out.append(self._fit(conv, ids, mask, None if not cut else f"in its first {head:,} of {len(text):,} "
+                                 "characters"))
+        return out
+
+    def _encode(self, texts: list[str], spans: list[list[tuple[int, int]]]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Token ids and loss mask of each text (one batched tokenizer call)."""
+        if not texts:
+            return []
+        want_offsets = self.loss_mask == "assistant" and self._fast
+        enc = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=want_offsets)
+        out = []
+        for j, text in enumerate(texts):
             ids = np.asarray(enc["input_ids"][j], dtype=np.int32)
             if self.loss_mask == "all":
                 mask = np.ones(len(ids), dtype=np.uint8)
             elif want_offsets:
                 mask = _mask_from_offsets(np.asarray(enc["offset_mapping"][j], dtype=np.int64).reshape(-1, 2),
-                                          spans)
+                                          spans[j])
             else:
-                mask = self._mask_by_prefix_lengths(text, spans, len(ids))
-            j += 1
-            out.append(self._fit(conv, ids, mask))
+                mask = self._mask_by_prefix_lengths(text, spans[j], len(ids))
+            out.append((ids, mask))
         return out
 
     def _mask_by_prefix_lengths(self, text: str, spans: list[tuple[int, int]], n: int) -> np.ndarray:
@@ -568,20 +586,28 @@ class ChatTokenizer:
             mask[a:b] = 1
         return mask
 
-    def _fit(self, conv: Conversation, ids: np.ndarray, mask: np.ndarray) -> TokenizedSample | Reject:
-        if self.loss_mask == "assistant" and not mask.any():
+    def _fit(self, conv: Conversation, ids: np.ndarray, mask: np.ndarray, head: str | None = None
+             ) -> TokenizedSample | Reject:
+        """The sample, truncated or rejected by --max-seq-len; `head` says which part of a long text
+        `ids` are (None: all of it)."""
+        if self.loss_mask == "assistant" and not mask.any() and not head:
             return Reject(conv.source, "no_assistant_turn", "the chat template renders no assistant tokens",
                           conv.conversation_id)
         if len(ids) <= self.max_seq_len:
             return TokenizedSample(conv.conversation_id, ids, mask, conv.source)
         if self.on_long == "skip":
-            return Reject(conv.source, "too_long", f"{len(ids)} tokens > --max-seq-len {self.max_seq_len} "
-                          "(use --on-long truncate to keep the first --max-seq-len tokens)", conv.conversation_id)
+            return Reject(conv.source, "too_long", f"{len(ids)} tokens{' ' + head if head else ''} > --max-seq-len "
+                          f"{self.max_seq_len} (use --on-long truncate to keep the first --max-seq-len tokens)",
+                          conv.conversation_id)
         ids, mask = ids[: self.max_seq_len], mask[: self.max_seq_len]
         if self.loss_mask == "assistant" and not mask.any():
             return Reject(conv.source, "too_long", f"truncated to --max-seq-len {self.max_seq_len} tokens, no "
                           "assistant tokens are left", conv.conversation_id)
         return TokenizedSample(conv.conversation_id, ids, mask, conv.source, truncated=True)
+
+
+HEAD_CHARS_PER_TOKEN = 8  # far above real text's 3-5: a longer text is tokenized by its head first
+HEAD_SPARE_TOKENS = 64  # a head ending inside a word may split it differently from the whole text
 
 
 def _mask_from_offsets(offsets: np.ndarray, spans: list[tuple[int, int]]) -> np.ndarray:
