@@ -288,7 +288,8 @@ def test_ray_train_torch_trainer(tmp_path, tiny_model, train_data, capfd):  # no
     assert json.loads((tmp_path / "ray" / "train_config.json").read_text())["world_size"] == 2
 
 
-def test_max_minutes_stops_with_a_checkpoint_and_resume_continues(tmp_path, tiny_model, train_data):  # noqa: F811
+def test_max_minutes_stops_with_a_checkpoint_and_resume_continues(tmp_path, tiny_model, train_data,  # noqa: F811
+                                                                  capsys):
     out = tmp_path / "run"
     common = ["train", "--data", train_data, "--model", str(tiny_model), "--output", str(out),
               "--eagle-config", str(eagle_file(tmp_path)), "--steps", "6", "--lr", "3e-3", "--batch-tokens", "512",
@@ -299,6 +300,10 @@ def test_max_minutes_stops_with_a_checkpoint_and_resume_continues(tmp_path, tiny
     assert load_draft(out / "final") is not None
     assert main(common + ["--resume"]) == 0
     assert [r["step"] for r in read_metrics(out)] == list(range(1, 7))
+    capsys.readouterr()
+    shorter = [x if x != "6" else "3" for x in common]      # a rerun with fewer steps keeps the longer run's draft
+    assert main(shorter + ["--resume"]) == 0
+    assert "is at step 6, not before this run's last step (3): nothing is left to train" in capsys.readouterr().err
     bad = ["train", "--data", train_data, "--model", str(tiny_model), "--output", str(tmp_path / "bad"),
            "--steps", "6", "--max-minutes", "0"]
     assert main(bad) == 2 and not (tmp_path / "bad").exists()       # bad value: one-line error, nothing written

@@ -922,6 +922,10 @@ def _train(cfg: TrainConfig) -> TrainResult:
             loss_tokens_seen = state.get("loss_tokens_seen")      # None: written by an older draftdata
             _set_rng_state(state["rng"][info.rank], device)
             _log(f"resumed from {ckpt} at step {step} (epoch {epoch}, {consumed} batches into it)", info)
+            if step >= total_steps:  # a shorter --steps (or --epochs) than the run already trained
+                _log(f"resume: {ckpt} is at step {step}, not before this run's last step ({total_steps}): nothing is "
+                     "left to train, and the final draft is that checkpoint's weights; to train fewer steps, "
+                     "train into a new --output", info)
         else:
             torch.manual_seed(cfg.seed + info.rank)     # per-rank stream (mix_hidden_states, dropout)
 
