@@ -131,6 +131,8 @@ class ConfigError(DraftdataError):
 #     which trains 2.2x slower for no gain: bench/quality/results.md, Run 6);
 #   draft_vocab_size: None = the base vocabulary, or the size of the --draft-vocab file;
 #   fc_norm, norm_output: the EAGLE 3.1 switches (vLLM's config names), off by default;
+#   norm_before_residual: the layer's residual is hidden_norm(h), not h (vLLM's and speculators'
+#     name; drafts trained by speculators set it), off by default;
 #   freeze_lm_head: keep a compressed draft vocabulary's lm_head at the base's rows (not trained).
 EAGLE3_ARCHITECTURE_DEFAULTS: dict[str, Any] = {
     "hidden_act": "silu",
@@ -159,6 +161,7 @@ EAGLE3_ARCHITECTURE_DEFAULTS: dict[str, Any] = {
     "draft_vocab_size": None,
     "fc_norm": False,
     "norm_output": False,
+    "norm_before_residual": False,
     "freeze_lm_head": False,
 }
 # ModelOpt fills these from the base model; so do we, and setting them is an error.
@@ -166,7 +169,8 @@ BASE_MODEL_ARCH_FIELDS = ("hidden_size", "vocab_size", "max_position_embeddings"
 # Accepted for compatibility with ModelOpt eagle_config.json files; they change nothing here.
 IGNORED_ARCH_FIELDS = ("_attn_implementation",)
 # Architecture fields that must be JSON booleans (the use_* switches are checked by _SUPPORTED_ARCH).
-_BOOL_ARCH_FIELDS = ("mlp_bias", "attention_bias", "has_lm_head", "fc_norm", "norm_output", "freeze_lm_head")
+_BOOL_ARCH_FIELDS = ("mlp_bias", "attention_bias", "has_lm_head", "fc_norm", "norm_output", "norm_before_residual",
+                     "freeze_lm_head")
 # RoPE types that need no transformers formula: plain RoPE, and multimodal RoPE (plain for text).
 _PLAIN_ROPE_TYPES = ("default", "mrope")
 # What the trainer can build; anything else is rejected with the reason.

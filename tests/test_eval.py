@@ -291,6 +291,25 @@ def test_load_accepts_layers0_names_and_vllm_only_ids(tiny_model, tmp_path):
         ev.load_exported_draft(export, base)
 
 
+def test_norm_before_residual_drafts_are_built_exported_and_read_back(tiny_model, tmp_path):
+    """Drafts trained by speculators set norm_before_residual (the layer's residual is hidden_norm(h),
+    not h): eval read them as the other layer and measured another model, silently. RMSNorm ignores
+    the state's scale, so with the flag the draft's output does not change when h is scaled."""
+    base, _, _ = ev.load_base(tiny_model, torch.device("cpu"), torch.float32)
+    torch.manual_seed(0)
+    h = json.loads((tiny_model / "config.json").read_text())["hidden_size"]
+    embeds, hidden, positions = torch.randn(1, 5, h), torch.randn(1, 5, h), torch.arange(5)[None]
+    for flag in (True, False):
+        export = exported_draft(tmp_path / str(flag), tiny_model, arch={"norm_before_residual": flag})
+        assert json.loads((export / "config.json").read_text()).get("norm_before_residual", False) is flag
+        draft = ev.load_exported_draft(export, base).model
+        assert draft.config.norm_before_residual is flag
+        with torch.no_grad():
+            same = torch.allclose(draft(embeds, hidden, positions).logits, draft(embeds, 10 * hidden, positions).logits,
+                                  atol=1e-5)
+        assert same is flag
+
+
 def test_load_reads_a_pytorch_model_bin_draft_without_unpickling_objects(tiny_model, tmp_path):
     """The EAGLE authors release drafts as config.json + pytorch_model.bin: read with weights_only,
     so a file that pickles anything but tensors is refused in one line naming it."""

@@ -792,6 +792,12 @@ def test_init_draft_starts_from_a_checkpoint_or_an_export_and_refuses_a_mismatch
     fc_norm.write_text(json.dumps({"eagle_architecture_config": {**TINY_ARCH, "fc_norm": True}}))
     err = refused("--init-draft", str(first), "--eagle-config", str(fc_norm))
     assert "missing ['fc_norm.0.weight', 'fc_norm.1.weight', 'fc_norm.2.weight']" in err
+    residual_norm = tmp_path / "residual_norm"                # the same tensors, another layer (speculators)
+    shutil.copytree(exported, residual_norm)
+    cfg = json.loads((residual_norm / "config.json").read_text())
+    (residual_norm / "config.json").write_text(json.dumps({**cfg, "norm_before_residual": True}))
+    err = refused("--init-draft", str(residual_norm))
+    assert "norm_before_residual=true" in err and "this run builds false" in err
     vocab = tmp_path / "vocab.safetensors"
     assert main(["vocab", train_data, "--draft-vocab-size", "64", "--out", str(vocab)]) == 0
     err = refused("--init-draft", str(exported), "--draft-vocab", str(vocab))

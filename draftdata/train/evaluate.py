@@ -171,6 +171,7 @@ def load_exported_draft(export_dir: str | os.PathLike, base: Any, device: torch.
         base_tie_word_embeddings=bool(getattr(bcfg, "tie_word_embeddings", False)),
         base_rms_norm_eps=float(getattr(bcfg, "rms_norm_eps", 1e-6)),
         fc_norm=bool(config.get("fc_norm", False)), norm_output=bool(config.get("norm_output", False)),
+        norm_before_residual=bool(config.get("norm_before_residual", False)),
         attention_bias=bool(config.get("attention_bias", False)), mlp_bias=bool(config.get("mlp_bias", False)),
     )
     model = Eagle3Draft(dcfg)

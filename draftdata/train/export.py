@@ -210,6 +210,8 @@ def build_export_config(cfg: Any, dtype: str = "bfloat16", modelopt_rope_scaling
         config["fc_norm"] = True
     if cfg.norm_output:
         config["norm_output"] = True
+    if cfg.norm_before_residual:
+        config["norm_before_residual"] = True
     if len(aux) != 3:
         config["num_aux_hidden_states"] = len(aux)
     config["draftdata"] = {

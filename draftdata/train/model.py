@@ -156,6 +156,7 @@ class DraftConfig:
     final_hidden_prenorm: bool = False
     fc_norm: bool = False
     norm_output: bool = False
+    norm_before_residual: bool = False
     train_lm_head: bool = False
     attention_bias: bool = False
     mlp_bias: bool = False
@@ -243,6 +244,7 @@ def resolve_draft_config(base_dir: str | Path, eagle: EagleConfig, schema: Datas
         base_num_hidden_layers=base.num_hidden_layers, base_tie_word_embeddings=base.tie_word_embeddings,
         base_rms_norm_eps=base.rms_norm_eps, final_hidden_prenorm=bool(schema.final_hidden_prenorm),
         fc_norm=bool(arch["fc_norm"]), norm_output=bool(arch["norm_output"]),
+        norm_before_residual=bool(arch["norm_before_residual"]),
         train_lm_head=bool(arch["has_lm_head"]) or (n_draft < base.vocab_size and not arch["freeze_lm_head"]),
         attention_bias=bool(arch["attention_bias"]), mlp_bias=bool(arch["mlp_bias"]),
         attention_dropout=float(arch["attention_dropout"]), initializer_range=float(arch["initializer_range"]),
@@ -370,7 +372,8 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     """The EAGLE3 'midlayer': embedding and state are normalized separately, then concatenated.
 
-    The residual stream is the un-normalized state h (vLLM's default `norm_before_residual=False`).
+    The residual stream is the un-normalized state h (vLLM's default `norm_before_residual=False`),
+    or hidden_norm(h) with `norm_before_residual` (drafts trained by speculators).
     ModelOpt's HF module instead runs the stock Llama layer, whose input_layernorm is applied to h
     before hidden_norm (two norms, the first sharing the embedding norm's weight); we follow the
     inference engines, which apply hidden_norm alone (docs/TRAIN.md).
@@ -383,12 +386,14 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
+        self.norm_before_residual = cfg.norm_before_residual
 
     def forward(self, embeds: torch.Tensor, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor | None, past: list[KV] | None = None) -> tuple[torch.Tensor, KV]:
-        x = torch.cat((self.input_layernorm(embeds), self.hidden_norm(hidden)), dim=-1)
+        normed = self.hidden_norm(hidden)
+        x = torch.cat((self.input_layernorm(embeds), normed), dim=-1)
         attn, kv = self.self_attn(x, cos, sin, mask, past)
-        h = hidden + attn
+        h = (normed if self.norm_before_residual else hidden) + attn
         h = h + self.mlp(self.post_attention_layernorm(h))
         return h, kv
 

@@ -533,6 +533,11 @@ def _check_resume_config(saved: dict[str, Any], now: dict[str, Any], path: Path)
     saved = {**saved, **{k: normalize_location(saved[k]) for k in PATH_SETTINGS if k in saved}}
     if saved.get("pad_to_multiple_of") == 1:  # an API run recorded 1 before TrainConfig mapped it to None
         saved["pad_to_multiple_of"] = None
+    if isinstance(saved.get("eagle_config"), dict):  # with the defaults of fields added since it was saved
+        try:
+            saved["eagle_config"] = EagleConfig.from_dict(saved["eagle_config"]).to_dict()
+        except DraftdataError:
+            pass  # compared as it is: the difference is listed below
     diffs = [f"{k}: checkpoint run had {saved.get(k)!r}, now {now.get(k)!r}"
              for k in RESUME_FIXED if saved.get(k) != now.get(k)]
     if saved.get("draft_vocab_d2t_sha256") and now.get("draft_vocab_d2t_sha256") \

@@ -23,8 +23,10 @@ import torch
 from draftdata.errors import DraftdataError
 
 
-def _read(path: Path, num_base_layers: int, hidden: int) -> tuple[dict[str, torch.Tensor], list[int], float, Path]:
-    """(tensors in the trainer's names, aux layer ids in ModelOpt convention, rope_theta, weights file)."""
+def _read(path: Path, num_base_layers: int, hidden: int
+          ) -> tuple[dict[str, torch.Tensor], list[int], float, bool, Path]:
+    """(tensors in the trainer's names, aux layer ids in ModelOpt convention, rope_theta,
+    norm_before_residual, weights file)."""
     from draftdata.train.evaluate import _rope_of, read_export, resolve_aux_layer_ids
     from draftdata.train.export import EXPORT_CONFIG, find_checkpoint
     from draftdata.train.model import DRAFT_CONFIG, DRAFT_WEIGHTS, DraftConfig, read_draft_weights
@@ -36,12 +38,14 @@ def _read(path: Path, num_base_layers: int, hidden: int) -> tuple[dict[str, torc
         slots = max(1, state["fc.weight"].shape[1] // hidden)
         aux = resolve_aux_layer_ids(config, num_base_layers, slots, str(path / EXPORT_CONFIG))
         theta = _rope_of(config)[0]
+        residual_norm = bool(config.get("norm_before_residual", False))
     else:
         ckpt = find_checkpoint(path, command="train")
         weights = ckpt / DRAFT_WEIGHTS
         cfg = DraftConfig.from_dict(json.loads((ckpt / DRAFT_CONFIG).read_text()), source=str(ckpt / DRAFT_CONFIG))
         state, aux, theta = read_draft_weights(weights), list(cfg.aux_layer_ids), float(cfg.rope_theta)
-    return {k: v for k, v in state.items() if not k.startswith("embed_tokens.")}, aux, theta, weights
+        residual_norm = cfg.norm_before_residual
+    return {k: v for k, v in state.items() if not k.startswith("embed_tokens.")}, aux, theta, residual_norm, weights
 
 
 def read_init_draft(path: str | Path, cfg: Any, d2t: torch.Tensor | None) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -53,7 +57,12 @@ def read_init_draft(path: str | Path, cfg: Any, d2t: torch.Tensor | None) -> tup
     """
     from draftdata.train.export import expected_shapes
 
-    state, aux, theta, weights = _read(Path(path), cfg.base_num_hidden_layers, cfg.hidden_size)
+    state, aux, theta, residual_norm, weights = _read(Path(path), cfg.base_num_hidden_layers, cfg.hidden_size)
+    if residual_norm != cfg.norm_before_residual:  # the same tensors, another layer: refuse, not guess
+        raise DraftdataError(f"{path}: the draft has norm_before_residual={str(residual_norm).lower()} (its layer's "
+                             f"residual is {'hidden_norm(h)' if residual_norm else 'h'}), this run builds "
+                             f"{str(cfg.norm_before_residual).lower()}; set eagle_architecture_config."
+                             f"norm_before_residual to {str(residual_norm).lower()} in --eagle-config")
     if aux != list(cfg.aux_layer_ids):
         raise DraftdataError(f"{weights}: the draft's fc reads aux layers {aux}, the dataset stores layers "
                              f"{list(cfg.aux_layer_ids)}; collect with --aux-layers {','.join(map(str, aux))} "
