@@ -15,6 +15,7 @@ check the acceptance accounting too, drafts are *constructed* to agree with the 
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -135,6 +136,26 @@ def test_random_draft_output_is_greedy_output(tiny_model, prompts, tmp_path):
     assert r["per_prompt"][1]["turn"] == 2 and r["per_prompt"][1]["prompt_tokens"] > r["per_prompt"][0]["prompt_tokens"]
     text = ev.format_report(r)
     assert "acceptance length" in text and "speedup eagle_vs_greedy" in text
+
+
+def test_sliding_window_base_output_is_greedy_output(tiny_model, prompts, tmp_path):
+    """A base whose own KV cache keeps a sliding window (Mistral, Gemma): the verify pass's cache
+    could not be cropped back to the accepted tokens ("Cannot crop a DynamicSlidingWindowLayer"),
+    a traceback after the greedy reference had run."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    base_dir = tmp_path / "mistral"
+    shutil.copytree(tiny_model, base_dir)
+    cfg = json.loads((tiny_model / "config.json").read_text())
+    torch.manual_seed(0)
+    mistral = MistralForCausalLM(MistralConfig(
+        vocab_size=cfg["vocab_size"], hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, sliding_window=8,
+        bos_token_id=cfg["bos_token_id"], eos_token_id=cfg["eos_token_id"], pad_token_id=cfg["pad_token_id"]))
+    (base_dir / "model.safetensors").unlink()
+    mistral.save_pretrained(base_dir)
+    r = run_eval(base_dir, exported_draft(tmp_path, base_dir), prompts)
+    assert r["output_matches_greedy"]["eagle"]["equal"] == 3
 
 
 def test_greedy_reference_ignores_the_models_shipped_generation_settings(tiny_model, prompts, tmp_path):

@@ -305,7 +305,12 @@ def eagle_generate(base: Any, draft: LoadedDraft, capture: AuxCapture, prompt: l
     """Chain speculative decoding, greedy (see the module docstring). Batch size 1."""
     runner = DraftRunner(draft)
     device = runner.device
-    out = base(input_ids=torch.tensor([prompt], device=device), use_cache=True)
+    from transformers import DynamicCache
+
+    # A cache of every position: the base's own may keep only a sliding window (Mistral, Gemma),
+    # which cannot be cropped back to the accepted tokens; attention masks still apply the window.
+    cache = DynamicCache()
+    out = base(input_ids=torch.tensor([prompt], device=device), past_key_values=cache, use_cache=True)
     cache = out.past_key_values
     pending_aux = capture.take()                     # aux of the positions not yet in the draft cache
     ctx = list(prompt) + [int(out.logits[0, -1].argmax())]
