@@ -15,7 +15,9 @@ check the acceptance accounting too, drafts are *constructed* to agree with the 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -356,6 +358,20 @@ def test_load_reads_a_pytorch_model_bin_draft_without_unpickling_objects(tiny_mo
         ev.load_exported_draft(export, base)
 
 
+def test_a_malformed_export_config_is_one_line(tiny_model, tmp_path):
+    """A third-party or hand-edited config.json without a size, with a size of the wrong type, or
+    holding a list was a KeyError / ValueError / AttributeError traceback."""
+    export = exported_draft(tmp_path, tiny_model)
+    base, _, _ = ev.load_base(tiny_model, torch.device("cpu"), torch.float32)
+    good = json.loads((export / "config.json").read_text())
+    for bad, match in (({k: v for k, v in good.items() if k != "intermediate_size"}, "no intermediate_size"),
+                       ({**good, "num_attention_heads": "many"}, "a field has the wrong type"),
+                       ([good], "holds a JSON list, not a model config")):
+        (export / "config.json").write_text(json.dumps(bad))
+        with pytest.raises(ev.DraftdataError, match=match):
+            ev.load_exported_draft(export, base)
+
+
 def test_eval_rejects_a_trainer_checkpoint(tiny_model, tmp_path):
     exported_draft(tmp_path, tiny_model)
     base, _, _ = ev.load_base(tiny_model, torch.device("cpu"), torch.float32)
@@ -384,6 +400,70 @@ def test_cli_eval_json(tiny_model, prompts, tmp_path, capsys, monkeypatch):
     assert len(report["eagle"]["acceptance_rate_per_position"]) == 3
     assert main(["eval", "--model", str(tiny_model), "--draft", str(tmp_path / "ckpt"),
                  "--prompts", str(prompts)]) == 2
+
+
+def test_turns_the_chat_template_refuses_are_skipped_and_reported(tiny_model, prompts, tmp_path):
+    """A template that raises for a record (Gemma's "System role not supported") ended eval in a jinja
+    traceback after the models loaded, losing every turn before it. That record's turns are skipped
+    and listed; a file none of whose first prompts renders is one line."""
+    base_dir = tmp_path / "nosys"
+    shutil.copytree(tiny_model, base_dir)
+    config = json.loads((base_dir / "tokenizer_config.json").read_text())
+    refuse = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    if (base_dir / "chat_template.jinja").exists():
+        template = base_dir / "chat_template.jinja"
+        template.write_text(refuse + template.read_text())
+    else:
+        config["chat_template"] = refuse + config["chat_template"]
+        (base_dir / "tokenizer_config.json").write_text(json.dumps(config))
+    export = exported_draft(tmp_path, base_dir)
+    r = run_eval(base_dir, export, prompts, warmup=True)  # "a" has a system prompt, "b" has none
+    assert r["turns"] == 1 and r["per_prompt"][0]["conversation_id"] == "b"
+    assert [(x["conversation_id"], x["turn"]) for x in r["skipped_turns"]] == [("a", 1), ("a", 2)]
+    assert "System role not supported" in r["skipped_turns"][0]["error"]
+    assert r["skipped_turns"][0]["source"].endswith("prompts.jsonl:1")
+    assert "skipped 2 turn(s) the chat template could not render: " in ev.format_report(r)
+    only_system = write_prompts(tmp_path / "p.jsonl")
+    only_system.write_text(only_system.read_text().splitlines()[0] + "\n")
+    with pytest.raises(ev.DraftdataError, match=r"renders none of the first prompts \(.*p.jsonl:1: TemplateError"):
+        run_eval(base_dir, export, only_system, warmup=True)
+
+
+@pytest.mark.parametrize("sig, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_stopped_eval_reports_the_turns_it_finished(tiny_model, prompts, tmp_path, capsys, sig, status):
+    """Ctrl-C or SIGTERM during eval printed only "interrupted": every finished turn was lost (an
+    hour of mt_bench on a CPU). A real signal, sent by the process to itself from inside the base
+    model's forward pass in the third turn, stops it with the report of the first two, printed and
+    written."""
+    from draftdata.cli import main
+
+    export = exported_draft(tmp_path, tiny_model)
+    many = tmp_path / "many.jsonl"
+    many.write_text("".join(json.dumps({"conversation_id": f"q{i}", "conversations": [
+        {"role": "user", "content": f"Question number {i}?"}]}) + "\n" for i in range(6)))
+    forwards = []
+
+    def hook(module, args, output):
+        if type(module).__name__ == "LlamaForCausalLM":
+            forwards.append(1)
+            if len(forwards) == 2 * 24 + 5:  # a turn: 8 greedy forwards, then eagle's (12 new tokens, K=3)
+                os.kill(os.getpid(), sig)
+
+    out_file = tmp_path / "report.json"
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        rc = main(["eval", "--model", str(tiny_model), "--draft", str(export), "--prompts", str(many), "--steps", "3",
+                   "--max-new-tokens", "12", "--no-prompt-lookup", "--dtype", "float64", "--output", str(out_file)])
+    finally:
+        handle.remove()
+    assert rc == status
+    err = capsys.readouterr()
+    report = json.loads(out_file.read_text())
+    done = report["stopped_early"]["turns_done"]
+    assert 1 <= done < 6 and report["stopped_early"]["turns_planned"] == 6 and report["turns"] == done
+    assert report["output_matches_greedy"]["eagle"] == {"equal": done, "total": done, "mismatched": []}
+    assert f"stopped early: {done} of 6 turns measured" in err.out
+    assert "the report covers the turns finished before the stop" in err.err
 
 
 def run_cli(*argv: str) -> int:

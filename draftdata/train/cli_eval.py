@@ -96,4 +96,7 @@ def _run(args: argparse.Namespace, ev) -> int:
         except OSError as e:
             raise DraftdataError(f"--output {output}: cannot write the report ({e.strerror or e}); "
                                  "the report is printed above") from None
+    if report.get("stopped_early"):  # Ctrl-C (130) or SIGTERM (the CLI makes it 143)
+        print("draftdata eval: stopped; the report covers the turns finished before the stop", file=sys.stderr)
+        return 130
     return 0

@@ -111,7 +111,13 @@ def read_export(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], Pa
         config = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
         raise DraftdataError(f"{cfg_path}:{e.lineno}: invalid JSON: {e.msg}") from None
-    if int(config.get("num_hidden_layers", 1)) != 1:
+    if not isinstance(config, dict):
+        raise DraftdataError(f"{cfg_path}: holds a JSON {type(config).__name__}, not a model config (an object)")
+    missing = [k for k in ("hidden_size", "num_attention_heads", "intermediate_size") if k not in config]
+    if missing:
+        raise DraftdataError(f"{cfg_path}: no {', '.join(missing)}, which size the draft's layer; export the draft "
+                             "again (or complete the file from the draft's training config)")
+    if config.get("num_hidden_layers", 1) != 1:
         raise DraftdataError(f"{cfg_path}: num_hidden_layers={config['num_hidden_layers']}; draftdata reads "
                              "one-layer EAGLE3 drafts only")
     if not weights_path.exists():
@@ -145,35 +151,38 @@ def load_exported_draft(export_dir: str | os.PathLike, base: Any, device: torch.
     if not set(config.get("architectures") or []) & set(ARCHITECTURES):
         raise DraftdataError(f"{cfg_path}: architectures {config.get('architectures')} is not an EAGLE3 "
                              f"Llama draft ({ARCHITECTURES[0]})")
-    bcfg = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
-    hidden = int(config["hidden_size"])
-    if int(config.get("target_hidden_size", hidden)) != hidden or hidden != bcfg.hidden_size:
-        raise DraftdataError(f"{cfg_path}: draft hidden_size {hidden} / target_hidden_size "
-                             f"{config.get('target_hidden_size')} must both equal the base model's "
-                             f"hidden_size {bcfg.hidden_size}")
-    vocab = int(config.get("vocab_size", bcfg.vocab_size))
-    if vocab != bcfg.vocab_size:
-        raise DraftdataError(f"{cfg_path}: vocab_size {vocab} differs from the base model's {bcfg.vocab_size}")
-    num_slots = state["fc.weight"].shape[1] // hidden
-    aux = resolve_aux_layer_ids(config, bcfg.num_hidden_layers, num_slots, str(cfg_path))
-    n_heads = int(config["num_attention_heads"])
-    draft_vocab = int(config.get("draft_vocab_size") or vocab)
-    theta, scaling = _rope_of(config)
-    dcfg = DraftConfig(
-        eagle_config={}, base_model_id=str((config.get("draftdata") or {}).get("base_model_id", "")),
-        base_model_path="", hidden_size=hidden, vocab_size=vocab,
-        max_position_embeddings=int(config.get("max_position_embeddings", bcfg.max_position_embeddings)),
-        draft_vocab_size=draft_vocab, intermediate_size=int(config["intermediate_size"]),
-        num_attention_heads=n_heads, num_key_value_heads=int(config.get("num_key_value_heads", n_heads)),
-        head_dim=int(config.get("head_dim") or hidden // n_heads), rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
-        rope_theta=theta, rope_scaling=scaling, aux_layer_ids=aux,
-        base_num_hidden_layers=bcfg.num_hidden_layers,
-        base_tie_word_embeddings=bool(getattr(bcfg, "tie_word_embeddings", False)),
-        base_rms_norm_eps=float(getattr(bcfg, "rms_norm_eps", 1e-6)),
-        fc_norm=bool(config.get("fc_norm", False)), norm_output=bool(config.get("norm_output", False)),
-        norm_before_residual=bool(config.get("norm_before_residual", False)),
-        attention_bias=bool(config.get("attention_bias", False)), mlp_bias=bool(config.get("mlp_bias", False)),
-    )
+    try:  # numbers where config.json has other types: one line, not a traceback
+        bcfg = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+        hidden = int(config["hidden_size"])
+        if int(config.get("target_hidden_size", hidden)) != hidden or hidden != bcfg.hidden_size:
+            raise DraftdataError(f"{cfg_path}: draft hidden_size {hidden} / target_hidden_size "
+                                 f"{config.get('target_hidden_size')} must both equal the base model's "
+                                 f"hidden_size {bcfg.hidden_size}")
+        vocab = int(config.get("vocab_size", bcfg.vocab_size))
+        if vocab != bcfg.vocab_size:
+            raise DraftdataError(f"{cfg_path}: vocab_size {vocab} differs from the base model's {bcfg.vocab_size}")
+        num_slots = state["fc.weight"].shape[1] // hidden
+        aux = resolve_aux_layer_ids(config, bcfg.num_hidden_layers, num_slots, str(cfg_path))
+        n_heads = int(config["num_attention_heads"])
+        draft_vocab = int(config.get("draft_vocab_size") or vocab)
+        theta, scaling = _rope_of(config)
+        dcfg = DraftConfig(
+            eagle_config={}, base_model_id=str((config.get("draftdata") or {}).get("base_model_id", "")),
+            base_model_path="", hidden_size=hidden, vocab_size=vocab,
+            max_position_embeddings=int(config.get("max_position_embeddings", bcfg.max_position_embeddings)),
+            draft_vocab_size=draft_vocab, intermediate_size=int(config["intermediate_size"]),
+            num_attention_heads=n_heads, num_key_value_heads=int(config.get("num_key_value_heads", n_heads)),
+            head_dim=int(config.get("head_dim") or hidden // n_heads), rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+            rope_theta=theta, rope_scaling=scaling, aux_layer_ids=aux,
+            base_num_hidden_layers=bcfg.num_hidden_layers,
+            base_tie_word_embeddings=bool(getattr(bcfg, "tie_word_embeddings", False)),
+            base_rms_norm_eps=float(getattr(bcfg, "rms_norm_eps", 1e-6)),
+            fc_norm=bool(config.get("fc_norm", False)), norm_output=bool(config.get("norm_output", False)),
+            norm_before_residual=bool(config.get("norm_before_residual", False)),
+            attention_bias=bool(config.get("attention_bias", False)), mlp_bias=bool(config.get("mlp_bias", False)),
+        )
+    except (TypeError, ValueError) as e:
+        raise DraftdataError(f"{cfg_path}: a field has the wrong type ({e}); export the draft again") from None
     model = Eagle3Draft(dcfg)
     embed = state.pop("embed_tokens.weight", None)
     if "lm_head.weight" not in state:
@@ -407,6 +416,7 @@ class PromptConversation:
     system: list[dict[str, str]]
     user_turns: list[str]
     category: str | None = None
+    source: str = ""  # file:line
 
 
 def read_prompts(path: str, limit: int | None = None) -> list[PromptConversation]:
@@ -428,7 +438,7 @@ def read_prompts(path: str, limit: int | None = None) -> list[PromptConversation
                 continue
             out.append(PromptConversation(item.conversation_id,
                                           [m for m in item.messages if m["role"] == "system"], users,
-                                          item.category))
+                                          item.category, item.source))
             if limit is not None and len(out) >= limit:
                 break
     except DraftdataError as e:  # the reader is collect's, which names its own flag --input
@@ -555,17 +565,33 @@ def evaluate(base: Any, tokenizer: Any, draft: LoadedDraft, conversations: list[
     in_vocab = draft.model.t2d.cpu()
     matches = {m: 0 for m in methods if m != "greedy"}
     mismatched: dict[str, list[str]] = {m: [] for m in matches}
-    per_prompt = []
+    per_prompt: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []  # turns the chat template refused (and the turns after them)
     bar = None
+    stopped = False
+
+    def encode(messages: list[dict[str, str]]) -> list[int]:
+        return tokenizer(chat.render(messages, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+
     try:
         turns = [(c, i) for c in conversations for i in range(min(len(c.user_turns), max_turns or 10**9))]
         if warmup:
-            first = conversations[0]
-            prompt = tokenizer(chat.render(first.system + [{"role": "user", "content": first.user_turns[0]}],
-                                           add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+            prompt, errors = None, []
+            for c in conversations:  # the first prompt the template renders
+                try:
+                    prompt = encode(c.system + [{"role": "user", "content": c.user_turns[0]}])
+                    break
+                except Exception as e:  # noqa: BLE001 - jinja's TemplateError, or anything the template calls
+                    errors.append(f"{c.source or c.conversation_id}: {type(e).__name__}: {e}")
+                    if len(errors) == 3:
+                        break
+            if prompt is None:
+                raise DraftdataError(f"the chat template renders none of the first prompts ({'; '.join(errors)}); "
+                                     "fix the records or the template")
             for m in methods:
                 runs[m](prompt, min(8, max_new_tokens))
         history: dict[str, list[dict[str, str]]] = {c.conversation_id: list(c.system) for c in conversations}
+        broken: set[str] = set()
         if progress:
             from draftdata.progress import JobProgress
 
@@ -573,10 +599,29 @@ def evaluate(base: Any, tokenizer: Any, draft: LoadedDraft, conversations: list[
                               extra=lambda: f"acceptance {_mean_plus_one(accepted):.3f}" if accepted else "")
             bar.start()
         for conv, i in turns:
+            if conv.conversation_id in broken:  # a later turn would follow an answer never written
+                skipped.append({"conversation_id": conv.conversation_id, "turn": i + 1, "source": conv.source,
+                                "error": "an earlier turn of the conversation was skipped"})
+                if bar is not None:
+                    bar.update(1, 0)
+                continue
             messages = history[conv.conversation_id] + [{"role": "user", "content": conv.user_turns[i]}]
-            prompt = tokenizer(chat.render(messages, add_generation_prompt=True),
-                               add_special_tokens=False)["input_ids"]
-            results = {m: _timed(lambda m=m, p=prompt: runs[m](p, max_new_tokens), device) for m in methods}
+            try:
+                prompt = encode(messages)
+            except Exception as e:  # noqa: BLE001 - a record the template refuses (Gemma: no system role)
+                broken.add(conv.conversation_id)
+                skipped.append({"conversation_id": conv.conversation_id, "turn": i + 1, "source": conv.source,
+                                "error": f"{type(e).__name__}: {e}"})
+                if bar is not None:
+                    bar.update(1, 0)
+                continue
+            try:
+                results = {m: _timed(lambda m=m, p=prompt: runs[m](p, max_new_tokens), device) for m in methods}
+            except KeyboardInterrupt:  # Ctrl-C or SIGTERM: report the turns finished so far
+                if not per_prompt:
+                    raise
+                stopped = True
+                break
             ref = results["greedy"].tokens
             for m, r in results.items():
                 totals[m]["tokens"] += len(r.tokens)
@@ -613,6 +658,10 @@ def evaluate(base: Any, tokenizer: Any, draft: LoadedDraft, conversations: list[
         "conversations": len(conversations), "turns": len(per_prompt),
         "draft_aux_layer_ids": draft.aux_layer_ids,
     }
+    if stopped:
+        report["stopped_early"] = {"turns_done": len(per_prompt), "turns_planned": len(turns)}
+    if skipped:
+        report["skipped_turns"] = skipped
     for m in methods:
         t = totals[m]
         report[m] = {**t, "tokens_per_second": t["tokens"] / t["seconds"] if t["seconds"] else None,
@@ -648,6 +697,14 @@ def format_report(r: dict[str, Any]) -> str:
     """Human-readable summary of an `evaluate` report."""
     lines = [f"turns {r['turns']} ({r['conversations']} conversations), K={r['steps']}, "
              f"max_new_tokens={r['max_new_tokens']}, {r['device']} {r['dtype']}"]
+    if r.get("stopped_early"):
+        s = r["stopped_early"]
+        lines.append(f"stopped early: {s['turns_done']} of {s['turns_planned']} turns measured (the figures cover those)")
+    if r.get("skipped_turns"):
+        sk = r["skipped_turns"]
+        shown = "; ".join(f"{x['source'] or x['conversation_id']} turn {x['turn']}: {x['error']}" for x in sk[:3])
+        lines.append(f"skipped {len(sk)} turn(s) the chat template could not render: {shown}"
+                     + ("; ..." if len(sk) > 3 else ""))
     if "eagle" in r:
         e = r["eagle"]
         al = e["acceptance_length"]
