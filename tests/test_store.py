@@ -300,10 +300,13 @@ def test_part_disagreeing_with_schema_is_named(tmp_path):
         write(other, [make_sample(i) for i in range(3)], fmt=fmt)
         meta = json.loads((tmp_path / f"ds-{fmt}" / "dataset.json").read_text())
         meta["aux_layer_ids"] = meta["aux_layer_ids"][:-1]               # one aux slot fewer than stored
+        meta["num_aux_slots"] -= 1
         (tmp_path / f"ds-{fmt}" / "dataset.json").write_text(json.dumps(meta))
         bad = open_dataset(other)
         for read, args in ((bad.sample, (0,)), (bad.read_part, (0,)), (bad.read_samples, (0, 0, 1))):
-            with pytest.raises(CorruptDataError, match=f"part {bad.parts[0].id}: array aux_hidden_states has shape"):
+            with pytest.raises(CorruptDataError, match=f"part {bad.parts[0].id}: array aux_hidden_states has rows "
+                               r"\d+ wide, as its commit record says, but dataset.json implies \d+ .*does not "
+                               "describe this dataset"):
                 read(*args)
 
 
@@ -545,6 +548,17 @@ def test_local_arrow_part_that_is_not_a_file_is_corruption(tmp_path):
     ({**schema().to_dict(), "hidden_size": "32", "aux_layer_ids": [1, "2"]},
      "malformed field(s): hidden_size is '32'; aux_layer_ids is [1, '2']"),
     ({**schema().to_dict(), "extra": []}, "malformed field(s): extra is []"),
+    # values FORMAT.md does not allow were used as they were ("false" read as pre-norm, and trained so)
+    ({**schema().to_dict(), "final_hidden_prenorm": "false"},
+     "malformed field(s): final_hidden_prenorm is 'false' (expected true or false)"),
+    ({**schema().to_dict(), "layer_id_convention": "hf_hidden_states_index", "hidden_dtype": "float16",
+      "loss_mask": "weird"}, "malformed field(s): layer_id_convention is 'hf_hidden_states_index' (expected "
+     '"decoder_layer_output_0based"); hidden_dtype is \'float16\' (expected "bfloat16"); loss_mask is \'weird\' '
+     '(expected "assistant" or "all")'),
+    ({**schema().to_dict(), "aux_layer_ids": [2, 1]},
+     "malformed field(s): aux_layer_ids is [2, 1] (expected distinct ascending layer ids in [0, num_hidden_layers))"),
+    ({**schema().to_dict(), "num_aux_slots": 2}, "malformed field(s): num_aux_slots is 2 but aux_layer_ids has 3 ids"),
+    ({**schema().to_dict(), "max_seq_len": 0}, "malformed field(s): max_seq_len is 0 (expected a positive integer)"),
 ])
 def test_malformed_dataset_json_is_one_line_naming_file_and_problem(tmp_path, capsys, content, expect):
     (tmp_path / "ds").mkdir()

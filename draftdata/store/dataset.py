@@ -26,7 +26,14 @@ import numpy as np
 import torch
 
 from draftdata import __version__
-from draftdata.config import CODECS, FORMAT_NAME, FORMAT_VERSION, STORAGE_FORMATS, DatasetSchema
+from draftdata.config import (
+    CODECS,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    LAYER_ID_CONVENTION,
+    STORAGE_FORMATS,
+    DatasetSchema,
+)
 from draftdata.errors import (
     CorruptDataError,
     DatasetNotFoundError,
@@ -96,6 +103,16 @@ class PartInfo:
 _SCHEMA_TYPES: dict[str, tuple[type, ...]] = {
     "base_model_id": (str,), "hidden_size": (int,), "num_hidden_layers": (int,), "vocab_size": (int,),
     "max_seq_len": (int,), "aux_layer_ids": (list,), "storage_format": (str,), "codec": (str,), "extra": (dict,),
+    "num_aux_slots": (int,), "base_model_revision": (str, type(None)), "base_model_hash": (str, type(None)),
+    "tokenizer_hash": (str, type(None)),
+}
+POSITIVE_FIELDS = ("hidden_size", "num_hidden_layers", "vocab_size", "max_seq_len")
+# Fields with one set of allowed values (docs/FORMAT.md): a reader that guessed at another value
+# would decode or label the states wrongly ("false" as a string read as pre-norm, and trained so).
+_SCHEMA_VALUES: dict[str, tuple[Any, ...]] = {
+    "final_hidden_prenorm": (True, False), "layer_id_convention": (LAYER_ID_CONVENTION,),
+    "hidden_dtype": ("bfloat16",), "loss_mask": ("assistant", "all"), "storage_format": STORAGE_FORMATS,
+    "codec": CODECS,
 }
 
 
@@ -115,9 +132,20 @@ def parse_schema(d: dict[str, Any], where: str) -> DatasetSchema:
         raise CorruptDataError(f"{where}: missing field(s) {', '.join(missing)}; {fix}")
     wrong = [f"{k} is {d[k]!r}" for k, types in _SCHEMA_TYPES.items()
              if k in d and (not isinstance(d[k], types) or isinstance(d[k], bool))]
+    wrong += [f"{k} is {d[k]!r} (expected {' or '.join(json.dumps(v) for v in allowed)})"
+              for k, allowed in _SCHEMA_VALUES.items()
+              if k in d and not any(d[k] is v if isinstance(v, bool) else (d[k] == v and type(d[k]) is type(v))
+                                    for v in allowed)]
     aux = d["aux_layer_ids"]
     if isinstance(aux, list) and not all(isinstance(i, int) and not isinstance(i, bool) for i in aux):
         wrong.append(f"aux_layer_ids is {aux!r}")
+    elif isinstance(aux, list) and (not aux or aux != sorted(set(aux)) or aux[0] < 0
+                                    or (isinstance(d["num_hidden_layers"], int) and aux[-1] >= d["num_hidden_layers"])):
+        wrong.append(f"aux_layer_ids is {aux!r} (expected distinct ascending layer ids in [0, num_hidden_layers))")
+    elif isinstance(d.get("num_aux_slots"), int) and d["num_aux_slots"] != len(aux):
+        wrong.append(f"num_aux_slots is {d['num_aux_slots']} but aux_layer_ids has {len(aux)} ids")
+    wrong += [f"{k} is {d[k]!r} (expected a positive integer)" for k in POSITIVE_FIELDS
+              if isinstance(d.get(k), int) and not isinstance(d[k], bool) and d[k] < 1]
     if wrong:
         raise CorruptDataError(f"{where}: malformed field(s): {'; '.join(wrong)}; {fix}")
     return DatasetSchema.from_dict(d)
@@ -563,10 +591,19 @@ class Dataset:
         h, k = self.schema.hidden_size, self.schema.num_aux_slots
         expect = {"input_ids": (n,), "loss_mask": (n,), "hidden_states": (n, h), "aux_hidden_states": (n, k * h)}
         for name, shape in expect.items():
-            if tuple(out[name].shape) != shape:
-                raise CorruptDataError(f"part {info.id}: array {name} has shape {tuple(out[name].shape)} for rows "
-                                       f"{start or 0}..{n + (start or 0) - 1}; dataset.json and the commit record say "
-                                       f"{shape}")
+            got_shape = tuple(out[name].shape)
+            if got_shape == shape:
+                continue
+            recorded = ((info.record or {}).get("arrays") or {}).get(name, {}).get("shape")
+            if isinstance(recorded, list) and tuple(recorded[1:]) == got_shape[1:] != shape[1:]:
+                raise CorruptDataError(
+                    f"part {info.id}: array {name} has rows {got_shape[1]} wide, as its commit record says, but "
+                    f"dataset.json implies {shape[1]} (hidden_size {h}, {k} aux layer(s)): dataset.json does not "
+                    "describe this dataset (edited or replaced?); restore it from a backup")
+            raise CorruptDataError(f"part {info.id}: array {name} has shape {got_shape} for rows "
+                                   f"{start or 0}..{n + (start or 0) - 1}; dataset.json says {shape}"
+                                   + (f" and the commit record {tuple(recorded)} for the whole part"
+                                      if isinstance(recorded, list) else ""))
         return out
 
     def _read_rows(self, p: int, start: int | None, stop: int | None, whole: bool, context: str) -> dict[str, Any]:
