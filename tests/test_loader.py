@@ -7,6 +7,7 @@ torchdata's StatefulDataLoader), batching invariants, corrupt bytes and missing 
 from __future__ import annotations
 
 import io
+import json
 import pickle
 import random
 import threading
@@ -45,13 +46,14 @@ def _sample(idx: int, length: int) -> dict:
 
 
 def write_dataset(url: str, part_sizes: list[int], *, storage_options=None, fmt: str = "zarr", seed: int = 0,
-                  max_len: int = 40) -> dict[str, dict]:
-    """Write parts of the given sample counts; return the reference samples by conversation id."""
+                  max_len: int = 40, first: int = 0) -> dict[str, dict]:
+    """Write parts of the given sample counts (ids from c{first:04d} on; adds parts to an existing
+    dataset at `url`); return the reference samples by conversation id."""
     schema = DatasetSchema(base_model_id="test/tiny", hidden_size=H, aux_layer_ids=AUX, num_hidden_layers=4,
                            vocab_size=400, max_seq_len=512)
     w = create_dataset(url, schema, format=fmt, storage_options=storage_options)
     rng = random.Random(seed)
-    ref, idx = {}, 0
+    ref, idx = {}, first
     for n in part_sizes:
         pw = w.open_part()
         for _ in range(n):
@@ -814,3 +816,55 @@ def test_collate_converts_other_float_hidden_states_to_bf16():
     assert batch["hidden_states"].dtype == torch.bfloat16
     assert torch.equal(batch["hidden_states"].float(), torch.full((3, 3, 4), 0.75))
     assert torch.equal(batch["aux_hidden_states"].float(), torch.full((3, 3, 8), 2.5))
+
+
+DDP_LOADER_SCRIPT = """
+import json, os, sys, time
+import torch.distributed as dist
+sys.path.insert(0, sys.argv[2])
+from test_loader import write_dataset
+from draftdata.loaders import HiddenStateDataset
+
+url, out = sys.argv[1], sys.argv[3]
+early = HiddenStateDataset(url, shuffle=False)  # before the process group: torchrun's RANK / WORLD_SIZE
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+dist.barrier()
+if rank == 1:  # collection commits a part while rank 0 lists the dataset
+    time.sleep(2)
+    write_dataset(url, [6], first=1000)
+ds = HiddenStateDataset(url, shuffle=True, seed=3)
+with open(f"{out}/rank{rank}.json", "w") as f:
+    json.dump({"early": [early.rank, early.world_size, len(early)], "parts": ds.part_ids,
+               "ids": [s["conversation_id"] for s in ds]}, f)
+dist.destroy_process_group()
+"""
+
+
+def test_torchrun_ranks_split_one_snapshot_whenever_the_dataset_is_created(tmp_path):
+    """Under torchrun, a dataset created before init_process_group gave every rank the whole
+    dataset (rank 0 of 1: every sample twice per epoch); ranks that listed a growing dataset at
+    different moments split different snapshots (samples lost or repeated). Now RANK/WORLD_SIZE
+    are read from the launcher, and with a process group every rank takes rank 0's snapshot."""
+    import socket
+    import subprocess
+    import sys
+
+    url = str(tmp_path / "ds")
+    write_dataset(url, PARTS)
+    script = tmp_path / "ddp_loader.py"
+    script.write_text(DDP_LOADER_SCRIPT)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                          str(port), str(script), url, str(Path(__file__).parent), str(tmp_path)],
+                         capture_output=True, text=True, timeout=300, env={**__import__("os").environ,
+                                                                             "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert [r0["early"][:2], r1["early"][:2]] == [[0, 2], [1, 2]] and r0["early"][2] + r1["early"][2] == 50
+    assert r0["parts"] == r1["parts"]
+    snapshot = open_dataset(url).subset(r0["parts"])
+    expected = sorted(c for p in snapshot.parts for c in p.conversation_ids)
+    assert sorted(r0["ids"] + r1["ids"]) == expected

@@ -27,16 +27,33 @@ DEFAULT_PREFETCH_BYTES = 2 << 30
 
 
 def _distributed(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """The data-parallel slot: as given, else torch.distributed's, else the launcher's RANK and
+    WORLD_SIZE (torchrun sets them before the script creates its process group: without them a
+    dataset made first gave every rank the whole dataset)."""
     if rank is None or world_size is None:
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
             rank = dist.get_rank() if rank is None else rank
             world_size = dist.get_world_size() if world_size is None else world_size
+        elif os.environ.get("RANK", "").isdigit() and os.environ.get("WORLD_SIZE", "").isdigit():
+            rank = int(os.environ["RANK"]) if rank is None else rank
+            world_size = int(os.environ["WORLD_SIZE"]) if world_size is None else world_size
     rank, world_size = (0 if rank is None else int(rank)), (1 if world_size is None else int(world_size))
     if world_size < 1 or not 0 <= rank < world_size:
         raise DraftdataError(f"rank {rank} is not in range for world_size {world_size}")
     return rank, world_size
+
+
+def _rank0_parts(part_ids: list[str]) -> list[str]:
+    """Rank 0's snapshot of the committed parts, on every rank of the torch.distributed group: ranks
+    that listed a growing dataset at different moments would split different sample sets, losing
+    or repeating samples. A collective call: every rank creates the dataset."""
+    import torch.distributed as dist
+
+    chosen = [part_ids]
+    dist.broadcast_object_list(chosen, src=0)
+    return chosen[0]
 
 
 def _open(url: str, storage_options: dict[str, Any] | None, parts: list[str] | None):
@@ -112,6 +129,11 @@ class HiddenStateDataset(IterableDataset):
             raise DraftdataError(f"prefetch_bytes must be positive, got {prefetch_bytes}")
         self.rank, self.world_size = _distributed(rank, world_size)
         self.store, self.parts_left_out = _open(url, storage_options, parts)  # committed, not in `parts`
+        if parts is None and rank is None and world_size is None and self.world_size > 1 \
+                and torch.distributed.is_available() and torch.distributed.is_initialized():
+            agreed = _rank0_parts([p.id for p in self.store.parts])
+            if agreed != [p.id for p in self.store.parts]:
+                self.store, self.parts_left_out = _open(url, storage_options, agreed)
         self.schema = self.store.schema
         self.shuffle, self.seed, self.max_seq_len = bool(shuffle), int(seed), max_seq_len
         self.batch_size, self.max_tokens_per_batch = batch_size, max_tokens_per_batch
