@@ -155,9 +155,13 @@ def test_directory_glob_gzip_and_fsspec_inputs(tmp_path):
     write_jsonl(d / "a.jsonl", [conv(("user", "a"), ("assistant", "A"), id="a"), "oops"])
     with gzip.open(d / "c.jsonl.gz", "wt") as f:
         f.write(json.dumps(conv(("user", "c"), ("assistant", "C"), id="c")) + "\n")
+    import zstandard  # a dependency: without it fsspec read .zst files as raw bytes ("malformed_json")
+
+    (d / "e.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(
+        (json.dumps(conv(("user", "e"), ("assistant", "E"), id="e")) + "\n").encode()))
     (d / "notes.txt").write_text("ignored")
     got = list(read_conversations(str(d)))
-    assert [getattr(x, "conversation_id", None) for x in got] == ["a", None, "b", "c"]
+    assert [getattr(x, "conversation_id", None) for x in got] == ["a", None, "b", "c", "e"]
     assert got[1].source == f"{d}/a.jsonl:2"
     assert [x.conversation_id for x in read_conversations(str(d / "*.jsonl")) if isinstance(x, Conversation)] == ["a", "b"]
     assert [x.conversation_id for x in read_conversations(str(d), limit=2) if isinstance(x, Conversation)] == ["a"]

@@ -21,6 +21,7 @@ the fast tokenizer's offsets.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -176,6 +177,8 @@ def input_reads(input: str, path: str, files: list[tuple[Any, str, str]]) -> tup
 
 def _lines(fs: Any, path: str) -> Iterator[tuple[int, bytes]]:
     with fs.open(path, "rb", compression="infer") as f:
+        if path.endswith(".zst"):  # zstandard's reader has no lines of its own
+            f = io.BufferedReader(f)
         for lineno, raw in enumerate(f, 1):
             if raw.strip():
                 yield lineno, raw
