@@ -161,6 +161,8 @@ def test_backend_errors(tiny_model, backend32):
         backend32.forward([[5, 4000]], [1])
     with pytest.raises(DraftdataError, match="--backend 'nope'"):
         get_backend("nope", tiny_model)
+    # "auto" as on the command line (COLLECT.md's Python API example raised "--device 'auto'")
+    assert get_backend("hf", tiny_model, device="auto").device.type == ("cuda" if torch.cuda.is_available() else "cpu")
     with pytest.raises(DraftdataError, match="no CUDA|cpu"):
         if not torch.cuda.is_available():
             HFBackend(tiny_model, device="cuda")

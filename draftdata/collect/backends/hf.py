@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 
 from draftdata.collect.backends.base import Backend, BaseModelInfo, count_nonfinite
 from draftdata.errors import DraftdataError
-from draftdata.models import check_device, compute_dtype
+from draftdata.models import check_device, compute_dtype, local_device
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -55,6 +55,7 @@ class HFBackend(Backend):
 
         from draftdata.models import quiet_transformers
 
+        device = local_device(device)  # "auto", as on the command line
         self.device = check_device(device)
         dtype = compute_dtype(dtype, self.device)
         if dtype not in DTYPES:
