@@ -26,6 +26,7 @@ import json
 import os
 import shutil
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -329,6 +330,7 @@ def _convert_cached(gguf_file: Path, *, model_id: str, revision: str, name: str)
         print(f"draftdata: converting {gguf_file.name} to a Hugging Face directory in {final} "
               f"(once; later runs reuse it)", file=sys.stderr)
         tmp = root / f".tmp-{name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        started = time.perf_counter()
         try:
             _convert_gguf(gguf_file, tmp, model_id=model_id, revision=revision)
             if final.exists():  # a leftover without IDENTITY_FILE cannot be complete
@@ -336,6 +338,8 @@ def _convert_cached(gguf_file: Path, *, model_id: str, revision: str, name: str)
             os.rename(tmp, final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+        # (the command's own summary times its run, which starts after this)
+        print(f"draftdata: converted {gguf_file.name} in {time.perf_counter() - started:.0f} s", file=sys.stderr)
     return final
 
 

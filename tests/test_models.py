@@ -192,6 +192,8 @@ def test_smollm2_is_converted_once_even_by_concurrent_processes(tmp_path, monkey
     path = Path(paths.pop())
     assert path.parent == tmp_path / "cache" / "models"
     assert sum("converting" in o[1] for o in outs) == 1  # the other waited on the lock and reused it
+    assert sum(" in " in o[1] and "draftdata: converted SmolLM2-135M-Instruct.Q4_1.gguf in " in o[1]
+               for o in outs) == 1                          # where a first run's time went
     assert not [p for p in path.parent.iterdir() if p.name.startswith(".tmp-")]
     config = AutoConfig.from_pretrained(path)
     assert (config.num_hidden_layers, config.hidden_size, config.vocab_size) == (30, 576, 49152)
