@@ -358,6 +358,24 @@ def test_load_reads_a_pytorch_model_bin_draft_without_unpickling_objects(tiny_mo
         ev.load_exported_draft(export, base)
 
 
+def test_a_system_message_between_turns_stays_where_the_file_puts_it(tiny_model, tmp_path):
+    """A system message after the first answer was moved to the start of every turn's prompt, so
+    turn 1 was measured on a prompt the file never shows it with."""
+    from transformers import AutoTokenizer
+
+    path = tmp_path / "p.jsonl"
+    msgs = [{"role": "system", "content": "first system"}, {"role": "user", "content": "one"},
+            {"role": "assistant", "content": "x"}, {"role": "system", "content": "second system"},
+            {"role": "user", "content": "two"}, {"role": "system", "content": "after the last turn"}]
+    path.write_text(json.dumps({"conversation_id": "s", "conversations": msgs}) + "\n")
+    (conv,) = ev.read_prompts(str(path))
+    assert conv.system == [msgs[0]] and conv.user_turns == ["one", "two"] and conv.later_system == {1: [msgs[3]]}
+    r = run_eval(tiny_model, exported_draft(tmp_path, tiny_model), path)
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    first = tok.apply_chat_template(msgs[:2], tokenize=False, add_generation_prompt=True)
+    assert r["per_prompt"][0]["prompt_tokens"] == len(tok(first, add_special_tokens=False)["input_ids"])
+
+
 def test_a_malformed_export_config_is_one_line(tiny_model, tmp_path):
     """A third-party or hand-edited config.json without a size, with a size of the wrong type, or
     holding a list was a KeyError / ValueError / AttributeError traceback."""

@@ -417,6 +417,8 @@ class PromptConversation:
     user_turns: list[str]
     category: str | None = None
     source: str = ""  # file:line
+    # system messages the file places between user turns: {turn index: messages just before it}
+    later_system: dict[int, list[dict[str, str]]] = field(default_factory=dict)
 
 
 def read_prompts(path: str, limit: int | None = None) -> list[PromptConversation]:
@@ -436,9 +438,16 @@ def read_prompts(path: str, limit: int | None = None) -> list[PromptConversation
                 rejects += 1
                 print(f"draftdata eval: skipping {item.source}: no user turn", file=sys.stderr)
                 continue
-            out.append(PromptConversation(item.conversation_id,
-                                          [m for m in item.messages if m["role"] == "system"], users,
-                                          item.category, item.source))
+            leading: list[dict[str, str]] = []
+            later: dict[int, list[dict[str, str]]] = {}
+            turn = 0  # user turns before this message
+            for m in item.messages:  # each system message stays where the file puts it
+                if m["role"] == "user":
+                    turn += 1
+                elif m["role"] == "system":
+                    (later.setdefault(turn, []) if turn else leading).append(m)
+            out.append(PromptConversation(item.conversation_id, leading, users, item.category, item.source,
+                                          {t: ms for t, ms in later.items() if t < len(users)}))
             if limit is not None and len(out) >= limit:
                 break
     except DraftdataError as e:  # the reader is collect's, which names its own flag --input
@@ -605,7 +614,8 @@ def evaluate(base: Any, tokenizer: Any, draft: LoadedDraft, conversations: list[
                 if bar is not None:
                     bar.update(1, 0)
                 continue
-            messages = history[conv.conversation_id] + [{"role": "user", "content": conv.user_turns[i]}]
+            messages = (history[conv.conversation_id] + conv.later_system.get(i, [])
+                        + [{"role": "user", "content": conv.user_turns[i]}])
             try:
                 prompt = encode(messages)
             except Exception as e:  # noqa: BLE001 - a record the template refuses (Gemma: no system role)
