@@ -171,6 +171,11 @@ def test_held_out_validation_is_reported_and_leaves_the_run_unchanged(tmp_path, 
     assert "aux_layer_ids is [1, 2, 3]" in capsys.readouterr().err
     assert main(args + ["--output", str(tmp_path / "r2"), "--val-every", "2"]) == 2
     assert "--val-every needs --val-data" in capsys.readouterr().err
+    missing = str(tmp_path / "nope")                     # which flag names the missing dataset
+    assert main(args + ["--output", str(tmp_path / "r4"), "--val-data", missing]) == 2
+    assert f"error: --val-data {missing}: no dataset here" in capsys.readouterr().err
+    assert main([x if x != train_data else missing for x in args] + ["--output", str(tmp_path / "r4")]) == 2
+    assert f"error: --data {missing}: no dataset here" in capsys.readouterr().err
     assert main(args + ["--output", str(tmp_path / "r3"), "--val-data", train_data, "--no-plot"]) == 0
     assert "warning: 48 of the 48 held-out conversations in" in capsys.readouterr().err   # --val-data = --data
 
@@ -306,10 +311,58 @@ def test_max_minutes_stops_with_a_checkpoint_and_resume_continues(tmp_path, tiny
     capsys.readouterr()
     shorter = [x if x != "6" else "3" for x in common]      # a rerun with fewer steps keeps the longer run's draft
     assert main(shorter + ["--resume"]) == 0
-    assert "is at step 6, not before this run's last step (3): nothing is left to train" in capsys.readouterr().err
+    assert "is at step 6, past this run's last step (3): nothing is left to train" in capsys.readouterr().err
+    assert main(common + ["--resume"]) == 0                 # the same --steps again: no "fewer steps" advice
+    assert "is the run's last step (6): nothing is left to train; the final draft is written" in capsys.readouterr().err
+    other_ttt = [x if x != "2" else "3" for x in common]   # --ttt-steps 3: the one field, not two 50-key dicts
+    assert main(other_ttt + ["--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "(eagle_config.eagle_ttt_steps: checkpoint run had 2, now 3)" in err and len(err) < 400, err
     bad = ["train", "--data", train_data, "--model", str(tiny_model), "--output", str(tmp_path / "bad"),
            "--steps", "6", "--max-minutes", "0"]
     assert main(bad) == 2 and not (tmp_path / "bad").exists()       # bad value: one-line error, nothing written
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_line(tmp_path, tiny_model, train_data):  # noqa: F811
+    """A full disk (here a real file-size limit, RLIMIT_FSIZE, on the training process) while saving
+    a checkpoint was a traceback (safetensors' SafetensorError, or torch's "unexpected pos"), exit 1,
+    leaving step-N.tmp/ behind. Now: one line naming the checkpoint and the free space, exit 2, no
+    partial checkpoint; a rerun with room resumes."""
+    import resource
+
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "draftdata.cli", "train", "--data", train_data, "--model", str(tiny_model),
+            "--output", str(out), "--eagle-config", str(eagle_file(tmp_path)), "--steps", "3", "--save-every", "2",
+            "--batch-tokens", "256", "--ttt-steps", "2", "--no-plot"]
+    run = subprocess.run(argv, capture_output=True, text=True, env=env(), timeout=300,
+                         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000)))
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert "Traceback" not in run.stderr
+    last = run.stderr.strip().splitlines()[-1]
+    assert f"cannot write {out / 'checkpoints' / 'step-00000002'} (" in last and "MiB free there" in last, last
+    assert not list((out / "checkpoints").glob("*.tmp"))
+    assert subprocess.run(argv + ["--resume"], capture_output=True, text=True, env=env(), timeout=300).returncode == 0
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]
+
+
+def test_samples_over_the_token_budget_are_one_line_in_the_cli_terms(tmp_path, tiny_model, train_data,  # noqa: F811
+                                                                    capsys):
+    """A --max-seq-len above --batch-tokens gave the loader's Python UserWarning (a source line, and
+    advice in the loader's argument names); with --pad-to-multiple-of the default --max-seq-len
+    (--batch-tokens) itself padded past the budget (128-token batches against 100)."""
+    common = ["train", "--data", train_data, "--model", str(tiny_model), "--eagle-config", str(eagle_file(tmp_path)),
+              "--steps", "1", "--ttt-steps", "2", "--no-plot"]
+    assert main(common + ["--output", str(tmp_path / "a"), "--batch-tokens", "64", "--max-seq-len", "200"]) == 0
+    err = capsys.readouterr().err
+    assert "UserWarning" not in err and "exceed --batch-tokens 64: each forms a batch of its own" in err
+    assert "set --max-seq-len at most 64" in err
+    assert main(common + ["--output", str(tmp_path / "b"), "--batch-tokens", "100", "--pad-to-multiple-of", "64"]) == 0
+    err = capsys.readouterr().err
+    assert "exceed --batch-tokens" not in err and "longer than --max-seq-len 64 (default: --batch-tokens)" in err
+    (record,) = read_metrics(tmp_path / "b")
+    assert record["tokens"] / record["padding_efficiency"] <= 100 + 1e-6   # the padded batch fits the budget
+    assert main(common + ["--output", str(tmp_path / "c"), "--batch-tokens", "32", "--pad-to-multiple-of", "64"]) == 2
+    assert "--batch-tokens 32 is below --pad-to-multiple-of 64" in capsys.readouterr().err
 
 
 def test_resume_applies_a_changed_lr_and_refuses_weight_decay_on_off(tmp_path, tiny_model, train_data):  # noqa: F811
@@ -684,6 +737,14 @@ def test_bad_inputs_and_outputs_are_refused_before_anything_is_written(tmp_path,
     before = sorted(p.name for p in base_copy.iterdir())
     assert "holds a model (config.json, model.safetensors), not a train run" in run(base_copy)
     assert sorted(p.name for p in base_copy.iterdir()) == before
+    before = sorted(p.name for p in Path(train_data).iterdir())     # the dataset itself: it was trained into
+    assert f"--output {train_data}: holds a dataset (dataset.json)" in run(Path(train_data))
+    assert sorted(p.name for p in Path(train_data).iterdir()) == before
+    done = tmp_path / "done"                                          # a run's final/: `export done` took the old one
+    (done / "final").mkdir(parents=True)
+    (done / "train_config.json").write_text("{}")
+    assert f"--output {done / 'final'}: is part of the training run {done}" in run(done / "final")
+    assert not (done / "final" / "final").exists()
 
     assert f"--output {unwritable_dir / 'run'}: cannot write there" in run(unwritable_dir / "run")
 

@@ -67,6 +67,7 @@ import torch.distributed as dist
 from draftdata.config import EagleConfig
 from draftdata.errors import (
     TERMINATED,
+    DatasetNotFoundError,
     DraftdataError,
     MissingPartsError,
     name_some,
@@ -171,6 +172,9 @@ class TrainConfig:
             raise DraftdataError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.init_draft is not None and self.init_from_base:
             raise DraftdataError("give at most one of --init-draft and --init-from-base")
+        if self.pad_to_multiple_of and self.pad_to_multiple_of > self.batch_tokens:
+            raise DraftdataError(f"--batch-tokens {self.batch_tokens} is below --pad-to-multiple-of "
+                                 f"{self.pad_to_multiple_of}: no batch would fit its budget")
         if self.val_every is not None and self.val_data is None:
             raise DraftdataError("--val-every needs --val-data (a held-out dataset collected like --data)")
         self.eagle()
@@ -355,6 +359,14 @@ def check_output_dir(output: Path) -> None:
     train_config.json): checkpoints and train_config.json would be written into the model."""
     if output.exists() and not output.is_dir():
         raise DraftdataError(f"--output {output} is a file; training writes a directory there (choose another path)")
+    if (output / "dataset.json").is_file() or (output / "commits").is_dir():
+        raise DraftdataError(f"--output {output}: holds a dataset (dataset.json); training would write its "
+                             "checkpoints and logs into it; choose another --output (a new or empty directory)")
+    run = output.parent.parent if output.parent.name == CHECKPOINTS else output.parent
+    if output.name in (FINAL, CHECKPOINTS) or output.parent.name == CHECKPOINTS:
+        if (run / TRAIN_CONFIG).is_file():  # a run's final/ or checkpoint: `export RUN` would take the old weights
+            raise DraftdataError(f"--output {output}: is part of the training run {run}; train into a new "
+                                 f"directory (or continue that run with --output {run} --resume)")
     if not output.is_dir() or (output / TRAIN_CONFIG).exists() or not (output / "config.json").is_file():
         return
     weights = sorted(p.name for pattern in MODEL_WEIGHTS for p in output.glob(pattern))
@@ -498,6 +510,20 @@ def _fsync_dir_files(path: Path) -> None:
             os.close(fd)
 
 
+def cannot_write(path: Path, error: BaseException, then: str) -> DraftdataError:
+    """One line for a failed write (a full disk, a quota, an I/O error: safetensors and torch.save
+    raise their own types, torch's without the cause), with the free space where it failed."""
+    detail = error.strerror if isinstance(error, OSError) and error.strerror else " ".join(str(error).split())[:200]
+    where = path
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    try:
+        free = f"; {shutil.disk_usage(where).free / 2**20:,.0f} MiB free there"
+    except OSError:
+        free = ""
+    return DraftdataError(f"cannot write {path} ({type(error).__name__}: {detail}{free}); {then}")
+
+
 def save_checkpoint(output: Path, step: int, draft, state: dict[str, Any], rng_states: list[Any],
                     keep: int) -> Path:
     """Write a checkpoint into a temporary dir and rename it into place (rank 0 only)."""
@@ -507,9 +533,14 @@ def save_checkpoint(output: Path, step: int, draft, state: dict[str, Any], rng_s
     tmp = final.with_name(final.name + ".tmp")
     for partial in final.parent.glob("step-*.tmp"):  # this one, and any a kill cut short (one run per output)
         shutil.rmtree(partial, ignore_errors=True)
-    save_draft(tmp, draft)
-    torch.save({**state, "rng": rng_states}, tmp / TRAINER_STATE)
-    _fsync_dir_files(tmp)
+    try:
+        save_draft(tmp, draft)
+        torch.save({**state, "rng": rng_states}, tmp / TRAINER_STATE)
+        _fsync_dir_files(tmp)
+    except Exception as e:  # noqa: BLE001 - whatever the writer raised; the loop's state is fine
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise cannot_write(final, e, "the checkpoints before it are intact: free space (or fix the output "
+                           "directory) and rerun with --resume") from None
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     old = sorted(p for p in (output / CHECKPOINTS).glob("step-*") if not p.name.endswith(".tmp"))
@@ -528,6 +559,15 @@ def vocab_digest(vocab: Any) -> str | None:
     return hashlib.sha256(vocab.d2t.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
 
 
+def _differences(name: str, a: Any, b: Any) -> list[tuple[str, Any, Any]]:
+    """(dotted name, a's value, b's value) where two settings differ, nested dicts key by key (the
+    EagleConfig: one changed field, not both 50-key dicts)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b), key=str) if a.get(k) != b.get(k)
+                for d in _differences(f"{name}.{k}", a.get(k), b.get(k))]
+    return [(name, a, b)] if a != b else []
+
+
 def _check_resume_config(saved: dict[str, Any], now: dict[str, Any], path: Path) -> list[str]:
     # Paths recorded by an older draftdata may be relative: read them from here, as best we can.
     saved = {**saved, **{k: normalize_location(saved[k]) for k in PATH_SETTINGS if k in saved}}
@@ -538,8 +578,8 @@ def _check_resume_config(saved: dict[str, Any], now: dict[str, Any], path: Path)
             saved["eagle_config"] = EagleConfig.from_dict(saved["eagle_config"]).to_dict()
         except DraftdataError:
             pass  # compared as it is: the difference is listed below
-    diffs = [f"{k}: checkpoint run had {saved.get(k)!r}, now {now.get(k)!r}"
-             for k in RESUME_FIXED if saved.get(k) != now.get(k)]
+    diffs = [f"{name}: checkpoint run had {then!r}, now {new!r}" for k in RESUME_FIXED if saved.get(k) != now.get(k)
+             for name, then, new in _differences(k, saved.get(k), now.get(k))]
     if saved.get("draft_vocab_d2t_sha256") and now.get("draft_vocab_d2t_sha256") \
             and saved["draft_vocab_d2t_sha256"] != now["draft_vocab_d2t_sha256"]:  # None: no --draft-vocab now
         diffs.append(f"draft_vocab: the vocabulary in {now.get('draft_vocab')} changed since the checkpoint (d2t sha256 "
@@ -595,8 +635,12 @@ class MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            raise cannot_write(self.path, e, "the last checkpoint is intact: free space and rerun with "
+                               "--resume") from None
         if self.tb is not None:
             step = record["step"]
             for key in ("loss", "lr", "grad_norm", "tokens_per_s"):
@@ -737,8 +781,9 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     Every input (settings, output directory, dataset, base model, draft vocabulary) is checked
     before the output directory is written, so a mistake leaves nothing behind."""
-    with warnings.catch_warnings():  # the loader's per-sample warnings: logged per step here instead
-        warnings.filterwarnings("ignore", message="skipping part ", category=UserWarning)
+    with warnings.catch_warnings():  # the loader's warnings: logged per step here instead, or said in
+        warnings.filterwarnings("ignore", message="skipping part ", category=UserWarning)  # the CLI's terms
+        warnings.filterwarnings("ignore", message=".* exceed max_tokens_per_batch=", category=UserWarning)
         return _train(cfg)
 
 
@@ -760,7 +805,9 @@ def _train(cfg: TrainConfig) -> TrainResult:
     lock: DirectoryLock | None = None
     try:
         # -- 1. run settings and resume point ---------------------------------------------------
-        max_seq_len = cfg.max_seq_len or cfg.batch_tokens
+        # By default a sample is cut to the budget (rounded down to the padding multiple, so that a
+        # padded sample still fits it); longer ones would form over-budget batches of their own.
+        max_seq_len = cfg.max_seq_len or cfg.batch_tokens // (cfg.pad_to_multiple_of or 1) * (cfg.pad_to_multiple_of or 1)
         run_settings = {**dataclasses.asdict(cfg), "world_size": info.world_size,
                         "eagle_config": eagle.to_dict(), "max_seq_len": max_seq_len}
         for k in ("resume", "progress", "plot", "device", "output", "storage_options"):  # no secrets on disk
@@ -801,6 +848,8 @@ def _train(cfg: TrainConfig) -> TrainResult:
         snapshot = resume_state.get("part_ids") if resume_state else None
         try:
             dataset = open_data(snapshot)
+        except DatasetNotFoundError as e:  # which of the run's datasets
+            raise DatasetNotFoundError(f"--data {e}") from None
         except MissingPartsError as e:
             raise DraftdataError(f"--resume: {ckpt} trains on a snapshot of {len(snapshot)} parts of {cfg.data}, and "
                                  f"some are gone from it ({e}): the dataset was replaced or parts were removed since "
@@ -817,13 +866,24 @@ def _train(cfg: TrainConfig) -> TrainResult:
         truncation = describe_truncation(dataset.store.sample_lengths(), max_seq_len, cfg.max_seq_len is None)
         if truncation:
             _log(truncation, info)
+        longest = min(int(dataset.store.sample_lengths().max()), max_seq_len)
+        padded = -(-longest // (cfg.pad_to_multiple_of or 1)) * (cfg.pad_to_multiple_of or 1)
+        if padded > cfg.batch_tokens:
+            _log(f"warning: samples of up to {longest} tokens"
+                 + (f" ({padded} padded to a multiple of {cfg.pad_to_multiple_of})" if padded != longest else "")
+                 + f" exceed --batch-tokens {cfg.batch_tokens}: each forms a batch of its own, over the budget; "
+                 f"set --max-seq-len at most {cfg.batch_tokens} (rounded down to --pad-to-multiple-of) to cut them",
+                 info)
         val_dataset = None
         if cfg.val_data is not None:
-            val_dataset = HiddenStateDataset(
-                cfg.val_data, shuffle=False, rank=info.rank, world_size=info.world_size,
-                max_seq_len=max_seq_len, storage_options=cfg.storage_options or None,
-                max_tokens_per_batch=cfg.batch_tokens, pin_memory=False, on_corrupt=cfg.on_corrupt,
-                pad_to_multiple_of=cfg.pad_to_multiple_of)
+            try:
+                val_dataset = HiddenStateDataset(
+                    cfg.val_data, shuffle=False, rank=info.rank, world_size=info.world_size,
+                    max_seq_len=max_seq_len, storage_options=cfg.storage_options or None,
+                    max_tokens_per_batch=cfg.batch_tokens, pin_memory=False, on_corrupt=cfg.on_corrupt,
+                    pad_to_multiple_of=cfg.pad_to_multiple_of)
+            except DatasetNotFoundError as e:
+                raise DatasetNotFoundError(f"--val-data {e}") from None
             check_val_schema(schema, val_dataset.schema, cfg.data, cfg.val_data)
             held_out = {c for p in val_dataset.store.parts for c in p.conversation_ids}
             shared = sum(c in held_out for p in dataset.store.parts for c in p.conversation_ids)
@@ -927,10 +987,13 @@ def _train(cfg: TrainConfig) -> TrainResult:
             loss_tokens_seen = state.get("loss_tokens_seen")      # None: written by an older draftdata
             _set_rng_state(state["rng"][info.rank], device)
             _log(f"resumed from {ckpt} at step {step} (epoch {epoch}, {consumed} batches into it)", info)
-            if step >= total_steps:  # a shorter --steps (or --epochs) than the run already trained
-                _log(f"resume: {ckpt} is at step {step}, not before this run's last step ({total_steps}): nothing is "
-                     "left to train, and the final draft is that checkpoint's weights; to train fewer steps, "
-                     "train into a new --output", info)
+            if step > total_steps:  # a shorter --steps (or --epochs) than the run already trained
+                _log(f"resume: {ckpt} is at step {step}, past this run's last step ({total_steps}): nothing is left "
+                     "to train, and the final draft is that checkpoint's weights; to train fewer steps, train into a "
+                     "new --output", info)
+            elif step == total_steps:  # the run ended (a kill during the final save, or a rerun)
+                _log(f"resume: {ckpt} is the run's last step ({step}): nothing is left to train; the final draft is "
+                     "written from it", info)
         else:
             torch.manual_seed(cfg.seed + info.rank)     # per-rank stream (mix_hidden_states, dropout)
 
@@ -1134,7 +1197,12 @@ def _train(cfg: TrainConfig) -> TrainResult:
             raise trained_on_nothing(f"{step} steps")
         final = output / FINAL
         if info.main:
-            save_draft(final, draft)
+            try:
+                save_draft(final, draft)
+            except Exception as e:  # noqa: BLE001 - see cannot_write
+                last = kept or latest_checkpoint(output)
+                raise cannot_write(final, e, f"the last checkpoint{f' ({last})' if last else ''} holds these weights: "
+                                   "free space and rerun with --resume, or export that checkpoint") from None
             if cfg.plot and (output / METRICS).exists():
                 png = plot_metrics(output / METRICS, output / PLOT)
                 if png:
