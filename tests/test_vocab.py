@@ -68,6 +68,22 @@ def test_vocab_cli_selects_top_assistant_tokens(tmp_path, train_data, capsys):  
     assert "inside the dataset" in capsys.readouterr().err
     assert (Path(train_data) / "dataset.json").read_bytes() == before
 
+    weights = tmp_path / "model.safetensors"                     # a file that is no vocabulary: refused, kept
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(weights))
+    victim = tmp_path / "conv.jsonl"
+    victim.write_text('{"messages": []}\n')
+    for path in (weights, victim):
+        before = path.read_bytes()
+        assert main(["vocab", train_data, "-n", "10", "--out", str(path)]) == 2
+        assert "exists and is not a draft vocabulary file" in capsys.readouterr().err
+        assert path.read_bytes() == before
+    assert main(["vocab", train_data, "-n", "10", "--out", f"file://{out}"]) == 0   # a vocabulary: replaced
+    assert load_draft_vocab(out).draft_vocab_size == 10 and not Path("file:").exists()
+    assert main(["vocab", train_data, "-n", "10", "--out", "s3://bucket/vocab.safetensors"]) == 2
+    assert "is written to a local file" in capsys.readouterr().err and not Path("s3:").exists()
+
 
 def test_unwritable_out_is_refused_before_counting(tmp_path, train_data, capsys, unwritable_dir):  # noqa: F811
     """An --out that cannot be written is one line, found before the dataset is read (even a missing

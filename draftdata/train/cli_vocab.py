@@ -26,8 +26,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from draftdata.errors import DraftdataError
     from draftdata.store.fs import check_writable_file, is_local, local_path, parse_storage_options
-    from draftdata.train.vocab import build_draft_vocab, save_draft_vocab
+    from draftdata.train.vocab import build_draft_vocab, is_vocab_file, save_draft_vocab
 
+    if args.out and not is_local(args.out):  # Path("s3://b/v") is a local folder named "s3:"
+        raise DraftdataError(f"--out {args.out}: the vocabulary is written to a local file (`train --draft-vocab` "
+                             "reads a local file); give a local path, and copy the file where it is needed")
+    args.out = local_path(args.out) if args.out else args.out  # file:///x -> /x
     if not args.out or Path(args.out).is_dir():
         raise DraftdataError(f"--out {args.out!r} is a directory; name the file to write (e.g. "
                              f"{os.path.join(args.out or '.', 'vocab.safetensors')})")
@@ -36,6 +40,9 @@ def run(args: argparse.Namespace) -> int:
         if (root / "dataset.json").exists() and root in target.parents:
             raise DraftdataError(f"--out {args.out}: inside the dataset {args.url}; write the vocabulary next to it "
                                  "(e.g. vocab.safetensors beside the dataset directory)")
+    if os.path.isfile(args.out) and not is_vocab_file(args.out):  # a model's weights, an input file, ...
+        raise DraftdataError(f"--out {args.out}: exists and is not a draft vocabulary file, which it would replace; "
+                             "give a new path (or delete that file first)")
     check_writable_file(args.out, "--out", "vocab.safetensors")  # before counting, not after
     vocab = build_draft_vocab(args.url, args.draft_vocab_size, parse_storage_options(args.storage_option),
                               all_tokens=args.all_tokens, workers=args.workers)

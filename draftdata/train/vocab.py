@@ -165,6 +165,17 @@ def save_draft_vocab(path: str | Path, vocab: DraftVocab) -> Path:
     return path
 
 
+def is_vocab_file(path: str | Path) -> bool:
+    """Whether `path` is a safetensors file with d2t and t2d (one `draftdata vocab` may replace)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {"d2t", "t2d"} <= set(f.keys())
+    except Exception:  # noqa: BLE001 - not safetensors at all (a model's .bin, a JSONL file, ...)
+        return False
+
+
 def load_draft_vocab(path: str | Path) -> DraftVocab:
     """Read a `draftdata vocab` file and check d2t and t2d agree."""
     from safetensors import safe_open
