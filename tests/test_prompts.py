@@ -104,7 +104,8 @@ def test_duplicates_are_rejected_and_attempts_are_bounded(user_model, tmp_path, 
     assert run_cli("--model", user_model, "--output", short, "--count", 2, "--max-new-tokens", 2) == 1
     assert short.read_text() == ""
     err = capsys.readouterr().err
-    assert "most were rejected as too_long: raise --max-new-tokens" in err
+    assert "most were rejected as too_long: nothing was kept, so a rerun with these settings draws the same " \
+        "samples again: raise --max-new-tokens" in err and "rerun to continue" not in err
 
 
 def test_rerun_continues_to_count_and_other_settings_are_refused(user_model, tmp_path, capsys):
@@ -125,6 +126,11 @@ def test_rerun_continues_to_count_and_other_settings_are_refused(user_model, tmp
     assert run_cli(*common, "--count", 6, "--temperature", 0.5) == 2  # one error line, exit 2
     assert "temperature: file has 1.0, this run has 0.5" in capsys.readouterr().err
     assert out.read_text() == text
+    # a hand-added line the resume cannot read: one line naming it (an AttributeError traceback)
+    out.write_text(text + json.dumps({"conversation_id": "hand-1", "conversations": [
+        {"role": "user", "content": None}]}) + "\n")
+    assert run_cli(*common, "--count", 6) == 2
+    assert f"{out}:5: a user message's content is NoneType, not text" in capsys.readouterr().err
 
 
 def test_a_rerun_from_any_written_prefix_ends_as_an_uninterrupted_run(user_model, tmp_path, capsys):
@@ -306,6 +312,7 @@ def test_a_stopped_run_prints_and_writes_its_summary(user_model, tmp_path):
     assert proc.returncode == 143 and "stopped early" in err, err[-2000:]
     assert "prompts summary" in stdout, stdout
     (summary,) = (tmp_path / "p.jsonl.synth").glob("prompts-summary-*.json")
+    assert summary.name.endswith(f"-{proc.pid}.json")  # two runs ending in one second keep both summaries
     assert json.loads(summary.read_text())["stopped_early"] is True
 
 
@@ -453,6 +460,14 @@ def test_follow_up_writes_the_next_user_turn_of_answered_conversations(user_mode
     (tmp_path / "open.jsonl").write_text(lines[5] + "\n")
     assert run_cli("--model", user_model, "--output", tmp_path / "o.jsonl", "--follow-up", tmp_path / "open.jsonl") == 2
     assert "no conversation ends with an assistant answer (not_answered 1)" in capsys.readouterr().err
+    (tmp_path / "prompt_only.jsonl").write_text(json.dumps({"conversations": [{"role": "user", "content": "hi"}]})
+                                                + "\n")                 # prompts never answered: not_answered too
+    assert run_cli("--model", user_model, "--output", tmp_path / "o.jsonl", "--follow-up",
+                   tmp_path / "prompt_only.jsonl") == 2
+    assert "(not_answered 1)" in capsys.readouterr().err
+    missing = tmp_path / "missing.jsonl"
+    assert run_cli("--model", user_model, "--output", tmp_path / "o.jsonl", "--follow-up", missing) == 2
+    assert f"error: --follow-up {missing}: no such file" in capsys.readouterr().err
     assert run_cli("--model", user_model, "--output", tmp_path / "o.jsonl") == 2
     assert "give --count N" in capsys.readouterr().err
     upper = tmp_path / "upper.jinja"  # a template that cannot continue any conversation fails once, up front

@@ -40,6 +40,7 @@ there and continues from the index after the highest one.
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 import time
@@ -209,13 +210,21 @@ def read_existing(path: Path, seed: int) -> tuple[set[str], int]:
     if not path.is_file():
         return texts, next_index
     with open(path, encoding="utf-8") as f:
-        for line in f:
+        for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            record = json.loads(line)
-            for m in record.get("conversations", []):
-                if m.get("role") == "user":
-                    texts.add(fold(m.get("content", "")))
+            record = json.loads(line)  # (the output's own check has read every line as a record with an id)
+            messages = record.get("conversations", record.get("messages", [])) if isinstance(record, dict) else None
+            if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+                raise DraftdataError(f"{path}:{lineno}: not a conversation record (a list of messages under "
+                                     "'conversations' or 'messages'); fix or remove that line, then rerun")
+            for m in messages:
+                if m.get("role") == "user" or m.get("from") == "human":
+                    content = m.get("content", m.get("value", ""))
+                    if not isinstance(content, str):
+                        raise DraftdataError(f"{path}:{lineno}: a user message's content is "
+                                             f"{type(content).__name__}, not text; fix or remove that line, then rerun")
+                    texts.add(fold(content))
             match = ID_PATTERN.match(record["conversation_id"])
             if match and int(match.group(1)) == seed:
                 next_index = max(next_index, int(match.group(2)) + 1)
@@ -377,13 +386,18 @@ class _Keeper:
 def read_follow_up(settings: PromptSettings) -> tuple[list[Conversation], Counter]:
     """The --follow-up input's conversations that end with an answer, and the skipped records by reason."""
     follow, skipped = [], Counter()
-    for item in read_conversations(settings.follow_up):
-        if isinstance(item, Reject):
-            skipped[item.reason] += 1
-        elif item.messages[-1]["role"] != "assistant":
-            skipped["not_answered"] += 1
-        else:
-            follow.append(item)
+    try:
+        for item in read_conversations(settings.follow_up, require_assistant=False):
+            if isinstance(item, Reject):
+                skipped[item.reason] += 1
+            elif item.messages[-1]["role"] != "assistant":  # prompts not answered yet, or ending with a question
+                skipped["not_answered"] += 1
+            else:
+                follow.append(item)
+    except DraftdataError as e:  # the reader is collect's, which names its own flag --input
+        if str(e).startswith("--input "):
+            raise DraftdataError("--follow-up " + str(e)[len("--input "):]) from None
+        raise
     if not follow:
         reasons = format_counts(skipped) or "the file is empty"
         raise DraftdataError(f"--follow-up {settings.follow_up}: no conversation ends with an assistant answer "
@@ -544,7 +558,7 @@ def run(settings: PromptSettings) -> int:
                 stats.skipped_input = skipped
                 goal = f"--count {wanted:,}" if settings.count is not None else f"{wanted:,} conversations to continue"
                 print(stats.format(str(out.path), goal, total, follow=follow is not None))
-                (sidecar_dir(out.path) / f"prompts-summary-{int(time.time())}.json").write_text(
+                (sidecar_dir(out.path) / f"prompts-summary-{int(time.time())}-{os.getpid()}.json").write_text(
                     json.dumps({"stats": {**asdict(stats), "rejected": dict(stats.rejected),
                                           "skipped_input": dict(stats.skipped_input)},
                                 "settings": settings.report_dict(), "stopped_early": stopped}, indent=2) + "\n")
@@ -552,12 +566,19 @@ def run(settings: PromptSettings) -> int:
                     print("draftdata prompts: stopped early; every prompt written so far is kept, rerun the same "
                           "command to continue", file=sys.stderr)
     if settings.count is not None and total < settings.count:
-        ran_out = f"--follow-up's {len(follow):,} conversations" if follow is not None and \
-            stats.attempts < settings.max_attempts else f"--max-attempts {settings.max_attempts:,}"
+        all_used = follow is not None and stats.attempts < settings.max_attempts
+        ran_out = f"--follow-up's {len(follow):,} conversations" if all_used else \
+            f"--max-attempts {settings.max_attempts:,}"
+        if all_used:  # a rerun has no conversation left to continue
+            hint = "every answered conversation of --follow-up was used: lower --count, or answer more conversations"
+        elif not stats.written:  # a rerun starts from the same sample indices and draws the same samples
+            hint = ("nothing was kept, so a rerun with these settings draws the same samples again: raise "
+                    "--max-new-tokens or --temperature, or change --seed")
+        else:
+            hint = "raise --max-new-tokens or --temperature, or rerun to continue"
         print(f"draftdata prompts: only {total:,} of {settings.count:,} prompts after {stats.attempts:,} samples "
               f"({ran_out}); most were rejected as "
-              f"{stats.rejected.most_common(1)[0][0] if stats.rejected else '-'}: raise --max-new-tokens or "
-              f"--temperature, or rerun to continue", file=sys.stderr)
+              f"{stats.rejected.most_common(1)[0][0] if stats.rejected else '-'}: {hint}", file=sys.stderr)
         return 1
     return 0
 
