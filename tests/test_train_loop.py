@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -12,6 +13,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -23,7 +25,7 @@ from test_train_support import TINY_ARCH, train_data, unwritable_dir  # noqa: F4
 from draftdata.cli import main
 from draftdata.errors import DraftdataError
 from draftdata.train.model import load_draft
-from draftdata.train.trainer import TrainConfig, lr_lambda, normalize_location, train
+from draftdata.train.trainer import TrainConfig, TrainInterrupted, lr_lambda, normalize_location, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -183,7 +185,7 @@ def test_held_out_validation_is_reported_and_leaves_the_run_unchanged(tmp_path, 
 DDP_SCRIPT = """
 import json, sys, torch, torch.distributed as dist
 from safetensors.torch import save_file
-from draftdata.train.trainer import TrainConfig, lr_lambda, normalize_location, train
+from draftdata.train.trainer import TrainConfig, TrainInterrupted, lr_lambda, normalize_location, train
 cfg = TrainConfig(**json.loads(sys.argv[1]))
 result = train(cfg)
 rank = int(__import__("os").environ["RANK"])
@@ -285,6 +287,27 @@ def test_ray_train_torch_trainer(tmp_path, tiny_model, train_data, capfd):  # no
             time.sleep(0.2)
             seen += "".join(capfd.readouterr())
         assert seen.count("final draft:") == 1 and seen.count("step 1/3 ") == 1, seen[-3000:]
+
+        # Ctrl-C on the driver: Ray Train's own handler aborted the workers mid-step (exit 1, every step
+        # since the last checkpoint lost). Now the workers end their step and save a checkpoint.
+        stopped = dataclasses.replace(cfg, output=str(tmp_path / "ray_stop"), steps=2000, save_every=10_000)
+
+        def interrupt_after_two_steps() -> None:
+            metrics = tmp_path / "ray_stop" / "metrics.jsonl"
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
+                time.sleep(0.1)
+            os.kill(os.getpid(), signal.SIGINT)
+
+        threading.Thread(target=interrupt_after_two_steps, daemon=True).start()
+        with pytest.raises(TrainInterrupted, match=r"interrupted at step \d+/2000: kept checkpoint .*--resume") as e:
+            train_with_ray(stopped, num_workers=2)
+        step = int(re.search(r"at step (\d+)/", str(e.value)).group(1))
+        assert 2 <= step < 2000
+        assert [p.name for p in (tmp_path / "ray_stop" / "checkpoints").iterdir()] == [f"step-{step:08d}"]
+        assert [r["step"] for r in read_metrics(tmp_path / "ray_stop")] == list(range(1, step + 1))
+        train_with_ray(dataclasses.replace(stopped, steps=step + 1, resume=True), num_workers=2)
+        assert [r["step"] for r in read_metrics(tmp_path / "ray_stop")] == list(range(1, step + 2))
     finally:
         ray.shutdown()
     rows = read_metrics(tmp_path / "ray")

@@ -115,15 +115,15 @@ def run(args: argparse.Namespace) -> int:
         val_data=args.val_data, val_every=args.val_every, on_corrupt=args.on_corrupt,
         init_draft=args.init_draft, init_from_base=args.init_from_base,
     )
-    if args.ray_workers:
-        result = train_with_ray(cfg, args.ray_workers, use_gpu=args.ray_gpus)
-        if getattr(result, "error", None):
-            print(f"draftdata train: Ray Train failed: {result.error}", file=sys.stderr)
-            return 1
-        return 0
     try:
+        if args.ray_workers:
+            result = train_with_ray(cfg, args.ray_workers, use_gpu=args.ray_gpus)
+            if getattr(result, "error", None):
+                print(f"draftdata train: Ray Train failed: {result.error}", file=sys.stderr)
+                return 1
+            return 0
         train(cfg)
-    except TrainInterrupted as e:   # Ctrl-C: say which checkpoint --resume continues from
+    except TrainInterrupted as e:   # Ctrl-C or SIGTERM (the CLI makes 130 a 143): which checkpoint --resume takes
         print(f"draftdata train: {e}", file=sys.stderr)
         return 130
     return 0

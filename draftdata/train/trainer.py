@@ -56,6 +56,7 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -776,7 +777,7 @@ def plot_metrics(metrics_path: str | Path, out_png: str | Path) -> Path | None:
 # The recipe
 # ---------------------------------------------------------------------------------------------
 
-def train(cfg: TrainConfig) -> TrainResult:
+def train(cfg: TrainConfig, stop_check: Callable[[], bool] | None = None) -> TrainResult:
     """Train a draft as described in the module docstring; returns where the result is.
 
     Every input (settings, output directory, dataset, base model, draft vocabulary) is checked
@@ -784,10 +785,10 @@ def train(cfg: TrainConfig) -> TrainResult:
     with warnings.catch_warnings():  # the loader's warnings: logged per step here instead, or said in
         warnings.filterwarnings("ignore", message="skipping part ", category=UserWarning)  # the CLI's terms
         warnings.filterwarnings("ignore", message=".* exceed max_tokens_per_batch=", category=UserWarning)
-        return _train(cfg)
+        return _train(cfg, stop_check)
 
 
-def _train(cfg: TrainConfig) -> TrainResult:
+def _train(cfg: TrainConfig, stop_check: Callable[[], bool] | None = None) -> TrainResult:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from draftdata.loaders import HiddenStateDataset
@@ -1155,7 +1156,11 @@ def _train(cfg: TrainConfig) -> TrainResult:
                     if record["val_skipped_samples"]:
                         _say(f"val step {step}: {record['val_skipped_samples']} damaged held-out sample(s) left out; "
                              f"`draftdata verify {cfg.val_data}` lists the damaged parts")
-                interrupted = stop_request.requested and step < total_steps
+                requested = stop_request.requested
+                if stop_check is not None:  # a stop asked from outside (the Ray driver): every rank agrees
+                    asked = float(info.main and stop_check())
+                    requested = requested or bool(_all_reduce(torch.tensor(asked, device=device), info).item())
+                interrupted = requested and step < total_steps
                 if step % cfg.save_every == 0 or step == total_steps or out_of_time or interrupted:
                     end_of_epoch = consumed // cfg.grad_accum >= epoch_steps
                     state = {"step": step, "epoch": epoch + 1 if end_of_epoch else epoch,
@@ -1233,18 +1238,64 @@ def _train(cfg: TrainConfig) -> TrainResult:
 # Ray Train
 # ---------------------------------------------------------------------------------------------
 
+STOP_POLL_S = 1.0  # how often rank 0 asks the driver's stop flag (an actor call) under Ray Train
+
+
+def _stop_flag_class() -> Any:
+    """A Ray actor the driver sets on Ctrl-C or SIGTERM and rank 0 reads between steps: Ray Train
+    workers never see the driver's signals (Ray Train's own Ctrl-C handler aborted them mid-step,
+    and every step since the last checkpoint was lost)."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class StopFlag:
+        def __init__(self) -> None:
+            self.stop, self.outcome = False, None
+
+        def set(self) -> None:
+            self.stop = True
+
+        def is_set(self) -> bool:
+            return self.stop
+
+        def stopped(self, message: str) -> None:  # rank 0: where the run stopped (the kept checkpoint)
+            self.outcome = message
+
+        def message(self) -> str | None:
+            return self.outcome
+
+    return StopFlag
+
+
 def ray_train_loop(config: dict[str, Any]) -> None:
     """`train_loop_per_worker` for Ray Train's TorchTrainer: the same `train`, one per worker.
 
-    Ray has already joined the workers into a torch.distributed group; `train` uses it.
+    Ray has already joined the workers into a torch.distributed group; `train` uses it. A stop
+    the driver asks for ends the run at the end of a step with a checkpoint, as Ctrl-C does in
+    one process.
     """
+    import ray
+
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     cfg = TrainConfig(**{k: v for k, v in config.items() if k in fields})
-    result = train(cfg)
-    try:
-        import ray.train
+    flag, last = config.get("_stop_flag"), [0.0, False]
 
-        ray.train.report({"steps": result.steps, "final_loss": result.losses[-1] if result.losses else None})
+    def stop_check() -> bool:
+        if flag is not None and not last[1] and time.monotonic() - last[0] >= STOP_POLL_S:
+            last[0], last[1] = time.monotonic(), bool(ray.get(flag.is_set.remote()))
+        return last[1]
+
+    import ray.train
+
+    try:
+        result = train(cfg, stop_check=stop_check if flag is not None else None)
+        metrics = {"steps": result.steps, "final_loss": result.losses[-1] if result.losses else None}
+    except TrainInterrupted as e:  # every rank stopped at the same step; rank 0 saved the checkpoint
+        metrics = {"interrupted": str(e)}
+        if flag is not None and ray.train.get_context().get_world_rank() == 0:
+            ray.get(flag.stopped.remote(str(e)))
+    try:
+        ray.train.report(metrics)
     except Exception:  # noqa: BLE001 - reporting is best effort (older/newer Ray Train APIs)
         pass
 
@@ -1269,9 +1320,46 @@ def train_with_ray(cfg: TrainConfig, num_workers: int, *, use_gpu: bool | None =
         raise DraftdataError("--ray-gpus with --device cpu: Ray Train would give the workers GPUs and an NCCL "
                              "group that CPU tensors cannot use; drop one of the two")
     storage = storage_path or str(Path(cfg.output) / "ray")             # cfg.output is absolute now
+    flag = _stop_flag_class().remote()
     trainer = TorchTrainer(
-        ray_train_loop, train_loop_config=dataclasses.asdict(cfg),
+        ray_train_loop, train_loop_config={**dataclasses.asdict(cfg), "_stop_flag": flag},
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
         run_config=RunConfig(name="draftdata-train", storage_path=storage),
     )
-    return trainer.fit()
+    # fit() runs in a thread of its own, so Ray Train installs no Ctrl-C handler (it aborted the
+    # workers mid-step); here Ctrl-C or SIGTERM sets the flag, and the workers stop at the end of
+    # their step with a checkpoint. A second one stops the driver at once.
+    outcome: dict[str, Any] = {}
+    done = threading.Event()  # (not Thread.join: a KeyboardInterrupt inside join can mark the thread ended)
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as e:  # noqa: BLE001 - raised in the main thread below
+            outcome["error"] = e
+        finally:
+            done.set()
+
+    threading.Thread(target=fit, name="ray-train-fit", daemon=True).start()
+    stopping = False
+    while not done.is_set():
+        try:
+            done.wait(0.5)
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (Terminated) under the CLI
+            if stopping:
+                raise TrainInterrupted("interrupted again: stopped at once; --resume continues from the newest "
+                                       f"checkpoint in {Path(cfg.output) / CHECKPOINTS}") from None
+            stopping = True
+            ray.get(flag.set.remote())
+            _say("stopping: the workers finish their step and save a checkpoint (Ctrl-C again stops at once)")
+    if "error" in outcome:
+        raise outcome["error"]
+    result = outcome["result"]
+    message = ray.get(flag.message.remote())  # rank 0's, when the workers stopped early
+    if message:
+        raise TrainInterrupted(message)
+    if stopping and getattr(result, "error", None):  # the stop came before the workers ran their loop
+        newest = latest_checkpoint(Path(cfg.output))
+        raise TrainInterrupted(f"interrupted; kept checkpoint {newest}: the same command with --resume continues "
+                               "from it" if newest else "interrupted before a checkpoint was saved; nothing to resume")
+    return result
