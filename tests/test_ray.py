@@ -210,6 +210,16 @@ class ToyWorker:
         return [n * n for n in numbers]
 
 
+class DyingWorker(ToyWorker):
+    """Its process dies (os._exit: as a segfault or the OOM killer would end it) on a poisoned unit."""
+
+    def run_unit(self, unit_id, numbers, poisoned):
+        time.sleep(0.3 if poisoned else 1.5)  # the poisoned unit dies while the other one still runs
+        if poisoned:
+            os._exit(1)
+        return [n * n for n in numbers]
+
+
 class BrokenWorker(ToyWorker):
     def __init__(self):
         raise RuntimeError("cannot load the model")
@@ -262,6 +272,26 @@ def test_pool_retries_elsewhere_and_reports_failed_units_with_their_items(ray_dr
     broken = ActorPool(BrokenWorker, num_workers=1, num_cpus=0.5, max_start_failures=2)
     with pytest.raises(PoolError, match="failed to start.*cannot load the model"):
         broken.run(units[:1], on_done=lambda u, r: None)
+
+
+def test_a_unit_that_kills_its_worker_does_not_use_up_the_attempts_of_the_unit_beside_it(ray_driver, capsys):
+    """Two units share a worker (in_flight=2); one kills the process. Which one did is unknown, so
+    that attempt is counted for neither: with --max-retries 0 the innocent unit was given up with
+    the poisoned one (23 conversations reported unit_failed for nothing). Both are retried alone,
+    and only the poisoned one fails."""
+    from draftdata.collect.ray_pool import ActorPool, WorkUnit
+
+    units = [WorkUnit("innocent", args=([1, 2], False), item_ids=["1", "2"]),
+             WorkUnit("poisoned", args=([3], True), item_ids=["3"])]
+    results = {}
+    pool = ActorPool(DyingWorker, num_workers=1, num_cpus=0.5, max_retries=0, in_flight=2, max_concurrency=2)
+    report = pool.run(units, on_done=lambda u, r: results.__setitem__(u.id, r))
+    err = capsys.readouterr().err
+    assert results == {"innocent": [1, 4]}
+    (failure,) = report.failed
+    assert failure.unit_id == "poisoned" and failure.attempts == 2
+    assert "(its worker also ran another unit: not counted); retrying alone" in err
+    assert not pool.live_workers()
 
 
 def test_pool_replaces_a_worker_that_died_idle_without_charging_the_next_unit(ray_driver, capsys):

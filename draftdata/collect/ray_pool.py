@@ -75,6 +75,8 @@ class WorkUnit:
     errors: list[str] = field(default_factory=list)  # one line per failed attempt (set by the pool)
     avoid: set[int] = field(default_factory=set)  # workers that failed it while staying alive
     isolate: bool = False  # its worker died under it: run it alone from now on (set by the pool)
+    shared: bool = False  # its current attempt shares its worker with another unit (set by the pool)
+    free_attempts: int = 0  # attempts not counted: its worker died while it ran beside another unit
 
     def __post_init__(self) -> None:
         if not self.items:
@@ -391,12 +393,16 @@ class ActorPool:
             unit.errors.append(f"attempt {unit.attempts} on {worker.label()}: {text}")
             if died:
                 unit.isolate = True  # it may be what kills workers: never again next to another unit
+                if unit.shared:  # which of the units on that worker killed it is unknown: not this attempt's
+                    unit.free_attempts += 1  # fault for sure, so it is not counted (its next one runs alone)
             else:
                 unit.avoid.add(worker.index)
-            left = self.max_retries + 1 - unit.attempts
-            note(f"unit {unit.id}: attempt {unit.attempts}/{self.max_retries + 1} failed on {worker.label()}: "
-                 f"{text}" + (f"; retrying{' elsewhere' if len(self.live_workers()) > 1 or died else ''}"
-                              if left > 0 else ""))
+            left = self.max_retries + 1 + unit.free_attempts - unit.attempts
+            note(f"unit {unit.id}: attempt {unit.attempts}/{self.max_retries + 1 + unit.free_attempts} failed on "
+                 f"{worker.label()}: {text}" + (" (its worker also ran another unit: not counted)"
+                                                if died and unit.shared else "")
+                 + (f"; retrying{' alone' if died else ' elsewhere' if len(self.live_workers()) > 1 else ''}"
+                    if left > 0 else ""))
             if consecutive_failures >= self.max_consecutive_failures:
                 raise PoolError(f"{consecutive_failures} work unit attempts failed in a row without a single "
                                 f"success; stopping (last: unit {unit.id}: {text})")
@@ -447,6 +453,10 @@ class ActorPool:
                         if unit is None:
                             continue
                         unit.attempts += 1
+                        beside = [u for u, w in running.values() if w is worker]
+                        unit.shared = bool(beside)
+                        for other in beside:
+                            other.shared = True
                         ref = worker.handle.run_unit.remote(unit.id, *unit.args)
                         running[ref] = (unit, worker)
                         worker.load += 1
