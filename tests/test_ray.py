@@ -294,6 +294,23 @@ def test_a_unit_that_kills_its_worker_does_not_use_up_the_attempts_of_the_unit_b
     assert not pool.live_workers()
 
 
+def test_a_second_driver_on_one_output_says_it_waits_then_names_the_lock(ray_driver, tmp_path, capsys):
+    """A second collect --ray on an output another live job writes waited 60 s without a word."""
+    import ray
+
+    from draftdata.collect.ray_job import acquire_output_lock
+    from draftdata.errors import DraftdataError
+
+    url = str(tmp_path / "ds")
+    lock, _ = acquire_output_lock(url)
+    try:
+        with pytest.raises(DraftdataError, match="another draftdata collect job is writing to"):
+            acquire_output_lock(url, timeout=1.0)
+        assert "another collect job holds" in capsys.readouterr().err
+    finally:
+        ray.kill(lock)
+
+
 def test_pool_replaces_a_worker_that_died_idle_without_charging_the_next_unit(ray_driver, capsys):
     """A worker SIGKILLed while it waited for work (here: the input is slow) is found dead by a
     ping before it gets the next unit; that unit was charged an attempt it never ran and, with
@@ -590,6 +607,17 @@ def test_driver_sigkilled_then_rerun_resumes_with_exactly_one_copy(tiny_model, r
     out = tmp_path / "ds"
     cmd = [sys.executable, "-m", "draftdata.cli",
            *collect_args(tiny_model, inp, out, "--batch-tokens", "64", "--part-size", "0.05", *ray_args(ray_head))]
+    # SIGTERM: the summary of a stopped run has the pool's figures (they were all null)
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: commits(out) >= 2, "two commits", proc=proc)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    assert proc.returncode == 143
+    (summary,) = out.glob("_reports/collect-*/summary.json")
+    pool = json.loads(summary.read_text())["settings"]["ray"]
+    assert pool["units_done"] is not None and pool["workers_started"] >= 1 and pool["worker_info"], pool
     proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_for(lambda: commits(out) >= 4, "four commits", proc=proc)

@@ -319,11 +319,16 @@ def acquire_output_lock(url: str, timeout: float = LOCK_WAIT_S) -> tuple[Any, st
     lock_name, worker_prefix = f"draftdata-collect-{key}-lock", f"draftdata-collect-{key}-w"
     lock_cls = ray.remote(num_cpus=0)(_OutputLock)
     deadline = time.monotonic() + timeout
+    said = False
     while True:
         try:
             lock = lock_cls.options(name=lock_name, namespace=NAMESPACE, max_restarts=0).remote()
             break
         except ValueError:  # the name is taken: another driver, alive or just killed
+            if not said:  # (a silent minute looked like a hang)
+                said = True
+                print(f"draftdata collect: another collect job holds {url} (Ray actor {NAMESPACE}/{lock_name}); "
+                      f"waiting up to {timeout:.0f} s in case that job was just stopped", file=sys.stderr, flush=True)
             if time.monotonic() >= deadline:
                 raise DraftdataError(
                     f"another draftdata collect job is writing to {url} (Ray actor {NAMESPACE}/{lock_name} is "
@@ -483,11 +488,12 @@ def _drive(settings: CollectSettings, writer: Any, chat: Any, plan: RayPlan, poo
     try:
         report = pool.run(units, on_done=on_done, before_retry=before_retry, progress=progress)
         interrupted = False
-    except PoolError as e:
-        report = e.report  # what finished, and the units given up, before the pool stopped
+    except PoolError as e:  # its message says what to do (a rerun does not always help: no "stopped early")
+        report, interrupted = e.report, False  # what finished, and the units given up, before the pool stopped
         raise
     finally:
         progress.close()
+        report = report or pool.report  # Ctrl-C, SIGTERM: what finished before the stop
         ledger.refresh()
         failed: list[UnitFailure] = report.failed if report else []
         not_written = 0

@@ -283,6 +283,7 @@ class ActorPool:
             raise DraftdataError(f"max_retries must be >= 0, got {max_retries}")
         self.num_workers = num_workers
         self.max_retries = max_retries
+        self.report: PoolReport | None = None  # the current or last run's, also when it was interrupted
         self.in_flight = max(1, in_flight)
         self.max_start_failures = max_start_failures
         self.max_consecutive_failures = max_consecutive_failures or max(6, 3 * num_workers)
@@ -359,7 +360,7 @@ class ActorPool:
         """
         import ray
 
-        report = PoolReport()
+        report = self.report = PoolReport()
         t0 = time.perf_counter()
         source = _Prefetch(units, prefetch or 2 * self.num_workers * self.in_flight)
         retries: collections.deque[WorkUnit] = collections.deque()

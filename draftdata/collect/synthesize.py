@@ -1506,11 +1506,12 @@ def run_ray(settings: SynthSettings, *, address: str | None = None, num_workers:
             try:
                 report = pool.run(units(), on_done=on_done, progress=progress)
                 interrupted = False
-            except PoolError as e:
-                report = e.report  # what finished, and the units given up, before the pool stopped
+            except PoolError as e:  # its message says what to do (no "stopped early ... rerun")
+                report, interrupted = e.report, False  # what finished, and the units given up, before the stop
                 raise
             finally:
                 progress.close()
+                report = report or pool.report  # Ctrl-C, SIGTERM: what finished before the stop
                 stats.generate_seconds = time.perf_counter() - t_pool  # all actors together: the job's rate
                 failed = report.failed if report else []
                 for f in failed:
