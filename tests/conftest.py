@@ -7,6 +7,7 @@ the tokenizer a real byte-level BPE trained in the test, and S3 a moto server on
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import uuid
 from pathlib import Path
@@ -15,6 +16,10 @@ import pytest
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# A shell's background job (`cmd &`, nohup) starts with SIGINT ignored, and so does every process it
+# spawns: the Ctrl-C tests (which send SIGINT to the CLI and to themselves) need it delivered.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 CHATML = (
     "{% for message in messages %}"

@@ -585,11 +585,12 @@ def test_poisoned_record_fails_its_unit_after_bounded_retries_and_the_rest_compl
                         *ray_args(ray_head))
     assert main(argv) == 1
     captured = capsys.readouterr()
-    assert "FAILED     1 work unit(s) after 2 attempts each" in captured.out
     (failed,) = summary_json(out)["settings"]["ray"]["units_failed"]
-    assert re.search(rf"unit {failed['unit']}: attempt 2 on worker \d+ \(pid \d+ on [\d.]+\): worker process died",
-                     captured.out)
-    assert failed["attempts"] == 2 and all("worker process died" in e for e in failed["errors"])
+    # 2 attempts, one more when the first ran beside another unit (a death there is not counted)
+    assert failed["attempts"] in (2, 3) and all("worker process died" in e for e in failed["errors"])
+    assert f"FAILED     1 work unit(s) after {failed['attempts']} attempts each" in captured.out
+    assert re.search(rf"unit {failed['unit']}: attempt {failed['attempts']} on worker \d+ \(pid \d+ on [\d.]+\): "
+                     "worker process died", captured.out)
     rejects = [json.loads(line) for line in (out / "_reports").glob("*/rejects.jsonl").__next__().open()]
     not_written = {r["conversation_id"] for r in rejects if r["reason"] == "unit_failed"}
     assert all(failed["unit"] in r["detail"] for r in rejects)

@@ -445,7 +445,7 @@ def run_ray_collect(args: argparse.Namespace) -> int:
 def _drive(settings: CollectSettings, writer: Any, chat: Any, plan: RayPlan, pool: Any, options: CollectOptions,
            total: int, t_start: float) -> int:
     from draftdata.collect.conversations import Reject
-    from draftdata.collect.ray_pool import PoolError, PoolProgress, UnitFailure, WorkUnit
+    from draftdata.collect.ray_pool import PoolError, PoolProgress, UnitFailure, WorkUnit, attempts_text
     from draftdata.collect.runner import RejectLog, write_reports
 
     ledger = CommitLedger(writer)
@@ -532,7 +532,7 @@ def _drive(settings: CollectSettings, writer: Any, chat: Any, plan: RayPlan, poo
             print(f"  ray        {plan.describe()}; {report.units_done} units done, {report.workers_started} "
                   f"workers started, {report.workers_lost} lost{mem}")
         if failed:
-            print(f"  FAILED     {len(failed)} work unit(s) after {pool.max_retries + 1} attempts each; {not_written:,} "
+            print(f"  FAILED     {len(failed)} work unit(s) after {attempts_text(failed)}; {not_written:,} "
                   f"conversations not written (reason unit_failed in the rejects file). Rerun the same command "
                   f"to retry them.")
             for f in failed:

@@ -83,6 +83,13 @@ class WorkUnit:
             self.items = len(self.item_ids)
 
 
+def attempts_text(failed: list[Any]) -> str:
+    """'2 attempts each', or '2-3 attempts' (an attempt beside another unit whose worker died is
+    not counted against --max-retries, so units can have made more)."""
+    counts = sorted({f.attempts for f in failed})
+    return f"{counts[0]} attempts each" if len(counts) == 1 else f"{counts[0]}-{counts[-1]} attempts"
+
+
 @dataclass
 class UnitFailure:
     """A unit given up after its retries: which unit, which items, and why (each attempt)."""

@@ -1439,7 +1439,7 @@ def run_ray(settings: SynthSettings, *, address: str | None = None, num_workers:
 
     from draftdata.collect.conversations import count_records
     from draftdata.collect.ray_job import MAX_RETRIES, connect
-    from draftdata.collect.ray_pool import ActorPool, PoolError, PoolProgress, WorkUnit
+    from draftdata.collect.ray_pool import ActorPool, PoolError, PoolProgress, WorkUnit, attempts_text
     from draftdata.collect.runner import RejectLog
 
     t_start = time.perf_counter()
@@ -1528,7 +1528,7 @@ def run_ray(settings: SynthSettings, *, address: str | None = None, num_workers:
                     print(f"  ray        {plan.describe()}; {report.units_done} units done, "
                           f"{report.workers_started} workers started, {report.workers_lost} lost")
                 if failed:
-                    print(f"  FAILED     {len(failed)} work unit(s) after {MAX_RETRIES + 1} attempts each (reason "
+                    print(f"  FAILED     {len(failed)} work unit(s) after {attempts_text(failed)} (reason "
                           f"unit_failed in the rejects file); rerun the same command to retry them")
                 if interrupted:
                     print("draftdata synthesize: stopped early; every conversation written so far is kept, rerun "
