@@ -159,6 +159,9 @@ def test_directory_glob_gzip_and_fsspec_inputs(tmp_path):
 
     (d / "e.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(
         (json.dumps(conv(("user", "e"), ("assistant", "E"), id="e")) + "\n").encode()))
+    for name in ("E.JSONL.ZST", "e.jsonl.zstd"):  # other spellings (the directory listing takes .jsonl.zst only)
+        (tmp_path / name).write_bytes((d / "e.jsonl.zst").read_bytes())
+        assert [x.conversation_id for x in read_conversations(str(tmp_path / name))] == ["e"]
     (d / "notes.txt").write_text("ignored")
     got = list(read_conversations(str(d)))
     assert [getattr(x, "conversation_id", None) for x in got] == ["a", None, "b", "c", "e"]

@@ -435,7 +435,7 @@ def test_turns_the_chat_template_refuses_are_skipped_and_reported(tiny_model, pr
         config["chat_template"] = refuse + config["chat_template"]
         (base_dir / "tokenizer_config.json").write_text(json.dumps(config))
     export = exported_draft(tmp_path, base_dir)
-    r = run_eval(base_dir, export, prompts, warmup=True)  # "a" has a system prompt, "b" has none
+    r = run_eval(base_dir, export, prompts, warmup=True)  # "a" (first) has a system prompt, "b" has none
     assert r["turns"] == 1 and r["per_prompt"][0]["conversation_id"] == "b"
     assert [(x["conversation_id"], x["turn"]) for x in r["skipped_turns"]] == [("a", 1), ("a", 2)]
     assert "System role not supported" in r["skipped_turns"][0]["error"]
@@ -443,7 +443,7 @@ def test_turns_the_chat_template_refuses_are_skipped_and_reported(tiny_model, pr
     assert "skipped 2 turn(s) the chat template could not render: " in ev.format_report(r)
     only_system = write_prompts(tmp_path / "p.jsonl")
     only_system.write_text(only_system.read_text().splitlines()[0] + "\n")
-    with pytest.raises(ev.DraftdataError, match=r"renders none of the first prompts \(.*p.jsonl:1: TemplateError"):
+    with pytest.raises(ev.DraftdataError, match=r"renders none of the 1 prompts \(.*p.jsonl:1: TemplateError"):
         run_eval(base_dir, export, only_system, warmup=True)
 
 

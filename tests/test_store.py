@@ -569,6 +569,17 @@ def test_malformed_dataset_json_is_one_line_naming_file_and_problem(tmp_path, ca
     assert "collect again into a new directory" in err
 
 
+def test_a_schema_that_breaks_the_format_is_refused_before_anything_is_written(tmp_path):
+    """create_dataset wrote dataset.json unchecked and read it back through the checks: a bad schema
+    left a dataset.json that nothing could open, a later correct schema included."""
+    url = str(tmp_path / "ds")
+    with pytest.raises(DraftdataError, match=r"cannot create a dataset with this schema: aux_layer_ids is \[3, 1\]"):
+        create_dataset(url, schema(aux_layer_ids=[3, 1]))
+    assert not (tmp_path / "ds" / "dataset.json").exists()
+    create_dataset(url, schema())                        # the correct schema is fine afterwards
+    assert open_dataset(url).schema.aux_layer_ids == schema().aux_layer_ids
+
+
 def test_stored_over_raw_is_close_to_one_for_raw_bf16(tmp_path):
     url = str(tmp_path / "ds")
     samples = [make_sample(i, length=300) for i in range(20)]

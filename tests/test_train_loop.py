@@ -375,15 +375,23 @@ def test_samples_over_the_token_budget_are_one_line_in_the_cli_terms(tmp_path, t
     (--batch-tokens) itself padded past the budget (128-token batches against 100)."""
     common = ["train", "--data", train_data, "--model", str(tiny_model), "--eagle-config", str(eagle_file(tmp_path)),
               "--steps", "1", "--ttt-steps", "2", "--no-plot"]
-    assert main(common + ["--output", str(tmp_path / "a"), "--batch-tokens", "64", "--max-seq-len", "200"]) == 0
+    assert main(common + ["--output", str(tmp_path / "a"), "--batch-tokens", "64", "--max-seq-len", "200",
+                          "--val-data", train_data]) == 0
     err = capsys.readouterr().err
-    assert "UserWarning" not in err and "exceed --batch-tokens 64: each forms a batch of its own" in err
-    assert "set --max-seq-len at most 64" in err
+    assert "UserWarning" not in err and "warning: --data: samples of up to" in err
+    assert "exceed --batch-tokens 64: each forms a batch of its own" in err and "set --max-seq-len at most 64" in err
+    assert "warning: --val-data: samples of up to" in err
     assert main(common + ["--output", str(tmp_path / "b"), "--batch-tokens", "100", "--pad-to-multiple-of", "64"]) == 0
     err = capsys.readouterr().err
-    assert "exceed --batch-tokens" not in err and "longer than --max-seq-len 64 (default: --batch-tokens)" in err
+    assert "exceed --batch-tokens" not in err
+    assert "longer than --max-seq-len 64 (default: --batch-tokens rounded down to --pad-to-multiple-of)" in err
     (record,) = read_metrics(tmp_path / "b")
     assert record["tokens"] / record["padding_efficiency"] <= 100 + 1e-6   # the padded batch fits the budget
+    saved = json.loads((tmp_path / "b" / "train_config.json").read_text())   # as an earlier draftdata recorded it
+    (tmp_path / "b" / "train_config.json").write_text(json.dumps({**saved, "max_seq_len": 100}))
+    resumed = [x if x != "1" else "2" for x in common]
+    assert main(resumed + ["--output", str(tmp_path / "b"), "--batch-tokens", "100", "--pad-to-multiple-of", "64",
+                           "--resume"]) == 0, capsys.readouterr().err[-2000:]
     assert main(common + ["--output", str(tmp_path / "c"), "--batch-tokens", "32", "--pad-to-multiple-of", "64"]) == 2
     assert "--batch-tokens 32 is below --pad-to-multiple-of 64" in capsys.readouterr().err
 

@@ -79,6 +79,9 @@ def test_vocab_cli_selects_top_assistant_tokens(tmp_path, train_data, capsys):  
         assert main(["vocab", train_data, "-n", "10", "--out", str(path)]) == 2
         assert "exists and is not a draft vocabulary file" in capsys.readouterr().err
         assert path.read_bytes() == before
+    empty = tmp_path / "empty.safetensors"                      # an empty file (mktemp): written
+    empty.write_bytes(b"")
+    assert main(["vocab", train_data, "-n", "10", "--out", str(empty)]) == 0 and load_draft_vocab(empty)
     assert main(["vocab", train_data, "-n", "10", "--out", f"file://{out}"]) == 0   # a vocabulary: replaced
     assert load_draft_vocab(out).draft_vocab_size == 10 and not Path("file:").exists()
     assert main(["vocab", train_data, "-n", "10", "--out", "s3://bucket/vocab.safetensors"]) == 2

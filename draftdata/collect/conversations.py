@@ -176,8 +176,9 @@ def input_reads(input: str, path: str, files: list[tuple[Any, str, str]]) -> tup
 
 
 def _lines(fs: Any, path: str) -> Iterator[tuple[int, bytes]]:
-    with fs.open(path, "rb", compression="infer") as f:
-        if path.endswith(".zst"):  # zstandard's reader has no lines of its own
+    zstd = path.lower().endswith((".zst", ".zstd"))  # fsspec knows ".zst" only (in any case)
+    with fs.open(path, "rb", compression="zstd" if zstd else "infer") as f:
+        if zstd:  # zstandard's reader has no lines of its own
             f = io.BufferedReader(f)
         for lineno, raw in enumerate(f, 1):
             if raw.strip():

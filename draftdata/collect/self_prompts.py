@@ -51,7 +51,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from draftdata.collect.conversations import Conversation, Reject, read_conversations
+from draftdata.collect.conversations import ROLES, Conversation, Reject, read_conversations
 from draftdata.collect.stats import format_counts
 from draftdata.collect.synthesize import (
     FLUSH_SECONDS,
@@ -219,7 +219,7 @@ def read_existing(path: Path, seed: int) -> tuple[set[str], int]:
                 raise DraftdataError(f"{path}:{lineno}: not a conversation record (a list of messages under "
                                      "'conversations' or 'messages'); fix or remove that line, then rerun")
             for m in messages:
-                if m.get("role") == "user" or m.get("from") == "human":
+                if ROLES.get(str(m.get("role", m.get("from")))) == "user":  # as collect reads roles
                     content = m.get("content", m.get("value", ""))
                     if not isinstance(content, str):
                         raise DraftdataError(f"{path}:{lineno}: a user message's content is "

@@ -130,6 +130,14 @@ def parse_schema(d: dict[str, Any], where: str) -> DatasetSchema:
     missing = [name for name in required + ["format_version"] if name not in d]
     if missing:
         raise CorruptDataError(f"{where}: missing field(s) {', '.join(missing)}; {fix}")
+    wrong = schema_problems(d)
+    if wrong:
+        raise CorruptDataError(f"{where}: malformed field(s): {'; '.join(wrong)}; {fix}")
+    return DatasetSchema.from_dict(d)
+
+
+def schema_problems(d: dict[str, Any]) -> list[str]:
+    """What in a dataset.json dict (all required fields present) docs/FORMAT.md does not allow."""
     wrong = [f"{k} is {d[k]!r}" for k, types in _SCHEMA_TYPES.items()
              if k in d and (not isinstance(d[k], types) or isinstance(d[k], bool))]
     wrong += [f"{k} is {d[k]!r} (expected {' or '.join(json.dumps(v) for v in allowed)})"
@@ -146,9 +154,7 @@ def parse_schema(d: dict[str, Any], where: str) -> DatasetSchema:
         wrong.append(f"num_aux_slots is {d['num_aux_slots']} but aux_layer_ids has {len(aux)} ids")
     wrong += [f"{k} is {d[k]!r} (expected a positive integer)" for k in POSITIVE_FIELDS
               if isinstance(d.get(k), int) and not isinstance(d[k], bool) and d[k] < 1]
-    if wrong:
-        raise CorruptDataError(f"{where}: malformed field(s): {'; '.join(wrong)}; {fix}")
-    return DatasetSchema.from_dict(d)
+    return wrong
 
 
 _LAST_ID_MS = [0]
@@ -464,6 +470,9 @@ def create_dataset(url: str, schema: DatasetSchema, *, format: str = "zarr", cod
         raise DraftdataError(f"unknown codec {codec!r}; choose one of {', '.join(CODECS)}")
     schema = DatasetSchema.from_dict({**schema.to_dict(), "storage_format": format, "codec": codec,
                                       "created_by": schema.created_by or f"draftdata {__version__}"})
+    wrong = schema_problems(schema.to_dict())  # before it is written: a bad dataset.json would stay
+    if wrong:
+        raise DraftdataError(f"{url}: cannot create a dataset with this schema: {'; '.join(wrong)}")
     loc = _Location(url, storage_options)
     existing = loc.read_schema()
     if existing is not None:

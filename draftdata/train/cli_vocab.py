@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
         if (root / "dataset.json").exists() and root in target.parents:
             raise DraftdataError(f"--out {args.out}: inside the dataset {args.url}; write the vocabulary next to it "
                                  "(e.g. vocab.safetensors beside the dataset directory)")
-    if os.path.isfile(args.out) and not is_vocab_file(args.out):  # a model's weights, an input file, ...
+    if os.path.isfile(args.out) and os.path.getsize(args.out) and not is_vocab_file(args.out):  # (mktemp: empty)
         raise DraftdataError(f"--out {args.out}: exists and is not a draft vocabulary file, which it would replace; "
                              "give a new path (or delete that file first)")
     check_writable_file(args.out, "--out", "vocab.safetensors")  # before counting, not after

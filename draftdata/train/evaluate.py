@@ -592,11 +592,10 @@ def evaluate(base: Any, tokenizer: Any, draft: LoadedDraft, conversations: list[
                     break
                 except Exception as e:  # noqa: BLE001 - jinja's TemplateError, or anything the template calls
                     errors.append(f"{c.source or c.conversation_id}: {type(e).__name__}: {e}")
-                    if len(errors) == 3:
-                        break
             if prompt is None:
-                raise DraftdataError(f"the chat template renders none of the first prompts ({'; '.join(errors)}); "
-                                     "fix the records or the template")
+                raise DraftdataError(f"the chat template renders none of the {len(conversations)} prompts "
+                                     f"({'; '.join(errors[:3])}{'; ...' if len(errors) > 3 else ''}); fix the "
+                                     "records or the template")
             for m in methods:
                 runs[m](prompt, min(8, max_new_tokens))
         history: dict[str, list[dict[str, str]]] = {c.conversation_id: list(c.system) for c in conversations}

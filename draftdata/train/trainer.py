@@ -330,15 +330,30 @@ def _log(msg: str, info: Dist) -> None:
         _say(msg)
 
 
-def describe_truncation(lengths: np.ndarray, max_seq_len: int, from_batch_tokens: bool) -> str | None:
+def over_budget(lengths: np.ndarray, max_seq_len: int, cfg: TrainConfig, flag: str) -> str | None:
+    """A warning line when a sample (cut to max_seq_len, padded) is longer than --batch-tokens: it
+    forms an over-budget batch of its own (the loader's own warning names its arguments, not flags)."""
+    pad = cfg.pad_to_multiple_of or 1
+    longest = min(int(np.asarray(lengths).max()), max_seq_len)
+    padded = -(-longest // pad) * pad
+    if padded <= cfg.batch_tokens:
+        return None
+    return (f"warning: {flag}: samples of up to {longest} tokens"
+            + (f" ({padded} padded to a multiple of {pad})" if padded != longest else "")
+            + f" exceed --batch-tokens {cfg.batch_tokens}: each forms a batch of its own, over the budget; "
+            f"set --max-seq-len at most {cfg.batch_tokens // pad * pad} to cut them")
+
+
+def describe_truncation(lengths: np.ndarray, max_seq_len: int, default: str | None) -> str | None:
     """One line saying how many samples are longer than max_seq_len (the loader keeps their first
-    max_seq_len tokens) and what share of all tokens that cuts; None when no sample is."""
+    max_seq_len tokens) and what share of all tokens that cuts; None when no sample is. `default`:
+    what --max-seq-len defaulted to (None: it was given)."""
     lengths = np.asarray(lengths, dtype=np.int64)
     long = lengths > max_seq_len
     if not long.any():
         return None
     cut = int((lengths[long] - max_seq_len).sum()) / int(lengths.sum())
-    flag = f"--max-seq-len {max_seq_len}" + (" (default: --batch-tokens)" if from_batch_tokens else "")
+    flag = f"--max-seq-len {max_seq_len}" + (f" (default: {default})" if default else "")
     return (f"{int(long.sum())} of {len(lengths)} samples are longer than {flag} and are cut to their first "
             f"{max_seq_len} tokens: {cut:.1%} of the tokens are left out")
 
@@ -809,6 +824,13 @@ def _train(cfg: TrainConfig, stop_check: Callable[[], bool] | None = None) -> Tr
         # By default a sample is cut to the budget (rounded down to the padding multiple, so that a
         # padded sample still fits it); longer ones would form over-budget batches of their own.
         max_seq_len = cfg.max_seq_len or cfg.batch_tokens // (cfg.pad_to_multiple_of or 1) * (cfg.pad_to_multiple_of or 1)
+        if cfg.resume and cfg.max_seq_len is None and (output / TRAIN_CONFIG).is_file():
+            try:  # a run an earlier draftdata started, whose default was --batch-tokens unrounded: keep it
+                saved = json.loads((output / TRAIN_CONFIG).read_text())
+            except (OSError, ValueError):
+                saved = {}
+            if isinstance(saved, dict) and saved.get("max_seq_len") == saved.get("batch_tokens") == cfg.batch_tokens:
+                max_seq_len = cfg.batch_tokens
         run_settings = {**dataclasses.asdict(cfg), "world_size": info.world_size,
                         "eagle_config": eagle.to_dict(), "max_seq_len": max_seq_len}
         for k in ("resume", "progress", "plot", "device", "output", "storage_options"):  # no secrets on disk
@@ -864,17 +886,14 @@ def _train(cfg: TrainConfig, stop_check: Callable[[], bool] | None = None) -> Tr
             _log(f"resume: {dataset.parts_left_out} part(s) committed to {cfg.data} since the run started are not "
                  "used (the run keeps its snapshot of the data); train a new run to include them", info)
         schema = dataset.schema
-        truncation = describe_truncation(dataset.store.sample_lengths(), max_seq_len, cfg.max_seq_len is None)
+        default = None if cfg.max_seq_len is not None else "--batch-tokens" if max_seq_len == cfg.batch_tokens \
+            else "--batch-tokens rounded down to --pad-to-multiple-of"
+        truncation = describe_truncation(dataset.store.sample_lengths(), max_seq_len, default)
         if truncation:
             _log(truncation, info)
-        longest = min(int(dataset.store.sample_lengths().max()), max_seq_len)
-        padded = -(-longest // (cfg.pad_to_multiple_of or 1)) * (cfg.pad_to_multiple_of or 1)
-        if padded > cfg.batch_tokens:
-            _log(f"warning: samples of up to {longest} tokens"
-                 + (f" ({padded} padded to a multiple of {cfg.pad_to_multiple_of})" if padded != longest else "")
-                 + f" exceed --batch-tokens {cfg.batch_tokens}: each forms a batch of its own, over the budget; "
-                 f"set --max-seq-len at most {cfg.batch_tokens} (rounded down to --pad-to-multiple-of) to cut them",
-                 info)
+        over = over_budget(dataset.store.sample_lengths(), max_seq_len, cfg, "--data")
+        if over:
+            _log(over, info)
         val_dataset = None
         if cfg.val_data is not None:
             try:
@@ -885,6 +904,9 @@ def _train(cfg: TrainConfig, stop_check: Callable[[], bool] | None = None) -> Tr
                     pad_to_multiple_of=cfg.pad_to_multiple_of)
             except DatasetNotFoundError as e:
                 raise DatasetNotFoundError(f"--val-data {e}") from None
+            over = over_budget(val_dataset.store.sample_lengths(), max_seq_len, cfg, "--val-data")
+            if over:
+                _log(over, info)
             check_val_schema(schema, val_dataset.schema, cfg.data, cfg.val_data)
             held_out = {c for p in val_dataset.store.parts for c in p.conversation_ids}
             shared = sum(c in held_out for p in dataset.store.parts for c in p.conversation_ids)
