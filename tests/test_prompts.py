@@ -314,6 +314,10 @@ def test_a_stopped_run_prints_and_writes_its_summary(user_model, tmp_path):
     (summary,) = (tmp_path / "p.jsonl.synth").glob("prompts-summary-*.json")
     assert summary.name.endswith(f"-{proc.pid}.json")  # two runs ending in one second keep both summaries
     assert json.loads(summary.read_text())["stopped_early"] is True
+    stats = json.loads(summary.read_text())["stats"]          # every sample is kept, rejected, or said unjudged
+    rejected = sum(stats["rejected"].values())
+    unjudged = stats["attempts"] - stats["written"] - rejected
+    assert unjudged == 0 or f"({unjudged:,} more were in flight when the run stopped, not judged)" in stdout, stdout
 
 
 def test_endpoint_special_tokens_errors_and_settings(user_model, user_server, tmp_path, capsys, monkeypatch):

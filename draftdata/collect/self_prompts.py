@@ -265,6 +265,9 @@ class PromptStats:
                   f"{self.tokens:,} tokens sampled ({rate:,.0f} tokens/s)",
                   f"  rejected   {sum(self.rejected.values()):,} of {self.attempts:,} samples"
                   + (f": {reasons}" if reasons else "")]
+        unjudged = self.attempts - self.written - sum(self.rejected.values())  # a stop: sampled, never judged
+        if unjudged > 0:
+            lines[-1] += f" ({unjudged:,} more were in flight when the run stopped, not judged)"
         if not self.written and self.rejected:
             lines.append(f"  hint       no sample was kept: {REJECT_HINTS.get(self.rejected.most_common(1)[0][0], '')}")
         return "\n".join([*lines, f"  output     {output}"])
