@@ -506,6 +506,21 @@ def test_cli_resume_skips_written_ids_and_collect_reads_the_output(tiny_model, t
     assert open_dataset(str(tmp_path / "ds")).num_samples == len(records)
 
 
+def test_tokens_of_a_conversation_rejected_at_a_later_turn_are_counted_as_discarded(tiny_model, tmp_path, capsys):
+    """A conversation whose second turn no longer fits --max-seq-len is rejected whole: the tokens its
+    first answer took were in no count, and the tokens/s figure left them out of the time's work."""
+    long_turn = " ".join(["numbers 0 1 2 3 4 5 6 7 8 9"] * 8)
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"conversation_id": "grows", "conversations": [
+        {"role": "user", "content": "hello"}, {"role": "user", "content": long_turn}]}])
+    out = tmp_path / "out.jsonl"
+    assert run_cli("--model", tiny_model, "--input", inp, "--output", out, "--max-new-tokens", MAX_NEW,
+                   "--max-seq-len", 60, "--dtype", "fp32") == 0
+    printed = capsys.readouterr().out
+    assert out.read_text() == "" and "too_long 1" in printed
+    assert re.search(r"discarded  [1-9]\d* tokens generated for earlier turns of conversations rejected at a later "
+                     r"turn", printed), printed
+
+
 def test_resume_with_other_settings_is_refused(tiny_model, tmp_path):
     inp = write_jsonl(tmp_path / "in.jsonl", conversations()[:2])
     out = tmp_path / "out.jsonl"

@@ -165,12 +165,17 @@ class SynthStats(RunStats):
     empty: int = 0  # generated answers with no text (the model ended its turn at once; kept)
     generate_seconds: float = 0.0
     leading_assistant: int = 0  # written conversations whose assistant messages before any user message were dropped
+    discarded_tokens: int = 0  # generated for conversations rejected at a later turn (not written)
 
     def format(self, output: str, input: str | None = None, rejects: str | None = None) -> str:
-        rate = self.tokens / self.generate_seconds if self.generate_seconds > 0 else 0.0
+        generated = self.tokens + self.discarded_tokens  # the rate counts all the work the time went into
+        rate = generated / self.generate_seconds if self.generate_seconds > 0 else 0.0
         lines = self.summary_lines("synthesize", [f"  written    {self.written:,} conversations, {self.answers:,} "
                                                   f"answers, {self.tokens:,} tokens generated ({rate:,.0f} tokens/s)"],
                                    input)
+        if self.discarded_tokens:
+            lines.append(f"  discarded  {self.discarded_tokens:,} tokens generated for earlier turns of conversations "
+                         "rejected at a later turn (in the rejects file)")
         if self.truncated:
             lines.append(f"  truncated  {self.truncated:,} answers cut at --max-new-tokens or the context "
                          "(kept, marked 'truncated')")
@@ -927,6 +932,7 @@ def _run_batched(conversations: Iterable[Conversation], generator: HFGenerator, 
             prompt = state.prompt()
             enc = generator.encode(prompt)
             if isinstance(enc, Answer):
+                stats.discarded_tokens += state.tokens
                 on_reject(Reject(state.conv.source, *enc.reject, state.conv.conversation_id))  # type: ignore[misc]
                 progress(1, 0)
                 fill_waiting(capacity - len(running))
@@ -1017,6 +1023,7 @@ def _run_concurrent(conversations: Iterable[Conversation], client: EndpointClien
                 continue
             tokens += state.tokens
             if reject is not None:
+                stats.discarded_tokens += state.tokens
                 rejects.append(Reject(state.conv.source, *reject, state.conv.conversation_id))
             elif state.finished:  # (not a conversation cut short because the run stopped)
                 records.append(_finish(state, stats))
