@@ -154,6 +154,35 @@ def test_batched_equals_alone(tiny_model, backend32, dtype):
             torch.testing.assert_close(final.float(), final1.float(), rtol=2**-5, atol=2**-5)
 
 
+def test_a_multimodal_base_is_hooked_on_its_text_layers(tiny_model, tmp_path):
+    """Gemma 3 with a vision tower as deep as its text model: the first ModuleList of that length,
+    the vision encoder's, was hooked; its hooks never ran on text and the aux states stored were
+    uninitialized memory (exit 0). The text decoder's layers are hooked now."""
+    import transformers
+
+    base = tmp_path / "gemma3vlm"
+    shutil.copytree(tiny_model, base, ignore=shutil.ignore_patterns("*.safetensors", "config.json",
+                                                                   "generation_config.json"))
+    vocab = json.loads((tiny_model / "config.json").read_text())["vocab_size"]
+    text = transformers.Gemma3TextConfig(vocab_size=vocab + 8, hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                                         head_dim=16, max_position_embeddings=512)
+    vision = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                             num_attention_heads=2, image_size=28, patch_size=14)
+    torch.manual_seed(0)
+    model = transformers.Gemma3ForConditionalGeneration(transformers.Gemma3Config(
+        text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4,
+        image_token_index=vocab + 1, boi_token_index=vocab + 2, eoi_token_index=vocab + 3)).eval()
+    model.save_pretrained(base)
+    ids = [5, 6, 7, 8, 9, 10]
+    ((aux, final),) = HFBackend(base, dtype="fp32").forward([ids], [0, 1, 2])
+    with torch.no_grad():
+        states = model(torch.tensor([ids]), output_hidden_states=True).hidden_states
+    want = torch.cat([states[k + 1][0] for k in (0, 1, 2)], dim=-1)
+    assert torch.allclose(aux.float(), want, rtol=2e-2, atol=2e-2)
+    assert torch.allclose(final.float(), states[-1][0], rtol=2e-2, atol=2e-2)
+
+
 def test_backend_errors(tiny_model, backend32):
     with pytest.raises(DraftdataError, match="0..3"):
         backend32.forward([[5, 6]], [4])

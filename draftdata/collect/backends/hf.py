@@ -81,6 +81,7 @@ class HFBackend(Backend):
         self._slot: dict[int, int] = {}  # layer id -> aux slot (ascending layer order)
         self._rows: torch.Tensor | None = None  # flat indices of the real tokens in [B*T]
         self._aux: torch.Tensor | None = None  # packed [sum(L), k*H] bf16 being filled by the hooks
+        self._filled: set[int] = set()  # aux layer ids whose hook ran in this forward
 
     def _set_layers(self, aux_layer_ids: list[int]) -> None:
         ids = sorted(aux_layer_ids)
@@ -105,6 +106,7 @@ class HFBackend(Backend):
             j = self._slot[layer_id]
             rows = self._rows.to(out.device, non_blocking=True)
             self._aux[:, j * h:(j + 1) * h] = out.reshape(-1, h).index_select(0, rows)
+            self._filled.add(layer_id)
 
         return hook
 
@@ -134,8 +136,13 @@ class HFBackend(Backend):
         dev = self.input_device
         self._rows = mask.reshape(-1).nonzero().squeeze(1).to(dev)
         self._aux = torch.empty(sum(lengths), len(self._slot) * h, dtype=torch.bfloat16, device=dev)
+        self._filled = set()
         try:
             out = self.model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False)
+            if self._filled != set(self._slot):  # a hook on layers the text never runs (a vision tower's)
+                raise DraftdataError(f"the hooks on decoder layers {sorted(set(self._slot) - self._filled)} of "
+                                     f"{type(self.model).__name__} did not run: those are not the layers the text "
+                                     "passes through; this architecture is not supported by the HF backend")
             last = out.last_hidden_state
             final = last.reshape(-1, h).index_select(0, self._rows.to(last.device)).to(torch.bfloat16)
             nonfinite = count_nonfinite(self._aux, final, lengths)
@@ -154,14 +161,26 @@ class HFBackend(Backend):
             torch.cuda.empty_cache()
 
 
+# Where text decoder layers live: Llama-style models, then multimodal ones (Gemma 3, Llava, Qwen-VL).
+LAYER_PATHS = ("layers", "language_model.layers", "language_model.model.layers", "text_model.layers", "model.layers")
+# Module names of towers that are not the text decoder, whatever their layer count.
+NOT_TEXT = ("vision", "visual", "image", "audio", "speech", "vit")
+
+
 def _decoder_layers(model: torch.nn.Module, num_layers: int) -> torch.nn.ModuleList:
-    """The decoder layer list: `model.layers` for Llama-style models, else the first ModuleList
-    holding exactly `num_hidden_layers` modules."""
-    layers = getattr(model, "layers", None)
-    if isinstance(layers, torch.nn.ModuleList) and len(layers) == num_layers:
-        return layers
-    for module in model.modules():
+    """The text decoder's layer list: a known path first, else the one ModuleList of exactly
+    `num_hidden_layers` modules outside vision/audio towers (a vision tower of the same depth was
+    taken before, and its hooks never ran on text)."""
+    for path in LAYER_PATHS:
+        module: Any = model
+        for name in path.split("."):
+            module = getattr(module, name, None)
         if isinstance(module, torch.nn.ModuleList) and len(module) == num_layers:
             return module
-    raise DraftdataError(f"cannot find the {num_layers} decoder layers of {type(model).__name__}; "
+    found = [(name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.ModuleList)
+             and len(m) == num_layers and not any(w in name.lower() for w in NOT_TEXT)]
+    if len(found) == 1:
+        return found[0][1]
+    where = f" (candidates: {', '.join(name for name, _ in found)})" if found else ""
+    raise DraftdataError(f"cannot find the {num_layers} text decoder layers of {type(model).__name__}{where}; "
                          "this architecture is not supported by the HF backend")
