@@ -287,6 +287,36 @@ def test_mask_for_template_that_rewrites_the_conversation_end(tokenizer):
     assert last == "numbers 1 2<|im_end|>\n<|endoftext|>"
 
 
+def test_mask_when_the_end_marker_and_the_header_share_a_prefix(tokenizer):
+    """Phi-3's template appends eos when no generation prompt follows: the render before a reply and
+    the conversation share "<|" of <|endoftext|> / <|im_start|>, so the reply "a" was found inside
+    the header token (which was trained, the reply not), and an empty earlier reply was rejected."""
+    template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>assistant\n{% else %}<|endoftext|>{% endif %}")
+    chat = ChatTokenizer(tokenizer, chat_template=template)
+    for reply, masked in (("a", "a<|im_end|>"), ("as", "as<|im_end|>"), ("", "<|im_end|>")):
+        (s,) = chat.tokenize([parse_record(conv(("user", "pick a, b or c"), ("assistant", reply), ("user", "next"),
+                                                ("assistant", "b")))])
+        assert not isinstance(s, Reject), s
+        assert masked_text(tokenizer, s) == [masked, "b<|im_end|>\n<|endoftext|>"]
+
+
+def test_mask_of_a_reasoning_reply_the_last_turn_repeats(tokenizer):
+    """Earlier replies lose their <think> block and the last keeps it (Qwen3): the earlier reply's
+    full text was found in the last turn, and the conversation was rejected as template_error."""
+    template = ("{% for m in messages %}{% if m['role'] != 'assistant' %}<|im_start|>{{ m['role'] }}\n"
+                "{{ m['content'] }}<|im_end|>\n{% elif loop.last %}<|im_start|>assistant\n{{ m['content'] }}"
+                "<|im_end|>\n{% else %}<|im_start|>assistant\n{{ (m['content'].split('</think>')[-1]).strip() }}"
+                "<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    answer = "<think>\nsum\n</think>\n\n4"
+    chat = ChatTokenizer(tokenizer, chat_template=template)
+    for last in (answer, answer + " again"):
+        (s,) = chat.tokenize([parse_record(conv(("user", "what is 2 plus 2"), ("assistant", answer),
+                                                ("user", "what is 2 plus 2"), ("assistant", last)))])
+        assert not isinstance(s, Reject), s
+        assert masked_text(tokenizer, s) == ["4<|im_end|>", last + "<|im_end|>"]
+
+
 def test_mask_for_template_with_a_different_layout(tokenizer):
     template = ("{% for m in messages %}{% if m['role'] == 'user' %}User: {{ m['content'] }}\n"
                 "{% elif m['role'] == 'assistant' %}Assistant: {{ m['content'] }}<|endoftext|>\n{% endif %}{% endfor %}"

@@ -455,13 +455,21 @@ class ChatTokenizer:
                 # end before it) and after the assistant header, so that words of the system
                 # prompt, of the user's message or of the header are never taken for the reply.
                 before = self.render(messages[:i])
-                lo = max(cursor, len(os.path.commonprefix([before, text])))
+                lo = max(cursor, self._shared(before, text))
                 request = messages[i - 1]["content"].strip() if messages[i - 1]["role"] != "assistant" else ""
                 at = text.find(request, cursor) if request else -1
                 if at >= 0:
                     lo = max(lo, at + len(request))
-                lo += self._header_at(prompt[len(before):] if prompt.startswith(before) else "", text, lo)
-                start, end = self._find_reply(m["content"], text, lo)
+                # (Phi-3 ends `before` with <|endoftext|>, which the generation prompt lacks: the header
+                # is what the prompt has past the part the two share)
+                lo += self._header_at(prompt[self._shared(before, prompt):], text, lo)
+                # The reply lies before the next message's text: a later turn repeating it (a
+                # reasoning reply whose <think> only the last turn keeps) is not it.
+                after = messages[i + 1]["content"].strip() if i + 1 < len(messages) else ""
+                hi = text.find(after, lo) if after else -1
+                start, end = self._find_reply(m["content"], text, lo, hi if hi >= 0 else len(text))
+                if start < 0 and hi >= 0:
+                    start, end = self._find_reply(m["content"], text, lo, len(text))
                 if start < 0:
                     raise RecordError("template_error", f"cannot locate assistant turn {i} in the rendered "
                                       "conversation (the template rewrites its content)")
@@ -504,11 +512,23 @@ class ChatTokenizer:
         """Length of the special token (e.g. the end of turn) at `at`; 0 if none."""
         return next((len(s) for s in self._specials if text.startswith(s, at)), 0)
 
-    def _find_reply(self, content: str, text: str, lo: int) -> tuple[int, int]:
+    def _shared(self, a: str, b: str) -> int:
+        """Length of the prefix `a` and `b` share, cut back to not end inside a special or added
+        token (<|endoftext|> and <|assistant|> share "<|")."""
+        n = len(os.path.commonprefix([a, b]))
+        for sp in self._markers:
+            inside = next((s for s in range(max(0, n - len(sp) + 1), n)
+                           if a.startswith(sp, s) or b.startswith(sp, s)), None)
+            if inside is not None:
+                n = inside
+        return n
+
+    def _find_reply(self, content: str, text: str, lo: int, hi: int | None = None) -> tuple[int, int]:
         """(start, end) of a reply in `text` at or after `lo`, its end-of-turn token included;
         (-1, -1) if absent. Reasoning templates (Qwen3, DeepSeek-R1) drop the <think> block of
         earlier replies, so the text after the last </think> is tried next. An empty reply is the
         end-of-turn token at `lo`."""
+        hi = len(text) if hi is None else hi
         candidates = [(content, "")]
         if "</think>" in content:  # the answer; the template may keep its trailing newlines (Qwen3)
             answer = content.rsplit("</think>", 1)[1]
@@ -519,7 +539,7 @@ class ChatTokenizer:
                 if size:
                     return lo, lo + len(c) + size
                 continue
-            start = text.find(c, lo)
+            start = text.find(c, lo, hi)
             if start >= 0:
                 end = start + len(c)
                 if tail and text.startswith(tail, end) and self._special_at(text, end + len(tail)):
