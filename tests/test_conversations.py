@@ -299,6 +299,12 @@ def test_mask_when_the_end_marker_and_the_header_share_a_prefix(tokenizer):
                                                 ("assistant", "b")))])
         assert not isinstance(s, Reject), s
         assert masked_text(tokenizer, s) == [masked, "b<|im_end|>\n<|endoftext|>"]
+    # the next message's text inside the reply's think block, the answer's words too: the answer
+    # found there (a few characters of the think block trained, the reply not) is not taken
+    reply = "<think>\n4 is bigger, not 1\n</think>\n\n4"
+    (s,) = chat.tokenize([parse_record(conv(("user", "which is bigger"), ("assistant", reply), ("user", "1"),
+                                            ("assistant", "ok")))])
+    assert masked_text(tokenizer, s) == [reply + "<|im_end|>", "ok<|im_end|>\n<|endoftext|>"]
 
 
 def test_mask_of_a_reasoning_reply_the_last_turn_repeats(tokenizer):

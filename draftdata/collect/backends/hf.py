@@ -141,8 +141,9 @@ class HFBackend(Backend):
             out = self.model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False)
             if self._filled != set(self._slot):  # a hook on layers the text never runs (a vision tower's)
                 raise DraftdataError(f"the hooks on decoder layers {sorted(set(self._slot) - self._filled)} of "
-                                     f"{type(self.model).__name__} did not run: those are not the layers the text "
-                                     "passes through; this architecture is not supported by the HF backend")
+                                     f"{type(self.model).__name__} did not run on text input (layers it skips, "
+                                     "such as Mllama's cross-attention layers, or not the text decoder's at all); "
+                                     "choose --aux-layers among the layers text runs through")
             last = out.last_hidden_state
             final = last.reshape(-1, h).index_select(0, self._rows.to(last.device)).to(torch.bfloat16)
             nonfinite = count_nonfinite(self._aux, final, lengths)
