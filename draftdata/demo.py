@@ -107,7 +107,7 @@ def usable_prompts(source: Path) -> list[str]:
     from draftdata.collect.conversations import Reject, read_conversations
 
     rejects, lines = [], []
-    for item in read_conversations(str(source), require_assistant=False):
+    for item in read_conversations(str(source), require_assistant=False, flag="--prompts"):
         if isinstance(item, Reject):
             rejects.append(item)
             continue

@@ -104,9 +104,10 @@ class RecordError(Exception):
 
 # ---------------------------------------------------------------- input files
 
-def input_files(input: str, storage_options: dict | None = None) -> list[tuple[Any, str, str]]:
+def input_files(input: str, storage_options: dict | None = None, flag: str = "--input"
+                ) -> list[tuple[Any, str, str]]:
     """(filesystem, path, display name) for each input file: a file, a directory of *.jsonl
-    (sorted by name), a glob, or any fsspec URL of those. Raises if nothing is there."""
+    (sorted by name), a glob, or any fsspec URL of those. Raises, naming `flag`, if nothing is there."""
     import fsspec
 
     from draftdata.store.fs import is_local  # (here: importing the store loads torch)
@@ -120,13 +121,13 @@ def input_files(input: str, storage_options: dict | None = None) -> list[tuple[A
     elif fs.isdir(path):
         paths, folder = [p for p in _files(fs.ls(path, detail=True), input) if p.endswith(JSONL_SUFFIXES)], input
         if not paths:
-            raise DraftdataError(f"--input {input}: directory holds no *.jsonl files")
+            raise DraftdataError(f"{flag} {input}: directory holds no *.jsonl files")
     elif fs.exists(path):
         paths, folder = [path], None
     else:
-        raise DraftdataError(f"--input {input}: no such file or directory")
+        raise DraftdataError(f"{flag} {input}: no such file or directory")
     if not paths:
-        raise DraftdataError(f"--input {input}: the pattern matches no files")
+        raise DraftdataError(f"{flag} {input}: the pattern matches no files")
 
     def display(p: str) -> str:  # as the user wrote it: "in/", "s3://b/in/*.jsonl" -> that folder + name
         if folder == "":
@@ -209,15 +210,16 @@ def count_records(input: str, storage_options: dict | None = None, limit: int | 
 # ---------------------------------------------------------------- records
 
 def read_conversations(input: str, storage_options: dict | None = None, *, limit: int | None = None,
-                       require_assistant: bool = True) -> Iterator[Conversation | Reject]:
+                       require_assistant: bool = True, flag: str = "--input") -> Iterator[Conversation | Reject]:
     """Yield a Conversation or a Reject for each non-blank line of the input, in order.
 
     `limit` stops after that many records. Duplicate ids are rejected after the first.
-    `require_assistant` rejects conversations without an assistant message.
+    `require_assistant` rejects conversations without an assistant message. `flag` is the
+    command's name for the input in errors (eval: --prompts).
     """
     seen: set[str] = set()
     n = 0
-    for fs, path, name in input_files(input, storage_options):
+    for fs, path, name in input_files(input, storage_options, flag):
         for lineno, raw in _lines(fs, path):
             if limit is not None and n >= limit:
                 return

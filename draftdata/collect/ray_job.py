@@ -483,17 +483,16 @@ def _drive(settings: CollectSettings, writer: Any, chat: Any, plan: RayPlan, poo
 
     flags = KeptFlags()
     units = _units(settings, chat, options, frozenset(ledger.where), stats, rejects, flags, progress)
-    report = None
     interrupted = True
     try:
-        report = pool.run(units, on_done=on_done, before_retry=before_retry, progress=progress)
+        pool.run(units, on_done=on_done, before_retry=before_retry, progress=progress)
         interrupted = False
-    except PoolError as e:  # its message says what to do (a rerun does not always help: no "stopped early")
-        report, interrupted = e.report, False  # what finished, and the units given up, before the pool stopped
+    except PoolError:  # its message says what to do (a rerun does not always help: no "stopped early")
+        interrupted = False
         raise
     finally:
         progress.close()
-        report = report or pool.report  # Ctrl-C, SIGTERM: what finished before the stop
+        report = pool.report  # what finished, and the units given up, also before an error or a stop
         ledger.refresh()
         failed: list[UnitFailure] = report.failed if report else []
         not_written = 0

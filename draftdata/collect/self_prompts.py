@@ -389,18 +389,13 @@ class _Keeper:
 def read_follow_up(settings: PromptSettings) -> tuple[list[Conversation], Counter]:
     """The --follow-up input's conversations that end with an answer, and the skipped records by reason."""
     follow, skipped = [], Counter()
-    try:
-        for item in read_conversations(settings.follow_up, require_assistant=False):
-            if isinstance(item, Reject):
-                skipped[item.reason] += 1
-            elif item.messages[-1]["role"] != "assistant":  # prompts not answered yet, or ending with a question
-                skipped["not_answered"] += 1
-            else:
-                follow.append(item)
-    except DraftdataError as e:  # the reader is collect's, which names its own flag --input
-        if str(e).startswith("--input "):
-            raise DraftdataError("--follow-up " + str(e)[len("--input "):]) from None
-        raise
+    for item in read_conversations(settings.follow_up, require_assistant=False, flag="--follow-up"):
+        if isinstance(item, Reject):
+            skipped[item.reason] += 1
+        elif item.messages[-1]["role"] != "assistant":  # prompts not answered yet, or ending with a question
+            skipped["not_answered"] += 1
+        else:
+            follow.append(item)
     if not follow:
         reasons = format_counts(skipped) or "the file is empty"
         raise DraftdataError(f"--follow-up {settings.follow_up}: no conversation ends with an assistant answer "

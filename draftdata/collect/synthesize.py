@@ -1507,18 +1507,17 @@ def run_ray(settings: SynthSettings, *, address: str | None = None, num_workers:
 
             pool = ActorPool(SynthWorker, args=(worker_settings, weights), num_workers=plan.num_workers,
                              num_cpus=plan.num_cpus, num_gpus=plan.num_gpus, max_retries=MAX_RETRIES, in_flight=2)
-            report = None
             interrupted = True
             t_pool = time.perf_counter()
             try:
-                report = pool.run(units(), on_done=on_done, progress=progress)
+                pool.run(units(), on_done=on_done, progress=progress)
                 interrupted = False
-            except PoolError as e:  # its message says what to do (no "stopped early ... rerun")
-                report, interrupted = e.report, False  # what finished, and the units given up, before the stop
+            except PoolError:  # its message says what to do (no "stopped early ... rerun")
+                interrupted = False
                 raise
             finally:
                 progress.close()
-                report = report or pool.report  # Ctrl-C, SIGTERM: what finished before the stop
+                report = pool.report  # what finished, and the units given up, also before an error or a stop
                 stats.generate_seconds = time.perf_counter() - t_pool  # all actors together: the job's rate
                 failed = report.failed if report else []
                 for f in failed:

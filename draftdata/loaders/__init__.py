@@ -7,6 +7,6 @@ deterministic shuffle, exact resume, batching by size or token budget.
 """
 
 from draftdata.loaders.collate import collate_samples, padding_efficiency
-from draftdata.loaders.dataset import HiddenStateDataset, HiddenStateMapDataset
+from draftdata.loaders.dataset import HiddenStateDataset, HiddenStateMapDataset, rank0_part_ids
 
-__all__ = ["HiddenStateDataset", "HiddenStateMapDataset", "collate_samples", "padding_efficiency"]
+__all__ = ["HiddenStateDataset", "HiddenStateMapDataset", "collate_samples", "padding_efficiency", "rank0_part_ids"]

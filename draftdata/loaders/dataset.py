@@ -45,10 +45,10 @@ def _distributed(rank: int | None, world_size: int | None) -> tuple[int, int]:
     return rank, world_size
 
 
-def _rank0_parts(part_ids: list[str]) -> list[str]:
-    """Rank 0's snapshot of the committed parts, on every rank of the torch.distributed group: ranks
-    that listed a growing dataset at different moments would split different sample sets, losing
-    or repeating samples. A collective call: every rank creates the dataset."""
+def rank0_part_ids(part_ids: list[str]) -> list[str]:
+    """Rank 0's snapshot of the committed parts (`ds.part_ids`), on every rank of the
+    torch.distributed group: ranks that listed a growing dataset at different moments would split
+    different sample sets, losing or repeating samples. A collective call."""
     import torch.distributed as dist
 
     chosen = [part_ids]
@@ -131,8 +131,8 @@ class HiddenStateDataset(IterableDataset):
         self.store, self.parts_left_out = _open(url, storage_options, parts)  # committed, not in `parts`
         if parts is None and rank is None and world_size is None and self.world_size > 1 \
                 and torch.distributed.is_available() and torch.distributed.is_initialized():
-            agreed = _rank0_parts([p.id for p in self.store.parts])
-            if agreed != [p.id for p in self.store.parts]:
+            agreed = rank0_part_ids(self.part_ids)
+            if agreed != self.part_ids:
                 self.store, self.parts_left_out = _open(url, storage_options, agreed)
         self.schema = self.store.schema
         self.shuffle, self.seed, self.max_seq_len = bool(shuffle), int(seed), max_seq_len

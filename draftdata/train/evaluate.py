@@ -427,34 +427,28 @@ def read_prompts(path: str, limit: int | None = None) -> list[PromptConversation
     from draftdata.collect.conversations import Reject, read_conversations
 
     out, rejects = [], 0
-    try:
-        for item in read_conversations(path, require_assistant=False):
-            if isinstance(item, Reject):
-                rejects += 1
-                print(f"draftdata eval: skipping {item}", file=sys.stderr)
-                continue
-            users = [m["content"] for m in item.messages if m["role"] == "user"]
-            if not users:
-                rejects += 1
-                print(f"draftdata eval: skipping {item.source}: no user turn", file=sys.stderr)
-                continue
-            leading: list[dict[str, str]] = []
-            later: dict[int, list[dict[str, str]]] = {}
-            turn = 0  # user turns before this message
-            for m in item.messages:  # each system message stays where the file puts it
-                if m["role"] == "user":
-                    turn += 1
-                elif m["role"] == "system":
-                    (later.setdefault(turn, []) if turn else leading).append(m)
-            out.append(PromptConversation(item.conversation_id, leading, users, item.category, item.source,
-                                          {t: ms for t, ms in later.items() if t < len(users)}))
-            if limit is not None and len(out) >= limit:
-                break
-    except DraftdataError as e:  # the reader is collect's, which names its own flag --input
-        msg = str(e)
-        if msg.startswith("--input "):
-            raise DraftdataError("--prompts " + msg[len("--input "):]) from None
-        raise
+    for item in read_conversations(path, require_assistant=False, flag="--prompts"):
+        if isinstance(item, Reject):
+            rejects += 1
+            print(f"draftdata eval: skipping {item}", file=sys.stderr)
+            continue
+        users = [m["content"] for m in item.messages if m["role"] == "user"]
+        if not users:
+            rejects += 1
+            print(f"draftdata eval: skipping {item.source}: no user turn", file=sys.stderr)
+            continue
+        leading: list[dict[str, str]] = []
+        later: dict[int, list[dict[str, str]]] = {}
+        turn = 0  # user turns before this message
+        for m in item.messages:  # each system message stays where the file puts it
+            if m["role"] == "user":
+                turn += 1
+            elif m["role"] == "system":
+                (later.setdefault(turn, []) if turn else leading).append(m)
+        out.append(PromptConversation(item.conversation_id, leading, users, item.category, item.source,
+                                      {t: ms for t, ms in later.items() if t < len(users)}))
+        if limit is not None and len(out) >= limit:
+            break
     if not out:
         raise DraftdataError(f"--prompts {path}: no usable conversation ({rejects} skipped)")
     return out
@@ -582,6 +576,11 @@ def evaluate(base: Any, tokenizer: Any, draft: LoadedDraft, conversations: list[
     def encode(messages: list[dict[str, str]]) -> list[int]:
         return tokenizer(chat.render(messages, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
 
+    def skip(conv: PromptConversation, i: int, error: str) -> None:
+        skipped.append({"conversation_id": conv.conversation_id, "turn": i + 1, "source": conv.source, "error": error})
+        if bar is not None:
+            bar.update(1, 0)
+
     try:
         turns = [(c, i) for c in conversations for i in range(min(len(c.user_turns), max_turns or 10**9))]
         if warmup:
@@ -608,10 +607,7 @@ def evaluate(base: Any, tokenizer: Any, draft: LoadedDraft, conversations: list[
             bar.start()
         for conv, i in turns:
             if conv.conversation_id in broken:  # a later turn would follow an answer never written
-                skipped.append({"conversation_id": conv.conversation_id, "turn": i + 1, "source": conv.source,
-                                "error": "an earlier turn of the conversation was skipped"})
-                if bar is not None:
-                    bar.update(1, 0)
+                skip(conv, i, "an earlier turn of the conversation was skipped")
                 continue
             messages = (history[conv.conversation_id] + conv.later_system.get(i, [])
                         + [{"role": "user", "content": conv.user_turns[i]}])
@@ -619,10 +615,7 @@ def evaluate(base: Any, tokenizer: Any, draft: LoadedDraft, conversations: list[
                 prompt = encode(messages)
             except Exception as e:  # noqa: BLE001 - a record the template refuses (Gemma: no system role)
                 broken.add(conv.conversation_id)
-                skipped.append({"conversation_id": conv.conversation_id, "turn": i + 1, "source": conv.source,
-                                "error": f"{type(e).__name__}: {e}"})
-                if bar is not None:
-                    bar.update(1, 0)
+                skip(conv, i, f"{type(e).__name__}: {e}")
                 continue
             try:
                 results = {m: _timed(lambda m=m, p=prompt: runs[m](p, max_new_tokens), device) for m in methods}

@@ -806,7 +806,7 @@ def train(cfg: TrainConfig, stop_check: Callable[[], bool] | None = None) -> Tra
 def _train(cfg: TrainConfig, stop_check: Callable[[], bool] | None = None) -> TrainResult:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from draftdata.loaders import HiddenStateDataset
+    from draftdata.loaders import HiddenStateDataset, rank0_part_ids
     from draftdata.models import compute_dtype, model_hash, resolve_model
     from draftdata.train.losses import EagleTTT, step_token_counts
     from draftdata.train.model import build_draft, check_base_model, count_parameters, save_draft
@@ -877,21 +877,21 @@ def _train(cfg: TrainConfig, stop_check: Callable[[], bool] | None = None) -> Tr
             raise DraftdataError(f"--resume: {ckpt} trains on a snapshot of {len(snapshot)} parts of {cfg.data}, and "
                                  f"some are gone from it ({e}): the dataset was replaced or parts were removed since "
                                  "the run started. Restore them, or train a new run (another --output)") from None
-        if snapshot is None and info.world_size > 1:
-            chosen = [dataset.part_ids]
-            dist.broadcast_object_list(chosen, src=0)
-            if chosen[0] != dataset.part_ids:
-                dataset = open_data(chosen[0])
+        if snapshot is None and info.world_size > 1:  # (rank and world size are given: the loader cannot)
+            agreed = rank0_part_ids(dataset.part_ids)
+            if agreed != dataset.part_ids:
+                dataset = open_data(agreed)
         if snapshot is not None and dataset.parts_left_out:
             _log(f"resume: {dataset.parts_left_out} part(s) committed to {cfg.data} since the run started are not "
                  "used (the run keeps its snapshot of the data); train a new run to include them", info)
         schema = dataset.schema
         default = None if cfg.max_seq_len is not None else "--batch-tokens" if max_seq_len == cfg.batch_tokens \
             else "--batch-tokens rounded down to --pad-to-multiple-of"
-        truncation = describe_truncation(dataset.store.sample_lengths(), max_seq_len, default)
+        lengths = dataset.store.sample_lengths()
+        truncation = describe_truncation(lengths, max_seq_len, default)
         if truncation:
             _log(truncation, info)
-        over = over_budget(dataset.store.sample_lengths(), max_seq_len, cfg, "--data")
+        over = over_budget(lengths, max_seq_len, cfg, "--data")
         if over:
             _log(over, info)
         val_dataset = None
