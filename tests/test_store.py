@@ -903,14 +903,15 @@ def test_aborting_a_part_during_an_s3_outage_does_not_raise():
     part.abort()
 
 
-def test_verify_counts_every_duplicated_id_it_does_not_list(tmp_path, capsys):
-    """60 ids stored twice: 50 are listed and one line stands for the other 10; the count said 51."""
+def test_verify_counts_every_problem_it_does_not_list(tmp_path, capsys):
+    """130 ids stored twice: 100 lines are printed and one stands for the other 30; the count covers all."""
     from draftdata.cli import main
 
     url = str(tmp_path / "ds")
-    samples = [make_sample(i, length=5) for i in range(60)]
-    write(url, samples + samples, per_part=60)
+    samples = [make_sample(i, length=5) for i in range(130)]
+    write(url, samples + samples, per_part=130)
+    assert len(verify_dataset(open_dataset(url))) == 130
     assert main(["verify", url]) == 1
     captured = capsys.readouterr()
-    assert captured.out.count("stored 2 times") == 50 and "... and 10 more duplicated conversation ids" in captured.out
-    assert "60 problem(s) in" in captured.err
+    assert captured.out.count("stored 2 times") == 100 and "... and 30 more problem(s)" in captured.out
+    assert "130 problem(s) in" in captured.err

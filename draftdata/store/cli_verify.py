@@ -8,6 +8,9 @@ import sys
 from draftdata.store.fs import add_storage_option_argument, parse_storage_options
 
 
+MAX_LINES = 100  # problems printed one per line; the count covers all of them
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("url", help="dataset URL")
     p.add_argument("--gc", action="store_true",
@@ -22,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from draftdata.store import open_dataset
-    from draftdata.store.verify import count_problems, garbage_collect, leftovers, verify_dataset
+    from draftdata.store.verify import garbage_collect, leftovers, verify_dataset
 
     opts = parse_storage_options(args.storage_option)
     if args.gc:
@@ -45,10 +48,12 @@ def run(args: argparse.Namespace) -> int:
     ds = open_dataset(args.url, storage_options=opts, bad_records=bad_records)
     with tqdm(total=len(ds.parts), desc="verify", unit="part", disable=None, file=sys.stderr) as bar:
         problems = bad_records + verify_dataset(ds, progress=bar.update)
-    for line in problems:
+    for line in problems[:MAX_LINES]:
         print(line)
+    if len(problems) > MAX_LINES:
+        print(f"... and {len(problems) - MAX_LINES} more problem(s)")
     if problems:
-        print(f"{count_problems(problems)} problem(s) in {ds.url}", file=sys.stderr)
+        print(f"{len(problems)} problem(s) in {ds.url}", file=sys.stderr)
         return 1
     print(f"ok: {len(ds.parts)} parts, {ds.num_samples} samples, {ds.num_tokens} tokens verified", file=sys.stderr)
     return 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -102,24 +101,14 @@ def verify_dataset(ds: Dataset, progress: Callable[[int], Any] | None = None) ->
         problems += verify_part(ds, p)
         if progress:
             progress(1)
-    counts = Counter(cid for part in ds.parts for cid in part.conversation_ids)
-    dups = {cid: n for cid, n in counts.items() if n > 1}
-    for cid, n in sorted(dups.items())[:50]:
-        where = [p.id for p in ds.parts if cid in p.conversation_ids]
-        problems.append(f"conversation {cid!r}: stored {n} times (parts {', '.join(where)})")
-    if len(dups) > 50:
-        problems.append(f"{MORE_DUPLICATES} {len(dups) - 50} more duplicated conversation ids")
+    where: dict[str, list[str]] = {}
+    for part in ds.parts:
+        for cid in part.conversation_ids:
+            where.setdefault(cid, []).append(part.id)
+    for cid, parts in sorted(where.items()):
+        if len(parts) > 1:
+            problems.append(f"conversation {cid!r}: stored {len(parts)} times (parts {', '.join(parts)})")
     return problems
-
-
-MORE_DUPLICATES = "... and"  # the line that stands for the duplicated ids not listed
-
-
-def count_problems(problems: list[str]) -> int:
-    """How many problems `verify_dataset`'s lines stand for (its last line may count many)."""
-    if problems and problems[-1].startswith(MORE_DUPLICATES):
-        return len(problems) - 1 + int(problems[-1].split()[2])
-    return len(problems)
 
 
 def leftovers(url: str, *, storage_options: dict[str, Any] | None = None) -> list[tuple[str, float | None]]:
