@@ -221,6 +221,19 @@ def test_sigkill_mid_part_leaves_nothing_visible_and_gc_cleans(tmp_path):
     assert len(list(parts_dir.iterdir())) == 1
 
 
+def test_gc_removes_the_temporary_dataset_json_of_a_killed_creator(tmp_path):
+    """A creator killed between writing dataset.json's temporary file and linking it into place
+    left `.dataset.json.tmp-<hex>` in the dataset's root, which no rerun or gc ever removed."""
+    url = str(tmp_path / "ds")
+    write(url, [make_sample(i) for i in range(2)])
+    stale = tmp_path / "ds" / ".dataset.json.tmp-0123456789abcdef"
+    stale.write_bytes((tmp_path / "ds" / "dataset.json").read_bytes())
+    assert [path for path, _ in leftovers(url)] == [str(stale)]
+    assert garbage_collect(url) == ([], [str(stale)])  # young: maybe a creator still running
+    assert garbage_collect(url, grace_seconds=0) == ([str(stale)], [])
+    assert not stale.exists() and open_dataset(url).num_samples == 2 and leftovers(url) == []
+
+
 def _concurrent_writer(url: str, worker: int) -> None:
     w = create_dataset(url, schema(), format="arrow")
     for part in range(3):

@@ -142,13 +142,16 @@ def _leftovers(url: str, storage_options: dict[str, Any] | None) -> list[tuple[s
             continue                   # as a tree it is every part of the dataset
         if path.rsplit("/", 1)[-1] not in committed:
             tree(e["name"])
-    try:
-        for path in fs.ls(f"{root}/commits", detail=False):
-            name = path.rstrip("/").rsplit("/", 1)[-1]
-            if name.startswith(".") and ".tmp-" in name:
-                tree(path)
-    except FileNotFoundError:
-        pass
+    # Temporary files of an atomic write (a local writer killed between writing and renaming one):
+    # commit records, and the dataset.json of a creator killed before linking it into place.
+    for folder in (f"{root}/commits", root):
+        try:
+            for path in fs.ls(folder, detail=False):
+                name = path.rstrip("/").rsplit("/", 1)[-1]
+                if name.startswith(".") and ".tmp-" in name:
+                    tree(path)
+        except FileNotFoundError:
+            pass
     prefix = f"{root}/parts/"
     try:
         uploads = unfinished_uploads(fs, prefix)
