@@ -23,6 +23,8 @@ from draftdata.errors import DraftdataError
 
 _HELD: dict[tuple[int, int], str] = {}  # (st_dev, st_ino) of the lock files this process holds -> path
 
+COLLECT_LOCK = ".collect.lock"  # a dataset's writers: collect, and `verify --gc`, which deletes what they leave
+
 
 class DirectoryLock:
     """Hold `<url>/<name>` exclusively for `command` (a no-op for URLs that are not local paths).
@@ -33,11 +35,13 @@ class DirectoryLock:
     offers no lock.
     """
 
-    def __init__(self, url: str, name: str, command: str, doing: str, unlocked_note: str):
+    def __init__(self, url: str, name: str, command: str, doing: str, unlocked_note: str, flag: str = "--output"):
         from draftdata.store.fs import is_local, local_path
 
         self.url, self.fd = url, -1
         self.command, self.doing, self.unlocked_note = command, doing, unlocked_note
+        self.where = f"{flag} {url}" if flag else url
+        self.hint = "wait for it to finish" + (f", or use another {flag}" if flag else "")
         self.path = os.path.join(local_path(url), name) if is_local(url) else None
         if self.path and os.path.isdir(os.path.dirname(self.path)):
             self.take()
@@ -46,36 +50,38 @@ class DirectoryLock:
         """Hold the lock (once the output directory exists); a no-op when held or not local."""
         if self.fd >= 0 or self.path is None:
             return
-        url = self.url
         try:
             st = os.stat(self.path)
         except OSError:
             st = None
         if st is not None and (st.st_dev, st.st_ino) in _HELD:
-            raise DraftdataError(f"--output {url}: another draftdata {self.command} in this process (pid "
-                                 f"{os.getpid()}) is {self.doing}; wait for it to finish, or use another --output")
+            raise DraftdataError(f"{self.where}: another draftdata {self.command} in this process (pid "
+                                 f"{os.getpid()}) is {self.doing}; {self.hint}")
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
-            raise DraftdataError(f"--output {url}: cannot create {self.path} ({e.strerror or e}); is the "
+            raise DraftdataError(f"{self.where}: cannot create {self.path} ({e.strerror or e}); is the "
                                  "directory writable?") from None
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
             if e.errno in (errno.EACCES, errno.EAGAIN):
-                holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+                # "<pid>\t<command>\t<what it is doing>" (a bare pid from older versions: this lock's own words)
+                holder = os.read(fd, 256).decode(errors="replace").strip().split("\t")
                 os.close(fd)
-                raise DraftdataError(f"--output {url}: another draftdata {self.command} (pid {holder}) is "
-                                     f"{self.doing}; wait for it to finish, or use another --output") from None
+                pid = holder[0] or "unknown"
+                command, doing = holder[1:3] if len(holder) >= 3 else (self.command, self.doing)
+                raise DraftdataError(f"{self.where}: another draftdata {command} (pid {pid}) is {doing}; "
+                                     f"{self.hint}") from None
             os.close(fd)
             if e.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
-                raise DraftdataError(f"--output {url}: cannot lock {self.path} ({e.strerror or e})") from None
+                raise DraftdataError(f"{self.where}: cannot lock {self.path} ({e.strerror or e})") from None
             print(f"draftdata {self.command}: warning: {self.path}: the file system offers no lock ({e.strerror}); "
                   f"make sure no other {self.command} uses this output ({self.unlocked_note})", file=sys.stderr)
             self.path = None  # unlocked: take() is a no-op from here on
             return
         os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        os.write(fd, f"{os.getpid()}\t{self.command}\t{self.doing}\n".encode())
         st = os.fstat(fd)
         self.fd, self._key = fd, (st.st_dev, st.st_ino)
         _HELD[self._key] = self.path

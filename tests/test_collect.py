@@ -6,6 +6,7 @@ import glob
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -704,6 +705,10 @@ def test_sigkill_at_several_points_then_rerun_gives_exactly_one_copy(tiny_model,
         capsys.readouterr()
         assert main(cmd[3:]) == 2
         assert f"another draftdata collect (pid {proc.pid}) is writing to it" in capsys.readouterr().err
+        # gc would take the running writer's part in progress for a leftover (with --grace 0 it did,
+        # and collect then committed a part whose arrays were gone)
+        assert main(["verify", str(out), "--gc", "--grace", "0"]) == 2
+        assert f"{out}: another draftdata collect (pid {proc.pid}) is writing to it" in capsys.readouterr().err
 
     kill_when(lambda: commits(out) >= n2 + 5, "five more commits", meanwhile=second_writer_is_refused)
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
@@ -726,6 +731,28 @@ def test_count_nonfinite_counts_tokens_not_overflowing_sums():
     aux[2, 1], final[5, 0], final[8, 3] = float("nan"), float("inf"), float("-inf")
     assert count_nonfinite(aux, final, [4, 6]) == [1, 2]
     assert count_nonfinite(aux[:2], final[:2], [1, 1]) == [0, 0]
+
+
+def test_output_lock_names_the_command_that_holds_it(tmp_path):
+    """A collect started while `verify --gc` holds the dataset's lock names gc, not "collect"."""
+    from draftdata.collect.job import OutputLock
+
+    out = tmp_path / "ds"
+    out.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from draftdata.locks import COLLECT_LOCK, DirectoryLock; "
+         "DirectoryLock(sys.argv[1], COLLECT_LOCK, 'verify --gc', 'removing leftovers from it', '', flag=''); "
+         "print('held', flush=True); time.sleep(60)", str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(DraftdataError, match=rf"--output {re.escape(str(out))}: another draftdata verify --gc "
+                           rf"\(pid {holder.pid}\) is removing leftovers from it; wait for it to finish, or use "
+                           "another --output"):
+            OutputLock(str(out))
+    finally:
+        holder.kill()
+        holder.wait()
+    OutputLock(str(out)).release()  # the kernel dropped the killed holder's lock
 
 
 def test_output_lock_refuses_a_second_holder_in_the_same_process(tmp_path):

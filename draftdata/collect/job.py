@@ -23,7 +23,7 @@ from draftdata.collect.conversations import (
 )
 from draftdata.config import DatasetSchema
 from draftdata.errors import DatasetNotFoundError, DraftdataError, SchemaMismatchError, name_some
-from draftdata.locks import DirectoryLock
+from draftdata.locks import COLLECT_LOCK, DirectoryLock
 from draftdata.progress import JobProgress
 
 DEFAULT_FORMAT, DEFAULT_CODEC = "zarr", "bf16"
@@ -299,9 +299,6 @@ def warn_mixed_compute(url: str, parts: Any, mine: str | None = None, *, after_r
               "differently); pass an explicit --dtype to get one", file=sys.stderr)
 
 
-LOCK_FILE = ".collect.lock"
-
-
 class OutputLock(DirectoryLock):
     """Exclusive hold of a local output directory for one collect run.
 
@@ -311,7 +308,7 @@ class OutputLock(DirectoryLock):
     """
 
     def __init__(self, url: str):
-        super().__init__(url, LOCK_FILE, "collect", "writing to it",
+        super().__init__(url, COLLECT_LOCK, "collect", "writing to it",
                          "the duplicate check at the end still runs")
 
 

@@ -7,7 +7,6 @@ import sys
 
 from draftdata.store.fs import add_storage_option_argument, parse_storage_options
 
-
 MAX_LINES = 100  # problems printed one per line; the count covers all of them
 
 
@@ -17,7 +16,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="first delete uncommitted parts left by crashed writers (older than --grace)")
     p.add_argument("--grace", type=float, default=3600.0, metavar="SECONDS",
                    help="with --gc: keep uncommitted parts younger than this, they may belong to a running "
-                        "writer (default 3600; use 0 only when no writer is running)")
+                        "writer (default 3600; use 0 only when no writer is running: a local collect's lock "
+                        "refuses gc while it writes, other writers and object stores have none)")
     add_storage_option_argument(p)
 
 
