@@ -15,6 +15,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from draftdata.store.layout import empty_array
+
 FP8_MAX = 448.0  # largest finite float8_e4m3fn value
 
 
@@ -62,12 +64,18 @@ def fp8_decode(q: np.ndarray, scale: np.ndarray, chunk: int = FP8_DECODE_CHUNK) 
     q, scale = np.array(q, copy=not q.flags.writeable), np.array(scale, copy=not scale.flags.writeable)
     bits = torch.from_numpy(np.ascontiguousarray(q)).view(torch.float8_e4m3fn)
     scales = torch.from_numpy(np.ascontiguousarray(scale, dtype=np.float32)).unsqueeze(2)
-    out = torch.empty(rows, width, dtype=torch.bfloat16)
-    step = max(1, chunk // max(width, 1))
+    # An own anonymous mapping for a large output (as the bf16 reads get): freed, it goes back to the
+    # OS; from malloc, glibc's raised mmap threshold kept it in the reader threads' arenas (RSS held
+    # 2-4x the loader's prefetch bound, also after the epoch).
+    out = torch.from_numpy(empty_array((rows, width), np.uint16)).view(torch.bfloat16)
+    step = max(1, min(rows, chunk // max(width, 1)))
+    scratch = torch.from_numpy(empty_array((step, width), np.float32))  # (mapped too, for the same reason)
     for a in range(0, rows, step):
         b = min(rows, a + step)
-        x = bits[a:b].float().view(b - a, slots, width // slots)
-        out[a:b] = x.mul_(scales[a:b]).view(b - a, width)  # the same float32 product, rounded to bf16
+        x = scratch[: b - a]
+        x.copy_(bits[a:b])
+        x.view(b - a, slots, width // slots).mul_(scales[a:b])
+        out[a:b] = x  # the same float32 product, rounded to bf16
     return out
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import mmap
 
 import google_crc32c
 import numpy as np
@@ -39,3 +40,24 @@ def part_dir(root: str, part_id: str) -> str:
 
 def commit_path(root: str, part_id: str) -> str:
     return f"{root}/commits/{part_id}.json"
+
+
+HUGE_PAGE = 2 << 20
+
+
+def empty_array(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """np.empty, but arrays of 2 MiB and more get transparent huge pages where the OS offers them.
+
+    Filling fresh 4 KiB pages costs a page fault each, which caps copies into new memory at about
+    1 GB/s on VMs; huge pages cut that several-fold. The array owns its anonymous mapping.
+    """
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if nbytes < HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return np.empty(shape, dtype)
+    m = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        m.madvise(mmap.MADV_HUGEPAGE)
+    except OSError:
+        pass
+    return np.frombuffer(m, dtype=dtype).reshape(shape)

@@ -9,7 +9,6 @@ byte shuffle.
 from __future__ import annotations
 
 import json
-import mmap
 import os
 from typing import Any
 
@@ -21,11 +20,10 @@ from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
 
 from draftdata.errors import CorruptDataError, DraftdataError
 from draftdata.store.fs import describe_storage_error, get_fs, is_local, is_storage_error, local_path
-from draftdata.store.layout import crc32c, rows_per_chunk
+from draftdata.store.layout import crc32c, empty_array, rows_per_chunk
 
 ZSTD_BLOCK_BYTES = 1 << 20  # Blosc block size of the zstd codec (whole chunks; see write_part)
 EMPTY_CHUNK = 2**64 - 1  # shard index entry of a chunk that was never written
-HUGE_PAGE = 2 << 20
 
 
 def _store(url: str, storage_options: dict[str, Any] | None, read_only: bool) -> zarr.abc.store.Store:
@@ -328,21 +326,3 @@ def _remote_fs(url: str, storage_options: dict[str, Any] | None) -> tuple[Any, s
         _FS_CACHE[key] = get_fs(url, storage_options)[0]
     fs = _FS_CACHE[key]
     return fs, fs._strip_protocol(url).rstrip("/")
-
-
-def empty_array(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-    """np.empty, but arrays of 2 MiB and more get transparent huge pages where the OS offers them.
-
-    Filling fresh 4 KiB pages costs a page fault each, which caps copies into new memory at about
-    1 GB/s on VMs; huge pages cut that several-fold. The array owns its anonymous mapping.
-    """
-    dtype = np.dtype(dtype)
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if nbytes < HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE"):
-        return np.empty(shape, dtype)
-    m = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    try:
-        m.madvise(mmap.MADV_HUGEPAGE)
-    except OSError:
-        pass
-    return np.frombuffer(m, dtype=dtype).reshape(shape)
