@@ -357,6 +357,25 @@ def test_collect_end_to_end_rejects_and_resume(tiny_model, backend32, tmp_path, 
     assert sorted(ids) == sorted(want + [c["conversation_id"] for c in extra]) and len(ids) == len(set(ids))
 
 
+def test_every_record_rejected_fails_and_says_why(tiny_model, tmp_path, capsys):
+    """A JSON array (as ShareGPT dumps ship) instead of JSON Lines: every line was rejected, the
+    reason was only in the rejects file, and collect exited 0 with an empty dataset."""
+    records = [conv(f"c{i}", ("user", f"q{i}"), ("assistant", f"a{i}")) for i in range(3)]
+    inp = tmp_path / "sharegpt.json"
+    inp.write_text(json.dumps(records, indent=1))
+    out = str(tmp_path / "ds")
+    assert main(collect_args(tiny_model, str(inp), out)) == 1
+    err = capsys.readouterr().err
+    (rejects_file,) = glob.glob(f"{out}/_reports/*/rejects.jsonl")
+    assert re.search(rf"draftdata collect: error: all \d+ records read were rejected, nothing was written; the "
+                     rf"first: {re.escape(str(inp))}:1: malformed_json: .*JSON Lines.* \(all of them: "
+                     rf"{re.escape(rejects_file)}\)", err), err
+    # some written, some rejected: the usual summary, exit 0
+    write_input(inp, records + ["{broken json\n"])
+    assert main(collect_args(tiny_model, str(inp), out)) == 0
+    assert "were rejected" not in capsys.readouterr().err
+
+
 def test_strict_fails_before_any_model_work(tiny_model, tmp_path, capsys):
     inp = write_input(tmp_path / "in.jsonl", valid_conversations(3) + [conv("x", ("user", "q"), ("ghost", "a"))])
     out = tmp_path / "ds"

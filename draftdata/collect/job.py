@@ -347,6 +347,7 @@ def _collect_with(settings: CollectSettings, schema: DatasetSchema, info: BaseMo
         CollectStats,
         KeptFlags,
         RejectLog,
+        all_rejected,
         collect_records,
         prepare_samples,
         write_reports,
@@ -391,7 +392,8 @@ def _collect_with(settings: CollectSettings, schema: DatasetSchema, info: BaseMo
             print(STOPPED_EARLY, file=sys.stderr)
     if written is None:  # the commit records could not be read for the summary: their error, now
         ledger.refresh()
-    return 1 if report_duplicates(ledger, writer.url, parts_before) else 0
+    rejected = all_rejected("collect", stats, rejects, where)
+    return 1 if report_duplicates(ledger, writer.url, parts_before) or rejected else 0
 
 
 # The reader runs ahead of the model: a stopped run has read (and judged) records it did not collect.

@@ -446,7 +446,7 @@ def _drive(settings: CollectSettings, writer: Any, chat: Any, plan: RayPlan, poo
            total: int, t_start: float) -> int:
     from draftdata.collect.conversations import Reject
     from draftdata.collect.ray_pool import PoolError, PoolProgress, UnitFailure, WorkUnit, attempts_text
-    from draftdata.collect.runner import RejectLog, write_reports
+    from draftdata.collect.runner import RejectLog, all_rejected, write_reports
 
     ledger = CommitLedger(writer)
     parts_before = set(ledger.parts)
@@ -547,4 +547,5 @@ def _drive(settings: CollectSettings, writer: Any, chat: Any, plan: RayPlan, poo
         warn_mixed_compute(writer.url, ledger.parts.values(), after_ray_run=True)
         if interrupted:
             print(STOPPED_EARLY, file=sys.stderr)
-    return 1 if failed or new_duplicates or invisible else 0
+    rejected = all_rejected("collect", stats, rejects, where)
+    return 1 if failed or new_duplicates or invisible or rejected else 0

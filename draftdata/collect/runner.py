@@ -126,6 +126,17 @@ class RejectLog:
         return "".join(json.dumps(r.to_dict(), ensure_ascii=False) + "\n" for r in self.rejects).encode()
 
 
+def all_rejected(command: str, stats: CollectStats, rejects: RejectLog, where: str | None) -> bool:
+    """Say so, and return True (the run fails), when every record read was rejected: a JSON array
+    instead of JSON Lines, another schema, a template that cannot render them. The reasons were
+    only in the rejects file, and the run ended with exit 0 and an empty dataset."""
+    if stats.written or not rejects.rejects or len(rejects.rejects) < stats.read:
+        return False
+    print(f"draftdata {command}: error: all {stats.read:,} records read were rejected, nothing was written; the "
+          f"first: {rejects.rejects[0]}" + (f" (all of them: {where})" if where else ""), file=sys.stderr)
+    return True
+
+
 @dataclass
 class KeptFlags:
     """Ids of the samples cut to --max-seq-len and of those with an empty answer, noted when they
