@@ -1,6 +1,6 @@
 """Progress of a long job: a tqdm bar on a terminal, a plain line every `interval` seconds
-otherwise (log files, `nohup`, `ray job logs`), so a run whose stderr is not a terminal is never
-silent for minutes. The environment variable DRAFTDATA_PROGRESS_INTERVAL sets those seconds.
+otherwise (log files, `nohup`, `ray job logs`), also when no update arrives (its own clock), so a
+run whose stderr is not a terminal is never silent for minutes. The environment variable DRAFTDATA_PROGRESS_INTERVAL sets those seconds.
 
     progress = JobProgress(total=2102, desc="collect", unit="conv")
     progress.update(items=8, size=1900)      # from any thread
@@ -68,6 +68,23 @@ class JobProgress:
         self._printed: tuple[int, int] | None = None  # (items, size) of the last plain line
         self._bar = tqdm(total=total, desc=desc, unit=unit, file=self._file, dynamic_ncols=True,
                          disable=not self._tty)
+        # Updates may be minutes apart (a Ray work unit is tens of batches): a clock of its own shows
+        # the elapsed time anyway, a line every `interval` (the bar's clock on a terminal every second).
+        self._closed = threading.Event()
+        beat = 1.0 if self._tty else interval
+        if beat > 0:
+            threading.Thread(target=self._beat, args=(beat,), name="draftdata-progress", daemon=True).start()
+
+    def _beat(self, seconds: float) -> None:
+        while not self._closed.wait(seconds):
+            with self._lock:
+                if self._closed.is_set():
+                    return
+                if self._tty:
+                    self._bar.refresh()
+                elif time.perf_counter() - self._last_shown >= self._interval:
+                    self._last_shown = time.perf_counter()
+                    self._print_line()
 
     def start(self) -> None:
         """Restart the clock (call when the work itself begins, after setup such as model loads)."""
@@ -137,6 +154,7 @@ class JobProgress:
     def close(self) -> None:
         """Show the final counts (a last line when not on a terminal) and release the bar."""
         with self._lock:
+            self._closed.set()
             if self._tty:
                 self._bar.set_postfix_str(self.summary(), refresh=True)
             elif self._printed != (self.items, self.size):  # not the line just printed again

@@ -878,6 +878,25 @@ def test_progress_lines_off_a_terminal_with_eta_and_one_final_line():
     assert line.startswith("synthesize: 3 convs, 70 tok, ") and "ETA" not in line
 
 
+def test_progress_prints_on_its_own_clock_when_no_update_arrives():
+    """A Ray work unit can take many minutes: lines were printed only on updates, so `ray job logs`
+    showed nothing for 5 minutes although every line is promised each interval."""
+    import io
+
+    from draftdata.progress import JobProgress
+
+    out = io.StringIO()
+    p = JobProgress(total=10, desc="collect", unit="conv", interval=0.2, file=out)
+    deadline = time.monotonic() + 30
+    while len(out.getvalue().splitlines()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    p.close()
+    lines = out.getvalue().splitlines()
+    assert len(lines) >= 2 and all(line.startswith("collect: 0/10 convs (0%), 0 tok, ") for line in lines), lines
+    time.sleep(0.5)
+    assert out.getvalue().splitlines() == lines  # closed: its clock stopped
+
+
 def test_collect_to_a_local_scheme_url_writes_zarr_and_locks(tiny_model, tmp_path):
     """fsspec's local:// spelling of a path: zarr parts failed to write (it was taken for a remote
     store) and the output lock was skipped (two writers stored every conversation twice)."""
