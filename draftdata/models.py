@@ -127,15 +127,20 @@ def default_aux_layers(num_hidden_layers: int) -> list[int]:
 
 
 def parse_aux_layers(spec: str, num_hidden_layers: int) -> list[int]:
-    """`eagle` -> default_aux_layers(N); "1,7,12" -> [1, 7, 12] (sorted, unique, each in [0, N-1])."""
+    """`eagle` -> default_aux_layers(N); "1,7,12" -> [1, 7, 12] (sorted; each in [0, N-1], given once)."""
     if spec.strip().lower() == "eagle":
         ids = default_aux_layers(num_hidden_layers)
     else:
         try:
-            ids = sorted({int(x) for x in spec.split(",") if x.strip()})
+            given = [int(x) for x in spec.split(",") if x.strip()]
         except ValueError:
             raise DraftdataError(f"--aux-layers {spec!r}: expected 'eagle' or comma-separated layer ids "
                                  f"like 1,7,12") from None
+        ids = sorted(set(given))
+        if len(ids) < len(given):  # "1,1" for "1,2": one aux layer fewer than meant, stored silently
+            repeated = sorted({i for i in given if given.count(i) > 1})
+            raise DraftdataError(f"--aux-layers {spec!r}: layer{'s' if len(repeated) > 1 else ''} {', '.join(map(str, repeated))} given twice; "
+                                 "give each layer id once")
         if not ids:
             raise DraftdataError("--aux-layers is empty: give 'eagle' or layer ids like 1,7,12")
     bad = [i for i in ids if not 0 <= i < num_hidden_layers]
@@ -184,6 +189,10 @@ def resolve_model(spec: str | os.PathLike) -> Path:
                                name=f"{_safe(path.stem)}-{key}")
     if path.exists():
         raise DraftdataError(f"--model {text}: not a model directory or a .gguf file")
+    if text.startswith((".", "/", "~")) or text.split("@")[0].count("/") > 1:
+        # a path (a hub id is "org/name"): a missing directory, not something to download
+        raise DraftdataError(f"--model {text}: no such directory or file ({path.resolve()}); give a local model "
+                             f"directory, a .gguf file, 'smollm2', or a hub id (org/name) in the local cache")
     return _from_hub_cache(text)
 
 

@@ -83,7 +83,9 @@ def test_default_aux_layers_are_never_negative():
 
 def test_parse_aux_layers():
     assert parse_aux_layers("eagle", 30) == [1, 14, 26]
-    assert parse_aux_layers("12, 1,7,7", 30) == [1, 7, 12]
+    assert parse_aux_layers("12, 1,7", 30) == [1, 7, 12]
+    with pytest.raises(DraftdataError, match=r"'1,1': layer 1 given twice"):  # a typo for 1,2: one layer fewer
+        parse_aux_layers("1,1", 4)
     with pytest.raises(DraftdataError, match="out of range.*0..3"):
         parse_aux_layers("1,4", 4)
     with pytest.raises(DraftdataError, match="comma-separated"):
@@ -124,6 +126,9 @@ def test_hub_id_from_the_local_cache_only(tiny_model, tmp_path, monkeypatch):
     assert (info.model_id, info.num_hidden_layers, info.hidden_size) == ("acme/tiny-llama", 4, 64)
     with pytest.raises(DraftdataError, match="never downloads.*hf download acme/not-here"):
         resolve_model("acme/not-here")
+    for path in ("./not-here", "/models/base", "data/models/base"):  # paths: no `hf download ./not-here`
+        with pytest.raises(DraftdataError, match=rf"--model {path}: no such directory or file \("):
+            resolve_model(path)
 
 
 def same_shape_other_weights(model_dir: Path, dest: Path) -> Path:
