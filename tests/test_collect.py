@@ -897,6 +897,21 @@ def test_progress_prints_on_its_own_clock_when_no_update_arrives():
     assert out.getvalue().splitlines() == lines  # closed: its clock stopped
 
 
+def test_relative_output_in_a_ray_job_working_dir_is_refused(tiny_model, tmp_path):
+    """Under `ray job submit --working-dir .` the driver runs in Ray's temporary copy of the upload: a
+    relative --output was written there (exit 0) and deleted with the Ray session."""
+    upload = tmp_path / "session_1" / "runtime_resources" / "working_dir_files" / "_ray_pkg_0123"
+    upload.mkdir(parents=True)
+    inp = write_input(tmp_path / "in.jsonl", valid_conversations(2))
+    for cmd in (collect_args(tiny_model, inp, "rel_out"), ["synthesize", "--model", str(tiny_model), "--input", inp,
+                "--output", "answers.jsonl"], ["train", "--data", str(tmp_path), "--model", str(tiny_model), "--output", "runs/x", "--steps", "1"]):
+        done = subprocess.run([sys.executable, "-m", "draftdata.cli", *cmd], cwd=upload, capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 2 and "a relative path inside a Ray job's working directory" in done.stderr, \
+            done.stderr
+    assert list(upload.iterdir()) == []
+
+
 def test_collect_to_a_local_scheme_url_writes_zarr_and_locks(tiny_model, tmp_path):
     """fsspec's local:// spelling of a path: zarr parts failed to write (it was taken for a remote
     store) and the output lock was skipped (two writers stored every conversation twice)."""

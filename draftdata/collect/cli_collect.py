@@ -66,8 +66,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from draftdata.collect.ray_job import check_ray_flags
+    from draftdata.store.fs import refuse_relative_in_ray_upload
 
     check_ray_flags(args)
+    refuse_relative_in_ray_upload("--output", args.output)
+    if args.rejects:
+        refuse_relative_in_ray_upload("--rejects", args.rejects)
     if args.ray:
         from draftdata.collect.ray_job import run_ray_collect
 

@@ -104,8 +104,9 @@ def settings_from_args(args: argparse.Namespace):
     from draftdata.collect.synthesize import SynthSettings
     from draftdata.errors import DraftdataError
     from draftdata.models import local_device, resolve_model
-    from draftdata.store.fs import parse_storage_options
+    from draftdata.store.fs import parse_storage_options, refuse_relative_in_ray_upload
 
+    refuse_relative_in_ray_upload("--output", args.output)
     if args.endpoint is None and args.model is None:
         raise DraftdataError("give --model (a local model to generate with) or --endpoint URL")
     if args.endpoint is not None and args.chat_template is not None:

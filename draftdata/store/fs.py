@@ -45,6 +45,20 @@ def local_path(url: str) -> str:
     return os.path.expanduser(url)
 
 
+RAY_UPLOAD_MARKER = f"{os.sep}runtime_resources{os.sep}working_dir_files{os.sep}"
+
+
+def refuse_relative_in_ray_upload(flag: str, url: str) -> None:
+    """Under `ray job submit --working-dir`, the driver runs in Ray's temporary copy of the upload:
+    a relative local output would land there and vanish with the Ray session (exit 0 all the same)."""
+    if is_local(url) and not os.path.isabs(local_path(url)) and RAY_UPLOAD_MARKER in os.getcwd() + os.sep:
+        from draftdata.errors import DraftdataError
+
+        raise DraftdataError(f"{flag} {url}: a relative path inside a Ray job's working directory ({os.getcwd()}) "
+                             "would be written into Ray's temporary copy of the upload, which is deleted with the "
+                             "session; give an absolute path on a shared file system, or an s3:// URL")
+
+
 def canonical_location(url: str) -> str:
     """One spelling per location, for locks and keys: a local path resolved (file://, local://, ~,
     relative parts, symlinks), a URL without trailing slashes."""

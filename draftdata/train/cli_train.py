@@ -89,9 +89,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from draftdata.config import ConfigError
-    from draftdata.store.fs import parse_storage_options
+    from draftdata.store.fs import parse_storage_options, refuse_relative_in_ray_upload
     from draftdata.train.trainer import TrainConfig, TrainInterrupted, train, train_with_ray
 
+    refuse_relative_in_ray_upload("--output", str(args.output))
     eagle: dict = {}
     if args.eagle_config:
         from pathlib import Path
