@@ -127,6 +127,22 @@ def test_negative_target_ids_are_rejected(tmp_path):
         load_draft_vocab(path)
 
 
+def test_a_model_file_given_as_draft_vocab_lists_a_few_names(tmp_path):
+    """A model's weights passed to --draft-vocab: the error listed every tensor name on one line
+    (thousands for a real model)."""
+    from safetensors.torch import save_file
+
+    from draftdata.errors import DraftdataError
+
+    path = tmp_path / "model.safetensors"
+    save_file({f"layers.{i}.weight": torch.zeros(1) for i in range(40)}, str(path))
+    with pytest.raises(DraftdataError) as e:
+        load_draft_vocab(path)
+    msg = str(e.value)
+    assert "needs d2t and t2d, has layers.0.weight, layers.1.weight, " in msg and "... (40 tensors)" in msg
+    assert msg.count("layers.") == 5 and "draftdata vocab" in msg
+
+
 def test_vocab_from_s3(tmp_path, tiny_model, s3_bucket, capsys):
     bucket, opts = s3_bucket
     url = f"{bucket}/ds"

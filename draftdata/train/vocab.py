@@ -188,7 +188,10 @@ def load_draft_vocab(path: str | Path) -> DraftVocab:
             meta = dict(f.metadata() or {})
             names = set(f.keys())
             if not {"d2t", "t2d"} <= names:
-                raise DraftdataError(f"{path}: not a draft vocabulary file (needs d2t and t2d, has {sorted(names)})")
+                has = sorted(names)
+                listed = ", ".join(has[:5]) + (f", ... ({len(has)} tensors)" if len(has) > 5 else "")
+                raise DraftdataError(f"{path}: not a draft vocabulary file (needs d2t and t2d, has {listed or 'none'}); "
+                                     "build one with `draftdata vocab`")
             d2t, t2d = f.get_tensor("d2t").to(torch.int64), f.get_tensor("t2d").to(torch.bool)
             counts = f.get_tensor("token_counts") if "token_counts" in names else None
     except DraftdataError:
