@@ -10,6 +10,7 @@ import io
 import json
 import pickle
 import random
+import re
 import threading
 import uuid
 import warnings
@@ -360,8 +361,15 @@ def test_resume_mid_epoch(local_ds):
     # A plain DataLoader with workers: resume from a count of consumed items (global cursor).
     for k in (0, 3, 7, len(full)):
         again = HiddenStateDataset(url, **kw)
-        again.load_state_dict({"epoch": 1, "items_consumed": k})
+        again.load_state_dict({"epoch": 1, "items_consumed": np.int64(k)})
         assert run_loader(again, num_workers=2) == full[k:]
+    # A cursor outside its epoch is refused when loaded (it was a bare ValueError at the first item)
+    for bad, says in (({"epoch": 1, "items_consumed": len(full) + 1}, f"{len(full) + 1} items consumed in epoch 1, "
+                       f"but this rank has {len(full)} items"), ({"epoch": 1, "items_consumed": -3}, "-3 items"),
+                      ({"epoch": -1, "items_consumed": 0}, "epoch is -1"),
+                      ({"epoch": "1", "items_consumed": 0}, "epoch is '1'")):
+        with pytest.raises(DraftdataError, match=f"cannot resume: .*{re.escape(says)}"):
+            HiddenStateDataset(url, **kw).load_state_dict(bad)
 
 
 def test_resume_through_stateful_dataloader(local_ds):

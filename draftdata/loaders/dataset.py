@@ -6,6 +6,7 @@ plan itself.
 
 from __future__ import annotations
 
+import operator
 import os
 import warnings
 from collections.abc import Iterator
@@ -298,6 +299,7 @@ class HiddenStateDataset(IterableDataset):
         if "fingerprint" in state and state["fingerprint"] != self.fingerprint():
             raise DraftdataError(f"cannot resume: {self._state_differences(state)}; open the same parts (parts=...) "
                                  "with the same settings")
+        self._check_cursor(state)
         if int(state["epoch"]) < int(self._chosen_epoch) and self._finished_epoch(state):
             # The end of an epoch before the one set_epoch chose: StatefulDataLoader hands its saved
             # states over only when the iterator starts, after the trainer's set_epoch(e + 1) for a
@@ -309,6 +311,27 @@ class HiddenStateDataset(IterableDataset):
         # reloading a checkpoint would draw the same id and be taken as already applied.
         self._resume_id = int.from_bytes(os.urandom(8), "little") >> 2 | 1
         self._iter_worker = None  # state_dict() now reports the loaded position
+
+    def _check_cursor(self, state: dict[str, Any]) -> None:
+        """Refuse a cursor that points outside its epoch now, not at the first item of the next
+        iteration (a bare ValueError from inside the plan)."""
+        def whole(x: Any) -> int | None:  # ints and numpy integers; not floats, strings or bools
+            try:
+                return None if isinstance(x, bool) else operator.index(x)
+            except TypeError:
+                return None
+
+        epoch, consumed = whole(state.get("epoch")), whole(state.get("items_consumed", 0))
+        if epoch is None or epoch < 0:
+            raise DraftdataError(f"cannot resume: the state's epoch is {state.get('epoch')!r}; expected an integer >= 0")
+        if "items_consumed" not in state:
+            return
+        total = self.plan(epoch).num_items
+        if consumed is None or not 0 <= consumed <= total:
+            consumed = state["items_consumed"]
+            raise DraftdataError(f"cannot resume: the state says {consumed!r} items consumed in epoch {epoch}, but "
+                                 f"this rank has {total} items in it (rank {self.rank} of {self.world_size}); count "
+                                 "the items this rank's DataLoader yielded, or resume from state_dict()")
 
     def _finished_epoch(self, state: dict[str, Any]) -> bool:
         """Whether `state` is the end of its epoch (every item of its worker, or of the rank, yielded)."""
