@@ -471,6 +471,11 @@ def test_tensorboard_logs_every_step_once_across_a_resume(tmp_path, tiny_model, 
               "--eagle-config", str(eagle_file(tmp_path)), "--batch-tokens", "512", "--log-every", "1",
               "--save-every", "2", "--no-plot"]
     assert main(common + ["--steps", "3"]) == 0
+    # TensorBoard reads a folder's event files in name order: "<unix second>.<host>.<pid>.<counter>".
+    # Two runs in one second of one process sort by the counter as text (".10" before ".9" once many
+    # writers were made in the process, as in the full suite): the resumed run's file was read first
+    # and the older file's steps purged it. A real resume starts in a later second: so does this one.
+    time.sleep(1.05 - time.time() % 1)
     assert main(common + ["--steps", "5", "--resume"]) == 0
 
     def scalars(tag: str) -> list[int]:
