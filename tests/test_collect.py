@@ -642,7 +642,7 @@ def test_output_that_holds_something_else_is_refused(tiny_model, tmp_path, capsy
 
     assert main(collect_args(tiny_model, inp, inp)) == 2  # a file
     err = capsys.readouterr().err
-    assert f"{inp} is a file, not a dataset directory" in err and "storage error" not in err, err
+    assert f"--output {inp} is a file; collect writes a dataset directory" in err and "storage error" not in err, err
 
     remote = f"memory://collect-out-{os.getpid()}"  # an object-store prefix: one listing
     import fsspec

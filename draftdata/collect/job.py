@@ -8,6 +8,7 @@ per work unit and `runner.write_reports` for the merged stats.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -142,7 +143,11 @@ def check_output(settings: CollectSettings, schema: DatasetSchema) -> DatasetSch
     """
     from draftdata.store import open_dataset
     from draftdata.store.dataset import SCHEMA_FILE, list_entries
+    from draftdata.store.fs import is_local, local_path
 
+    if is_local(settings.output) and os.path.isfile(local_path(settings.output)):
+        raise DraftdataError(f"--output {settings.output} is a file; collect writes a dataset directory: give a new or "
+                             "empty directory (or one that holds a draftdata dataset, to resume it)")
     try:
         existing = open_dataset(settings.output, storage_options=settings.storage_options).schema
     except DatasetNotFoundError:
