@@ -91,3 +91,164 @@ class DirectoryLock:
             _HELD.pop(self._key, None)
             os.close(self.fd)
             self.fd = -1
+
+
+LEASE_REFRESH_S = 20.0  # how often a holder rewrites its lease object
+LEASE_STALE_ENV = "DRAFTDATA_LEASE_STALE_S"
+LEASE_STALE_S = 120.0  # a lease not rewritten for this long belongs to a run killed on another machine
+
+
+class ObjectLease:
+    """Hold `<url>/<name>` on an object store for one run: what the POSIX lock does on a file system.
+
+    Object stores have no locks, but S3 (and compatible stores) refuse a conditional PUT
+    (`If-None-Match: *`) of an existing key: the lease object names its holder (pid, host, a
+    random token), a thread rewrites it every LEASE_REFRESH_S, and release deletes it. A lease
+    whose holder is a dead process on this machine, or that was not rewritten for LEASE_STALE_S
+    ($DRAFTDATA_LEASE_STALE_S; a run killed on another machine), is taken over with a note. A store
+    without conditional PUTs gets a plain PUT and the read-back below it (`put_atomic`), so two
+    runs starting within the same second may both proceed; every collect's closing duplicate check
+    still reports that.
+    """
+
+    def __init__(self, url: str, name: str, command: str, doing: str, storage_options: dict | None = None,
+                 flag: str = "--output"):
+        self.url, self.name, self.command, self.doing = url, name, command, doing
+        self.storage_options = dict(storage_options or {})
+        self.where = f"{flag} {url}" if flag else url
+        self.hint = "wait for it to finish" + (f", or use another {flag}" if flag else "")
+        self.token = os.urandom(8).hex()
+        self._stop = None
+        self._thread = None
+
+    def _body(self) -> bytes:
+        import json
+        import socket
+
+        return json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": self.command,
+                           "doing": self.doing, "token": self.token}).encode()
+
+    def _holder(self, fs, path: str) -> tuple[dict | None, float | None]:
+        """The lease's content and its age in seconds by the store's clock; (None, None) when gone."""
+        import json
+        import time
+
+        try:
+            info, data = fs.info(path), fs.cat_file(path)
+        except FileNotFoundError:
+            return None, None
+        try:
+            holder = json.loads(data)
+        except ValueError:
+            holder = {}
+        stamp = info.get("LastModified") or info.get("mtime")
+        age = time.time() - stamp.timestamp() if hasattr(stamp, "timestamp") else None
+        return holder if isinstance(holder, dict) else {}, age
+
+    def take(self) -> None:
+        """Create the lease, take over a dead holder's, or raise naming the live holder."""
+        import socket
+        import threading
+
+        from draftdata.store.fs import describe_storage_error, get_fs, put_atomic
+
+        if self._thread is not None:
+            return
+        try:
+            stale = float(os.environ.get(LEASE_STALE_ENV) or LEASE_STALE_S)
+        except ValueError:
+            raise DraftdataError(f"{LEASE_STALE_ENV}={os.environ[LEASE_STALE_ENV]!r}: expected seconds") from None
+        fs, root = get_fs(self.url, self.storage_options)
+        path = f"{root.rstrip('/')}/{self.name}"
+        try:
+            for _ in range(5):
+                fs.invalidate_cache(root)
+                if put_atomic(fs, path, self._body(), exclusive=True):
+                    break
+                holder, age = self._holder(fs, path)
+                if holder is None:  # released in between: try again
+                    continue
+                pid, host = holder.get("pid"), holder.get("host")
+                gone = host == socket.gethostname() and isinstance(pid, int) and not _alive(pid)
+                if not gone and (age is None or age < stale):
+                    when = f"; rewritten {age:.0f} s ago" if age is not None else ""
+                    raise DraftdataError(
+                        f"{self.where}: another draftdata {holder.get('command', self.command)} (pid {pid} on "
+                        f"{host}) is {holder.get('doing', self.doing)}{when}; {self.hint} (a run killed on another "
+                        f"machine leaves its lease {self.url}/{self.name} for {stale:.0f} s, then it is taken over)")
+                why = "is no longer running" if gone else f"last rewrote it {age:.0f} s ago"
+                print(f"draftdata {self.command}: taking over {self.url}/{self.name}: its holder (pid {pid} on "
+                      f"{host}) {why}", file=sys.stderr)
+                fs.rm_file(path)
+            else:
+                raise DraftdataError(f"{self.where}: could not take the lease {self.url}/{self.name} (other runs "
+                                     "keep taking it); wait for them to finish")
+        except DraftdataError:
+            raise
+        except Exception as e:
+            raise describe_storage_error(self.url, e) from None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._refresh, args=(fs, path), name="draftdata-lease", daemon=True)
+        self._thread.start()
+
+    def _refresh(self, fs, path: str) -> None:
+        import json
+
+        while not self._stop.wait(LEASE_REFRESH_S):
+            try:
+                now = json.loads(fs.cat_file(path))
+                if now.get("token") != self.token:
+                    print(f"draftdata {self.command}: warning: another run took over {self.url}/{self.name} "
+                          "(this run could not rewrite it in time); the duplicate check at the end will say "
+                          "whether both wrote the same conversations", file=sys.stderr)
+                    return
+                fs.pipe_file(path, self._body())
+            except FileNotFoundError:
+                fs.pipe_file(path, self._body())
+            except Exception as e:  # noqa: BLE001 - a network blip: the next round tries again
+                print(f"draftdata {self.command}: warning: cannot rewrite the lease {self.url}/{self.name} "
+                      f"({type(e).__name__}); retrying", file=sys.stderr)
+
+    def release(self) -> None:
+        import json
+
+        from draftdata.store.fs import get_fs
+
+        if self._thread is None:
+            return
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._thread = None
+        fs, root = get_fs(self.url, self.storage_options)
+        path = f"{root.rstrip('/')}/{self.name}"
+        try:
+            if json.loads(fs.cat_file(path)).get("token") == self.token:
+                fs.rm_file(path)
+        except Exception:  # noqa: BLE001 - gone already, or unreachable: it goes stale
+            pass
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` of this machine runs (a killed one its parent has not reaped yet does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def dataset_lock(url: str, command: str, doing: str, storage_options: dict | None = None, *,
+                 unlocked_note: str = "", flag: str = "--output") -> DirectoryLock | ObjectLease:
+    """The writers' lock of a dataset (COLLECT_LOCK): a POSIX lock on a local one (taken now when
+    the directory exists), a lease object on an object store (taken by `take()`)."""
+    from draftdata.store.fs import is_local
+
+    if is_local(url):
+        return DirectoryLock(url, COLLECT_LOCK, command, doing, unlocked_note, flag=flag)
+    return ObjectLease(url, COLLECT_LOCK, command, doing, storage_options, flag=flag)

@@ -687,6 +687,63 @@ def commits(out: Path) -> int:
     return len([p for p in d.iterdir() if p.suffix == ".json"]) if d.exists() else 0
 
 
+def test_two_collects_on_one_s3_output_the_second_is_refused(tiny_model, s3_bucket, tmp_path, capsys, monkeypatch):
+    """Object stores have no file lock: two collects on one S3 output stored every conversation
+    twice (each failing with DUPLICATES at the end). A lease object taken with a conditional PUT
+    now refuses the second run, and `verify --gc`; a holder killed on this machine is taken over
+    at once, one of another machine once its lease is stale."""
+    import fsspec
+
+    from draftdata.locks import LEASE_STALE_ENV
+
+    bucket, opts = s3_bucket
+    endpoint = opts["client_kwargs"]["endpoint_url"]
+    flags = ["-S", "key=testing", "-S", "secret=testing", "-S", f"client_kwargs.endpoint_url={endpoint}",
+             "-S", "client_kwargs.region_name=us-east-1"]
+    good = valid_conversations(300, seed=5)
+    inp = write_input(tmp_path / "in.jsonl", good)
+    url = f"{bucket}/ds"
+    fs = fsspec.filesystem("s3", **opts)
+    lease = f"{bucket[5:]}/ds/.collect.lock"
+    cmd = [sys.executable, "-m", "draftdata.cli", *collect_args(tiny_model, inp, url, "--part-size", "0.02",
+                                                                "--batch-tokens", "256", *flags)]
+    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not fs.exists(f"{bucket[5:]}/ds/commits"):
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "no commit within 120 s"
+            time.sleep(0.05)
+            fs.invalidate_cache()
+        capsys.readouterr()
+        assert main(collect_args(tiny_model, inp, url, *flags)) == 2
+        err = capsys.readouterr().err
+        assert f"--output {url}: another draftdata collect (pid {proc.pid} on " in err and "is writing to it" in err, err
+        assert main(["verify", url, "--gc", "--grace", "0", *flags]) == 2
+        assert f"another draftdata collect (pid {proc.pid} on " in capsys.readouterr().err
+    finally:
+        proc.kill()
+        proc.wait()
+    assert json.loads(fs.cat(lease))["pid"] == proc.pid  # a SIGKILL leaves it ...
+    assert main(collect_args(tiny_model, inp, url, *flags)) == 0  # ... and this machine sees its holder is gone
+    captured = capsys.readouterr()
+    assert f"taking over {url}/.collect.lock: its holder (pid {proc.pid} on " in captured.err
+    assert "is no longer running" in captured.err and "DUPLICATES" not in captured.err
+    assert sorted(stored_ids(url, storage_options=opts)) == sorted(c["conversation_id"] for c in good)
+    assert not fs.exists(lease)  # released at the end
+
+    # a run on another machine: refused while its lease is fresh, taken over once it is stale
+    fs.pipe(lease, json.dumps({"pid": 4242, "host": "elsewhere", "command": "collect", "doing": "writing to it",
+                               "token": "t"}).encode())
+    assert main(collect_args(tiny_model, inp, url, *flags)) == 2
+    assert "another draftdata collect (pid 4242 on elsewhere) is writing to it; rewritten " in capsys.readouterr().err
+    monkeypatch.setenv(LEASE_STALE_ENV, "0")
+    assert main(collect_args(tiny_model, inp, url, *flags)) == 0
+    assert "its holder (pid 4242 on elsewhere) last rewrote it " in capsys.readouterr().err
+    assert not fs.exists(lease)
+
+
 def uncommitted_part(out: Path) -> bool:
     parts = {p.name for p in (out / "parts").iterdir()} if (out / "parts").exists() else set()
     done = {p.stem for p in (out / "commits").iterdir()} if (out / "commits").exists() else set()
@@ -754,7 +811,7 @@ def test_count_nonfinite_counts_tokens_not_overflowing_sums():
 
 def test_output_lock_names_the_command_that_holds_it(tmp_path):
     """A collect started while `verify --gc` holds the dataset's lock names gc, not "collect"."""
-    from draftdata.collect.job import OutputLock
+    from draftdata.collect.job import output_lock
 
     out = tmp_path / "ds"
     out.mkdir()
@@ -767,31 +824,31 @@ def test_output_lock_names_the_command_that_holds_it(tmp_path):
         with pytest.raises(DraftdataError, match=rf"--output {re.escape(str(out))}: another draftdata verify --gc "
                            rf"\(pid {holder.pid}\) is removing leftovers from it; wait for it to finish, or use "
                            "another --output"):
-            OutputLock(str(out))
+            output_lock(str(out))
     finally:
         holder.kill()
         holder.wait()
-    OutputLock(str(out)).release()  # the kernel dropped the killed holder's lock
+    output_lock(str(out)).release()  # the kernel dropped the killed holder's lock
 
 
 def test_output_lock_refuses_a_second_holder_in_the_same_process(tmp_path):
     """The lock is a POSIX lock (lockf: not inherited by forked DataLoader workers), which the
     kernel grants twice to one process and drops when any descriptor of the file closes: a second
     holder in the process is refused before it opens the file, and the first stays locked."""
-    from draftdata.collect.job import OutputLock
+    from draftdata.collect.job import output_lock
 
     out = tmp_path / "ds"
     out.mkdir()
     probe = [sys.executable, "-c", "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR); "
              "fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)", str(out / ".collect.lock")]
-    first = OutputLock(str(out))
+    first = output_lock(str(out))
     for spelling in (str(out), f"file://{out}", f"local://{out}", f"{out}/"):   # local:// took no lock at all
         with pytest.raises(DraftdataError, match=r"another draftdata collect in this process \(pid \d+\)"):
-            OutputLock(spelling)
+            output_lock(spelling)
     assert subprocess.run(probe, capture_output=True).returncode != 0      # still held against others
     first.release()
     assert subprocess.run(probe, capture_output=True).returncode == 0
-    OutputLock(str(out)).release()
+    output_lock(str(out)).release()
 
 
 def test_ids_committed_twice_fail_the_run_that_committed_them_only(tiny_model, tmp_path, capsys):

@@ -24,7 +24,7 @@ from draftdata.collect.conversations import (
 )
 from draftdata.config import DatasetSchema
 from draftdata.errors import DatasetNotFoundError, DraftdataError, SchemaMismatchError, name_some
-from draftdata.locks import COLLECT_LOCK, DirectoryLock
+from draftdata.locks import DirectoryLock, ObjectLease, dataset_lock
 from draftdata.progress import JobProgress
 
 DEFAULT_FORMAT, DEFAULT_CODEC = "zarr", "bf16"
@@ -304,17 +304,16 @@ def warn_mixed_compute(url: str, parts: Any, mine: str | None = None, *, after_r
               "differently); pass an explicit --dtype to get one", file=sys.stderr)
 
 
-class OutputLock(DirectoryLock):
-    """Exclusive hold of a local output directory for one collect run.
+def output_lock(url: str, storage_options: dict | None = None) -> DirectoryLock | ObjectLease:
+    """Exclusive hold of a collect output for one run.
 
     Two runs on one output would each skip the ids committed when they started and then store
-    the same conversations: the second stops with a one-line error. Object stores have no such
-    lock: the duplicate check at the end of every run reports what two writers did there.
+    the same conversations: the second stops with a one-line error. On a file system a POSIX
+    lock (taken now when the directory exists); on an object store a lease object (`take()`,
+    once the output exists). The duplicate check at the end of every run stays as the last guard.
     """
-
-    def __init__(self, url: str):
-        super().__init__(url, COLLECT_LOCK, "collect", "writing to it",
-                         "the duplicate check at the end still runs")
+    return dataset_lock(url, "collect", "writing to it", storage_options,
+                        unlocked_note="the duplicate check at the end still runs")
 
 
 def run_local(settings: CollectSettings) -> int:
@@ -325,7 +324,7 @@ def run_local(settings: CollectSettings) -> int:
     t_start = time.perf_counter()
     info = BaseModelInfo.from_model_dir(settings.model_path)
     schema = check_output(settings, make_schema(settings, info))
-    lock = OutputLock(settings.output)  # a resume while another run writes: refused before any other work
+    lock = output_lock(settings.output, settings.storage_options)  # a resume while another run writes: refused before any other work
     try:  # the lock is released on every way out (an in-process caller may run again)
         input_files(settings.input, settings.storage_options)  # fail on a missing input before creating anything
         chat = chat_tokenizer(settings)
@@ -345,7 +344,7 @@ def run_local(settings: CollectSettings) -> int:
 
 
 def _collect_with(settings: CollectSettings, schema: DatasetSchema, info: BaseModelInfo, backend: Any,
-                  lock: OutputLock, chat: ChatTokenizer, total: int, t_start: float) -> int:
+                  lock: DirectoryLock | ObjectLease, chat: ChatTokenizer, total: int, t_start: float) -> int:
     """run_local's part with the model loaded and the output lock held (or about to be)."""
     from draftdata.collect.runner import (
         CollectOptions,

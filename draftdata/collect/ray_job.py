@@ -59,7 +59,7 @@ from draftdata.collect.job import (
     STOPPED_EARLY,
     CollectSettings,
     CommitLedger,
-    OutputLock,
+    output_lock,
     report_duplicates,
     warn_mixed_compute,
 )
@@ -414,7 +414,7 @@ def run_ray_collect(args: argparse.Namespace) -> int:
             raise DraftdataError(f"--tensor-parallel-size {tp} != --gpus-per-worker {plan.num_gpus:g}: each Ray "
                                  "actor runs one engine over its own GPUs; set them equal (or drop --tp)")
         writer = open_output(settings, schema)
-        local_lock = OutputLock(writer.url)  # also excludes a single-process collect on a local output
+        local_lock = output_lock(writer.url, settings.storage_options)  # also excludes a single-process collect
         local_lock.take()
         lock, worker_prefix = acquire_output_lock(writer.url)
         options = CollectOptions(aux_layer_ids=list(settings.aux_layer_ids), batch_tokens=settings.batch_tokens,

@@ -169,15 +169,16 @@ def garbage_collect(url: str, *, storage_options: dict[str, Any] | None = None,
     """Delete the `leftovers` older than `grace_seconds`; returns (deleted, kept) paths.
 
     The grace period protects writers that are still running: their parts are uncommitted too,
-    and so is anything of unknown age. On a local dataset a running collect holds a lock, and gc
-    is refused (DraftdataError naming its pid) until it ends.
+    and so is anything of unknown age. A running collect holds the dataset's lock (a lease object
+    on a store), and gc is refused (DraftdataError naming its pid) until it ends.
     """
-    from draftdata.locks import COLLECT_LOCK, DirectoryLock
+    from draftdata.locks import dataset_lock
 
-    # A local collect holds this lock while it writes: its part in progress is not a leftover,
-    # whatever its age, and no collect starts while this removes parts.
-    lock = DirectoryLock(url, COLLECT_LOCK, "verify --gc", "removing crashed writers' leftovers from it",
-                         "with --grace 0 it would delete a running collect's part in progress", flag="")
+    # A collect holds this lock (a lease object on a store) while it writes: its part in progress is
+    # not a leftover, whatever its age, and no collect starts while this removes parts.
+    lock = dataset_lock(url, "verify --gc", "removing crashed writers' leftovers from it", storage_options,
+                        unlocked_note="with --grace 0 it would delete a running collect's part in progress", flag="")
+    lock.take()
     try:
         deleted, kept = [], []
         for path, age, remove in _leftovers(url, storage_options):
