@@ -16,16 +16,16 @@ process costs no further copy; with `pin=True` (main process only) they are allo
 from __future__ import annotations
 
 import math
-import mmap
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 
 from draftdata.loaders.plan import padded_length
+from draftdata.store.layout import empty_array
 
 _PIN_WARNED = False
-HUGE_PAGE = 2 << 20
 
 
 def empty(shape: tuple[int, ...], dtype: torch.dtype, *, shared: bool = False, pin: bool = False) -> torch.Tensor:
@@ -36,17 +36,10 @@ def empty(shape: tuple[int, ...], dtype: torch.dtype, *, shared: bool = False, p
         return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
     if pin and _can_pin():
         return torch.empty(shape, dtype=dtype, pin_memory=True)
+    # Large batches in their own anonymous mapping advised for transparent huge pages: first-touch
+    # page faults are the main cost of filling a fresh batch, and 2 MiB pages cut them several-fold.
     nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    if nbytes >= HUGE_PAGE and hasattr(mmap, "MADV_HUGEPAGE"):
-        # Anonymous mapping advised for transparent huge pages: first-touch page faults are the
-        # main cost of filling a fresh batch, and 2 MiB pages cut them several-fold.
-        m = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        try:
-            m.madvise(mmap.MADV_HUGEPAGE)
-        except OSError:
-            pass
-        return torch.frombuffer(m, dtype=dtype).view(shape)
-    return torch.empty(shape, dtype=dtype)
+    return torch.from_numpy(empty_array((nbytes,), np.uint8)).view(dtype).view(shape)
 
 
 def _can_pin() -> bool:
