@@ -252,3 +252,35 @@ def dataset_lock(url: str, command: str, doing: str, storage_options: dict | Non
     if is_local(url):
         return DirectoryLock(url, COLLECT_LOCK, command, doing, unlocked_note, flag=flag)
     return ObjectLease(url, COLLECT_LOCK, command, doing, storage_options, flag=flag)
+
+
+def lock_holder(url: str, storage_options: dict | None = None) -> str | None:
+    """Who holds the dataset's writers' lock now ("collect (pid N)"), without taking it; None
+    when nobody does or it cannot be told. For a reader's "no dataset here": a collect writes
+    dataset.json only once its model has loaded, minutes after it took the lock."""
+    import json
+
+    from draftdata.store.fs import get_fs, is_local, local_path
+
+    try:
+        if not is_local(url):
+            fs, root = get_fs(url, storage_options)
+            holder = json.loads(fs.cat_file(f"{root.rstrip('/')}/{COLLECT_LOCK}"))
+            return f"{holder.get('command', 'collect')} (pid {holder.get('pid')} on {holder.get('host')})"
+        path = os.path.join(local_path(url), COLLECT_LOCK)
+        st = os.stat(path)
+        if (st.st_dev, st.st_ino) in _HELD:
+            return f"collect (pid {os.getpid()}, this process)"
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # granted: nobody holds it (closing drops ours)
+            return None
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EAGAIN):
+                return None
+            fields = os.read(fd, 256).decode(errors="replace").strip().split("\t")
+            return f"{fields[1] if len(fields) >= 3 else 'collect'} (pid {fields[0] or 'unknown'})"
+        finally:
+            os.close(fd)
+    except Exception:  # noqa: BLE001 - no lock file, unreadable, no such object: nothing to add
+        return None

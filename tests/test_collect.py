@@ -736,6 +736,9 @@ def test_two_collects_on_one_s3_output_the_second_is_refused(tiny_model, s3_buck
     # a run on another machine: refused while its lease is fresh, taken over once it is stale
     fs.pipe(lease, json.dumps({"pid": 4242, "host": "elsewhere", "command": "collect", "doing": "writing to it",
                                "token": "t"}).encode())
+    fs.pipe(f"{bucket[5:]}/new/.collect.lock", fs.cat(lease))
+    with pytest.raises(DraftdataError, match=r"no dataset here yet .*collect \(pid 4242 on elsewhere\) holds it"):
+        open_dataset(f"{bucket}/new", storage_options=opts)
     assert main(collect_args(tiny_model, inp, url, *flags)) == 2
     assert "another draftdata collect (pid 4242 on elsewhere) is writing to it; rewritten " in capsys.readouterr().err
     monkeypatch.setenv(LEASE_STALE_ENV, "0")
@@ -821,6 +824,10 @@ def test_output_lock_names_the_command_that_holds_it(tmp_path):
          "print('held', flush=True); time.sleep(60)", str(out)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
+        # a reader of an output whose collect has not written dataset.json yet (its model still loading)
+        with pytest.raises(DraftdataError, match=rf"no dataset here yet \(dataset.json not found\): a draftdata "
+                           rf"verify --gc \(pid {holder.pid}\) holds it"):
+            open_dataset(str(out))
         with pytest.raises(DraftdataError, match=rf"--output {re.escape(str(out))}: another draftdata verify --gc "
                            rf"\(pid {holder.pid}\) is removing leftovers from it; wait for it to finish, or use "
                            "another --output"):

@@ -711,6 +711,13 @@ def open_location(url: str, storage_options: dict[str, Any] | None = None) -> tu
         if not entries and is_bucket_fs(loc.fs) and bucket and not _exists(loc.fs, bucket):
             raise StorageAccessError(f"{loc.url}: the bucket {bucket} does not exist (or these credentials cannot "
                                      "see it); create it first, or check the URL (draftdata never creates buckets)")
+        from draftdata.locks import lock_holder
+
+        holder = lock_holder(url, storage_options)
+        if holder:
+            raise DatasetNotFoundError(f"{loc.url}: no dataset here yet ({SCHEMA_FILE} not found): a draftdata "
+                                       f"{holder} holds it and writes {SCHEMA_FILE} once its model has loaded; "
+                                       "try again shortly")
         raise DatasetNotFoundError(f"{loc.url}: no dataset here ({SCHEMA_FILE} not found); "
                                    "create one with `draftdata collect --output URL`")
     return loc, schema
