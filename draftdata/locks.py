@@ -128,22 +128,24 @@ class ObjectLease:
         return json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": self.command,
                            "doing": self.doing, "token": self.token}).encode()
 
-    def _holder(self, fs, path: str) -> tuple[dict | None, float | None]:
-        """The lease's content and its age in seconds by the store's clock; (None, None) when gone."""
+    def _holder(self, fs, path: str) -> tuple[dict | None, float | None, str | None]:
+        """The lease's content, its age in seconds (this machine's clock against the store's
+        timestamp: clocks are assumed synced to well within LEASE_STALE_S) and its ETag; (None, None,
+        None) when gone. Content that is not a lease reads as {}."""
         import json
         import time
 
         try:
             info, data = fs.info(path), fs.cat_file(path)
         except FileNotFoundError:
-            return None, None
+            return None, None, None
         try:
             holder = json.loads(data)
         except ValueError:
             holder = {}
         stamp = info.get("LastModified") or info.get("mtime")
         age = time.time() - stamp.timestamp() if hasattr(stamp, "timestamp") else None
-        return holder if isinstance(holder, dict) else {}, age
+        return holder if isinstance(holder, dict) else {}, age, info.get("ETag")
 
     def take(self) -> None:
         """Create the lease, take over a dead holder's, or raise naming the live holder."""
@@ -165,21 +167,28 @@ class ObjectLease:
                 fs.invalidate_cache(root)
                 if put_atomic(fs, path, self._body(), exclusive=True):
                     break
-                holder, age = self._holder(fs, path)
+                holder, age, etag = self._holder(fs, path)
                 if holder is None:  # released in between: try again
                     continue
                 pid, host = holder.get("pid"), holder.get("host")
-                gone = host == socket.gethostname() and isinstance(pid, int) and not _alive(pid)
-                if not gone and (age is None or age < stale):
-                    when = f"; rewritten {age:.0f} s ago" if age is not None else ""
+                here = host == socket.gethostname() and isinstance(pid, int)
+                # A holder on this machine is judged by its process alone (one stopped with Ctrl-Z
+                # rewrites nothing but still writes when resumed); one elsewhere by its lease's age.
+                if (here and _alive(pid)) or (not here and (age is None or age < stale)):
+                    when = f"; rewritten {age:.0f} s ago" if age is not None and not here else ""
                     raise DraftdataError(
                         f"{self.where}: another draftdata {holder.get('command', self.command)} (pid {pid} on "
                         f"{host}) is {holder.get('doing', self.doing)}{when}; {self.hint} (a run killed on another "
                         f"machine leaves its lease {self.url}/{self.name} for {stale:.0f} s, then it is taken over)")
-                why = "is no longer running" if gone else f"last rewrote it {age:.0f} s ago"
+                why = "is no longer running" if here else f"last rewrote it {age:.0f} s ago"
                 print(f"draftdata {self.command}: taking over {self.url}/{self.name}: its holder (pid {pid} on "
                       f"{host}) {why}", file=sys.stderr)
-                fs.rm_file(path)
+                if etag and hasattr(fs, "call_s3"):
+                    # Replace exactly the lease that was read: of two runs taking over at once, one wins.
+                    if _s3_put(fs, path, self._body(), if_match=etag):
+                        break
+                    continue  # another run took it first: look again at who holds it now
+                fs.rm_file(path)  # other stores: delete, then create (two takers at once may both win)
             else:
                 raise DraftdataError(f"{self.where}: could not take the lease {self.url}/{self.name} (other runs "
                                      "keep taking it); wait for them to finish")
@@ -192,19 +201,26 @@ class ObjectLease:
         self._thread.start()
 
     def _refresh(self, fs, path: str) -> None:
-        import json
+        from draftdata.store.fs import put_atomic
+
+        def lost(why: str) -> None:
+            print(f"draftdata {self.command}: warning: {why}; the duplicate check at the end will say whether "
+                  "two runs wrote the same conversations", file=sys.stderr)
 
         while not self._stop.wait(LEASE_REFRESH_S):
             try:
-                now = json.loads(fs.cat_file(path))
-                if now.get("token") != self.token:
-                    print(f"draftdata {self.command}: warning: another run took over {self.url}/{self.name} "
-                          "(this run could not rewrite it in time); the duplicate check at the end will say "
-                          "whether both wrote the same conversations", file=sys.stderr)
+                holder, _, etag = self._holder(fs, path)
+                if holder is None:  # deleted (by hand, or by a run that took it over and has ended)
+                    if not put_atomic(fs, path, self._body(), exclusive=True):
+                        lost(f"{self.url}/{self.name} was deleted and another run created it")
+                        return
+                elif holder.get("token") != self.token:
+                    lost(f"another run took over {self.url}/{self.name} (this run could not rewrite it in time)")
                     return
-                fs.pipe_file(path, self._body())
-            except FileNotFoundError:
-                fs.pipe_file(path, self._body())
+                elif etag and hasattr(fs, "call_s3"):
+                    _s3_put(fs, path, self._body(), if_match=etag)  # changed since read: next round says by whom
+                else:
+                    fs.pipe_file(path, self._body())
             except Exception as e:  # noqa: BLE001 - a network blip: the next round tries again
                 print(f"draftdata {self.command}: warning: cannot rewrite the lease {self.url}/{self.name} "
                       f"({type(e).__name__}); retrying", file=sys.stderr)
@@ -226,6 +242,22 @@ class ObjectLease:
                 fs.rm_file(path)
         except Exception:  # noqa: BLE001 - gone already, or unreachable: it goes stale
             pass
+
+
+def _s3_put(fs, path: str, body: bytes, *, if_match: str) -> bool:
+    """PUT `body` only if the object's ETag is still `if_match` (S3's conditional write); False
+    when it changed (412), so that of two writers racing on one read, one wins."""
+    from draftdata.store.fs import _error_code
+
+    bucket, key, _ = fs.split_path(path)
+    try:
+        fs.call_s3("put_object", Bucket=bucket, Key=key, Body=body, IfMatch=if_match)
+    except Exception as e:
+        if _error_code(e) in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
+            return False
+        raise
+    fs.invalidate_cache(path)
+    return True
 
 
 def _alive(pid: int) -> bool:

@@ -139,7 +139,7 @@ def parse_aux_layers(spec: str, num_hidden_layers: int) -> list[int]:
         ids = sorted(set(given))
         if len(ids) < len(given):  # "1,1" for "1,2": one aux layer fewer than meant, stored silently
             repeated = sorted({i for i in given if given.count(i) > 1})
-            raise DraftdataError(f"--aux-layers {spec!r}: layer{'s' if len(repeated) > 1 else ''} {', '.join(map(str, repeated))} given twice; "
+            raise DraftdataError(f"--aux-layers {spec!r}: layer{'s' if len(repeated) > 1 else ''} {', '.join(map(str, repeated))} given more than once; "
                                  "give each layer id once")
         if not ids:
             raise DraftdataError("--aux-layers is empty: give 'eagle' or layer ids like 1,7,12")

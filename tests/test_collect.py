@@ -722,6 +722,12 @@ def test_two_collects_on_one_s3_output_the_second_is_refused(tiny_model, s3_buck
         assert f"--output {url}: another draftdata collect (pid {proc.pid} on " in err and "is writing to it" in err, err
         assert main(["verify", url, "--gc", "--grace", "0", *flags]) == 2
         assert f"another draftdata collect (pid {proc.pid} on " in capsys.readouterr().err
+        # a holder on this machine is judged by its process, not its lease's age (one stopped with
+        # Ctrl-Z rewrites nothing, and writes again when resumed)
+        monkeypatch.setenv(LEASE_STALE_ENV, "0")
+        assert main(collect_args(tiny_model, inp, url, *flags)) == 2
+        assert f"another draftdata collect (pid {proc.pid} on " in capsys.readouterr().err
+        monkeypatch.delenv(LEASE_STALE_ENV)
     finally:
         proc.kill()
         proc.wait()
@@ -744,6 +750,20 @@ def test_two_collects_on_one_s3_output_the_second_is_refused(tiny_model, s3_buck
     monkeypatch.setenv(LEASE_STALE_ENV, "0")
     assert main(collect_args(tiny_model, inp, url, *flags)) == 0
     assert "its holder (pid 4242 on elsewhere) last rewrote it " in capsys.readouterr().err
+    assert not fs.exists(lease)
+    # a takeover replaces exactly the lease it read (S3's If-Match): of two runs taking over one
+    # dead lease at once, the second finds it changed and looks again
+    from draftdata.locks import ObjectLease, _s3_put
+
+    fs.pipe(lease, b'{"pid": 4242, "host": "elsewhere", "token": "t"}')
+    dead = fs.info(lease)["ETag"]
+    first = ObjectLease(url, ".collect.lock", "collect", "writing to it", opts)
+    first.take()
+    assert json.loads(fs.cat(lease))["token"] == first.token
+    assert _s3_put(fs, lease, b"{}", if_match=dead) is False and json.loads(fs.cat(lease))["token"] == first.token
+    with pytest.raises(DraftdataError, match="another draftdata collect"):
+        ObjectLease(url, ".collect.lock", "collect", "writing to it", opts).take()
+    first.release()
     assert not fs.exists(lease)
 
 

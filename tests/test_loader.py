@@ -876,3 +876,15 @@ def test_torchrun_ranks_split_one_snapshot_whenever_the_dataset_is_created(tmp_p
     snapshot = open_dataset(url).subset(r0["parts"])
     expected = sorted(c for p in snapshot.parts for c in p.conversation_ids)
     assert sorted(r0["ids"] + r1["ids"]) == expected
+
+
+def test_batch_buffers_of_no_elements():
+    """Zero-length samples collate into shapes like (2, 0): the buffer helper failed on them once
+    large buffers came from an anonymous mapping (a 0-byte array has stride 0)."""
+    from draftdata.loaders.collate import empty
+
+    for shape, dtype in (((2, 0), torch.int64), ((4, 0, 64), torch.bfloat16), ((0,), torch.uint8)):
+        assert empty(shape, dtype).shape == shape
+    big = empty((1024, 2048), torch.bfloat16)  # 4 MiB: an own mapping
+    big.fill_(1.5)
+    assert big.dtype == torch.bfloat16 and big.is_contiguous() and float(big.sum()) == 1.5 * 1024 * 2048

@@ -84,7 +84,7 @@ def test_default_aux_layers_are_never_negative():
 def test_parse_aux_layers():
     assert parse_aux_layers("eagle", 30) == [1, 14, 26]
     assert parse_aux_layers("12, 1,7", 30) == [1, 7, 12]
-    with pytest.raises(DraftdataError, match=r"'1,1': layer 1 given twice"):  # a typo for 1,2: one layer fewer
+    with pytest.raises(DraftdataError, match=r"'1,1': layer 1 given more than once"):  # a typo for 1,2: one layer fewer
         parse_aux_layers("1,1", 4)
     with pytest.raises(DraftdataError, match="out of range.*0..3"):
         parse_aux_layers("1,4", 4)

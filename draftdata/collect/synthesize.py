@@ -1477,8 +1477,6 @@ def run_ray(settings: SynthSettings, *, address: str | None = None, num_workers:
                   file=sys.stderr)
             stats = SynthStats()
             rejects = RejectLog(stats, strict=settings.strict)  # type: ignore[arg-type]
-            progress = PoolProgress(total_items=total, desc="synthesize", unit="conv")
-
             skip = set(out.ids)  # a copy: the units are produced on another thread while `out` grows
 
             def units() -> Iterator[WorkUnit]:
@@ -1507,6 +1505,7 @@ def run_ray(settings: SynthSettings, *, address: str | None = None, num_workers:
 
             pool = ActorPool(SynthWorker, args=(worker_settings, weights), num_workers=plan.num_workers,
                              num_cpus=plan.num_cpus, num_gpus=plan.num_gpus, max_retries=MAX_RETRIES, in_flight=2)
+            progress = PoolProgress(total_items=total, desc="synthesize", unit="conv")  # (closed below)
             interrupted = True
             t_pool = time.perf_counter()
             try:

@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import get_worker_info
 
 from draftdata.loaders.plan import padded_length
-from draftdata.store.layout import empty_array
+from draftdata.store.layout import HUGE_PAGE, empty_array
 
 _PIN_WARNED = False
 
@@ -39,6 +39,8 @@ def empty(shape: tuple[int, ...], dtype: torch.dtype, *, shared: bool = False, p
     # Large batches in their own anonymous mapping advised for transparent huge pages: first-touch
     # page faults are the main cost of filling a fresh batch, and 2 MiB pages cut them several-fold.
     nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if nbytes < HUGE_PAGE:  # (also every empty shape)
+        return torch.empty(shape, dtype=dtype)
     return torch.from_numpy(empty_array((nbytes,), np.uint8)).view(dtype).view(shape)
 
 
