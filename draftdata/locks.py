@@ -40,8 +40,7 @@ class DirectoryLock:
 
         self.url, self.fd = url, -1
         self.command, self.doing, self.unlocked_note = command, doing, unlocked_note
-        self.where = f"{flag} {url}" if flag else url
-        self.hint = "wait for it to finish" + (f", or use another {flag}" if flag else "")
+        self.where, self.hint = _where_and_hint(url, flag)
         self.path = os.path.join(local_path(url), name) if is_local(url) else None
         if self.path and os.path.isdir(os.path.dirname(self.path)):
             self.take()
@@ -66,11 +65,9 @@ class DirectoryLock:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
             if e.errno in (errno.EACCES, errno.EAGAIN):
-                # "<pid>\t<command>\t<what it is doing>" (a bare pid from older versions: this lock's own words)
-                holder = os.read(fd, 256).decode(errors="replace").strip().split("\t")
+                pid, command, doing = _lock_file_holder(fd)
                 os.close(fd)
-                pid = holder[0] or "unknown"
-                command, doing = holder[1:3] if len(holder) >= 3 else (self.command, self.doing)
+                command, doing = command or self.command, doing or self.doing
                 raise DraftdataError(f"{self.where}: another draftdata {command} (pid {pid}) is {doing}; "
                                      f"{self.hint}") from None
             os.close(fd)
@@ -91,6 +88,19 @@ class DirectoryLock:
             _HELD.pop(self._key, None)
             os.close(self.fd)
             self.fd = -1
+
+
+def _where_and_hint(url: str, flag: str) -> tuple[str, str]:
+    """How a refusal names the output ("--output URL") and what it advises."""
+    return (f"{flag} {url}" if flag else url), "wait for it to finish" + (f", or use another {flag}" if flag else "")
+
+
+def _lock_file_holder(fd: int) -> tuple[str, str | None, str | None]:
+    """(pid, command, what it is doing) from a lock file, written "<pid>\t<command>\t<doing>"
+    (a bare pid by older versions: command and doing None)."""
+    fields = os.read(fd, 256).decode(errors="replace").strip().split("\t")
+    command, doing = fields[1:3] if len(fields) >= 3 else (None, None)
+    return fields[0] or "unknown", command, doing
 
 
 LEASE_REFRESH_S = 20.0  # how often a holder rewrites its lease object
@@ -115,11 +125,11 @@ class ObjectLease:
                  flag: str = "--output"):
         self.url, self.name, self.command, self.doing = url, name, command, doing
         self.storage_options = dict(storage_options or {})
-        self.where = f"{flag} {url}" if flag else url
-        self.hint = "wait for it to finish" + (f", or use another {flag}" if flag else "")
+        self.where, self.hint = _where_and_hint(url, flag)
         self.token = os.urandom(8).hex()
         self._stop = None
         self._thread = None
+        self._fs, self._path = None, None
 
     def _body(self) -> bytes:
         import json
@@ -128,31 +138,18 @@ class ObjectLease:
         return json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": self.command,
                            "doing": self.doing, "token": self.token}).encode()
 
-    def _holder(self, fs, path: str) -> tuple[dict | None, float | None, str | None]:
-        """The lease's content, its age in seconds (this machine's clock against the store's
-        timestamp: clocks are assumed synced to well within LEASE_STALE_S) and its ETag; (None, None,
-        None) when gone. Content that is not a lease reads as {}."""
-        import json
-        import time
-
-        try:
-            info, data = fs.info(path), fs.cat_file(path)
-        except FileNotFoundError:
-            return None, None, None
-        try:
-            holder = json.loads(data)
-        except ValueError:
-            holder = {}
-        stamp = info.get("LastModified") or info.get("mtime")
-        age = time.time() - stamp.timestamp() if hasattr(stamp, "timestamp") else None
-        return holder if isinstance(holder, dict) else {}, age, info.get("ETag")
-
     def take(self) -> None:
         """Create the lease, take over a dead holder's, or raise naming the live holder."""
         import socket
         import threading
 
-        from draftdata.store.fs import describe_storage_error, get_fs, put_atomic
+        from draftdata.store.fs import (
+            can_replace_if_match,
+            describe_storage_error,
+            get_fs,
+            put_atomic,
+            replace_if_match,
+        )
 
         if self._thread is not None:
             return
@@ -162,12 +159,13 @@ class ObjectLease:
             raise DraftdataError(f"{LEASE_STALE_ENV}={os.environ[LEASE_STALE_ENV]!r}: expected seconds") from None
         fs, root = get_fs(self.url, self.storage_options)
         path = f"{root.rstrip('/')}/{self.name}"
+        self._fs, self._path = fs, path
         try:
             for _ in range(5):
                 fs.invalidate_cache(root)
                 if put_atomic(fs, path, self._body(), exclusive=True):
                     break
-                holder, age, etag = self._holder(fs, path)
+                holder, age, etag = _read_lease(fs, path)
                 if holder is None:  # released in between: try again
                     continue
                 pid, host = holder.get("pid"), holder.get("host")
@@ -183,9 +181,9 @@ class ObjectLease:
                 why = "is no longer running" if here else f"last rewrote it {age:.0f} s ago"
                 print(f"draftdata {self.command}: taking over {self.url}/{self.name}: its holder (pid {pid} on "
                       f"{host}) {why}", file=sys.stderr)
-                if etag and hasattr(fs, "call_s3"):
+                if etag and can_replace_if_match(fs):
                     # Replace exactly the lease that was read: of two runs taking over at once, one wins.
-                    if _s3_put(fs, path, self._body(), if_match=etag):
+                    if replace_if_match(fs, path, self._body(), etag):
                         break
                     continue  # another run took it first: look again at who holds it now
                 fs.rm_file(path)  # other stores: delete, then create (two takers at once may both win)
@@ -197,11 +195,13 @@ class ObjectLease:
         except Exception as e:
             raise describe_storage_error(self.url, e) from None
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._refresh, args=(fs, path), name="draftdata-lease", daemon=True)
+        self._thread = threading.Thread(target=self._refresh, name="draftdata-lease", daemon=True)
         self._thread.start()
 
-    def _refresh(self, fs, path: str) -> None:
-        from draftdata.store.fs import put_atomic
+    def _refresh(self) -> None:
+        from draftdata.store.fs import can_replace_if_match, put_atomic, replace_if_match
+
+        fs, path = self._fs, self._path
 
         def lost(why: str) -> None:
             print(f"draftdata {self.command}: warning: {why}; the duplicate check at the end will say whether "
@@ -209,7 +209,7 @@ class ObjectLease:
 
         while not self._stop.wait(LEASE_REFRESH_S):
             try:
-                holder, _, etag = self._holder(fs, path)
+                holder, _, etag = _read_lease(fs, path)
                 if holder is None:  # deleted (by hand, or by a run that took it over and has ended)
                     if not put_atomic(fs, path, self._body(), exclusive=True):
                         lost(f"{self.url}/{self.name} was deleted and another run created it")
@@ -217,8 +217,8 @@ class ObjectLease:
                 elif holder.get("token") != self.token:
                     lost(f"another run took over {self.url}/{self.name} (this run could not rewrite it in time)")
                     return
-                elif etag and hasattr(fs, "call_s3"):
-                    _s3_put(fs, path, self._body(), if_match=etag)  # changed since read: next round says by whom
+                elif etag and can_replace_if_match(fs):
+                    replace_if_match(fs, path, self._body(), etag)  # changed since read: next round says by whom
                 else:
                     fs.pipe_file(path, self._body())
             except Exception as e:  # noqa: BLE001 - a network blip: the next round tries again
@@ -226,38 +226,37 @@ class ObjectLease:
                       f"({type(e).__name__}); retrying", file=sys.stderr)
 
     def release(self) -> None:
-        import json
-
-        from draftdata.store.fs import get_fs
-
         if self._thread is None:
             return
         self._stop.set()
         self._thread.join(timeout=5)
         self._thread = None
-        fs, root = get_fs(self.url, self.storage_options)
-        path = f"{root.rstrip('/')}/{self.name}"
         try:
-            if json.loads(fs.cat_file(path)).get("token") == self.token:
-                fs.rm_file(path)
-        except Exception:  # noqa: BLE001 - gone already, or unreachable: it goes stale
+            holder, _, _ = _read_lease(self._fs, self._path)
+            if holder is not None and holder.get("token") == self.token:
+                self._fs.rm_file(self._path)
+        except Exception:  # noqa: BLE001 - unreachable: it goes stale
             pass
 
 
-def _s3_put(fs, path: str, body: bytes, *, if_match: str) -> bool:
-    """PUT `body` only if the object's ETag is still `if_match` (S3's conditional write); False
-    when it changed (412), so that of two writers racing on one read, one wins."""
-    from draftdata.store.fs import _error_code
+def _read_lease(fs, path: str) -> tuple[dict | None, float | None, str | None]:
+    """A lease's content, its age in seconds (this machine's clock against the store's timestamp:
+    clocks are assumed synced to well within LEASE_STALE_S) and its ETag; (None, None, None) when
+    gone. Content that is not a lease reads as {}."""
+    import json
+    import time
 
-    bucket, key, _ = fs.split_path(path)
     try:
-        fs.call_s3("put_object", Bucket=bucket, Key=key, Body=body, IfMatch=if_match)
-    except Exception as e:
-        if _error_code(e) in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
-            return False
-        raise
-    fs.invalidate_cache(path)
-    return True
+        info, data = fs.info(path), fs.cat_file(path)
+    except FileNotFoundError:
+        return None, None, None
+    try:
+        holder = json.loads(data)
+    except ValueError:
+        holder = {}
+    stamp = info.get("LastModified") or info.get("mtime")
+    age = time.time() - stamp.timestamp() if hasattr(stamp, "timestamp") else None
+    return holder if isinstance(holder, dict) else {}, age, info.get("ETag")
 
 
 def _alive(pid: int) -> bool:
@@ -290,14 +289,14 @@ def lock_holder(url: str, storage_options: dict | None = None) -> str | None:
     """Who holds the dataset's writers' lock now ("collect (pid N)"), without taking it; None
     when nobody does or it cannot be told. For a reader's "no dataset here": a collect writes
     dataset.json only once its model has loaded, minutes after it took the lock."""
-    import json
-
     from draftdata.store.fs import get_fs, is_local, local_path
 
     try:
         if not is_local(url):
             fs, root = get_fs(url, storage_options)
-            holder = json.loads(fs.cat_file(f"{root.rstrip('/')}/{COLLECT_LOCK}"))
+            holder, _, _ = _read_lease(fs, f"{root.rstrip('/')}/{COLLECT_LOCK}")
+            if not holder:  # none, or not a lease
+                return None
             return f"{holder.get('command', 'collect')} (pid {holder.get('pid')} on {holder.get('host')})"
         path = os.path.join(local_path(url), COLLECT_LOCK)
         st = os.stat(path)
@@ -310,8 +309,8 @@ def lock_holder(url: str, storage_options: dict | None = None) -> str | None:
         except OSError as e:
             if e.errno not in (errno.EACCES, errno.EAGAIN):
                 return None
-            fields = os.read(fd, 256).decode(errors="replace").strip().split("\t")
-            return f"{fields[1] if len(fields) >= 3 else 'collect'} (pid {fields[0] or 'unknown'})"
+            pid, command, _ = _lock_file_holder(fd)
+            return f"{command or 'collect'} (pid {pid})"
         finally:
             os.close(fd)
     except Exception:  # noqa: BLE001 - no lock file, unreadable, no such object: nothing to add

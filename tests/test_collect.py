@@ -753,14 +753,15 @@ def test_two_collects_on_one_s3_output_the_second_is_refused(tiny_model, s3_buck
     assert not fs.exists(lease)
     # a takeover replaces exactly the lease it read (S3's If-Match): of two runs taking over one
     # dead lease at once, the second finds it changed and looks again
-    from draftdata.locks import ObjectLease, _s3_put
+    from draftdata.locks import ObjectLease
+    from draftdata.store.fs import replace_if_match
 
     fs.pipe(lease, b'{"pid": 4242, "host": "elsewhere", "token": "t"}')
     dead = fs.info(lease)["ETag"]
     first = ObjectLease(url, ".collect.lock", "collect", "writing to it", opts)
     first.take()
     assert json.loads(fs.cat(lease))["token"] == first.token
-    assert _s3_put(fs, lease, b"{}", if_match=dead) is False and json.loads(fs.cat(lease))["token"] == first.token
+    assert replace_if_match(fs, lease, b"{}", dead) is False and json.loads(fs.cat(lease))["token"] == first.token
     with pytest.raises(DraftdataError, match="another draftdata collect"):
         ObjectLease(url, ".collect.lock", "collect", "writing to it", opts).take()
     first.release()

@@ -208,11 +208,33 @@ def put_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes, *, exclusi
             code = _error_code(e)
             # 412 without s3fs's If-None-Match marker, or AWS's 409 for two conditional PUTs in
             # flight: the key exists (or is being created); the caller reads back the winner.
-            if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
+            if code in PRECONDITION_FAILED:
                 return False
             if not _condition_unsupported(e, code):
                 raise
     fs.pipe_file(path, data)
+    return True
+
+
+PRECONDITION_FAILED = ("PreconditionFailed", "412", "ConditionalRequestConflict", "409")  # a condition's "no"
+
+
+def can_replace_if_match(fs: fsspec.AbstractFileSystem) -> bool:
+    """Whether `replace_if_match` works on `fs` (S3 through s3fs)."""
+    return hasattr(fs, "call_s3")
+
+
+def replace_if_match(fs: fsspec.AbstractFileSystem, path: str, data: bytes, etag: str) -> bool:
+    """PUT `data` only if the object's ETag is still `etag` (S3's `If-Match`); False when it
+    changed, so that of two writers replacing what they both read, one wins."""
+    bucket, key, _ = fs.split_path(path)
+    try:
+        fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, IfMatch=etag)
+    except Exception as e:
+        if _error_code(e) in PRECONDITION_FAILED:
+            return False
+        raise
+    fs.invalidate_cache(path)
     return True
 
 
